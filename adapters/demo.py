@@ -1,0 +1,76 @@
+"""The demo backend: draws the prompt onto a picture, so the proxy works with no network and no GPU.
+
+It makes no real images and says so on every picture it draws; it is what `make run` uses until an
+operator points a route at a real backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import textwrap
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from guard.errors import ConfigError
+from guard.types import GeneratedImage, GenerationCall
+
+_MAX_SIDE = 1024
+
+
+class DemoBackend:
+    def __init__(self, name: str = "demo", *, default_size: int = 512) -> None:
+        self.name = name
+        self.default_size = default_size
+        self.calls = 0
+
+    @classmethod
+    def from_config(cls, name: str, options: Mapping[str, Any]) -> DemoBackend:
+        opts = dict(options)
+        size = int(opts.pop("default_size", 512))
+        if opts:
+            raise ConfigError(f"backend {name!r} (demo): unknown options {sorted(opts)}")
+        return cls(name, default_size=size)
+
+    async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
+        self.calls += 1
+        width, height = self._size(call.size)
+        fmt = {"jpeg": "JPEG", "webp": "WEBP"}.get(call.output_format or "png", "PNG")
+        return await asyncio.to_thread(
+            lambda: [GeneratedImage(data=_draw(call.prompt, i, width, height, fmt),
+                                    media_type=f"image/{fmt.lower()}") for i in range(call.n)])
+
+    def _size(self, size: str | None) -> tuple[int, int]:
+        if not size or size == "auto":
+            return self.default_size, self.default_size
+        w, _, h = size.partition("x")
+        scale = min(1.0, _MAX_SIDE / max(int(w), int(h)))
+        return max(64, int(int(w) * scale)), max(64, int(int(h) * scale))
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _draw(prompt: str, index: int, width: int, height: int, fmt: str) -> bytes:
+    seed = hashlib.sha256(f"{prompt}\0{index}".encode()).digest()
+    background = (60 + seed[0] % 150, 60 + seed[1] % 150, 60 + seed[2] % 150)
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, width // 28))
+    draw.rectangle((0, 0, width, max(18, width // 20)), fill=(20, 20, 20))
+    draw.text((8, 2), "SafeEdit Guard DEMO backend - not a real image model",
+              fill=(255, 210, 0), font=ImageFont.load_default(size=max(10, width // 40)))
+    lines = textwrap.wrap(prompt, width=max(16, width // max(8, width // 40)))[:12]
+    y = max(30, width // 12)
+    for line in lines:
+        draw.text((12, y), line, fill=(255, 255, 255), font=font)
+        y += int(font.size * 1.3)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()

@@ -1,0 +1,57 @@
+"""Audit stores: where every request's trace is kept, one hash chain per store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from guard.registry import Registry
+from guard.types import Trace
+
+
+@dataclass(frozen=True, slots=True)
+class TraceQuery:
+    since: float | None = None
+    until: float | None = None
+    decision: str | None = None
+    category: str | None = None
+    tenant: str | None = None
+    key_id: str | None = None
+    policy_id: str | None = None
+    policy_version: int | None = None
+    model: str | None = None
+    limit: int = 50
+    cursor: str | None = None  # opaque; from the previous page's next_cursor
+
+
+@dataclass(frozen=True, slots=True)
+class TracePage:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@runtime_checkable
+class AuditStore(Protocol):
+    async def write(self, trace: Trace) -> Trace:
+        """Seal the trace into the chain (prev_hash, hash) and store it durably."""
+        ...
+
+    async def get(self, trace_id: str) -> Trace | None: ...
+
+    async def query(self, q: TraceQuery) -> TracePage: ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+stores: Registry[AuditStore] = Registry("audit store", "safeedit.audit_stores")
+stores.register("sqlite", "guard.audit.sqlite:SQLiteStore.from_config")
+stores.register("postgres", "guard.audit.postgres:PostgresStore.from_config")
+
+
+def build_store(options: Mapping[str, Any]) -> AuditStore:
+    opts = dict(options)
+    kind = opts.pop("kind", "sqlite")
+    return stores.create(kind, opts)

@@ -1,0 +1,123 @@
+"""The guard's exceptions, one hierarchy, each rendered to OpenAI's error shape by one handler.
+
+    GuardError                      500 server_error
+    ├── RequestError                400 invalid_request_error (names the `param`)
+    │   ├── PayloadTooLarge         413
+    │   └── NotFound                404
+    ├── AuthenticationError         401 invalid_api_key
+    ├── PermissionDenied            403
+    ├── PolicyViolation             400 content_policy_violation (carries the trace id)
+    ├── BackendError                502 backend_error
+    │   ├── BackendTimeout          504
+    │   ├── BackendRateLimited      429 (carries Retry-After)
+    │   └── BackendRejected         4xx the backend refused the request itself
+    ├── JudgeError                  503 judge_unavailable
+    └── ConfigError                 500 (start-up and policy files; never a client's fault)
+
+Foreign exceptions (httpx, litellm, torch, sqlite) are translated at the edge that owns them:
+`raise BackendTimeout(...) from exc`. A bare ValueError reaching the handler is a bug and is a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GuardError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+        self.trace_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code,
+        }
+        if self.trace_id:
+            error["trace_id"] = self.trace_id
+        return {"error": error}
+
+
+class RequestError(GuardError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class AuthenticationError(GuardError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GuardError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_permissions"
+
+
+class PolicyViolation(GuardError):
+    status = 400
+    type = "invalid_request_error"
+    code = "content_policy_violation"
+
+    def __init__(self, message: str, *, categories: tuple[str, ...] = (), **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.categories = categories
+
+
+class BackendError(GuardError):
+    status = 502
+    type = "server_error"
+    code = "backend_error"
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    code = "backend_timeout"
+
+
+class BackendRateLimited(BackendError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BackendRejected(BackendError):
+    """The backend answered 4xx itself (bad size for that model, its own content filter)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "backend_rejected"
+
+
+class JudgeError(GuardError):
+    status = 503
+    type = "server_error"
+    code = "judge_unavailable"
+
+
+class ConfigError(GuardError):
+    status = 500
+    code = "config_error"

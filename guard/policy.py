@@ -1,0 +1,242 @@
+"""Policies: the compliance officers' YAML files, their model, inheritance and decisions.
+
+A policy sets, per category, a score threshold in [0, 1] and the action taken when a score reaches
+it (`edit`, `refuse`, `allow`), how many rounds of editing are allowed, and what happens when they
+run out or when the judge fails. Judges produce scores; only the policy turns scores into decisions,
+which is what makes replaying stored traces under a candidate policy possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from guard.errors import ConfigError
+
+Action = Literal["edit", "refuse", "allow"]
+_ACTION_RANK = {"allow": 0, "edit": 1, "refuse": 2}
+
+POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
+class _Strict(BaseModel):
+    # A typo in a policy must never silently weaken it: unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Category(_Strict):
+    threshold: float = Field(
+        ge=0.0, le=1.0,
+        description="Score in [0, 1] at or above which the category counts as crossed.")
+    action: Action = Field(
+        description="What happens when the threshold is crossed: `edit` (refine the prompt and "
+                    "regenerate), `refuse` (never edited, the request is refused) or `allow` "
+                    "(recorded in the trace, nothing else).")
+    description: str = Field("", description="What the category covers, in words, for reviewers.")
+
+
+class Rounds(_Strict):
+    max: int = Field(3, ge=1, le=10,
+                     description="Most generation rounds per image, the first one included.")
+    on_exhausted: Literal["refuse", "drop"] = Field(
+        "refuse",
+        description="When an image is still unsafe after the last round: `refuse` the request, "
+                    "or `drop` that image and return the safe ones (refuse if none is left).")
+
+
+class TermSet(_Strict):
+    strong: tuple[str, ...] = Field(
+        (), description="Words or phrases that on their own put the category over 0.9.")
+    weak: tuple[str, ...] = Field(
+        (), description="Suggestive words: each adds about 0.35; two of them cross 0.5.")
+    patterns: tuple[str, ...] = Field(
+        (), description="Regular expressions (case-insensitive) that count like a strong term.")
+    rewrites: Mapping[str, str] = Field(
+        default_factory=dict,
+        description="How the rule-based refiner replaces a flagged term; a term without a "
+                    "rewrite is removed from the refined prompt.")
+    append: str = Field(
+        "", description="Words the refiner adds to the prompt when this category was flagged "
+                        "on the image, e.g. `fully clothed`.")
+    requires: tuple[str, ...] = Field(
+        (), description="Only score this category when one of these categories also has a hit "
+                        "(e.g. `minors` requires `sexual`, so 'a child flying a kite' passes).")
+
+
+class Policy(_Strict):
+    id: str = Field(description="Policy id, recorded in every trace.")
+    version: int = Field(ge=0, description="Version number, recorded in every trace.")
+    description: str = Field("", description="What the policy is for, in words.")
+    extends: str | None = Field(
+        None, description="Id of a policy whose fields this one inherits and overrides.")
+    prescreen: bool = Field(
+        True, description="Judge the prompt alone before spending a generation.")
+    categories: Mapping[str, Category] = Field(
+        description="Categories with their threshold and action.")
+    rounds: Rounds = Field(default_factory=Rounds,
+                           description="Round limit and what happens when it is reached.")
+    on_judge_error: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="When the judge fails: `refuse` (fail closed, HTTP 503) or `allow` "
+                    "(return the image unjudged, recorded in the trace).")
+    image_retention: Literal["none", "flagged", "all"] = Field(
+        "none",
+        description="Which images the audit store keeps: `none` (hash only), `flagged` (images "
+                    "of unsafe rounds) or `all`.")
+    refine_mode: Literal["regenerate", "edit"] = Field(
+        "regenerate",
+        description="How an unsafe image is repaired: `regenerate` from the refined prompt, or "
+                    "`edit` the image with the refined prompt where the backend can.")
+    terms: Mapping[str, TermSet] = Field(
+        default_factory=dict,
+        description="The builtin judge's term lists, patterns and rewrites per category.")
+
+    _sha256: str = PrivateAttr("")
+    _source: str = PrivateAttr("")
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the policy file followed by the files it extends, in order."""
+        return self._sha256
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version, "sha256": self.sha256}
+
+    def decide(self, scores: Mapping[str, float]) -> Decision:
+        """Turn a judge's scores into flagged categories and the strongest action."""
+        flagged: list[str] = []
+        action: Action | None = None
+        for name, cat in self.categories.items():
+            if scores.get(name, 0.0) >= cat.threshold:
+                flagged.append(name)
+                if action is None or _ACTION_RANK[cat.action] > _ACTION_RANK[action]:
+                    action = cat.action
+        if action is None or action == "allow":
+            return Decision("pass", tuple(flagged))
+        return Decision(action, tuple(flagged))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Literal["pass", "edit", "refuse"]
+    flagged: tuple[str, ...] = ()
+
+    @property
+    def unsafe(self) -> bool:
+        return self.action != "pass"
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a policy file must be a mapping")
+    return raw, data
+
+
+class PolicySet:
+    """All policies of a directory (plus single files), resolved through `extends`."""
+
+    def __init__(self, policies: Mapping[str, Policy]) -> None:
+        self._policies = dict(policies)
+
+    def __getitem__(self, policy_id: str) -> Policy:
+        try:
+            return self._policies[policy_id]
+        except KeyError:
+            raise ConfigError(f"unknown policy {policy_id!r}") from None
+
+    def __contains__(self, policy_id: object) -> bool:
+        return policy_id in self._policies
+
+    def ids(self) -> list[str]:
+        return sorted(self._policies)
+
+    @classmethod
+    def load(cls, paths: list[Path]) -> PolicySet:
+        """Load every policy under `paths` (directories or files; later ones win on equal ids)."""
+        raws = _collect(paths)
+        return cls({pid: _resolve(pid, raws) for pid in raws})
+
+
+_Raws = dict[str, tuple[dict[str, Any], bytes, Path]]
+
+
+def _collect(paths: list[Path]) -> _Raws:
+    raws: _Raws = {}
+    for path in paths:
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+        for file in files:
+            raw, data = _read_yaml(file)
+            pid = raw.get("id")
+            if not isinstance(pid, str) or not pid:
+                raise ConfigError(f"{file}: a policy needs a string `id`")
+            raws[pid] = (raw, data, file)
+    return raws
+
+
+def _resolve(pid: str, raws: _Raws) -> Policy:
+    chain: list[str] = []
+    current: str | None = pid
+    while current is not None:
+        if current in chain:
+            raise ConfigError(f"policy {pid!r}: `extends` cycle through {current!r}")
+        if current not in raws:
+            raise ConfigError(f"policy {chain[-1]!r} extends unknown policy {current!r}")
+        chain.append(current)
+        parent = raws[current][0].get("extends")
+        current = parent if isinstance(parent, str) else None
+    merged: dict[str, Any] = {}
+    digest = hashlib.sha256()
+    for name in reversed(chain):
+        merged = _deep_merge(merged, raws[name][0])
+    for name in chain:
+        digest.update(raws[name][1])
+    merged["id"], merged["extends"] = pid, raws[pid][0].get("extends")
+    try:
+        policy = Policy.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"{raws[pid][2]}: invalid policy: {_summarise(exc)}") from exc
+    policy._sha256 = digest.hexdigest()
+    policy._source = str(raws[pid][2])
+    return policy
+
+
+def _summarise(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load one policy file; `extends` is resolved against the files beside it and the shipped ones."""
+    path = Path(path)
+    raw, _ = _read_yaml(path)
+    search = [POLICIES_DIR, path.parent] if raw.get("extends") else []
+    return _resolve(str(raw.get("id")), _collect([*search, path]))

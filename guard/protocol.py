@@ -1,0 +1,125 @@
+"""OpenAI images API shapes, in one place, ordered like the OpenAI reference.
+
+Requests are validated to OpenAI's limits; unknown fields are tolerated (and logged by the
+caller), since OpenAI clients send new fields before proxies know them. The guard's own
+extensions sit in one marked block at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import field_validator
+
+from guard.errors import RequestError
+
+_SIZE_RE = re.compile(r"^(auto|\d{2,5}x\d{2,5})$")
+# The longest prompt each model family accepts (OpenAI reference, CreateImageRequest.prompt).
+_PROMPT_LIMITS = {"dall-e-2": 1000, "dall-e-3": 4000}
+_GPT_IMAGE_PROMPT_LIMIT = 32000
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    n: StrictInt | None = Field(None, ge=1, le=10)
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: StrictInt | None = Field(None, ge=0, le=100)
+    stream: StrictBool | None = None
+    partial_images: StrictInt | None = Field(None, ge=0, le=3)
+    size: StrictStr | None = None
+    moderation: Literal["low", "auto"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: StrictStr | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _SIZE_RE.match(value):
+            raise ValueError("size must be 'auto' or WIDTHxHEIGHT, e.g. '1024x1024'")
+        return value
+
+    @property
+    def count(self) -> int:
+        return self.n or 1
+
+    def prompt_limit(self) -> int:
+        return _PROMPT_LIMITS.get(self.model or "", _GPT_IMAGE_PROMPT_LIMIT)
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+def parse_generation_request(body: Any) -> ImageGenerationRequest:
+    """Validate a decoded JSON body; every problem becomes a 400 that names its `param`."""
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.", code="invalid_request_body")
+    if "prompt" not in body:
+        raise RequestError("Missing required parameter: 'prompt'.", param="prompt",
+                           code="missing_required_parameter")
+    try:
+        req = ImageGenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _to_request_error(exc) from None
+    if len(req.prompt) > req.prompt_limit():
+        raise RequestError(
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{req.prompt_limit()}, but got a string with length {len(req.prompt)} instead.",
+            param="prompt", code="string_above_max_length")
+    if req.model == "dall-e-3" and req.count != 1:
+        raise RequestError("Invalid 'n': dall-e-3 only supports n=1.", param="n")
+    return req
+
+
+def _to_request_error(exc: ValidationError) -> RequestError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    value = err.get("input")
+    shown = repr(value)[:80]
+    return RequestError(f"Invalid '{param}': {err['msg']} (got {shown}).", param=param,
+                        code="invalid_type" if "type" in err["type"] else "invalid_value")
+
+
+def image_object(b64_json: str | None = None, url: str | None = None,
+                 revised_prompt: str | None = None) -> dict[str, Any]:
+    """One entry of ImagesResponse.data."""
+    out: dict[str, Any] = {}
+    if b64_json is not None:
+        out["b64_json"] = b64_json
+    if url is not None:
+        out["url"] = url
+    if revised_prompt is not None:
+        out["revised_prompt"] = revised_prompt
+    return out
+
+
+# --- SafeEdit Guard extensions ---------------------------------------------------------------
+# The response body carries a `guard` block beside OpenAI's fields; OpenAI clients ignore it.
+
+class GuardImageInfo(BaseModel):
+    index: int
+    decision: Literal["passed", "edited", "refused", "failed"]
+    rounds: int
+    categories: list[str] = Field(default_factory=list)
+
+
+class GuardBlock(BaseModel):
+    trace_id: str
+    decision: str
+    policy: dict[str, Any]
+    rounds: int
+    images: list[GuardImageInfo]

@@ -1,0 +1,56 @@
+"""Which backend serves a request: the routing table from the operators' config, plus fallback."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from adapters import Backend
+from guard.config import RouteConfig
+from guard.errors import BackendError, BackendRejected, RequestError
+from guard.types import GeneratedImage, GenerationCall
+
+log = logging.getLogger("safeedit.routing")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    backend: str
+    model: str | None
+
+
+class Router:
+    def __init__(self, backends: Mapping[str, Backend], routes: Mapping[str, RouteConfig],
+                 fallback: str | None = None) -> None:
+        self.backends = dict(backends)
+        self._exact = {m: r for m, r in routes.items() if not any(c in m for c in "*?[")}
+        self._patterns = [(m, r) for m, r in routes.items() if m not in self._exact]
+        # Most specific pattern first: "gpt-image-*" before "*".
+        self._patterns.sort(key=lambda item: -len(item[0].replace("*", "")))
+        self.fallback = fallback
+
+    def route(self, model: str | None) -> Route:
+        name = model or ""
+        chosen = self._exact.get(name)
+        if chosen is None:
+            chosen = next((r for p, r in self._patterns if fnmatch.fnmatchcase(name, p)), None)
+        if chosen is None:
+            raise RequestError(f"The model '{name}' is not served by this proxy.", param="model",
+                               code="model_not_found")
+        return Route(chosen.backend, chosen.model or model)
+
+    async def generate(self, route: Route, call: GenerationCall) -> tuple[str, list[GeneratedImage]]:
+        """Call the routed backend; on a backend failure (not a client error), try the fallback."""
+        call = replace(call, model=route.model)
+        try:
+            return route.backend, await self.backends[route.backend].generate(call)
+        except BackendError as exc:
+            # A 4xx from the backend is about the request; another backend would say the same.
+            if self.fallback in (None, route.backend) or isinstance(exc, BackendRejected):
+                raise
+            log.warning("backend %s failed (%s); trying fallback %s",
+                        route.backend, exc.code, self.fallback)
+            assert self.fallback is not None
+            return self.fallback, await self.backends[self.fallback].generate(call)

@@ -1,0 +1,368 @@
+"""The SafeEdit Guard proxy: an OpenAI-compatible images API in front of real image backends.
+
+A thin Starlette front: routes parse and authorise, the engine runs the guard loop, one handler
+renders every GuardError in OpenAI's error shape, and every request, refused or failed, leaves a
+trace in the audit store before its response is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from opentelemetry.sdk.trace.export import SpanExporter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from adapters import Backend, build_backend
+from guard.audit import AuditStore, TraceQuery, build_store
+from guard.auth import Authenticator, Principal, require
+from guard.config import Config, load_config
+from guard.engine import Engine, Outcome, request_decision
+from guard.errors import (
+    GuardError,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+)
+from guard.images import ImageCache
+from guard.judges import Judge, build_judge
+from guard.policy import POLICIES_DIR, Policy, PolicySet
+from guard.protocol import ImageGenerationRequest, image_object, parse_generation_request
+from guard.routing import Router
+from guard.telemetry import Metrics, Telemetry
+from guard.types import GenerationCall, Trace, TraceError
+
+log = logging.getLogger("safeedit.proxy")
+TRACE_HEADER = "x-guard-trace-id"
+
+
+@dataclass
+class GuardState:
+    config: Config
+    policies: PolicySet
+    judge: Judge
+    router: Router
+    store: AuditStore
+    engine: Engine
+    telemetry: Telemetry
+    metrics: Metrics
+    auth: Authenticator
+    images: ImageCache
+
+    def policy_for(self, principal: Principal, requested: str | None) -> Policy:
+        policies = self.policies  # one reference per request: a reload swaps the whole set
+        if requested:
+            if not principal.may_choose_policy:
+                raise GuardError("This key may not choose its policy.", status=403,
+                                 code="insufficient_permissions")
+            if requested not in policies:
+                raise RequestError(f"Unknown policy '{requested}'.", param="x-guard-policy")
+            return policies[requested]
+        return policies[principal.policy or self.config.tenants.get(principal.tenant)
+                        or self.config.policy]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def error_response(exc: GuardError, trace_id: str | None = None) -> Response:
+    if trace_id:
+        exc.trace_id = trace_id
+    headers = dict(exc.headers)
+    if trace_id:
+        headers[TRACE_HEADER] = trace_id
+    return json_response(exc.to_dict(), exc.status, headers)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"We could not parse the JSON body of your request ({exc}).",
+                           code="invalid_json") from None
+
+
+def state_of(request: Request) -> GuardState:
+    return request.app.state.guard  # type: ignore[no-any-return]
+
+
+# --- the images API ---------------------------------------------------------------------------
+
+async def generations(request: Request) -> Response:
+    state = state_of(request)
+    trace = Trace(endpoint="/v1/images/generations", guard_enabled=state.engine.enabled)
+    started = time.perf_counter()
+    with state.telemetry.span("guard.request", **{"guard.trace_id": trace.id}) as span:
+        try:
+            principal = state.auth.authenticate(request.headers.get("authorization"))
+            trace.key_id, trace.tenant = principal.key_id, principal.tenant
+            require(principal, "client")
+            req = parse_generation_request(await read_json(request, state.config.server.max_body_bytes))
+            trace.request = _request_record(req)
+            trace.model = req.model
+            if req.unknown_fields():
+                log.info("tolerated unknown request fields: %s", ", ".join(req.unknown_fields()))
+            if req.stream:
+                raise RequestError("Streaming is not supported by this proxy yet.",
+                                   param="stream", code="unsupported_parameter")
+            policy = state.policy_for(principal, request.headers.get("x-guard-policy"))
+            trace.policy = policy.ref
+            route = state.router.route(req.model)
+            trace.backend = route.backend
+            outcome = await state.engine.run(_call(req), route, policy, trace)
+            trace.decision = request_decision(trace)
+            body = _images_response(req, outcome, trace, state, request)
+            response = json_response(body, headers={TRACE_HEADER: trace.id})
+        except GuardError as exc:
+            response = _fail(trace, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug is a 500, still traced
+            log.exception("internal error in trace %s", trace.id)
+            response = _fail(trace, GuardError(f"Internal error ({type(exc).__name__})."))
+        trace.status = response.status_code
+        trace.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        if span is not None:
+            span.set_attribute("guard.decision", trace.decision)
+            span.set_attribute("http.status_code", trace.status)
+        response = await _record(state, trace, response)
+    state.metrics.requests.labels(trace.endpoint, str(response.status_code), trace.decision).inc()
+    state.metrics.request_latency.labels(trace.endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+def _fail(trace: Trace, exc: GuardError) -> Response:
+    trace.decision = "refused" if exc.code == "content_policy_violation" else "failed"
+    trace.error = TraceError(status=exc.status, type=exc.type, code=exc.code, message=exc.message)
+    return error_response(exc, trace.id)
+
+
+async def _record(state: GuardState, trace: Trace, response: Response) -> Response:
+    """Write the trace before answering; without its trace, a request is not served."""
+    try:
+        await state.store.write(trace)
+    except Exception:  # noqa: BLE001 - fail closed: no audit record, no image
+        log.exception("audit store failed for trace %s", trace.id)
+        return error_response(GuardError("The audit store is unavailable; the request was not "
+                                         "served.", status=503, code="audit_unavailable"),
+                              trace.id)
+    return response
+
+
+def _call(req: ImageGenerationRequest) -> GenerationCall:
+    return GenerationCall(prompt=req.prompt, n=req.count, model=req.model, size=req.size,
+                          quality=req.quality, style=req.style, output_format=req.output_format,
+                          output_compression=req.output_compression, background=req.background,
+                          moderation=req.moderation, user=req.user)
+
+
+def _request_record(req: ImageGenerationRequest) -> dict[str, Any]:
+    record = req.model_dump(exclude_none=True, exclude=set(req.unknown_fields()))
+    if req.unknown_fields():
+        record["unknown_fields"] = req.unknown_fields()
+    return record
+
+
+def _images_response(req: ImageGenerationRequest, outcome: Outcome, trace: Trace,
+                     state: GuardState, request: Request) -> dict[str, Any]:
+    data = []
+    for final in outcome.images:
+        revised = final.prompt if final.prompt != req.prompt else final.image.backend_revised_prompt
+        if req.response_format == "url":
+            image_id, expires, sig = state.images.put(final.image)
+            base = state.config.server.public_url or str(request.base_url).rstrip("/")
+            url = f"{base}/v1/guard/images/{image_id}?exp={expires}&sig={sig}"
+            data.append(image_object(url=url, revised_prompt=revised))
+        else:
+            data.append(image_object(b64_json=final.image.b64, revised_prompt=revised))
+    body: dict[str, Any] = {"created": int(time.time()), "data": data}
+    if req.output_format:
+        body["output_format"] = req.output_format
+    body["guard"] = {
+        "trace_id": trace.id, "decision": trace.decision, "policy": trace.policy,
+        "rounds": outcome.rounds,
+        "images": [{"index": r.slot, "decision": r.decision, "rounds": r.rounds,
+                    "categories": r.categories} for r in trace.results],
+    }
+    return body
+
+
+async def served_image(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        expires = int(request.query_params.get("exp", "0"))
+    except ValueError:
+        expires = 0
+    found = state.images.get(request.path_params["image_id"], expires,
+                             request.query_params.get("sig", ""))
+    if found is None:
+        return error_response(NotFound("Image not found or link expired."))
+    return Response(found[1], media_type=found[0])
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+async def get_trace(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        principal = state.auth.authenticate(request.headers.get("authorization"))
+        require(principal, "auditor")
+        trace = await state.store.get(request.path_params["trace_id"])
+        if trace is None or (principal.role != "admin" and trace.tenant != principal.tenant):
+            raise NotFound("No such trace.")
+        return json_response(trace.model_dump(mode="json"))
+    except GuardError as exc:
+        return error_response(exc)
+
+
+async def list_traces(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        principal = state.auth.authenticate(request.headers.get("authorization"))
+        require(principal, "auditor")
+        query = _trace_query(request, principal)
+        page = await state.store.query(query)
+        return json_response({"object": "list", "data": page.items,
+                              "next_cursor": page.next_cursor})
+    except GuardError as exc:
+        return error_response(exc)
+
+
+def _trace_query(request: Request, principal: Principal) -> TraceQuery:
+    params = request.query_params
+    allowed = {"since", "until", "decision", "category", "tenant", "key_id", "policy_id",
+               "policy_version", "model", "limit", "cursor"}
+    for name in params:
+        if name not in allowed:
+            raise RequestError(f"Unknown filter '{name}'.", param=name)
+    values: dict[str, Any] = {k: v for k, v in params.items()}
+    for name, cast in (("since", float), ("until", float), ("policy_version", int),
+                       ("limit", int)):
+        if name in values:
+            try:
+                values[name] = cast(values[name])
+            except ValueError:
+                raise RequestError(f"Invalid '{name}': expected a number.", param=name) from None
+    if not 1 <= values.get("limit", 50) <= 1000:
+        raise RequestError("Invalid 'limit': between 1 and 1000.", param="limit")
+    if principal.role != "admin":
+        # An auditor sees only their own tenant, whatever they ask for.
+        values["tenant"] = principal.tenant
+    return TraceQuery(**values)
+
+
+# --- operations -------------------------------------------------------------------------------
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = state_of(request)
+    checks: dict[str, bool] = {}
+    for name, part in (("judge", state.judge), ("audit", state.store),
+                       *((f"backend:{n}", b) for n, b in state.router.backends.items())):
+        try:
+            checks[name] = bool(await asyncio.wait_for(part.ready(), timeout=5))
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            checks[name] = False
+    ok = all(checks.values())
+    return json_response({"status": "ready" if ok else "not ready", "checks": checks},
+                         200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(state_of(request).metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error_response(NotFound(f"Unknown path {request.url.path}."))
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(RequestError(f"Method {request.method} is not allowed here.",
+                                       code="method_not_allowed", status=405))
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+def build_state(config: Config, span_exporter: SpanExporter | None = None) -> GuardState:
+    policies = PolicySet.load([POLICIES_DIR, *(Path(p) for p in config.policy_paths)])
+    for policy_id in {config.policy, *config.tenants.values(),
+                      *(k.policy for k in config.keys if k.policy)}:
+        policies[policy_id]  # unknown ids fail at start, not at the first request
+    backends: dict[str, Backend] = {name: build_backend(name, section)
+                                    for name, section in config.backends.items()}
+    router = Router(backends, config.routes, config.fallback)
+    judge = build_judge(config.judge)
+    telemetry = Telemetry(config.telemetry, span_exporter)
+    metrics = Metrics()
+    return GuardState(
+        config=config, policies=policies, judge=judge, router=router,
+        store=build_store(config.audit),
+        engine=Engine(judge, router, telemetry, metrics, enabled=config.guard.enabled),
+        telemetry=telemetry, metrics=metrics, auth=Authenticator(config.keys),
+        images=ImageCache())
+
+
+def create_app(config: Config | None = None, *,
+               span_exporter: SpanExporter | None = None) -> Starlette:
+    """The proxy app for `config` (embedded defaults when None)."""
+    config = config or load_config(None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = build_state(config, span_exporter)
+        app.state.guard = state
+        if state.auth.open_mode:
+            log.warning("no API keys configured: open mode, any key is accepted "
+                        "(bind to loopback only)")
+        if not state.engine.enabled:
+            log.warning("guard disabled in config: passthrough, images are NOT judged")
+        # Heavy judges load off the event loop; /readyz says false until they are ready.
+        starting = [asyncio.create_task(part.start())  # type: ignore[attr-defined]
+                    for part in (state.judge, *state.router.backends.values())
+                    if hasattr(part, "start")]
+        try:
+            yield
+        finally:
+            for task in starting:
+                task.cancel()
+            for part in (state.judge, state.store, *state.router.backends.values()):
+                with contextlib.suppress(Exception):
+                    await part.aclose()
+            state.telemetry.shutdown()
+
+    routes = [
+        Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/guard/images/{image_id}", served_image, methods=["GET"]),
+        Route("/v1/guard/traces", list_traces, methods=["GET"]),
+        Route("/v1/guard/traces/{trace_id}", get_trace, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={404: not_found, 405: method_not_allowed})
+
+
+__all__ = ["create_app", "GuardState"]
