@@ -278,8 +278,10 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     state = state_of(request)
     checks: dict[str, bool] = {}
-    for name, part in (("judge", state.judge), ("audit", state.store),
-                       *((f"backend:{n}", b) for n, b in state.router.backends.items())):
+    parts: list[tuple[str, Judge | AuditStore | Backend]] = [
+        ("judge", state.judge), ("audit", state.store),
+        *((f"backend:{n}", b) for n, b in state.router.backends.items())]
+    for name, part in parts:
         try:
             checks[name] = bool(await asyncio.wait_for(part.ready(), timeout=5))
         except Exception:  # noqa: BLE001 - any failure means not ready
@@ -347,7 +349,9 @@ def create_app(config: Config | None = None, *,
         finally:
             for task in starting:
                 task.cancel()
-            for part in (state.judge, state.store, *state.router.backends.values()):
+            closing: list[Judge | AuditStore | Backend] = [
+                state.judge, state.store, *state.router.backends.values()]
+            for part in closing:
                 with contextlib.suppress(Exception):
                     await part.aclose()
             state.telemetry.shutdown()

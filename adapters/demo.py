@@ -62,7 +62,8 @@ def _draw(prompt: str, index: int, width: int, height: int, fmt: str) -> bytes:
     background = (60 + seed[0] % 150, 60 + seed[1] % 150, 60 + seed[2] % 150)
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, width // 28))
+    font_size = max(12, width // 28)
+    font = ImageFont.load_default(size=font_size)
     draw.rectangle((0, 0, width, max(18, width // 20)), fill=(20, 20, 20))
     draw.text((8, 2), "SafeEdit Guard DEMO backend - not a real image model",
               fill=(255, 210, 0), font=ImageFont.load_default(size=max(10, width // 40)))
@@ -70,7 +71,7 @@ def _draw(prompt: str, index: int, width: int, height: int, fmt: str) -> bytes:
     y = max(30, width // 12)
     for line in lines:
         draw.text((12, y), line, fill=(255, 255, 255), font=font)
-        y += int(font.size * 1.3)
+        y += int(font_size * 1.3)
     out = io.BytesIO()
     image.save(out, format=fmt)
     return out.getvalue()

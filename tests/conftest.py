@@ -1,0 +1,81 @@
+"""Shared fixtures: a real fake image backend and the proxy, each served by uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from guard.config import Config, hash_key, load_config  # noqa: E402
+from guard.judges import judges  # noqa: E402
+from tests.fake_backend import FakeBackend  # noqa: E402
+from tests.servers import serve  # noqa: E402
+
+judges.register("marker", "tests.marker_judge:MarkerJudge.from_config")
+
+ADMIN_KEY, CLIENT_KEY, AUDITOR_KEY, OTHER_AUDITOR_KEY = (
+    "sk-admin-test", "sk-client-test", "sk-auditor-test", "sk-auditor-other")
+
+
+def test_keys() -> list[dict[str, Any]]:
+    return [
+        {"id": "admin", "hash": hash_key(ADMIN_KEY), "role": "admin", "tenant": "acme"},
+        {"id": "app", "hash": hash_key(CLIENT_KEY), "role": "client", "tenant": "acme"},
+        {"id": "audit", "hash": hash_key(AUDITOR_KEY), "role": "auditor", "tenant": "acme"},
+        {"id": "audit2", "hash": hash_key(OTHER_AUDITOR_KEY), "role": "auditor",
+         "tenant": "globex"},
+    ]
+
+
+@pytest.fixture
+def fake_backend() -> Iterator[tuple[FakeBackend, str]]:
+    backend = FakeBackend()
+    with serve(backend.app()) as url:
+        yield backend, url + "/v1"
+
+
+ProxyFactory = Callable[..., str]
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, fake_backend: tuple[FakeBackend, str]) -> Iterator[ProxyFactory]:
+    """Start the proxy (uvicorn, 127.0.0.1) in front of the fake backend; returns its base URL.
+
+    Keyword overrides replace top-level config sections; `backend_options` adds to the
+    fake backend's section; `span_exporter` is passed to the app.
+    """
+    from proxy import create_app
+
+    stack = ExitStack()
+
+    def start(*, backend_options: dict[str, Any] | None = None, span_exporter: Any = None,
+              **overrides: Any) -> str:
+        _, backend_url = fake_backend
+        raw: dict[str, Any] = {
+            "keys": test_keys(),
+            "backends": {"fake": {"kind": "openai-compatible", "api_base": backend_url,
+                                  "timeout_s": 5, **(backend_options or {})}},
+            "routes": {"*": {"backend": "fake"}},
+            "judge": {"kind": "marker"},
+            "audit": {"kind": "sqlite", "path": str(tmp_path / "audit.db")},
+            "policy_paths": [str(tmp_path)],
+        }
+        raw.update(overrides)
+        config: Config = load_config(None, raw)
+        return stack.enter_context(serve(create_app(config, span_exporter=span_exporter)))
+
+    yield start
+    stack.close()
+
+
+def write_policy(directory: Path, text: str) -> None:
+    import yaml
+
+    raw = yaml.safe_load(text)
+    (directory / f"{raw['id']}.yaml").write_text(text)
