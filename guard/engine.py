@@ -107,6 +107,9 @@ class Engine:
                         record.images.append(_judged(slot, prompts[slot], images[slot], verdict,
                                                      decision))
                         self._count(decision)
+                        if policy.image_retention == "all" or (
+                                policy.image_retention == "flagged" and decision.flagged):
+                            trace.retain(images[slot])
                         if decision.action == "pass":
                             final[slot] = FinalImage(
                                 slot, images[slot], prompts[slot],

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 ImageDecision = Literal["passed", "edited", "refused", "failed"]
 _DECISION_RANK: dict[str, int] = {"passed": 0, "edited": 1, "refused": 2, "failed": 3}
@@ -182,6 +182,17 @@ class Trace(_Model):
     status: int = 200
     prev_hash: str | None = None
     hash: str | None = None
+
+    # Images the policy's `image_retention` keeps, by sha256; the audit store saves them beside
+    # the trace. Not part of the hashed content: the trace holds each image's sha256 already.
+    _retained: dict[str, GeneratedImage] = PrivateAttr(default_factory=dict)
+
+    def retain(self, image: GeneratedImage) -> None:
+        self._retained[image.sha256] = image
+
+    @property
+    def retained_images(self) -> dict[str, GeneratedImage]:
+        return self._retained
 
     def canonical_bytes(self) -> bytes:
         """The trace's content as hashed for the audit chain (everything but the hashes)."""
