@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ import orjson
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from adapters import Backend, build_backend
 from guard.audit import AuditStore, TraceQuery, build_store
 from guard.auth import Authenticator, Principal, require
 from guard.config import Config, load_config
-from guard.engine import Engine, Outcome, request_decision
+from guard.engine import EditInputs, Engine, Outcome, request_decision
 from guard.errors import (
     GuardError,
     NotFound,
@@ -35,9 +36,16 @@ from guard.errors import (
     RequestError,
 )
 from guard.images import ImageCache
+from guard.inputs import validate_image
 from guard.judges import Judge, build_judge
 from guard.policy import POLICIES_DIR, Policy, PolicySet
-from guard.protocol import ImageGenerationRequest, image_object, parse_generation_request
+from guard.protocol import (
+    ImageGenerationRequest,
+    image_object,
+    parse_edit_form,
+    parse_generation_request,
+)
+from guard.routing import Route as RouteTo
 from guard.routing import Router
 from guard.telemetry import Metrics, Telemetry
 from guard.types import GenerationCall, Trace, TraceError
@@ -86,7 +94,8 @@ def error_response(exc: GuardError, trace_id: str | None = None) -> Response:
     return json_response(exc.to_dict(), exc.status, headers)
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit` (declared or actually sent)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
@@ -95,6 +104,12 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    request._body = bytes(body)  # starlette serves form() and body() from this cache
+    return request._body
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -108,63 +123,208 @@ def state_of(request: Request) -> GuardState:
 
 # --- the images API ---------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A validated request: its fields and, for edits, the client's images."""
+
+    endpoint: str
+    req: ImageGenerationRequest
+    inputs: EditInputs | None = None
+
+    @property
+    def event_prefix(self) -> str:
+        return "image_edit" if self.inputs is not None else "image_generation"
+
+
+Parser = Callable[[Request, GuardState], Awaitable[Job]]
+
+
 async def generations(request: Request) -> Response:
+    return await _serve(request, "/v1/images/generations", _parse_generation)
+
+
+async def edits(request: Request) -> Response:
+    return await _serve(request, "/v1/images/edits", _parse_edit)
+
+
+async def _parse_generation(request: Request, state: GuardState) -> Job:
+    body = await read_json(request, state.config.server.max_body_bytes)
+    return Job("/v1/images/generations", parse_generation_request(body))
+
+
+async def _parse_edit(request: Request, state: GuardState) -> Job:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError("Image edits must be sent as multipart/form-data.",
+                           code="invalid_content_type")
+    await read_body(request, state.config.server.max_upload_bytes)  # cached for form()
+    try:
+        form = await request.form(max_files=18, max_fields=64)
+    except Exception as exc:  # noqa: BLE001 - python-multipart raises several kinds
+        raise RequestError(f"Malformed multipart body ({type(exc).__name__}).",
+                           code="invalid_multipart") from None
+    fields: dict[str, str] = {}
+    images: list[bytes] = []
+    mask: bytes | None = None
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            fields[key] = value
+            continue
+        data = await value.read()
+        if key in ("image", "image[]"):
+            validate_image(data, "image")
+            images.append(data)
+        elif key == "mask":
+            validate_image(data, "mask")
+            mask = data
+        else:
+            raise RequestError(f"Unexpected file field '{key}'.", param=key)
+    if not images:
+        raise RequestError("Missing required parameter: 'image'.", param="image",
+                           code="missing_required_parameter")
+    if len(images) > 16:
+        raise RequestError("Invalid 'image': at most 16 images.", param="image")
+    return Job("/v1/images/edits", parse_edit_form(fields), EditInputs(tuple(images), mask))
+
+
+async def _serve(request: Request, endpoint: str, parse: Parser) -> Response:
+    """Authenticate, validate, pick policy and backend, then answer as JSON or as a stream."""
     state = state_of(request)
-    trace = Trace(endpoint="/v1/images/generations", guard_enabled=state.engine.enabled)
+    trace = Trace(endpoint=endpoint, guard_enabled=state.engine.enabled)
     started = time.perf_counter()
-    with state.telemetry.span("guard.request", **{"guard.trace_id": trace.id}) as span:
+    with state.telemetry.span("guard.request", **{"guard.trace_id": trace.id,
+                                                  "guard.endpoint": endpoint}) as span:
         try:
             principal = state.auth.authenticate(request.headers.get("authorization"))
             trace.key_id, trace.tenant = principal.key_id, principal.tenant
             require(principal, "client")
-            req = parse_generation_request(await read_json(request, state.config.server.max_body_bytes))
-            trace.request = _request_record(req)
-            trace.model = req.model
-            if req.unknown_fields():
-                log.info("tolerated unknown request fields: %s", ", ".join(req.unknown_fields()))
-            if req.stream:
-                raise RequestError("Streaming is not supported by this proxy yet.",
-                                   param="stream", code="unsupported_parameter")
+            job = await parse(request, state)
+            trace.request = _request_record(job)
+            trace.model = job.req.model
+            if job.req.unknown_fields():
+                log.info("tolerated unknown request fields: %s",
+                         ", ".join(job.req.unknown_fields()))
             policy = state.policy_for(principal, request.headers.get("x-guard-policy"))
             trace.policy = policy.ref
-            route = state.router.route(req.model)
+            route = state.router.route(job.req.model)
             trace.backend = route.backend
-            outcome = await state.engine.run(_call(req), route, policy, trace)
-            trace.decision = request_decision(trace)
-            body = _images_response(req, outcome, trace, state, request)
-            response = json_response(body, headers={TRACE_HEADER: trace.id})
-        except GuardError as exc:
-            response = _fail(trace, exc)
-        except Exception as exc:  # noqa: BLE001 - a bug is a 500, still traced
-            log.exception("internal error in trace %s", trace.id)
-            response = _fail(trace, GuardError(f"Internal error ({type(exc).__name__})."))
-        trace.status = response.status_code
-        trace.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        if span is not None:
-            span.set_attribute("guard.decision", trace.decision)
-            span.set_attribute("http.status_code", trace.status)
-        response = await _record(state, trace, response)
-    state.metrics.requests.labels(trace.endpoint, str(response.status_code), trace.decision).inc()
-    state.metrics.request_latency.labels(trace.endpoint).observe(time.perf_counter() - started)
-    return response
+        except Exception as exc:  # noqa: BLE001 - rendered by _failure, traced either way
+            return await _finish(state, trace, started, _failure(trace, exc), span)
+        if job.req.stream:
+            return StreamingResponse(
+                _stream(state, trace, started, job, policy, route, _base_url(state, request)),
+                media_type="text/event-stream",
+                headers={TRACE_HEADER: trace.id, "cache-control": "no-cache"})
+        result = await _run(state, trace, job, policy, route, _base_url(state, request))
+        return await _finish(state, trace, started, result, span)
 
 
-def _fail(trace: Trace, exc: GuardError) -> Response:
+@dataclass(slots=True)
+class _Result:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    outcome: Outcome | None = None
+
+
+async def _run(state: GuardState, trace: Trace, job: Job, policy: Policy, route: RouteTo,
+               base_url: str) -> _Result:
+    try:
+        outcome = await state.engine.run(_call(job.req), route, policy, trace, job.inputs)
+        trace.decision = request_decision(trace)
+        body = _images_response(job.req, outcome, trace, state, base_url)
+        return _Result(200, body, {TRACE_HEADER: trace.id}, outcome)
+    except Exception as exc:  # noqa: BLE001 - rendered by _failure, traced either way
+        return _failure(trace, exc)
+
+
+def _failure(trace: Trace, exc: Exception) -> _Result:
+    if not isinstance(exc, GuardError):
+        log.error("internal error in trace %s", trace.id, exc_info=exc)
+        exc = GuardError(f"Internal error ({type(exc).__name__}).")
     trace.decision = "refused" if exc.code == "content_policy_violation" else "failed"
     trace.error = TraceError(status=exc.status, type=exc.type, code=exc.code, message=exc.message)
-    return error_response(exc, trace.id)
+    exc.trace_id = trace.id
+    return _Result(exc.status, exc.to_dict(), {**exc.headers, TRACE_HEADER: trace.id})
 
 
-async def _record(state: GuardState, trace: Trace, response: Response) -> Response:
+async def _finish(state: GuardState, trace: Trace, started: float, result: _Result,
+                  span: Any = None) -> Response:
+    await _record(state, trace, started, result, span)
+    return json_response(result.body, result.status, result.headers)
+
+
+async def _record(state: GuardState, trace: Trace, started: float, result: _Result,
+                  span: Any = None) -> None:
     """Write the trace before answering; without its trace, a request is not served."""
+    trace.status = result.status
+    trace.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    if span is not None:
+        span.set_attribute("guard.decision", trace.decision)
+        span.set_attribute("http.status_code", trace.status)
     try:
         await state.store.write(trace)
     except Exception:  # noqa: BLE001 - fail closed: no audit record, no image
         log.exception("audit store failed for trace %s", trace.id)
-        return error_response(GuardError("The audit store is unavailable; the request was not "
-                                         "served.", status=503, code="audit_unavailable"),
-                              trace.id)
-    return response
+        failed = _failure(trace, GuardError(
+            "The audit store is unavailable; the request was not served.", status=503,
+            code="audit_unavailable"))
+        result.status, result.body, result.headers = failed.status, failed.body, failed.headers
+    state.metrics.requests.labels(trace.endpoint, str(result.status), trace.decision).inc()
+    state.metrics.request_latency.labels(trace.endpoint).observe(time.perf_counter() - started)
+
+
+async def _stream(state: GuardState, trace: Trace, started: float, job: Job, policy: Policy,
+                  route: RouteTo, base_url: str) -> AsyncIterator[bytes]:
+    """Server-sent events. No unjudged image leaves the proxy: partial images are withheld, a
+    keep-alive comment goes out while the loop runs, then one completed event per judged image
+    (or one error event), each sent only after the trace is written."""
+    with state.telemetry.span("guard.request", **{"guard.trace_id": trace.id,
+                                                  "guard.endpoint": job.endpoint,
+                                                  "guard.stream": True}) as span:
+        task = asyncio.create_task(_run(state, trace, job, policy, route, base_url))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STREAM_KEEPALIVE_S)
+                if done:
+                    break
+                yield b": judging\n\n"
+        except BaseException:
+            task.cancel()  # the client went away: stop spending on it
+            raise
+        result = task.result()
+        await _record(state, trace, started, result, span)
+    if result.outcome is None:
+        yield _sse("error", {"type": "error", **result.body})
+        return
+    req = job.req
+    for image, info in zip(result.body["data"], result.body["guard"]["images"], strict=False):
+        yield _sse(f"{job.event_prefix}.completed", {
+            "type": f"{job.event_prefix}.completed",
+            "b64_json": image.get("b64_json"),
+            "created_at": result.body["created"],
+            "size": req.size if req.size in _EVENT_SIZES else "auto",
+            "quality": req.quality if req.quality in _EVENT_QUALITIES else "auto",
+            "background": req.background or "auto",
+            "output_format": req.output_format or "png",
+            # The proxy does not count the backend's tokens; zeros say "not measured here".
+            "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                      "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}},
+            "revised_prompt": image.get("revised_prompt"),
+            "guard": {"trace_id": trace.id, **info},
+        })
+
+
+_EVENT_SIZES = {"1024x1024", "1024x1536", "1536x1024", "auto"}
+_EVENT_QUALITIES = {"low", "medium", "high", "auto"}
+STREAM_KEEPALIVE_S = 5.0
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _base_url(state: GuardState, request: Request) -> str:
+    return state.config.server.public_url or str(request.base_url).rstrip("/")
 
 
 def _call(req: ImageGenerationRequest) -> GenerationCall:
@@ -174,22 +334,27 @@ def _call(req: ImageGenerationRequest) -> GenerationCall:
                           moderation=req.moderation, user=req.user)
 
 
-def _request_record(req: ImageGenerationRequest) -> dict[str, Any]:
+def _request_record(job: Job) -> dict[str, Any]:
+    req = job.req
     record = req.model_dump(exclude_none=True, exclude=set(req.unknown_fields()))
     if req.unknown_fields():
         record["unknown_fields"] = req.unknown_fields()
+    if job.inputs is not None:
+        # Hashes, never the bytes: the trace says which images were edited.
+        record["input_images"] = [hashlib.sha256(i).hexdigest() for i in job.inputs.images]
+        if job.inputs.mask is not None:
+            record["mask"] = hashlib.sha256(job.inputs.mask).hexdigest()
     return record
 
 
 def _images_response(req: ImageGenerationRequest, outcome: Outcome, trace: Trace,
-                     state: GuardState, request: Request) -> dict[str, Any]:
+                     state: GuardState, base_url: str) -> dict[str, Any]:
     data = []
     for final in outcome.images:
         revised = final.prompt if final.prompt != req.prompt else final.image.backend_revised_prompt
-        if req.response_format == "url":
+        if req.response_format == "url" and not req.stream:
             image_id, expires, sig = state.images.put(final.image)
-            base = state.config.server.public_url or str(request.base_url).rstrip("/")
-            url = f"{base}/v1/guard/images/{image_id}?exp={expires}&sig={sig}"
+            url = f"{base_url}/v1/guard/images/{image_id}?exp={expires}&sig={sig}"
             data.append(image_object(url=url, revised_prompt=revised))
         else:
             data.append(image_object(b64_json=final.image.b64, revised_prompt=revised))
@@ -358,6 +523,7 @@ def create_app(config: Config | None = None, *,
 
     routes = [
         Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/v1/guard/images/{image_id}", served_image, methods=["GET"]),
         Route("/v1/guard/traces", list_traces, methods=["GET"]),
         Route("/v1/guard/traces/{trace_id}", get_trace, methods=["GET"]),

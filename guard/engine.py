@@ -50,6 +50,14 @@ class FinalImage:
 
 
 @dataclass(frozen=True, slots=True)
+class EditInputs:
+    """The client's images (and mask) for /v1/images/edits, already validated."""
+
+    images: tuple[bytes, ...]
+    mask: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     images: list[FinalImage]
     rounds: int
@@ -64,9 +72,16 @@ class Engine:
         self.metrics = metrics
         self.enabled = enabled
 
-    async def run(self, call: GenerationCall, route: Route, policy: Policy, trace: Trace) -> Outcome:
-        """Produce `call.n` safe images or raise; the trace records every step either way."""
+    async def run(self, call: GenerationCall, route: Route, policy: Policy, trace: Trace,
+                  inputs: EditInputs | None = None) -> Outcome:
+        """Produce `call.n` safe images or raise; the trace records every step either way.
+
+        With `inputs` the backend edits the client's images instead of generating. An unsafe
+        image is redone from its refined prompt; with the policy's `refine_mode: edit` it is
+        repaired instead, by editing that image with the refined prompt.
+        """
         original = call.prompt
+        repair: dict[int, GeneratedImage] = {}
         prompts = [original] * call.n
         history: list[list[HistoryEntry]] = [[] for _ in range(call.n)]
         flagged_any: set[str] = set()
@@ -91,7 +106,8 @@ class Engine:
                                                            "guard.pending": len(pending)}):
                     record = RoundRecord(index=k, kind="generate")
                     trace.rounds.append(record)
-                    images = await self._generate(call, route, pending, prompts, record, trace)
+                    images = await self._produce(call, route, pending, prompts, record, trace,
+                                                 inputs, repair)
                     if not self.enabled:
                         for slot, image in images.items():
                             final[slot] = FinalImage(slot, image, prompts[slot], "passed")
@@ -121,6 +137,8 @@ class Engine:
                             if verdict is not None:
                                 prompts[slot] = self._refined(verdict, prompts[slot], decision,
                                                               policy)
+                            if policy.refine_mode == "edit" and self.router.can_edit(route):
+                                repair[slot] = images[slot]
                             still.append(slot)
                     pending = still
                 if not pending:
@@ -159,20 +177,31 @@ class Engine:
         self._count(decision)
         return verdicts[0], decision
 
-    async def _generate(self, call: GenerationCall, route: Route, pending: Sequence[int],
-                        prompts: Sequence[str], record: RoundRecord, trace: Trace
-                        ) -> dict[int, GeneratedImage]:
-        groups: dict[str, list[int]] = {}
+    async def _produce(self, call: GenerationCall, route: Route, pending: Sequence[int],
+                       prompts: Sequence[str], record: RoundRecord, trace: Trace,
+                       inputs: EditInputs | None, repair: dict[int, GeneratedImage]
+                       ) -> dict[int, GeneratedImage]:
+        """One backend call per distinct prompt (or per image under repair), all at once."""
+        groups: dict[tuple[str, int | None], list[int]] = {}
         for slot in pending:
-            groups.setdefault(prompts[slot], []).append(slot)
+            key = (prompts[slot], slot if slot in repair else None)
+            groups.setdefault(key, []).append(slot)
         timer = clock()
 
-        async def one(prompt: str, slots: list[int]) -> tuple[str, list[GeneratedImage]]:
+        async def one(prompt: str, slots: list[int], source: GeneratedImage | None
+                      ) -> tuple[str, list[GeneratedImage]]:
+            sub = replace(call, prompt=prompt, n=len(slots))
             with self.telemetry.span("guard.backend", **{"guard.backend": route.backend,
-                                                         "guard.n": len(slots)}):
+                                                         "guard.n": len(slots),
+                                                         "guard.edit": bool(source or inputs)}):
                 started = time.perf_counter()
-                used, images = await self.router.generate(route,
-                                                          replace(call, prompt=prompt, n=len(slots)))
+                if source is not None:
+                    used, images = await self.router.edit(route, sub, [source.data], None)
+                elif inputs is not None:
+                    used, images = await self.router.edit(route, sub, list(inputs.images),
+                                                          inputs.mask)
+                else:
+                    used, images = await self.router.generate(route, sub)
                 self.metrics.backend_latency.labels(used).observe(time.perf_counter() - started)
             if len(images) != len(slots):
                 raise BackendError(f"backend {used!r} returned {len(images)} image(s) for "
@@ -180,7 +209,9 @@ class Engine:
             return used, images
 
         try:
-            results = await asyncio.gather(*(one(p, s) for p, s in groups.items()))
+            results = await asyncio.gather(*(
+                one(prompt, slots, repair.pop(source) if source is not None else None)
+                for (prompt, source), slots in groups.items()))
         finally:
             record.backend_ms = timer.ms()
         out: dict[int, GeneratedImage] = {}

@@ -83,6 +83,11 @@ def parse_generation_request(body: Any) -> ImageGenerationRequest:
         req = ImageGenerationRequest.model_validate(body)
     except ValidationError as exc:
         raise _to_request_error(exc) from None
+    _check_limits(req)
+    return req
+
+
+def _check_limits(req: ImageGenerationRequest) -> None:
     if len(req.prompt) > req.prompt_limit():
         raise RequestError(
             f"Invalid 'prompt': string too long. Expected a string with maximum length "
@@ -90,6 +95,44 @@ def parse_generation_request(body: Any) -> ImageGenerationRequest:
             param="prompt", code="string_above_max_length")
     if req.model == "dall-e-3" and req.count != 1:
         raise RequestError("Invalid 'n': dall-e-3 only supports n=1.", param="n")
+    if req.partial_images and not req.stream:
+        raise RequestError("Invalid 'partial_images': only with stream=true.",
+                           param="partial_images")
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """The non-file fields of a multipart /v1/images/edits request."""
+
+    input_fidelity: Literal["high", "low"] | None = None
+
+
+_FORM_INTS = ("n", "output_compression", "partial_images")
+
+
+def parse_edit_form(fields: dict[str, str]) -> ImageEditRequest:
+    """Validate the text fields of a multipart edit request (all strings on the wire)."""
+    if "prompt" not in fields:
+        raise RequestError("Missing required parameter: 'prompt'.", param="prompt",
+                           code="missing_required_parameter")
+    values: dict[str, Any] = dict(fields)
+    for name in _FORM_INTS:
+        if name in values:
+            try:
+                values[name] = int(values[name])
+            except ValueError:
+                raise RequestError(f"Invalid '{name}': expected an integer.", param=name,
+                                   code="invalid_type") from None
+    if "stream" in values:
+        flag = values["stream"].lower()
+        if flag not in ("true", "false"):
+            raise RequestError("Invalid 'stream': expected true or false.", param="stream",
+                               code="invalid_type")
+        values["stream"] = flag == "true"
+    try:
+        req = ImageEditRequest.model_validate(values)
+    except ValidationError as exc:
+        raise _to_request_error(exc) from None
+    _check_limits(req)
     return req
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from adapters import Backend
@@ -41,11 +41,29 @@ class Router:
                                code="model_not_found")
         return Route(chosen.backend, chosen.model or model)
 
+    def can_edit(self, route: Route) -> bool:
+        return callable(getattr(self.backends[route.backend], "edit", None))
+
     async def generate(self, route: Route, call: GenerationCall) -> tuple[str, list[GeneratedImage]]:
         """Call the routed backend; on a backend failure (not a client error), try the fallback."""
-        call = replace(call, model=route.model)
+        return await self._call(route, lambda b: b.generate(replace(call, model=route.model)))
+
+    async def edit(self, route: Route, call: GenerationCall, images: list[bytes],
+                   mask: bytes | None) -> tuple[str, list[GeneratedImage]]:
+        """Edit images with the routed backend (fallback as for generate)."""
+        def run(backend: Backend) -> Awaitable[list[GeneratedImage]]:
+            edit = getattr(backend, "edit", None)
+            if edit is None:
+                raise RequestError(f"The backend for model '{route.model}' cannot edit images.",
+                                   param="model", code="unsupported_model")
+            return edit(replace(call, model=route.model), images, mask)  # type: ignore[no-any-return]
+
+        return await self._call(route, run)
+
+    async def _call(self, route: Route, run: Callable[[Backend], Awaitable[list[GeneratedImage]]]
+                    ) -> tuple[str, list[GeneratedImage]]:
         try:
-            return route.backend, await self.backends[route.backend].generate(call)
+            return route.backend, await run(self.backends[route.backend])
         except BackendError as exc:
             # A 4xx from the backend is about the request; another backend would say the same.
             if self.fallback in (None, route.backend) or isinstance(exc, BackendRejected):
@@ -53,4 +71,4 @@ class Router:
             log.warning("backend %s failed (%s); trying fallback %s",
                         route.backend, exc.code, self.fallback)
             assert self.fallback is not None
-            return self.fallback, await self.backends[self.fallback].generate(call)
+            return self.fallback, await run(self.backends[self.fallback])

@@ -40,6 +40,7 @@ class FakeBackend:
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/images/generations", self._generate, methods=["POST"]),
+            Route("/v1/images/edits", self._edit, methods=["POST"]),
             Route("/v1/files/{name}", self._file, methods=["GET"]),
         ])
 
@@ -71,6 +72,19 @@ class FakeBackend:
             else:
                 data.append({"b64_json": base64.b64encode(png(colour, self.size)).decode()})
         return JSONResponse({"created": 1700000000, "data": data})
+
+    async def _edit(self, request: Request) -> Response:
+        form = await request.form()
+        body: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        body["edit"] = True
+        body["images"] = [await v.read() for k, v in form.multi_items()
+                          if k in ("image", "image[]") and not isinstance(v, str)]
+        self.requests.append(body)
+        n = int(body.get("n") or 1)
+        call = len(self.requests) - 1
+        colours = ((self.plan[call] if call < len(self.plan) else []) + ["blue"] * n)[:n]
+        return JSONResponse({"created": 1700000000, "data": [
+            {"b64_json": base64.b64encode(png(c, self.size)).decode()} for c in colours]})
 
     async def _file(self, request: Request) -> Response:
         return Response(png(request.path_params["name"].removesuffix(".png"), self.size),
