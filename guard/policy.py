@@ -8,14 +8,12 @@ which is what makes replaying stored traces under a candidate policy possible.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from guard.errors import ConfigError
 
@@ -137,30 +135,6 @@ class Decision:
         return self.action != "pass"
 
 
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], bytes]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from exc
-    try:
-        raw = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a policy file must be a mapping")
-    return raw, data
-
-
 class PolicySet:
     """All policies of a directory (plus single files), resolved through `extends`."""
 
@@ -181,62 +155,20 @@ class PolicySet:
 
     @classmethod
     def load(cls, paths: list[Path]) -> PolicySet:
-        """Load every policy under `paths` (directories or files; later ones win on equal ids)."""
-        raws = _collect(paths)
-        return cls({pid: _resolve(pid, raws) for pid in raws})
+        """Load every policy under `paths` (directories or files; later ones win on equal ids).
 
+        Raises ConfigError listing every problem, each with file:line:column."""
+        from guard.policytools.loader import load_policies  # it builds on this module
 
-_Raws = dict[str, tuple[dict[str, Any], bytes, Path]]
-
-
-def _collect(paths: list[Path]) -> _Raws:
-    raws: _Raws = {}
-    for path in paths:
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
-        for file in files:
-            raw, data = _read_yaml(file)
-            pid = raw.get("id")
-            if not isinstance(pid, str) or not pid:
-                raise ConfigError(f"{file}: a policy needs a string `id`")
-            raws[pid] = (raw, data, file)
-    return raws
-
-
-def _resolve(pid: str, raws: _Raws) -> Policy:
-    chain: list[str] = []
-    current: str | None = pid
-    while current is not None:
-        if current in chain:
-            raise ConfigError(f"policy {pid!r}: `extends` cycle through {current!r}")
-        if current not in raws:
-            raise ConfigError(f"policy {chain[-1]!r} extends unknown policy {current!r}")
-        chain.append(current)
-        parent = raws[current][0].get("extends")
-        current = parent if isinstance(parent, str) else None
-    merged: dict[str, Any] = {}
-    digest = hashlib.sha256()
-    for name in reversed(chain):
-        merged = _deep_merge(merged, raws[name][0])
-    for name in chain:
-        digest.update(raws[name][1])
-    merged["id"], merged["extends"] = pid, raws[pid][0].get("extends")
-    try:
-        policy = Policy.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(f"{raws[pid][2]}: invalid policy: {_summarise(exc)}") from exc
-    policy._sha256 = digest.hexdigest()
-    policy._source = str(raws[pid][2])
-    return policy
-
-
-def _summarise(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        loaded = load_policies(paths)
+        loaded.raise_for_errors()
+        return cls(loaded.policies)
 
 
 def load_policy(path: str | Path) -> Policy:
     """Load one policy file; `extends` is resolved against the files beside it and the shipped ones."""
-    path = Path(path)
-    raw, _ = _read_yaml(path)
-    search = [POLICIES_DIR, path.parent] if raw.get("extends") else []
-    return _resolve(str(raw.get("id")), _collect([*search, path]))
+    from guard.policytools.loader import load_file
+
+    loaded = load_file(path)
+    loaded.raise_for_errors()
+    return next(iter(loaded.policies.values()))
