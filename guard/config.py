@@ -82,6 +82,7 @@ class Config(_Strict):
     policy_paths: list[str] = Field(default_factory=list,
                                     description="Extra policy files or folders.")
     tenants: dict[str, str] = Field(default_factory=dict, description="tenant -> policy id.")
+    policy_reload_s: float = Field(2.0, ge=0, description="Seconds between checks of the policy files for changes; 0 turns the watcher off (POST /v1/guard/policies/reload still works).")
     backends: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"demo": {"kind": "demo"}})
     routes: dict[str, RouteConfig] = Field(
