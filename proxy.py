@@ -39,6 +39,7 @@ from guard.images import ImageCache
 from guard.inputs import validate_image
 from guard.judges import Judge, build_judge
 from guard.policy import POLICIES_DIR, Policy, PolicySet
+from guard.policy_reload import PolicyReloader, reload_policies
 from guard.protocol import (
     ImageGenerationRequest,
     image_object,
@@ -500,6 +501,7 @@ def create_app(config: Config | None = None, *,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = build_state(config, span_exporter)
         app.state.guard = state
+        app.state.policy_reloader = PolicyReloader.start(state)  # watches the policy files
         if state.auth.open_mode:
             log.warning("no API keys configured: open mode, any key is accepted "
                         "(bind to loopback only)")
@@ -512,6 +514,7 @@ def create_app(config: Config | None = None, *,
         try:
             yield
         finally:
+            await app.state.policy_reloader.stop()
             for task in starting:
                 task.cancel()
             closing: list[Judge | AuditStore | Backend] = [
@@ -527,6 +530,7 @@ def create_app(config: Config | None = None, *,
         Route("/v1/guard/images/{image_id}", served_image, methods=["GET"]),
         Route("/v1/guard/traces", list_traces, methods=["GET"]),
         Route("/v1/guard/traces/{trace_id}", get_trace, methods=["GET"]),
+        Route("/v1/guard/policies/reload", reload_policies, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
