@@ -14,6 +14,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 COMMAND_MODULES = [
     "guard.cli.serve",
+    "guard.cli.policy",
 ]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from guard.policy import POLICIES_DIR, Policy
@@ -50,15 +49,6 @@ def file_schema() -> dict[str, Any]:
 
 def render_file_schema() -> str:
     return json.dumps(file_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-def write_file_schema(path: Path = SCHEMA_PATH) -> bool:
-    """Write the schema; True when the file changed."""
-    text = render_file_schema()
-    if path.exists() and path.read_text() == text:
-        return False
-    path.write_text(text)
-    return True
 
 
 def undescribed_fields(schema: dict[str, Any] | None = None) -> list[str]:

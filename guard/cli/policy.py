@@ -1,0 +1,214 @@
+"""`safeedit policy`: check, explain, compare and replay policy files before they go live.
+
+    safeedit policy validate [FILE...]          every problem at once, file:line:column; exit 1
+    safeedit policy explain FILE                what the policy does, `extends` resolved
+    safeedit policy diff OLD NEW                the effective differences, in words
+    safeedit policy replay --candidate FILE     re-decide stored traces under a candidate
+    safeedit policy schema [--check]            regenerate policies/schema.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from guard.policytools.loader import Loaded, Problem, load_file
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("policy", help="check, explain, compare and replay policy files",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+
+    v = cmds.add_parser("validate", help="check policy files; exit status 1 on any error")
+    v.add_argument("files", nargs="*", type=Path,
+                   help="policy files (default: every file under policies/)")
+    v.add_argument("--json", action="store_true", help="problems as JSON, one list")
+    v.set_defaults(func=validate)
+
+    e = cmds.add_parser("explain", help="what a policy does, in plain language")
+    e.add_argument("file", type=Path)
+    e.set_defaults(func=explain)
+
+    d = cmds.add_parser("diff", help="effective differences between two policies "
+                                     "(exit 0: same, 1: different, 2: invalid file)")
+    d.add_argument("old", type=Path)
+    d.add_argument("new", type=Path)
+    d.set_defaults(func=diff)
+
+    r = cmds.add_parser("replay", help="which stored requests a candidate policy would decide "
+                                       "differently, from their recorded scores")
+    r.add_argument("--candidate", required=True, type=Path, help="the candidate policy file")
+    r.add_argument("--since", type=parse_when,
+                   help="from this time: 2025-06-01, 2025-06-01T12:00, 24h, 7d (default: all)")
+    r.add_argument("--until", type=parse_when, help="up to this time (same forms)")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--policy", help="replay traces recorded under this policy id "
+                                        "(default: the candidate's id)")
+    which.add_argument("--any-policy", action="store_true",
+                       help="replay traces whatever policy they ran under")
+    r.add_argument("--tenant", help="only this tenant's traces")
+    r.add_argument("--config", help="operators' config naming the audit store "
+                                    "(default: embedded defaults, var/audit.db)")
+    r.add_argument("--limit", type=int, default=10_000, help="most traces read (10000)")
+    r.add_argument("--csv", type=Path,
+                   help="CSV of every replayed trace (default: replay-<id>-v<version>.csv)")
+    r.add_argument("--all", action="store_true", help="list unchanged traces too")
+    r.set_defaults(func=replay)
+
+    s = cmds.add_parser("schema", help="write the policy JSON Schema (policies/schema.json)")
+    s.add_argument("--check", action="store_true",
+                   help="only check the file is up to date (exit 1 if not)")
+    s.add_argument("--output", type=Path, help="where to write (default: policies/schema.json)")
+    s.set_defaults(func=schema)
+
+
+# --- validate / explain / diff ------------------------------------------------------------------
+
+def validate(args: argparse.Namespace) -> int:
+    from guard.policy import POLICIES_DIR
+    from guard.policytools.loader import policy_files
+
+    files = args.files or policy_files([POLICIES_DIR])
+    problems: list[Problem] = []
+    ok: list[str] = []
+    for file in files:
+        loaded = load_file(file)
+        problems += [p for p in loaded.problems if p not in problems]
+        for policy in loaded.policies.values():
+            ok.append(f"{file}: ok ({policy.id} v{policy.version}, sha256 {policy.sha256[:12]})")
+    problems.sort(key=lambda p: (p.path, p.line, p.column))
+    errors = [p for p in problems if p.severity == "error"]
+    if args.json:
+        print(json.dumps([p.to_dict() for p in problems], indent=2))
+    else:
+        for problem in problems:
+            print(problem)
+        for line in ok:
+            print(line)
+        bad = len({p.path for p in errors})
+        if errors:
+            print(f"{len(errors)} error(s) in {bad} file(s)", file=sys.stderr)
+    return 1 if errors or not files else 0
+
+
+def _load_or_report(path: Path) -> Loaded | None:
+    loaded = load_file(path)
+    for problem in loaded.problems:
+        print(problem, file=sys.stderr)
+    return None if loaded.errors else loaded
+
+
+def explain(args: argparse.Namespace) -> int:
+    from guard.policytools.explain import explain as explain_policy
+
+    loaded = _load_or_report(args.file)
+    if loaded is None:
+        return 1
+    (pid, policy), = loaded.policies.items()
+    print(explain_policy(policy, loaded.chains[pid]), end="")
+    return 0
+
+
+def diff(args: argparse.Namespace) -> int:
+    from guard.policytools.explain import diff as diff_policies
+
+    old, new = _load_or_report(args.old), _load_or_report(args.new)
+    if old is None or new is None:
+        return 2
+    a, b = next(iter(old.policies.values())), next(iter(new.policies.values()))
+    print(f"{a.id} v{a.version} ({args.old}) -> {b.id} v{b.version} ({args.new})")
+    changes = diff_policies(a, b)
+    for change in changes:
+        print(f"  {change}")
+    if not changes:
+        print("  no effective difference" + (" (the files differ only in form)"
+                                             if a.sha256 != b.sha256 else ""))
+        return 0
+    effects = {e: sum(c.effect == e for c in changes) for e in ("stricter", "looser", "neutral")}
+    print(f"{len(changes)} difference(s): " + ", ".join(f"{n} {e}" for e, n in effects.items()
+                                                       if n))
+    return 1
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+def parse_when(text: str) -> float:
+    """A time as epoch seconds: ISO date/time (UTC unless it says), `24h`/`7d`/`30m` ago, or
+    epoch seconds."""
+    relative = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if relative:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[relative[2]]
+        return time.time() - float(relative[1]) * unit
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use a date (2025-06-01), a time (2025-06-01T12:00), 24h, 7d or "
+            "epoch seconds") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def replay(args: argparse.Namespace) -> int:
+    from guard.audit import TraceQuery, build_store
+    from guard.config import load_config
+    from guard.policytools.replay import render, to_csv
+    from guard.policytools.replay import replay as run_replay
+
+    loaded = _load_or_report(args.candidate)
+    if loaded is None:
+        return 1
+    candidate = next(iter(loaded.policies.values()))
+    config = load_config(args.config)
+    query = TraceQuery(since=args.since, until=args.until, tenant=args.tenant,
+                       policy_id=None if args.any_policy else (args.policy or candidate.id))
+
+    async def run() -> Any:
+        store = build_store(config.audit)
+        try:
+            return await run_replay(store, candidate, query, limit=args.limit)
+        finally:
+            await store.aclose()
+
+    report = asyncio.run(run())
+    print(render(report, everything=args.all), end="")
+    out = args.csv or Path(f"replay-{candidate.id}-v{candidate.version}.csv")
+    out.write_text(to_csv(report.rows))
+    print(f"\nCSV of all {len(report.rows)} replayed trace(s): {out}")
+    return 0
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+def schema(args: argparse.Namespace) -> int:
+    from guard.policytools.schema import SCHEMA_PATH, render_file_schema, undescribed_fields
+
+    missing = undescribed_fields()
+    if missing:
+        print("fields without a description: " + ", ".join(missing), file=sys.stderr)
+        return 1
+    path = args.output or SCHEMA_PATH
+    current = path.read_text() if path.exists() else None
+    if args.check:
+        if current != render_file_schema():
+            print(f"{path} is out of date: run `safeedit policy schema`", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    if current != render_file_schema():
+        path.write_text(render_file_schema())
+        print(f"wrote {path}")
+    else:
+        print(f"{path} is up to date")
+    return 0
