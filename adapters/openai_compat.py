@@ -1,74 +1,84 @@
 """Any OpenAI-compatible image server, called directly over httpx (no SDK, no litellm).
 
 This is the fast path for plain OpenAI-compatible servers: the guard forwards the client's
-parameters, reads `b64_json` (or fetches `url`), and translates failures at this edge:
-connection refused -> 502, timeout -> 504, 429 -> 429 with Retry-After, 5xx -> 502,
-4xx -> the backend's own message as a 400. API keys come from environment variables named in the
-config and never reach a trace, a log line or an error message.
+parameters, reads `b64_json` (or fetches `url` under the backend's URL policy), and translates
+failures at this edge: connection refused -> 502 backend_unavailable, timeout -> 504,
+429 -> 429 with Retry-After, 5xx -> 502, 401/403 -> 502 backend_auth_failed (the operator's key,
+not the client's), other 4xx -> the backend's own message and code as a 400. 429, 5xx and
+connection failures are retried under the guard's retry policy (adapters.retry). API keys come
+from environment variables named in the config and never reach a trace, a log line or an error.
 
-Options: api_base (required), api_key_env, timeout_s (60), max_connections (64),
-response_format (b64_json: ask the server for base64), extra_headers.
+Options:
+    api_base (required)      e.g. http://127.0.0.1:9000/v1
+    api_key_env (null)       environment variable holding the key, sent as a Bearer token
+    timeout_s (60)           one attempt's connect/read timeout
+    max_connections (64)     HTTP connection pool size
+    max_concurrency (null)   requests in flight to this backend at once; the rest wait in line
+    response_format (auto)   auto | b64_json | url | null; auto asks for b64_json except from
+                             gpt-image models, which refuse the parameter
+    extra_headers ({})       sent with every request (not for secrets: use api_key_env)
+    retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (adapters.retry)
+    image_urls ({})          allow_private, allow_networks, max_bytes, max_pixels, max_redirects,
+                             timeout_s (adapters.fetch)
+Edits: POST {api_base}/images/edits as multipart, images as `image[]`, optional `mask`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
+from pydantic import Field
 
-from guard.errors import (
-    BackendError,
-    BackendRateLimited,
-    BackendRejected,
-    BackendTimeout,
-    ConfigError,
-)
+from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
+from adapters.options import Options, parse_options, secret_from_env, wants_b64
+from adapters.retry import Caller, RetryPolicy
+from guard.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
 from guard.types import GeneratedImage, GenerationCall
 
 _FORWARDED = ("size", "quality", "style", "output_format", "output_compression", "background",
               "moderation", "user")
+_EDIT_FORWARDED = ("size", "quality", "output_format", "output_compression", "background", "user")
+
+
+class OpenAICompatOptions(Options):
+    api_base: str
+    api_key_env: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    max_connections: int = Field(64, gt=0)
+    max_concurrency: int | None = Field(None, gt=0)
+    response_format: Literal["auto", "b64_json", "url"] | None = "auto"
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    image_urls: UrlPolicy = Field(default_factory=UrlPolicy)
 
 
 class OpenAICompatBackend:
-    def __init__(self, name: str, api_base: str, *, api_key: str | None = None,
-                 timeout_s: float = 60.0, max_connections: int = 64,
-                 response_format: str | None = "b64_json",
-                 extra_headers: Mapping[str, str] | None = None,
+    def __init__(self, name: str, options: OpenAICompatOptions, *, api_key: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.name = name
-        self.api_base = api_base.rstrip("/")
-        self.response_format = response_format
-        headers = {"content-type": "application/json", **(extra_headers or {})}
+        self.options = options
+        self.api_base = options.api_base.rstrip("/")
+        headers = dict(options.extra_headers)
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        timeout = options.timeout_s
         self._client = httpx.AsyncClient(
             base_url=self.api_base, headers=headers, transport=transport,
-            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            follow_redirects=False)
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            limits=httpx.Limits(max_connections=options.max_connections,
+                                max_keepalive_connections=options.max_connections),
+            follow_redirects=False, trust_env=False)
+        self._call = Caller(name, options.retry, timeout_s=timeout,
+                            max_concurrency=options.max_concurrency)
+        self._fetcher = ImageFetcher(name, options.image_urls)
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> OpenAICompatBackend:
-        opts = dict(options)
-        api_base = opts.pop("api_base", None)
-        if not api_base:
-            raise ConfigError(f"backend {name!r} (openai-compatible) needs `api_base`")
-        key_env = opts.pop("api_key_env", None)
-        api_key = os.environ.get(key_env) if key_env else None
-        if key_env and not api_key:
-            raise ConfigError(f"backend {name!r}: environment variable {key_env} is not set")
-        backend = cls(name, api_base, api_key=api_key,
-                      timeout_s=float(opts.pop("timeout_s", 60.0)),
-                      max_connections=int(opts.pop("max_connections", 64)),
-                      response_format=opts.pop("response_format", "b64_json"),
-                      extra_headers=opts.pop("extra_headers", None))
-        if opts:
-            raise ConfigError(f"backend {name!r} (openai-compatible): unknown options {sorted(opts)}")
-        return backend
+        opts = parse_options(OpenAICompatOptions, name, "openai-compatible", options)
+        return cls(name, opts, api_key=secret_from_env(name, opts.api_key_env))
 
     async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
         body: dict[str, Any] = {"prompt": call.prompt, "n": call.n}
@@ -78,20 +88,45 @@ class OpenAICompatBackend:
             value = getattr(call, field)
             if value is not None:
                 body[field] = value
-        if self.response_format:
-            body["response_format"] = self.response_format
+        response_format = wants_b64(self.options.response_format, call.model)
+        if response_format:
+            body["response_format"] = response_format
         body.update(call.extra)
+        content = orjson.dumps(body)
+        headers = {"content-type": "application/json"}
+        return await self._call(lambda: self._post("/images/generations", content=content,
+                                                   headers=headers))
+
+    async def edit(self, call: GenerationCall, images: list[bytes],
+                   mask: bytes | None) -> list[GeneratedImage]:
+        fields: dict[str, str] = {"prompt": call.prompt, "n": str(call.n)}
+        if call.model:
+            fields["model"] = call.model
+        for field in _EDIT_FORWARDED:
+            value = getattr(call, field)
+            if value is not None:
+                fields[field] = str(value)
+        response_format = wants_b64(self.options.response_format, call.model)
+        if response_format:
+            fields["response_format"] = response_format
+        fields.update({k: str(v) for k, v in call.extra.items()})
+        files = [("image[]", (f"image_{i}{_suffix(data)}", data, _media_type(data)))
+                 for i, data in enumerate(images)]
+        if mask is not None:
+            files.append(("mask", (f"mask{_suffix(mask)}", mask, _media_type(mask))))
+        return await self._call(lambda: self._post("/images/edits", data=fields, files=files))
+
+    async def _post(self, path: str, **request: Any) -> list[GeneratedImage]:
         try:
-            response = await self._client.post("/images/generations", content=orjson.dumps(body))
+            response = await self._client.post(path, **request)
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"backend {self.name!r} timed out") from exc
         except httpx.HTTPError as exc:
             raise BackendError(f"backend {self.name!r} is unreachable ({type(exc).__name__})",
                                code="backend_unavailable") from exc
-        return await self._parse(response, call.output_format)
+        return await self._parse(response)
 
-    async def _parse(self, response: httpx.Response, output_format: str | None
-                     ) -> list[GeneratedImage]:
+    async def _parse(self, response: httpx.Response) -> list[GeneratedImage]:
         status = response.status_code
         if status == 429:
             retry = response.headers.get("retry-after")
@@ -99,57 +134,57 @@ class OpenAICompatBackend:
                                      headers={"retry-after": retry} if retry else None)
         if status >= 500:
             raise BackendError(f"backend {self.name!r} failed with HTTP {status}")
+        if status in (401, 403):
+            raise BackendError(f"backend {self.name!r} refused the guard's credentials "
+                               f"(HTTP {status})", code="backend_auth_failed")
         if status >= 400:
             raise BackendRejected(f"backend {self.name!r} rejected the request: "
                                   f"{_error_message(response)}",
-                                  code=_error_code(response) or "backend_rejected")
+                                  code=_error_code(response) or "backend_rejected",
+                                  param=_error_param(response))
         try:
-            payload = orjson.loads(response.content)
-            data = payload["data"]
+            data = orjson.loads(response.content)["data"]
             if not isinstance(data, list):
                 raise TypeError("data is not a list")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise BackendError(f"backend {self.name!r} returned a malformed response",
                                code="backend_bad_response") from exc
-        media = f"image/{output_format or 'png'}"
-        images: list[GeneratedImage] = []
-        for item in data:
-            if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
-                images.append(GeneratedImage(b64=item["b64_json"], media_type=media,
-                                             backend_revised_prompt=item.get("revised_prompt")))
-            elif isinstance(item, dict) and isinstance(item.get("url"), str):
-                images.append(await self._fetch(item["url"], item.get("revised_prompt")))
-            else:
-                raise BackendError(f"backend {self.name!r} returned an image without data",
-                                   code="backend_bad_response")
-        for image in images:
-            try:
-                image.data  # noqa: B018 - decode now, so broken base64 is the backend's fault
-            except ValueError as exc:
-                raise BackendError(f"backend {self.name!r} returned an image that is not valid "
-                                   "base64", code="backend_bad_response") from exc
-        return images
+        return [await self._image(item) for item in data]
 
-    async def _fetch(self, url: str, revised: str | None) -> GeneratedImage:
-        # Issue 4 hardens this (size caps, private ranges); same-origin fetch only for now.
-        if not url.startswith(self.api_base.rsplit("/v1", 1)[0]):
-            raise BackendError(f"backend {self.name!r} returned an image URL on another host",
+    async def _image(self, item: Any) -> GeneratedImage:
+        if not isinstance(item, dict):
+            raise BackendError(f"backend {self.name!r} returned an image without data",
                                code="backend_bad_response")
-        try:
-            response = await self._client.get(url)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot fetch image from backend {self.name!r}") from exc
-        if response.status_code != 200:
-            raise BackendError(f"backend {self.name!r} image URL answered {response.status_code}")
-        return GeneratedImage(data=response.content,
-                              media_type=response.headers.get("content-type", "image/png"),
-                              backend_revised_prompt=revised)
+        revised = item.get("revised_prompt")
+        if isinstance(item.get("b64_json"), str):
+            return image_from_b64(item["b64_json"], self.name,
+                                  self.options.image_urls.max_pixels, revised_prompt=revised)
+        if isinstance(item.get("url"), str):
+            return await self._fetcher.fetch(item["url"], revised_prompt=revised)
+        raise BackendError(f"backend {self.name!r} returned an image without data",
+                           code="backend_bad_response")
 
     async def ready(self) -> bool:
         return not self._client.is_closed
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._fetcher.aclose()
+
+
+def _media_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def _suffix(data: bytes) -> str:
+    return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(
+        _media_type(data), "")
 
 
 def _error_json(response: httpx.Response) -> dict[str, Any]:
@@ -168,3 +203,8 @@ def _error_message(response: httpx.Response) -> str:
 def _error_code(response: httpx.Response) -> str | None:
     code = _error_json(response).get("code")
     return str(code) if code else None
+
+
+def _error_param(response: httpx.Response) -> str | None:
+    param = _error_json(response).get("param")
+    return str(param) if param else None

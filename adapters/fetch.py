@@ -1,0 +1,230 @@
+"""Fetching the images a backend returns as URLs, safely enough to judge them.
+
+A backend's answer decides where the guard connects next, so a URL is treated as hostile:
+    - http and https only; the host is resolved once, every address it resolves to must be public
+      (not private, loopback, link-local, shared, reserved or multicast; IPv4 inside IPv6 is
+      unwrapped first) unless the backend's config allows it, and the connection goes to that
+      checked address (the name still goes in Host and TLS SNI), so DNS cannot answer differently
+      the second time;
+    - redirects are followed by hand, each hop checked again, at most `max_redirects`;
+    - no credentials: the backend's API key is never sent to an image URL;
+    - the body is streamed and cut off at `max_bytes`; its content type must be an image (or
+      octet-stream); it must open as PNG, JPEG or WebP, pass PIL's verify, and have at most
+      `max_pixels` pixels, read from the header before anything is decoded (decompression bombs).
+Base64 images from a backend get the same image checks (`image_from_b64`).
+
+Options (`image_urls:` in a backend's section):
+    allow_private (false)   allow every non-public address (a backend on the same private network)
+    allow_networks ([])     allow just these networks, e.g. ["10.20.0.0/16"]
+    max_bytes (20000000)    largest image body
+    max_pixels (16777216)   largest width x height (4096 x 4096)
+    max_redirects (3)
+    timeout_s (30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import ipaddress
+import socket
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+from PIL import Image
+from pydantic import Field, IPvAnyNetwork
+
+from adapters.options import Options
+from guard.errors import BackendError
+from guard.types import GeneratedImage
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+_BINARY_TYPES = ("application/octet-stream", "binary/octet-stream")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class UrlPolicy(Options):
+    allow_private: bool = False
+    allow_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    max_bytes: int = Field(20_000_000, gt=0)
+    max_pixels: int = Field(16_777_216, gt=0)
+    max_redirects: int = Field(3, ge=0, le=10)
+    timeout_s: float = Field(30.0, gt=0)
+
+    def allows(self, address: IPAddress) -> bool:
+        if self.allow_private or any(address in net for net in self.allow_networks):
+            return True
+        inner = _embedded_ipv4(address)
+        return inner.is_global and not inner.is_multicast
+
+
+def _embedded_ipv4(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class ImageFetcher:
+    """Fetches image URLs for one backend under its UrlPolicy."""
+
+    def __init__(self, backend: str, policy: UrlPolicy | None = None, *,
+                 resolver: Resolver | None = None) -> None:
+        self.backend = backend
+        self.policy = policy or UrlPolicy()
+        self._resolve = resolver or _resolve
+        # trust_env=False: an HTTP proxy from the environment would resolve names itself and
+        # undo the address check.
+        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                         timeout=httpx.Timeout(self.policy.timeout_s))
+
+    def _error(self, what: str) -> BackendError:
+        return BackendError(f"backend {self.backend!r} returned an image URL that {what}",
+                            code="backend_bad_response")
+
+    async def fetch(self, url: str, *, revised_prompt: str | None = None) -> GeneratedImage:
+        try:
+            current = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise self._error("is not a valid URL") from exc
+        for _ in range(self.policy.max_redirects + 1):
+            async with self._open(current) as response:
+                if response.is_redirect:
+                    location = response.headers.get("location", "")
+                    current = current.join(location)
+                    continue
+                data = await self._read(response)
+            return GeneratedImage(data=data, backend_revised_prompt=revised_prompt,
+                                  media_type=check_image(data, self.backend,
+                                                         self.policy.max_pixels))
+        raise self._error(f"redirected more than {self.policy.max_redirects} times")
+
+    async def _addresses(self, url: httpx.URL) -> list[IPAddress]:
+        """Every address the URL's host resolves to, all checked against the policy."""
+        if url.scheme not in ("http", "https") or not url.host:
+            raise self._error(f"is not http(s) ({url.scheme or 'no scheme'})")
+        host = url.host
+        try:
+            addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+        except ValueError:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                addresses = [ipaddress.ip_address(a.split("%", 1)[0])
+                             for a in await self._resolve(host, port)]
+            except OSError as exc:
+                raise self._error(f"names a host that does not resolve ({host})") from exc
+        if not addresses:
+            raise self._error(f"names a host that does not resolve ({host})")
+        refused = [a for a in addresses if not self.policy.allows(a)]
+        if refused:
+            raise self._error(f"points at a non-public address ({host} -> {refused[0]}); "
+                              "allow it with image_urls.allow_private or allow_networks")
+        return addresses
+
+    @contextlib.asynccontextmanager
+    async def _open(self, url: httpx.URL) -> AsyncIterator[httpx.Response]:
+        """GET `url` from one of its checked addresses (the name still goes in Host and SNI)."""
+        headers = {"host": url.netloc.decode("ascii"), "accept": "image/*"}
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        response: httpx.Response | None = None
+        failure: httpx.HTTPError | None = None
+        for address in await self._addresses(url):
+            request = self._client.build_request("GET", url.copy_with(host=str(address)),
+                                                 headers=headers, extensions=extensions)
+            try:
+                response = await self._client.send(request, stream=True)
+                break
+            except httpx.ConnectError as exc:
+                failure = exc  # try the host's next address
+            except httpx.TimeoutException as exc:
+                raise self._error(f"timed out ({url.host})") from exc
+            except httpx.HTTPError as exc:
+                failure = exc
+                break
+        if response is None:
+            raise self._error(f"could not be fetched ({url.host}: "
+                              f"{type(failure).__name__})") from failure
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        if response.status_code != 200:
+            raise self._error(f"answered HTTP {response.status_code}")
+        kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if not (kind.startswith("image/") or kind in _BINARY_TYPES):
+            raise self._error(f"is not an image (content-type {kind or 'missing'})")
+        limit = self.policy.max_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._error(f"is larger than {limit} bytes")
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise self._error(f"is larger than {limit} bytes")
+        except httpx.HTTPError as exc:
+            raise self._error(f"could not be read ({type(exc).__name__})") from exc
+        return bytes(body)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def image_from_b64(b64: str, backend: str, max_pixels: int, *,
+                   revised_prompt: str | None = None) -> GeneratedImage:
+    """A backend's base64 image, decoded and checked; the base64 is kept for the passthrough."""
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BackendError(f"backend {backend!r} returned an image that is not valid base64",
+                           code="backend_bad_response") from exc
+    return GeneratedImage(b64=b64, data=data, media_type=check_image(data, backend, max_pixels),
+                          backend_revised_prompt=revised_prompt)
+
+
+def check_image(data: bytes, backend: str, max_pixels: int) -> str:
+    """The media type of `data` if it is a sound PNG, JPEG or WebP of at most `max_pixels`."""
+    def bad(what: str) -> BackendError:
+        return BackendError(f"backend {backend!r} returned an image that {what}",
+                            code="backend_bad_response")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise bad(f"has more than {max_pixels} pixels (decompression bomb?)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise bad("is not a readable image") from exc
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise bad(f"is {width}x{height}, more than {max_pixels} pixels "
+                      "(decompression bomb?)")
+        media_type = _FORMATS.get(image.format or "")
+        if media_type is None:
+            raise bad(f"is {image.format}, not PNG, JPEG or WebP")
+        try:
+            image.verify()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a corrupt file
+            raise bad("is corrupt") from exc
+    return media_type
