@@ -1,74 +1,113 @@
 """SQLite audit store (WAL): the default, one file under ./var/.
 
-Each write is its own committed transaction, taken with BEGIN IMMEDIATE so that the previous hash
-is read and the new row appended under one write lock, also across processes sharing the file:
-the chain never forks. WAL keeps a committed trace across a killed process.
+Each write is its own committed transaction, taken with BEGIN IMMEDIATE so that the chain head is
+read and the new row appended under one write lock, also across processes sharing the file: the
+chain never forks. WAL keeps a committed trace across a killed process. Schema changes are
+numbered migrations recorded in `PRAGMA user_version`.
+
+Audit options (`audit:` in the operators' config, `kind: sqlite`):
+    path                 the database file (default var/audit.db)
+    images_dir           retained images (default: `images/` beside the database), see
+                         guard.audit.images; image_ttl_days likewise
+    checkpoint_every, checkpoint_key_env, session_key_env   see guard.audit.common
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from guard.audit import TracePage, TraceQuery
-from guard.errors import ConfigError, RequestError
+from guard.audit.chain import (
+    DEFAULT_CHECKPOINT_EVERY,
+    ChainRow,
+    Checkpoint,
+    Signer,
+    VerifyReport,
+    index_columns,
+    link_hash,
+    verify,
+)
+from guard.audit.common import common_options, decode_cursor, encode_cursor
+from guard.audit.images import ImageStore
+from guard.errors import ConfigError
 from guard.types import Trace
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS traces (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    id             TEXT NOT NULL UNIQUE,
-    created_at     REAL NOT NULL,
-    tenant         TEXT,
-    key_id         TEXT,
-    decision       TEXT NOT NULL,
-    status         INTEGER NOT NULL,
-    categories     TEXT NOT NULL,          -- ',a,b,' so that LIKE '%,a,%' finds one category
-    policy_id      TEXT,
-    policy_version INTEGER,
-    model          TEXT,
-    body           TEXT NOT NULL,          -- the trace as canonical JSON
-    prev_hash      TEXT,
-    hash           TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS traces_created ON traces(created_at);
-CREATE INDEX IF NOT EXISTS traces_tenant ON traces(tenant, created_at);
-CREATE INDEX IF NOT EXISTS traces_decision ON traces(decision, created_at);
-"""
+__all__ = ["SQLiteStore", "encode_cursor", "decode_cursor"]
 
+_MIGRATIONS = [
+    """
+    CREATE TABLE IF NOT EXISTS traces (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        id             TEXT NOT NULL UNIQUE,
+        created_at     REAL NOT NULL,
+        tenant         TEXT,
+        key_id         TEXT,
+        decision       TEXT NOT NULL,
+        status         INTEGER NOT NULL,
+        categories     TEXT NOT NULL,          -- ',a,b,' so that instr(',a,') finds one category
+        policy_id      TEXT,
+        policy_version INTEGER,
+        model          TEXT,
+        body           TEXT NOT NULL,          -- the trace as canonical JSON
+        prev_hash      TEXT,
+        hash           TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS traces_created ON traces(created_at);
+    CREATE INDEX IF NOT EXISTS traces_tenant ON traces(tenant, created_at);
+    CREATE INDEX IF NOT EXISTS traces_decision ON traces(decision, created_at);
+    """,
+    """
+    CREATE INDEX traces_hash ON traces(hash);
+    CREATE TABLE chain_head (
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        seq  INTEGER NOT NULL,
+        hash TEXT
+    );
+    INSERT INTO chain_head (id, seq, hash)
+        SELECT 1, coalesce(max(seq), 0), (SELECT hash FROM traces ORDER BY seq DESC LIMIT 1)
+        FROM traces;
+    CREATE TABLE checkpoints (
+        seq             INTEGER PRIMARY KEY,
+        trace_id        TEXT NOT NULL,
+        hash            TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        key_fingerprint TEXT NOT NULL,
+        signature       TEXT NOT NULL
+    );
+    """,
+]
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise RequestError("Invalid 'cursor'.", param="cursor") from None
+_COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
+            " policy_version, model, body, prev_hash, hash")
 
 
 class SQLiteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, images: ImageStore | None = None,
+                 signer: Signer | None = None,
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
         self.path = Path(path)
+        self.images = images
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> SQLiteStore:
         opts = dict(options)
-        path = opts.pop("path", "var/audit.db")
-        opts.pop("images_dir", None)
+        path = Path(opts.pop("path", "var/audit.db"))
+        common = common_options(opts, default_images_dir=path.parent / "images")
         if opts:
             raise ConfigError(f"audit (sqlite): unknown options {sorted(opts)}")
-        return cls(path)
+        return cls(path, images=common.images, signer=common.signer,
+                   checkpoint_every=common.checkpoint_every)
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -77,38 +116,53 @@ class SQLiteStore:
                                    timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
+            _migrate(conn)
             self._conn = conn
         return self._conn
 
     # --- blocking parts, run in a worker thread ---------------------------------------------
 
-    def _write(self, trace: Trace) -> Trace:
+    def _write(self, traces: Sequence[Trace]) -> None:
+        if self.images is not None:
+            for trace in traces:
+                self.images.keep(trace)
+        # The bodies are final now: serialise them before taking the write lock.
+        bodies = [trace.canonical_bytes() for trace in traces]
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute("SELECT hash FROM traces ORDER BY seq DESC LIMIT 1").fetchone()
-                trace.seal(row[0] if row else None)
-                conn.execute(
-                    "INSERT INTO traces (id, created_at, tenant, key_id, decision, status,"
-                    " categories, policy_id, policy_version, model, body, prev_hash, hash)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (trace.id, trace.created_at, trace.tenant, trace.key_id, trace.decision,
-                     trace.status, "," + ",".join(trace.categories) + ",",
-                     trace.policy.get("id"), trace.policy.get("version"), trace.model,
-                     trace.canonical_bytes().decode(), trace.prev_hash, trace.hash))
+                seq, prev = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+                rows, checkpoints = [], []
+                for trace, body in zip(traces, bodies, strict=True):
+                    seq += 1
+                    trace.prev_hash, trace.hash = prev, link_hash(prev, body)  # = Trace.seal
+                    prev = trace.hash
+                    c = index_columns(vars(trace))
+                    rows.append((seq, c["id"], c["created_at"], c["tenant"], c["key_id"],
+                                 c["decision"], c["status"], "," + ",".join(c["categories"]) + ",",
+                                 c["policy_id"], c["policy_version"], c["model"], body.decode(),
+                                 trace.prev_hash, trace.hash))
+                    if self.signer is not None and seq % self.checkpoint_every == 0:
+                        cp = self.signer.sign(seq, trace.id, trace.hash)
+                        checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
+                                            cp.key_fingerprint, cp.signature))
+                conn.executemany(f"INSERT INTO traces ({_COLUMNS}) VALUES"
+                                 " (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                conn.executemany("INSERT INTO checkpoints VALUES (?,?,?,?,?,?)", checkpoints)
+                conn.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return trace
+
+    def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._connect().execute(sql, args).fetchall()
 
     def _get(self, trace_id: str) -> Trace | None:
-        with self._lock:
-            row = self._connect().execute(
-                "SELECT body, prev_hash, hash FROM traces WHERE id = ?", (trace_id,)).fetchone()
-        return _load(row) if row else None
+        rows = self._fetch("SELECT body, prev_hash, hash FROM traces WHERE id = ?", (trace_id,))
+        return _load(rows[0]) if rows else None
 
     def _query(self, q: TraceQuery) -> TracePage:
         where, args = _where(q)
@@ -118,8 +172,7 @@ class SQLiteStore:
         sql = ("SELECT seq, body, prev_hash, hash FROM traces"
                + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY seq DESC LIMIT ?")
-        with self._lock:
-            rows = self._connect().execute(sql, [*args, q.limit + 1]).fetchall()
+        rows = self._fetch(sql, [*args, q.limit + 1])
         more = len(rows) > q.limit
         rows = rows[: q.limit]
         items = [_load(r[1:]).summary() for r in rows]
@@ -127,15 +180,14 @@ class SQLiteStore:
 
     def iter_rows(self, since: float | None = None, batch: int = 500
                   ) -> Iterator[tuple[int, str, str | None, str]]:
-        """(seq, body, prev_hash, hash) in chain order, read in batches (for verify and export)."""
+        """(seq, body, prev_hash, hash) in chain order, read in batches."""
         last = 0
         while True:
-            with self._lock:
-                rows = self._connect().execute(
-                    "SELECT seq, body, prev_hash, hash FROM traces WHERE seq > ?"
-                    + (" AND created_at >= ?" if since is not None else "")
-                    + " ORDER BY seq LIMIT ?",
-                    (last, *([since] if since is not None else []), batch)).fetchall()
+            rows = self._fetch(
+                "SELECT seq, body, prev_hash, hash FROM traces WHERE seq > ?"
+                + (" AND created_at >= ?" if since is not None else "")
+                + " ORDER BY seq LIMIT ?",
+                (last, *([since] if since is not None else []), batch))
             if not rows:
                 return
             yield from rows
@@ -144,7 +196,13 @@ class SQLiteStore:
     # --- the AuditStore interface -------------------------------------------------------------
 
     async def write(self, trace: Trace) -> Trace:
-        return await asyncio.to_thread(self._write, trace)
+        await asyncio.to_thread(self._write, [trace])
+        return trace
+
+    async def write_many(self, traces: Sequence[Trace]) -> None:
+        """Append several traces in one transaction, in order: the same sealing as `write`,
+        for imports and bulk loads (one commit per batch instead of per trace)."""
+        await asyncio.to_thread(self._write, list(traces))
 
     async def get(self, trace_id: str) -> Trace | None:
         return await asyncio.to_thread(self._get, trace_id)
@@ -154,7 +212,7 @@ class SQLiteStore:
 
     async def ready(self) -> bool:
         try:
-            await asyncio.to_thread(lambda: self._connect().execute("SELECT 1").fetchone())
+            await asyncio.to_thread(self._fetch, "SELECT 1")
         except sqlite3.Error:
             return False
         return True
@@ -165,8 +223,67 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = None
 
+    # --- the chain (guard.audit.chain.ChainSource) ----------------------------------------------
 
-def _load(row: tuple[str, str | None, str]) -> Trace:
+    async def chain_rows(self, *, since: float | None = None, until: float | None = None,
+                         tenant: str | None = None, batch: int = 1000
+                         ) -> AsyncIterator[ChainRow]:
+        """Rows in chain order, optionally filtered, read in batches (memory stays flat)."""
+        where, args = _where(TraceQuery(since=since, until=until, tenant=tenant))
+        sql = (f"SELECT {_COLUMNS} FROM traces WHERE seq > ?"
+               + "".join(f" AND {w}" for w in where) + " ORDER BY seq LIMIT ?")
+        last = 0
+        while True:
+            rows = await asyncio.to_thread(self._fetch, sql, [last, *args, batch])
+            if not rows:
+                return
+            for row in rows:
+                yield _chain_row(row)
+            last = rows[-1][0]
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        rows = await asyncio.to_thread(self._fetch, "SELECT * FROM checkpoints ORDER BY seq")
+        return [Checkpoint(*row) for row in rows]
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        rows = await asyncio.to_thread(self._fetch, "SELECT seq, hash FROM chain_head")
+        return (rows[0][0], rows[0][1]) if rows else (0, None)
+
+    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+        rows = await asyncio.to_thread(
+            self._fetch, f"SELECT {_COLUMNS} FROM traces WHERE hash = ? LIMIT 1", (hash_,))
+        return _chain_row(rows[0]) if rows else None
+
+    async def verify(self) -> VerifyReport:
+        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _chain_row(row: Sequence[Any]) -> ChainRow:
+    (seq, id_, created_at, tenant, key_id, decision, status, categories, policy_id,
+     policy_version, model, body, prev_hash, hash_) = row
+    columns = {"id": id_, "created_at": created_at, "tenant": tenant, "key_id": key_id,
+               "decision": decision, "status": status,
+               "categories": [c for c in categories.split(",") if c],
+               "policy_id": policy_id, "policy_version": policy_version, "model": model}
+    return ChainRow(seq, body.encode(), prev_hash, hash_, columns)
+
+
+def _load(row: Sequence[Any]) -> Trace:
     trace = Trace.model_validate(orjson.loads(row[0]))
     trace.prev_hash, trace.hash = row[1], row[2]
     return trace
@@ -182,8 +299,8 @@ def _where(q: TraceQuery) -> tuple[list[str], list[Any]]:
             where.append(f"{column} = ?")
             args.append(value)
     if q.category:
-        where.append("categories LIKE ?")
-        args.append(f"%,{q.category},%")
+        where.append("instr(categories, ?) > 0")
+        args.append(f",{q.category},")
     if q.since is not None:
         where.append("created_at >= ?")
         args.append(q.since)

@@ -1,0 +1,50 @@
+"""What both audit stores share: options every store takes, and the opaque page cursor.
+
+Audit options common to all stores (besides each store's own):
+    checkpoint_every     a signed checkpoint every N traces (default 1000); see guard.audit.chain
+    checkpoint_key_env   name of the environment variable holding the HMAC key for checkpoints
+                         (unset = no checkpoints; named but missing = config error)
+    session_key_env      name of the environment variable holding the key that signs review-page
+                         sessions (see guard.review); unset = a random key per process
+    images_dir, image_ttl_days   see guard.audit.images
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guard.audit.chain import DEFAULT_CHECKPOINT_EVERY, Signer
+from guard.audit.images import ImageStore
+from guard.errors import ConfigError, RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class CommonOptions:
+    images: ImageStore | None
+    signer: Signer | None
+    checkpoint_every: int
+
+
+def common_options(opts: dict[str, Any], default_images_dir: str | Path) -> CommonOptions:
+    """Pops the common options from a store's option dict (the rest are the store's own)."""
+    every = opts.pop("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+    if not isinstance(every, int) or every < 1:
+        raise ConfigError("audit: checkpoint_every must be a positive integer")
+    opts.pop("session_key_env", None)  # read by guard.review
+    return CommonOptions(images=ImageStore.from_options(opts, default_images_dir),
+                         signer=Signer.from_env(opts.pop("checkpoint_key_env", None)),
+                         checkpoint_every=every)
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("Invalid 'cursor'.", param="cursor") from None
