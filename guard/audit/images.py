@@ -92,17 +92,15 @@ class ImageStore:
             raise
         return self.ref(image.sha256)
 
-    def keep(self, trace: Trace) -> None:
-        """Save the trace's retained images and point its round images at them (before sealing,
-        so the refs are part of the hashed record)."""
-        retained = trace.retained_images
-        if not retained:
-            return
-        refs = {sha: self.put(image) for sha, image in retained.items()}
-        for rnd in trace.rounds:
-            for judged in rnd.images:
-                if judged.image_sha256 in refs:
-                    judged.image_ref = refs[judged.image_sha256]
+    def keep(self, *traces: Trace) -> None:
+        """Save the traces' retained images and point their round images at them (before
+        sealing, so the refs are part of the hashed record)."""
+        for trace in traces:
+            refs = {sha: self.put(image) for sha, image in trace.retained_images.items()}
+            for rnd in trace.rounds if refs else ():
+                for judged in rnd.images:
+                    if judged.image_sha256 in refs:
+                        judged.image_ref = refs[judged.image_sha256]
 
     def get(self, sha256: str, now: float | None = None) -> tuple[bytes, str] | None:
         """(bytes, media type), or None when never kept, purged or past its TTL."""

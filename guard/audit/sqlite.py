@@ -124,8 +124,7 @@ class SQLiteStore:
 
     def _write(self, traces: Sequence[Trace]) -> None:
         if self.images is not None:
-            for trace in traces:
-                self.images.keep(trace)
+            self.images.keep(*traces)
         # The bodies are final now: serialise them before taking the write lock.
         bodies = [trace.canonical_bytes() for trace in traces]
         with self._lock:

@@ -1,0 +1,326 @@
+"""PostgreSQL audit store: the SQLite store's interface, for several proxy replicas.
+
+asyncpg with a connection pool, opened on first use on the running event loop. Schema changes
+are numbered migrations recorded in `safeedit_migrations`; each process applies the missing ones
+at start under a transaction-scoped advisory lock, so replicas starting together apply each once.
+
+One chain per store, however many processes write: every append locks the single `chain_head`
+row (`SELECT ... FOR UPDATE`), takes its seq and hash, inserts the trace as seq + 1 and moves the
+head, all in one transaction. Writers queue on that row lock and the seq has no gaps; the lock is
+held only for the insert (bodies are serialised before it is taken).
+
+Audit options (`audit:` in the operators' config, `kind: postgres`):
+    dsn                  postgresql://user:password@host:5432/dbname
+    dsn_env              or: the name of an environment variable holding the DSN (keeps the
+                         password out of the file)
+    schema               schema for the tables (default `public`; created if missing)
+    pool_min_size        connections kept open (default 1)
+    pool_max_size        most connections per process (default 10, at least 2)
+    command_timeout_s    per statement (default 30)
+    images_dir           retained images (default var/images; give replicas a shared volume),
+                         image_ttl_days: see guard.audit.images
+    checkpoint_every, checkpoint_key_env, session_key_env   see guard.audit.common
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from guard.audit import TracePage, TraceQuery
+from guard.audit.chain import (
+    DEFAULT_CHECKPOINT_EVERY,
+    ChainRow,
+    Checkpoint,
+    Signer,
+    VerifyReport,
+    index_columns,
+    link_hash,
+    verify,
+)
+from guard.audit.common import common_options, decode_cursor, encode_cursor
+from guard.audit.images import ImageStore
+from guard.errors import ConfigError, GuardError
+from guard.types import Trace
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "traces, chain head, checkpoints", """
+    CREATE TABLE traces (
+        seq            bigint PRIMARY KEY,
+        id             text NOT NULL UNIQUE,
+        created_at     double precision NOT NULL,
+        tenant         text,
+        key_id         text,
+        decision       text NOT NULL,
+        status         integer NOT NULL,
+        categories     text[] NOT NULL,
+        policy_id      text,
+        policy_version integer,
+        model          text,
+        body           text NOT NULL,     -- the trace as canonical JSON, byte for byte
+        prev_hash      text,
+        hash           text NOT NULL
+    );
+    CREATE INDEX traces_created ON traces (created_at);
+    CREATE INDEX traces_tenant ON traces (tenant, created_at);
+    CREATE INDEX traces_decision ON traces (decision, created_at);
+    CREATE INDEX traces_categories ON traces USING gin (categories);
+    CREATE INDEX traces_hash ON traces (hash);
+    CREATE TABLE chain_head (
+        id   smallint PRIMARY KEY CHECK (id = 1),
+        seq  bigint NOT NULL,
+        hash text
+    );
+    INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, NULL);
+    CREATE TABLE checkpoints (
+        seq             bigint PRIMARY KEY,
+        trace_id        text NOT NULL,
+        hash            text NOT NULL,
+        created_at      double precision NOT NULL,
+        key_fingerprint text NOT NULL,
+        signature       text NOT NULL
+    );
+    """),
+]
+
+_COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
+            " policy_version, model, body, prev_hash, hash")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, *, schema: str = "public", pool_min_size: int = 1,
+                 pool_max_size: int = 10, command_timeout_s: float = 30.0,
+                 images: ImageStore | None = None, signer: Signer | None = None,
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
+        if not _IDENT.match(schema):
+            raise ConfigError(f"audit (postgres): schema {schema!r} is not a plain identifier")
+        if pool_max_size < 2 or pool_min_size < 0 or pool_min_size > pool_max_size:
+            # verify reads the chain on one connection and looks rows up on another
+            raise ConfigError("audit (postgres): need 0 <= pool_min_size <= pool_max_size, "
+                              "pool_max_size >= 2")
+        self._dsn = dsn
+        self.schema = schema
+        self._pool_sizes = (pool_min_size, pool_max_size)
+        self._timeout = command_timeout_s
+        self.images = images
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any]) -> PostgresStore:
+        opts = dict(options)
+        dsn = opts.pop("dsn", None)
+        dsn_env = opts.pop("dsn_env", None)
+        if dsn_env:
+            dsn = dsn or os.environ.get(dsn_env)
+            if not dsn:
+                raise ConfigError(f"audit (postgres): dsn_env names {dsn_env}, which is not set")
+        if not dsn:
+            raise ConfigError("audit (postgres): `dsn` (or `dsn_env`) is required")
+        kwargs = {name: opts.pop(name) for name in
+                  ("schema", "pool_min_size", "pool_max_size", "command_timeout_s")
+                  if name in opts}
+        common = common_options(opts, default_images_dir="var/images")
+        if opts:
+            raise ConfigError(f"audit (postgres): unknown options {sorted(opts)}")
+        return cls(dsn, images=common.images, signer=common.signer,
+                   checkpoint_every=common.checkpoint_every, **kwargs)
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    try:
+                        pool = await asyncpg.create_pool(
+                            self._dsn, min_size=self._pool_sizes[0],
+                            max_size=self._pool_sizes[1], command_timeout=self._timeout,
+                            server_settings={"search_path": self.schema,
+                                             "application_name": "safeedit-guard"})
+                    except (OSError, asyncpg.PostgresError) as exc:
+                        raise GuardError(f"audit (postgres): cannot connect: {exc}", status=503,
+                                         code="audit_unavailable") from exc
+                    try:
+                        await self._migrate(pool)
+                    except BaseException:
+                        await pool.close()
+                        raise
+                    self._pool = pool
+        return self._pool
+
+    async def _migrate(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                               f"safeedit-migrations:{self.schema}")
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+            await conn.execute("CREATE TABLE IF NOT EXISTS safeedit_migrations ("
+                               " version integer PRIMARY KEY, name text NOT NULL,"
+                               " applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM "
+                                                           "safeedit_migrations")}
+            for version, name, script in MIGRATIONS:
+                if version not in done:
+                    await conn.execute(script)
+                    await conn.execute("INSERT INTO safeedit_migrations (version, name)"
+                                       " VALUES ($1, $2)", version, name)
+
+    async def migrations(self) -> list[tuple[int, str]]:
+        """Applied migrations, oldest first."""
+        pool = await self._get_pool()
+        rows = await pool.fetch("SELECT version, name FROM safeedit_migrations ORDER BY version")
+        return [(r["version"], r["name"]) for r in rows]
+
+    # --- the AuditStore interface -------------------------------------------------------------
+
+    async def write(self, trace: Trace) -> Trace:
+        await self.write_many([trace])
+        return trace
+
+    async def write_many(self, traces: Sequence[Trace]) -> None:
+        """Append several traces in one transaction, in order (the same sealing as `write`)."""
+        images = self.images
+        if images is not None and any(t.retained_images for t in traces):
+            await asyncio.to_thread(images.keep, *traces)
+        bodies = [t.canonical_bytes() for t in traces]
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            head = await conn.fetchrow("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE")
+            seq, prev = head["seq"], head["hash"]
+            rows, checkpoints = [], []
+            for trace, body in zip(traces, bodies, strict=True):
+                seq += 1
+                trace.prev_hash, trace.hash = prev, link_hash(prev, body)  # = Trace.seal
+                prev = trace.hash
+                c = index_columns(vars(trace))
+                rows.append((seq, c["id"], c["created_at"], c["tenant"], c["key_id"],
+                             c["decision"], c["status"], c["categories"], c["policy_id"],
+                             c["policy_version"], c["model"], body.decode(), trace.prev_hash,
+                             trace.hash))
+                if self.signer is not None and seq % self.checkpoint_every == 0:
+                    cp = self.signer.sign(seq, trace.id, trace.hash)
+                    checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
+                                        cp.key_fingerprint, cp.signature))
+            await conn.executemany(f"INSERT INTO traces ({_COLUMNS}) VALUES ($1, $2, $3, $4,"
+                                   " $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)", rows)
+            if checkpoints:
+                await conn.executemany("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5, $6)",
+                                       checkpoints)
+            await conn.execute("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
+                               seq, prev)
+
+    async def get(self, trace_id: str) -> Trace | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow("SELECT body, prev_hash, hash FROM traces WHERE id = $1",
+                                  trace_id)
+        if row is None:
+            return None
+        trace = Trace.model_validate(orjson.loads(row["body"]))
+        trace.prev_hash, trace.hash = row["prev_hash"], row["hash"]
+        return trace
+
+    async def query(self, q: TraceQuery) -> TracePage:
+        where, args = _where(q)
+        if q.cursor:
+            args.append(decode_cursor(q.cursor))
+            where.append(f"seq < ${len(args)}")
+        args.append(q.limit + 1)
+        sql = ("SELECT seq, body, prev_hash, hash FROM traces"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + f" ORDER BY seq DESC LIMIT ${len(args)}")
+        pool = await self._get_pool()
+        rows = await pool.fetch(sql, *args)
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        items = []
+        for r in rows:
+            trace = Trace.model_validate(orjson.loads(r["body"]))
+            trace.prev_hash, trace.hash = r["prev_hash"], r["hash"]
+            items.append(trace.summary())
+        return TracePage(items, encode_cursor(rows[-1]["seq"]) if more and rows else None)
+
+    async def ready(self) -> bool:
+        try:
+            pool = await self._get_pool()
+            await pool.fetchval("SELECT 1")
+        except (GuardError, OSError, asyncpg.PostgresError):
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    # --- the chain (guard.audit.chain.ChainSource) ----------------------------------------------
+
+    async def chain_rows(self, *, since: float | None = None, until: float | None = None,
+                         tenant: str | None = None, batch: int = 1000
+                         ) -> AsyncIterator[ChainRow]:
+        """Rows in chain order from one snapshot, through a server-side cursor: memory stays flat
+        however long the chain."""
+        where, args = _where(TraceQuery(since=since, until=until, tenant=tenant))
+        sql = (f"SELECT {_COLUMNS} FROM traces"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq")
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                            readonly=True):
+            async for row in conn.cursor(sql, *args, prefetch=batch):
+                yield _chain_row(row)
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        pool = await self._get_pool()
+        rows = await pool.fetch("SELECT seq, trace_id, hash, created_at, key_fingerprint,"
+                                " signature FROM checkpoints ORDER BY seq")
+        return [Checkpoint(*row) for row in rows]
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        pool = await self._get_pool()
+        row = await pool.fetchrow("SELECT seq, hash FROM chain_head WHERE id = 1")
+        return (row["seq"], row["hash"]) if row else (0, None)
+
+    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM traces WHERE hash = $1 LIMIT 1",
+                                  hash_)
+        return _chain_row(row) if row else None
+
+    async def verify(self) -> VerifyReport:
+        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every)
+
+
+def _chain_row(row: asyncpg.Record) -> ChainRow:
+    columns = {name: row[name] for name in ("id", "created_at", "tenant", "key_id", "decision",
+                                            "status", "policy_id", "policy_version", "model")}
+    columns["categories"] = list(row["categories"])
+    return ChainRow(row["seq"], row["body"].encode(), row["prev_hash"], row["hash"], columns)
+
+
+def _where(q: TraceQuery) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+
+    def add(clause: str, value: Any) -> None:
+        args.append(value)
+        where.append(clause.format(f"${len(args)}"))
+
+    for column, value in (("decision", q.decision), ("tenant", q.tenant), ("key_id", q.key_id),
+                          ("policy_id", q.policy_id), ("policy_version", q.policy_version),
+                          ("model", q.model)):
+        if value is not None:
+            add(f"{column} = {{}}", value)
+    if q.category:
+        add("categories @> ARRAY[{}]::text[]", q.category)
+    if q.since is not None:
+        add("created_at >= {}", q.since)
+    if q.until is not None:
+        add("created_at < {}", q.until)
+    return where, args
