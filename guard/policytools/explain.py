@@ -79,6 +79,7 @@ def explain(policy: Policy, chain: Sequence[Source] = ()) -> str:
             about = f" - {cat.description.strip()}" if cat.description else ""
             lines.append(f"  {name:<{width}}  score {cat.threshold:.2f} or more{about}"
                          f"{_category_origin(chain, name)}")
+    lines += ["", "Any other category a judge reports is recorded in the trace, not acted on."]
     rounds = policy.rounds
     lines += [
         "",
@@ -112,6 +113,10 @@ def _category_origin(chain: Sequence[Source], name: str) -> str:
     return f"  (threshold from {ids['threshold']}, action from {ids['action']})"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _edits(rounds: int) -> str:
     if rounds == 1:
         return "no edits: an unsafe image is not redone"
@@ -119,9 +124,9 @@ def _edits(rounds: int) -> str:
 
 
 def _terms_summary(terms: TermSet) -> str:
-    parts = [f"{len(v)} {k}" for k, v in (("strong", terms.strong), ("weak", terms.weak),
-                                          ("patterns", terms.patterns),
-                                          ("rewrites", terms.rewrites)) if v]
+    parts = [_count(len(v), noun) for noun, v in (
+        ("strong term", terms.strong), ("weak term", terms.weak), ("pattern", terms.patterns),
+        ("rewrite", terms.rewrites)) if v]
     if terms.append:
         parts.append(f'adds "{terms.append}"')
     if terms.requires:

@@ -233,9 +233,6 @@ def resolve(pid: str, sources: Mapping[str, Source]) -> tuple[Policy | None, lis
         merged.pop(key, None)
         if key in chain[0].raw:
             merged[key] = chain[0].raw[key]
-    if "version" not in chain[0].raw and "version" in chain[-1].raw:
-        problems.append(chain[0].problem(
-            ("version",), "every policy file needs its own `version` (recorded in each trace)"))
     problems += _unknown_categories(merged, chain)
     try:
         policy = Policy.model_validate(merged)
@@ -294,7 +291,8 @@ def _located(exc: ValidationError, chain: Sequence[Source]) -> list[Problem]:
                 parent == loc[:-1] and difflib.get_close_matches(str(loc[-1]), [key], cutoff=0.75)
                 for parent, key in unknown):
             continue  # the misspelt key's own message already says "did you mean"
-        best = max(chain, key=lambda s: s.find(loc)[0])  # max keeps the first of equals
+        # A file's own keys are never inherited; anything else is fixed where it is set.
+        best = chain[0] if loc[0] in _OWN_KEYS else max(chain, key=lambda s: s.find(loc)[0])
         depth = best.find(loc)[0]
         at_key = err["type"] in ("extra_forbidden", "missing") or depth < len(loc)
         out.append(best.problem(loc[:depth], _message(err, loc), at_key=at_key, field=loc))
@@ -313,6 +311,8 @@ def _message(err: Any, loc: Loc) -> str:
     hint = ""
     if isinstance(value, bool) and "true or false" not in allowed:
         hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the word)"
+    elif isinstance(value, int | float) and allowed == "text":
+        hint = f" (YAML reads {value} as a number: quote it, '{value}')"
     if kind in _SHAPE_ERRORS:
         return f"got {_show(value)}; allowed: {allowed}{hint}"
     return f"{err['msg']} (got {_show(value)}); allowed: {allowed}{hint}"

@@ -37,7 +37,6 @@ def file_schema() -> dict[str, Any]:
     schema["else"] = {"required": ["categories"]}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://safeedit.dev/schemas/policy.json",
         "title": "SafeEdit Guard policy",
         "description": (
             "A policy file under policies/. Generated from guard/policy.py by "
