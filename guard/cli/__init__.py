@@ -15,6 +15,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 COMMAND_MODULES = [
     "guard.cli.serve",
     "guard.cli.policy",
+    "guard.cli.audit",
 ]
 
 

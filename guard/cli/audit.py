@@ -1,0 +1,163 @@
+"""`safeedit audit verify|export|purge`: the auditors' and operators' commands for the audit log.
+
+All three read the store named by the operators' config (`--config`, else the embedded default:
+SQLite at var/audit.db).
+
+    verify   walk the hash chain and the signed checkpoints; name the first trace that was
+             changed, removed or reordered. Exit status 0 intact, 1 tampered, 2 error.
+    export   stream traces as JSON Lines or CSV (stdout or --output), never all in memory.
+    purge    delete retained images past their TTL; traces keep each image's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import re
+import sys
+from contextlib import ExitStack
+from typing import Any, BinaryIO
+
+import orjson
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def register(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="verify, export and purge the audit log")
+    cmds = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="operators' config file (YAML)")
+
+    p = cmds.add_parser("verify", help="check the hash chain and signed checkpoints "
+                                       "(exit 1 if any trace was changed, removed or reordered)")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_verify)
+
+    p = cmds.add_parser("export", help="stream traces as JSON Lines or CSV")
+    common(p)
+    p.add_argument("--since", type=parse_time,
+                   help="from this time: ISO 8601 (UTC unless an offset is given), Unix "
+                        "seconds, or an age such as 24h / 7d")
+    p.add_argument("--until", type=parse_time, help="before this time (same forms)")
+    p.add_argument("--tenant", help="only this tenant's traces")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--output", "-o", help="file to write (default stdout)")
+    p.set_defaults(func=run_export)
+
+    p = cmds.add_parser("purge", help="delete retained images past their TTL (the traces and "
+                                      "the chain are not touched)")
+    common(p)
+    p.add_argument("--older-than-days", type=float,
+                   help="override the config's image_ttl_days for this run")
+    p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    p.set_defaults(func=run_purge)
+
+
+def parse_time(text: str) -> float:
+    text = text.strip()
+    if m := _RELATIVE.match(text):
+        return dt.datetime.now(dt.UTC).timestamp() - float(m[1]) * _UNITS[m[2]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time (ISO 8601, Unix seconds, or an age like 24h)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from guard.audit import build_store
+    from guard.config import load_config
+
+    return build_store(load_config(args.config).audit)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    async def go() -> Any:
+        store = _store(args)
+        try:
+            if not hasattr(store, "verify"):
+                print(f"safeedit: error: the {type(store).__name__} store cannot be verified",
+                      file=sys.stderr)
+                return None
+            return await store.verify(), store.signer
+        finally:
+            await store.aclose()
+
+    result = asyncio.run(go())
+    if result is None:
+        return 2
+    report, signer = result
+    if args.json:
+        print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+        return 0 if report.ok else 1
+    print(f"checked {report.traces} traces (seq 1..{report.last_seq}) in "
+          f"{report.elapsed_s:.2f} s")
+    if signer is None:
+        print("checkpoints: signatures NOT checked (no checkpoint_key_env in the audit config)"
+              + (f"; {report.checkpoints_unchecked} present" if report.checkpoints_unchecked
+                 else ""))
+    else:
+        last = report.last_checkpoint_seq
+        print(f"checkpoints: {report.checkpoints_valid} valid signatures (key "
+              f"{signer.fingerprint})" + (f", last at seq {last}" if last else ""))
+    if report.ok:
+        print("OK: the chain is intact")
+        return 0
+    first = report.first
+    print(f"FAILED: {first}")
+    if len(report.problems) > 1:
+        more = "+" if report.truncated else ""
+        print(f"{len(report.problems)}{more} problems in all:")
+        for problem in sorted(report.problems, key=lambda p: p.seq):
+            print(f"  seq {problem.seq}: {problem}")
+    return 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from guard.audit.export import export
+
+    async def go(out: BinaryIO) -> int:
+        store = _store(args)
+        try:
+            rows = store.chain_rows(since=args.since, until=args.until, tenant=args.tenant)
+            return await export(rows, out, args.format)
+        finally:
+            await store.aclose()
+
+    with ExitStack() as stack:
+        out = (stack.enter_context(open(args.output, "wb")) if args.output
+               else sys.stdout.buffer)
+        count = asyncio.run(go(out))
+    print(f"exported {count} traces", file=sys.stderr)
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    store = _store(args)
+    images = getattr(store, "images", None)
+    asyncio.run(store.aclose())
+    if images is None:
+        print("no images_dir in the audit config: no images are kept, nothing to purge")
+        return 0
+    older = args.older_than_days * 86400 if args.older_than_days is not None else None
+    if older is None and images.ttl_s is None:
+        print("image_ttl_days is null (keep for ever) and no --older-than-days: nothing to purge")
+        return 0
+    result = images.purge(older_than_s=older, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result.removed} images ({result.freed_bytes / 1e6:.1f} MB) from "
+          f"{images.root}; {result.kept} kept. Traces keep each image's sha256, so the chain "
+          "still verifies.")
+    return 0
