@@ -1,0 +1,312 @@
+"""The builtin judge: the embedded default that works offline on any machine.
+
+Prompts are scored from the policy's term lists and patterns (guard.judges.terms); images go
+through NudeNet (its ONNX model ships in the `nudenet` wheel), whose detections of exposed
+genitalia, breasts, buttocks or anus give a `sexual` score. Per category the verdict takes the
+larger of the prompt's and the image's score. When the policy decides the item is unsafe, the
+rule-based refiner writes the refined prompt and the thought says what crossed which threshold.
+
+Images are decoded with OpenCV and run through ONNX Runtime in a worker thread, one batch per
+call, so the event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from guard.errors import ConfigError, JudgeError
+from guard.judges.terms import Hit, TextScores, matcher_for, refine_prompt
+from guard.policy import Decision, Policy
+from guard.types import JudgeInput, Verdict
+
+VERSION = "1"
+
+# The detector's output classes, in the order of the model's outputs (nudenet 3.4.2, 320n.onnx).
+LABELS: tuple[str, ...] = (
+    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
+    "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
+    "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED",
+)
+
+# Which detections count as sexual, and the confidence from which each counts. Covered parts,
+# faces, feet, bellies, armpits and bare male chests never count.
+DEFAULT_THRESHOLD_MAP: dict[str, float] = {
+    "FEMALE_GENITALIA_EXPOSED": 0.25,
+    "MALE_GENITALIA_EXPOSED": 0.25,
+    "ANUS_EXPOSED": 0.25,
+    "FEMALE_BREAST_EXPOSED": 0.3,
+    "BUTTOCKS_EXPOSED": 0.4,
+}
+
+_INPUT_SIZE = 320
+_MIN_SCORE = 0.2  # NudeNet's own floor for a detection
+_NMS_IOU = 0.45
+
+
+def sexual_score(detections: Sequence[Mapping[str, Any]],
+                 threshold_map: Mapping[str, float] = DEFAULT_THRESHOLD_MAP) -> float:
+    """The image's `sexual` score: the highest confidence among detections of exposed parts
+    that reach their label's minimum confidence; 0.0 when none does."""
+    best = 0.0
+    for det in detections:
+        floor = threshold_map.get(str(det.get("class")))
+        score = float(det.get("score", 0.0))
+        if floor is not None and score >= floor:
+            best = max(best, score)
+    return round(min(best, 1.0), 4)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nudenet: bool = Field(True, description="Inspect images with NudeNet; off: prompts only.")
+    nudenet_threshold_map: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Per NudeNet label, the confidence from which a detection counts as sexual "
+                    "(merged over the defaults; null stops a label from counting).")
+    threads: int | None = Field(None, ge=1, le=64,
+                                description="ONNX Runtime threads per inference.")
+    batch_size: int = Field(8, ge=1, le=64, description="Images per detector run.")
+    model_path: str | None = Field(None, description="Another NudeNet-compatible ONNX model.")
+
+
+class NudityDetector:
+    """NudeNet's model on ONNX Runtime, with decoding and post-processing done in bulk.
+
+    NudeNet's own `detect` converts every image as if it had an alpha channel and post-processes
+    its 2,100 candidate boxes in a Python loop; this does the same work with OpenCV and numpy."""
+
+    def __init__(self, model_path: str | None = None, threads: int | None = None) -> None:
+        import nudenet
+        import onnxruntime as ort
+
+        path = model_path or os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        # Spinning threads burn CPU while waiting for work; a guard shares its CPUs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    @staticmethod
+    def decode(data: bytes) -> Any:
+        """Image bytes to the model's input blob (1, 3, 320, 320), the image's width and height."""
+        import cv2
+        import numpy as np
+
+        mat = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if mat is None:
+            raise ValueError("not a decodable image")
+        h, w = mat.shape[:2]
+        side = max(h, w)
+        # Pad to a square at the bottom right, as NudeNet does, so boxes keep their scale.
+        padded = cv2.copyMakeBorder(mat, 0, side - h, 0, side - w, cv2.BORDER_CONSTANT)
+        blob = cv2.dnn.blobFromImage(padded, 1 / 255.0, (_INPUT_SIZE, _INPUT_SIZE), (0, 0, 0),
+                                     swapRB=True, crop=False)
+        return blob, w, h
+
+    def detect(self, inputs: Sequence[tuple[Any, int, int]]) -> list[list[dict[str, Any]]]:
+        """Detections per decoded image: {"class", "score", "box": [x, y, w, h]}."""
+        import numpy as np
+
+        if not inputs:
+            return []
+        outputs = self._session.run(None, {self._input: np.vstack([i[0] for i in inputs])})[0]
+        return [self._postprocess(outputs[i], w, h) for i, (_, w, h) in enumerate(inputs)]
+
+    @staticmethod
+    def _postprocess(output: Any, width: int, height: int) -> list[dict[str, Any]]:
+        import cv2
+        import numpy as np
+
+        rows = output.T  # (candidates, 4 box + classes)
+        class_scores = rows[:, 4:]
+        best = class_scores.max(axis=1)
+        keep = best >= _MIN_SCORE
+        if not keep.any():
+            return []
+        rows, best = rows[keep], best[keep]
+        classes = class_scores[keep].argmax(axis=1)
+        xywh = rows[:, :4].astype(np.float64) * (max(width, height) / _INPUT_SIZE)
+        xywh[:, 0] = np.clip(xywh[:, 0] - xywh[:, 2] / 2, 0, width)
+        xywh[:, 1] = np.clip(xywh[:, 1] - xywh[:, 3] / 2, 0, height)
+        xywh[:, 2] = np.minimum(xywh[:, 2], width - xywh[:, 0])
+        xywh[:, 3] = np.minimum(xywh[:, 3], height - xywh[:, 1])
+        picked = cv2.dnn.NMSBoxes(xywh.tolist(), best.tolist(), 0.25, _NMS_IOU)
+        return [{"class": LABELS[int(classes[i])], "score": round(float(best[i]), 4),
+                 "box": [int(v) for v in xywh[i]]} for i in np.asarray(picked).reshape(-1)]
+
+
+class BuiltinJudge:
+    """Term lists and patterns on prompts, NudeNet on images, the rule-based refiner."""
+
+    id = f"builtin/{VERSION}"
+
+    def __init__(self, *, nudenet: bool = True,
+                 nudenet_threshold_map: Mapping[str, float | None] | None = None,
+                 threads: int | None = None, batch_size: int = 8,
+                 model_path: str | None = None) -> None:
+        merged: dict[str, float | None] = {**DEFAULT_THRESHOLD_MAP,
+                                           **(nudenet_threshold_map or {})}
+        unknown = sorted(set(merged) - set(LABELS))
+        if unknown:
+            raise ConfigError(f"judge.nudenet_threshold_map: unknown NudeNet labels {unknown}; "
+                              f"known: {', '.join(LABELS)}")
+        bad = [k for k, v in merged.items() if v is not None and not 0.0 <= v <= 1.0]
+        if bad:
+            raise ConfigError(f"judge.nudenet_threshold_map: {bad} must be in [0, 1] or null")
+        self.threshold_map = {k: v for k, v in merged.items() if v is not None}
+        self.nudenet = nudenet
+        self.batch_size = batch_size
+        self._threads = threads
+        self._model_path = model_path
+        self._detector: NudityDetector | None = None
+        self._loading: asyncio.Future[NudityDetector] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="builtin-judge")
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any]) -> BuiltinJudge:
+        """Build from the operator config's judge section (without `kind`)."""
+        try:
+            opts = _Options.model_validate(dict(options))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                 for e in exc.errors())
+            raise ConfigError(f"judge (builtin): {problems}") from exc
+        return cls(**opts.model_dump())
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the detector off the event loop (the proxy calls this at start-up)."""
+        if self.nudenet:
+            await self._get_detector()
+
+    async def ready(self) -> bool:
+        return not self.nudenet or self._detector is not None
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _get_detector(self) -> NudityDetector:
+        if self._detector is not None:
+            return self._detector
+        if self._loading is None:
+            loop = asyncio.get_running_loop()
+            self._loading = asyncio.ensure_future(loop.run_in_executor(
+                self._pool, lambda: NudityDetector(self._model_path, self._threads)))
+        try:
+            self._detector = await asyncio.shield(self._loading)
+        except Exception as exc:
+            self._loading = None  # the next call tries again
+            raise JudgeError(f"builtin judge: the NudeNet detector failed to load: {exc}") from exc
+        return self._detector
+
+    # --- judging -------------------------------------------------------------------------
+
+    async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
+        started = time.perf_counter()
+        matcher = matcher_for(policy)
+        texts = [matcher.scan(item.prompt) for item in items]
+        detections: list[list[dict[str, Any]] | None] = [None] * len(items)
+        with_image = [i for i, item in enumerate(items) if item.image is not None]
+        if with_image and self.nudenet:
+            found = await self._detect([items[i] for i in with_image], with_image)
+            for i, dets in zip(with_image, found, strict=True):
+                detections[i] = dets
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        return [self._verdict(item, text, dets, policy, latency)
+                for item, text, dets in zip(items, texts, detections, strict=True)]
+
+    async def _detect(self, items: Sequence[JudgeInput],
+                      positions: Sequence[int]) -> list[list[dict[str, Any]]]:
+        detector = await self._get_detector()
+        loop = asyncio.get_running_loop()
+        blobs: list[bytes] = []
+        for pos, item in zip(positions, items, strict=True):
+            assert item.image is not None
+            try:
+                blobs.append(item.image.data)
+            except ValueError as exc:
+                raise JudgeError(f"builtin judge: image {pos} is not valid: {exc}") from exc
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, NudityDetector.decode, b) for b in blobs),
+            return_exceptions=True)
+        for pos, result in zip(positions, decoded, strict=True):
+            if isinstance(result, BaseException):
+                raise JudgeError(f"builtin judge: image {pos} could not be decoded "
+                                 f"(not a PNG, JPEG or WebP image?)") from result
+        out: list[list[dict[str, Any]]] = []
+        for start in range(0, len(decoded), self.batch_size):
+            chunk = decoded[start:start + self.batch_size]
+            try:
+                out += await loop.run_in_executor(self._pool, detector.detect, chunk)
+            except Exception as exc:
+                raise JudgeError(f"builtin judge: the NudeNet detector failed: {exc}") from exc
+        return out
+
+    def _verdict(self, item: JudgeInput, text: TextScores,
+                 detections: list[dict[str, Any]] | None, policy: Policy,
+                 latency: float) -> Verdict:
+        scores = dict(text.scores)
+        details: dict[str, Any] = {"hits": text.hits_dict()}
+        image_score = None
+        if detections is not None:
+            image_score = sexual_score(detections, self.threshold_map)
+            scores["sexual"] = max(scores.get("sexual", 0.0), image_score)
+            details["detections"] = detections
+            details["image_scores"] = {"sexual": image_score}
+        elif item.image is not None:
+            details["image_checked"] = False
+        decision = policy.decide(scores)
+        thought, refined = "", None
+        if decision.unsafe:
+            thought = _explain(decision, scores, text, detections, image_score, policy,
+                               self.threshold_map)
+            refined = refine_prompt(item.prompt, decision.flagged, policy)
+        return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
+                       latency_ms=latency, details=details)
+
+
+def _explain(decision: Decision, scores: Mapping[str, float], text: TextScores,
+             detections: list[dict[str, Any]] | None, image_score: float | None,
+             policy: Policy, threshold_map: Mapping[str, float]) -> str:
+    parts = []
+    for cat in decision.flagged:
+        reasons = []
+        hits = text.hits.get(cat, ())
+        if hits:
+            reasons.append("the prompt contains " + _hit_words(hits))
+        if cat == "sexual" and detections and image_score:
+            seen = [d for d in detections if d["class"] in threshold_map
+                    and d["score"] >= threshold_map[d["class"]]]
+            if seen:
+                reasons.append("the image shows " + ", ".join(
+                    f"{d['class'].lower().replace('_', ' ')} (confidence {d['score']:.2f})"
+                    for d in sorted(seen, key=lambda d: -d["score"])))
+        threshold = policy.categories[cat].threshold
+        parts.append(f"{cat} scored {scores[cat]:.2f}, at or over its threshold {threshold:.2f}: "
+                     + ("; ".join(reasons) or "no single cause recorded") + ".")
+    action = {"edit": "The prompt is refined and the image made again.",
+              "refuse": "The policy refuses this category."}[decision.action]
+    return " ".join([*parts, action])
+
+
+def _hit_words(hits: Sequence[Hit]) -> str:
+    words = []
+    for h in hits:
+        label = f"'{h.text}'"
+        if h.text.lower() != h.term.lower():
+            label += f" (matching {'pattern' if h.kind == 'pattern' else 'term'} '{h.term}')"
+        words.append(f"{label}, {h.strength}")
+    return "; ".join(dict.fromkeys(words))

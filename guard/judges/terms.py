@@ -1,0 +1,498 @@
+"""The builtin judge's prompt checks: a policy's term lists and patterns, compiled once, matched
+against prompts that try to slip past them; and the rule-based refiner that rewrites what matched.
+
+Matching works on words, never on substrings, so "skill" is not "kill" and "therapist" is not
+"rapist". Before comparing, each word is normalised: lowercase, accents and look-alike letters
+undone, leetspeak inside words undone (`s3x`, `n00d`, `@ss`), stretched letters squeezed (`nudee`,
+`nuuude`), masked letters guessed (`n*ked`, `n.ked`), letters spelt apart joined (`n.a.k.e.d`,
+`n a k e d`). A term also matches its plural and verb forms (`gun` → `guns`, `stab` → `stabbing`).
+
+Scores per category: each distinct strong term or pattern adds 0.95, each weak term 0.35, combined
+as 1 - Π(1 - w), so one strong term gives 0.95, two weak ones 0.58, three 0.73. A category with
+`requires` scores only when one of those categories has a hit too.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from guard.errors import ConfigError
+from guard.policy import Policy, TermSet
+
+STRONG = 0.95
+WEAK = 0.35
+
+Strength = Literal["strong", "weak"]
+
+# --- words -----------------------------------------------------------------------------------
+
+# Characters that stand for letters inside a word.
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t",
+                       "@": "a", "$": "s", "!": "i"})
+# Cyrillic and Greek letters that look like Latin ones and are used to dodge filters.
+_CONFUSABLES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
+    "т": "t", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ɡ": "g",
+    "α": "a", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u",
+    "χ": "x",
+})
+_MASK = "*"
+# A raw word: letters, digits, and the characters used for leetspeak, masking and joining.
+_RAW_WORD = re.compile(r"[\w@$*!'’.\-]+", re.UNICODE)
+_SEPARATORS = re.compile(r"[.\-_]+")
+_VOWELS = set("aeiou")
+
+
+def _fold(text: str) -> str:
+    """Lowercase, accents stripped, look-alike letters mapped to Latin."""
+    text = unicodedata.normalize("NFKD", text.translate(_CONFUSABLES))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    return text.lower().translate(_CONFUSABLES)
+
+
+def _norm_word(word: str) -> str:
+    """One word as compared with the term lists: folded, leetspeak undone, apostrophes dropped."""
+    word = _fold(word)
+    if word.endswith(("'s", "’s")):
+        word = word[:-2]
+    word = word.replace("'", "").replace("’", "")
+    if any(c.isalpha() for c in word) and not word.isalpha():
+        # Leetspeak only inside words: "4k" and "1980s" keep their digits' meaning as far as
+        # they can, but a word that mixes letters and symbols is read as letters.
+        word = word.translate(_LEET)
+    return word
+
+
+def _squeeze(word: str) -> str:
+    return re.sub(r"(.)\1+", r"\1", word)
+
+
+def _runs(word: str) -> list[tuple[str, int]]:
+    return [(m.group(1), len(m.group(0))) for m in re.finditer(r"(.)\1*", word)]
+
+
+def _stretched(term: str, word: str) -> bool:
+    """Whether `word` is `term` with letters held longer ("nuuude", "nudee", "sexxx").
+
+    A run may grow only to three or more letters, or at the end of the word: "good" is not "god"
+    stretched and "shoot" is not "shot", but "gooore" is "gore" and "nakedd" is "naked"."""
+    a, b = _runs(term), _runs(word)
+    if len(a) != len(b):
+        return False
+    for i, ((ca, na), (cb, nb)) in enumerate(zip(a, b, strict=True)):
+        if ca != cb or nb < na:
+            return False
+        if nb > na and nb < 3 and i != len(a) - 1:
+            return False
+    return True
+
+
+def _inflections(word: str) -> dict[str, str]:
+    """A term's word and its plural and verb forms, each with its form: base, plural, ed, ing."""
+    out = {word: "base"}
+    if len(word) < 3 or not word.isalpha():
+        out[word + "s"] = "plural"
+        return out
+    if word.endswith(("s", "x", "z", "ch", "sh", "o")):
+        out[word + "es"] = "plural"
+    if word.endswith("y") and word[-2] not in _VOWELS:
+        out[word[:-1] + "ies"] = "plural"
+        out[word[:-1] + "ied"] = "ed"
+    if not word.endswith("s"):
+        out[word + "s"] = "plural"
+    if word.endswith("e"):
+        out[word + "d"] = "ed"
+        out[word[:-1] + "ing"] = "ing"
+    else:
+        out[word + "ed"] = "ed"
+        out[word + "ing"] = "ing"
+        if (word[-1] not in _VOWELS | {"w", "x", "y"} and word[-2] in _VOWELS
+                and word[-3] not in _VOWELS):
+            # stab → stabbed, stabbing
+            out[word + word[-1] + "ed"] = "ed"
+            out[word + word[-1] + "ing"] = "ing"
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    norm: str
+    start: int
+    end: int
+    masked: bool = False  # contains `*` standing for letters
+
+
+def _tokens(text: str) -> tuple[list[_Token], list[tuple[str, int, int]]]:
+    """Words of `text` with their spans, and the joined alternatives of separated words
+    (`n.a.k.e.d`, `n-ked`) to try as one word."""
+    tokens: list[_Token] = []
+    joined: list[tuple[str, int, int]] = []
+    for m in _RAW_WORD.finditer(text):
+        raw, start = m.group(0), m.start()
+        # Sentence punctuation and quotes around a word are not part of it.
+        lead = len(raw) - len(raw.lstrip(".-'’!_"))
+        raw = raw.strip(".-'’!_")
+        start += lead
+        if not raw:
+            continue
+        parts = [(p.group(0), start + p.start()) for p in re.finditer(r"[^.\-_]+", raw)]
+        if len(parts) > 1:
+            if all(len(p) == 1 for p, _ in parts):
+                tokens.append(_Token(_norm_word("".join(p for p, _ in parts)), start,
+                                     start + len(raw)))
+                continue
+            # "n-ked", "n.ked": a separator may mask a letter.
+            joined.append((_norm_word(_SEPARATORS.sub(_MASK, raw)), start, start + len(raw)))
+        for part, pstart in parts:
+            norm = _norm_word(part)
+            if norm.strip(_MASK):
+                tokens.append(_Token(norm, pstart, pstart + len(part), _MASK in norm))
+    # Letters spelt out with spaces: "n a k e d" (also after a real "a": "a n a k e d").
+    i = 0
+    while i < len(tokens):
+        j = i
+        while (j < len(tokens) and len(tokens[j].norm) == 1 and tokens[j].norm.isalpha()
+               and (j == i or text[tokens[j - 1].end:tokens[j].start] == " ")):
+            j += 1
+        if j - i >= 3:
+            run = tokens[i:min(j, i + 24)]
+            for a in range(len(run) - 2):
+                for b in range(a + 3, len(run) + 1):
+                    joined.append(("".join(t.norm for t in run[a:b]), run[a].start,
+                                   run[b - 1].end))
+        i = max(j, i + 1)
+    return tokens, joined
+
+
+# --- the compiled matcher --------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One match of a policy term or pattern in a prompt."""
+
+    category: str
+    term: str  # as written in the policy
+    text: str  # as written in the prompt
+    start: int
+    end: int
+    strength: Strength
+    kind: Literal["term", "pattern"] = "term"
+    form: str = "base"  # which form of the term matched: base, plural, ed or ing
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"term": self.term, "text": self.text, "strength": self.strength,
+                "kind": self.kind, "span": [self.start, self.end]}
+
+
+@dataclass(frozen=True, slots=True)
+class TextScores:
+    """Scores per category in [0, 1] and the hits behind them (categories without hits: 0.0)."""
+
+    scores: Mapping[str, float]
+    hits: Mapping[str, tuple[Hit, ...]] = field(default_factory=dict)
+
+    def hits_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {cat: [h.to_dict() for h in hits] for cat, hits in self.hits.items() if hits}
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    category: str
+    term: str
+    strength: Strength
+    words: tuple[dict[str, str], ...]  # per word of the term: accepted form → form name
+
+
+def _combine(weights: Sequence[float]) -> float:
+    rest = 1.0
+    for w in weights:
+        rest *= 1.0 - w
+    return round(1.0 - rest, 4)
+
+
+class TermMatcher:
+    """A policy's term lists and patterns, compiled. Build once per policy (`matcher_for`)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.categories = [*policy.categories, *(c for c in policy.terms
+                                                 if c not in policy.categories)]
+        self.requires = {cat: tuple(ts.requires) for cat, ts in policy.terms.items()}
+        self._first: dict[str, list[_Entry]] = {}  # a form of a term's first word → entries
+        self._single: dict[str, list[tuple[_Entry, str]]] = {}  # one-word forms → entries
+        self._vocab: set[str] = set()  # every form of every word of every term
+        self._patterns: list[tuple[str, str, re.Pattern[str]]] = []
+        for cat, ts in policy.terms.items():
+            self._add_category(cat, ts)
+        self._squeezed: dict[str, set[str]] = {}
+        self._by_length: dict[int, set[str]] = {}
+        for form in self._vocab:
+            self._squeezed.setdefault(_squeeze(form), set()).add(form)
+            self._by_length.setdefault(len(form), set()).add(form)
+
+    def _add_category(self, cat: str, ts: TermSet) -> None:
+        seen: set[str] = set()
+        for strength, terms in (("strong", ts.strong), ("weak", ts.weak)):
+            for term in terms:
+                words = [t.norm for t in _tokens(term)[0]]
+                key = " ".join(words)
+                if not words or key in seen:
+                    continue
+                seen.add(key)
+                self._add(_Entry(cat, term, strength,  # type: ignore[arg-type]
+                                 tuple(_inflections(w) for w in words)))
+                if len(words) == 2:
+                    # "blood bath" is also written "bloodbath"
+                    self._add(_Entry(cat, term, strength,  # type: ignore[arg-type]
+                                     (_inflections(words[0] + words[1]),)))
+        for pattern in ts.patterns:
+            try:
+                self._patterns.append((cat, pattern, re.compile(pattern, re.IGNORECASE)))
+            except re.error as exc:
+                raise ConfigError(f"terms.{cat}.patterns: {pattern!r} is not a valid regular "
+                                  f"expression: {exc}") from exc
+
+    def _add(self, entry: _Entry) -> None:
+        for form in entry.words[0]:
+            self._first.setdefault(form, []).append(entry)
+        if len(entry.words) == 1:
+            for form, name in entry.words[0].items():
+                self._single.setdefault(form, []).append((entry, name))
+        for forms in entry.words:
+            self._vocab.update(forms)
+
+    # Which forms of the vocabulary a word of the prompt can be read as.
+    def _readings(self, norm: str, masked: bool) -> set[str]:
+        out: set[str] = set()
+        if norm in self._vocab:
+            out.add(norm)
+        for form in self._squeezed.get(_squeeze(norm), ()):
+            if form != norm and _stretched(form, norm):
+                out.add(form)
+        if masked or _MASK in norm:
+            out |= self._unmask(norm)
+        return out
+
+    def _unmask(self, norm: str) -> set[str]:
+        letters = sum(c.isalpha() for c in norm)
+        if letters < 2 or letters < len(norm) - letters or not re.fullmatch(r"[a-z*]+", norm):
+            return set()
+        rx = re.compile("".join(f"[a-z]{{1,{len(run)}}}" if run[0] == _MASK else re.escape(run)
+                                for run in re.findall(r"\*+|[^*]+", norm)))
+        lo, hi = len(norm) - norm.count(_MASK) + 1, len(norm)
+        return {form for n in range(lo, hi + 1) for form in self._by_length.get(n, ())
+                if rx.fullmatch(form)}
+
+    def scan(self, prompt: str) -> TextScores:
+        """Score `prompt` per category, with the hits behind each score."""
+        raw = self._raw_hits(prompt)
+        scored: dict[str, tuple[Hit, ...]] = {}
+        for cat in self.categories:
+            hits = raw.get(cat, ())
+            needs = self.requires.get(cat, ())
+            if hits and needs and not any(raw.get(other) for other in needs):
+                hits = ()
+            scored[cat] = tuple(hits)
+        scores = {}
+        for cat, hits in scored.items():
+            weights = {h.term: STRONG if h.strength == "strong" else WEAK for h in hits}
+            scores[cat] = _combine(sorted(weights.values(), reverse=True))
+        return TextScores(scores, {c: h for c, h in scored.items() if h})
+
+    def _raw_hits(self, prompt: str) -> dict[str, list[Hit]]:
+        tokens, joined = _tokens(prompt)
+        readings = [self._readings(t.norm, t.masked) for t in tokens]
+        out: dict[str, list[Hit]] = {}
+
+        def add(hit: Hit) -> None:
+            out.setdefault(hit.category, []).append(hit)
+
+        covered: set[int] = set()
+        for i, first in enumerate(readings):
+            for form in sorted(first):
+                for entry in self._first.get(form, ()):
+                    n = len(entry.words)
+                    if i + n > len(tokens) or not all(
+                            readings[i + k] & entry.words[k].keys() for k in range(1, n)):
+                        continue
+                    start, end = tokens[i].start, tokens[i + n - 1].end
+                    covered.update(range(start, end))
+                    add(Hit(entry.category, entry.term, prompt[start:end], start, end,
+                            entry.strength, "term",
+                            entry.words[-1][min(readings[i + n - 1] & entry.words[-1].keys())]))
+        for norm, start, end in joined:
+            if start in covered:
+                continue
+            for form in self._readings(norm, _MASK in norm):
+                for entry, name in self._single.get(form, ()):
+                    add(Hit(entry.category, entry.term, prompt[start:end], start, end,
+                            entry.strength, "term", name))
+        if self._patterns:
+            normalised, spans = _normalised_text(tokens)
+            for cat, source, rx in self._patterns:
+                for m in rx.finditer(prompt):
+                    if m.end() > m.start():
+                        add(Hit(cat, source, m.group(0), m.start(), m.end(), "strong", "pattern"))
+                for m in rx.finditer(normalised):
+                    inside = [s for s in spans if s[0] < m.end() and s[1] > m.start()]
+                    if inside:
+                        start, end = inside[0][2], inside[-1][3]
+                        add(Hit(cat, source, prompt[start:end], start, end, "strong", "pattern"))
+        return {cat: _unique(hits) for cat, hits in out.items()}
+
+
+def _normalised_text(tokens: list[_Token]) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """The prompt as normalised words joined by spaces, with each word's span there and in the
+    prompt, so a pattern can be matched against what the words say rather than how."""
+    parts: list[str] = []
+    spans: list[tuple[int, int, int, int]] = []
+    pos = 0
+    for t in tokens:
+        spans.append((pos, pos + len(t.norm), t.start, t.end))
+        parts.append(t.norm)
+        pos += len(t.norm) + 1
+    return " ".join(parts), spans
+
+
+def _unique(hits: list[Hit]) -> list[Hit]:
+    seen: set[tuple[str, int, int]] = set()
+    out = []
+    for h in sorted(hits, key=lambda h: (h.start, -h.end)):
+        if (h.term, h.start, h.end) not in seen:
+            seen.add((h.term, h.start, h.end))
+            out.append(h)
+    return out
+
+
+_CACHE: OrderedDict[str, tuple[Policy, TermMatcher]] = OrderedDict()
+_CACHE_SIZE = 32
+
+
+def matcher_for(policy: Policy) -> TermMatcher:
+    """The compiled matcher of `policy`, built once (by file hash, or per object for policies
+    built in code)."""
+    key = policy.sha256 or f"id:{id(policy)}"
+    cached = _CACHE.get(key)
+    if cached is not None and (policy.sha256 or cached[0] is policy):
+        _CACHE.move_to_end(key)
+        return cached[1]
+    matcher = TermMatcher(policy)
+    _CACHE[key] = (policy, matcher)  # holding the policy keeps its id from being reused
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return matcher
+
+
+def score_prompt(prompt: str, policy: Policy) -> TextScores:
+    """Scores per category of `prompt` under `policy`'s term lists, with the hits."""
+    return matcher_for(policy).scan(prompt)
+
+
+# --- the rule-based refiner ------------------------------------------------------------------
+
+def refine_prompt(prompt: str, flagged: Sequence[str], policy: Policy) -> str:
+    """Rewrite or remove what made `prompt` cross the `flagged` categories, then add each
+    category's `append` words once.
+
+    Terms with a rewrite in the policy are replaced (keeping capitals and plurals), others are
+    removed, and the punctuation left behind is tidied. If removing words still leaves a category
+    over its threshold, that category is refined as well. Refining a refined prompt changes
+    nothing, and the result scores below every threshold under the same policy's term lists."""
+    matcher = matcher_for(policy)
+    cats = [c for c in dict.fromkeys(flagged)]
+    text = prompt
+    for _ in range(4):
+        hits = [h for c in cats for h in matcher.scan(text).hits.get(c, ())]
+        if hits:
+            text = _tidy(_rewrite(text, hits, policy))
+        new = [c for c in policy.decide(matcher.scan(text).scores).flagged if c not in cats]
+        if not hits and not new:
+            break
+        cats += new
+    text = _tidy(text)
+    for cat in sorted(cats, key=lambda c: matcher.categories.index(c)
+                      if c in matcher.categories else len(matcher.categories)):
+        terms = policy.terms.get(cat)
+        extra = terms.append.strip() if terms else ""
+        if extra and _fold(extra) not in _fold(text):
+            text = f"{text}, {extra}" if text else extra
+    return text
+
+
+def _rewrite(text: str, hits: list[Hit], policy: Policy) -> str:
+    # Longest match wins where hits overlap ("blood bath" over "blood").
+    chosen: list[Hit] = []
+    for h in sorted(hits, key=lambda h: (h.start, -(h.end - h.start), h.form != "base")):
+        if not chosen or h.start >= chosen[-1].end:
+            chosen.append(h)
+    out = ""
+    pos = 0
+    for h in chosen:
+        out += text[pos:h.start]
+        new = _replacement(h, policy)
+        after = text[h.end:]
+        if new:
+            out = _fix_article(out, new) + new
+        else:
+            out = out.rstrip(" -")
+            if re.match(r"\s*(?:[,.;:!?)\]]|$)", after):
+                # An article left with nothing to stand for ("holding a [gun].").
+                out = re.sub(r"(?:^|\s)(?:a|an|the|A|An|The)$", "", out)
+            else:
+                out = _fix_article(out, after.lstrip(" -"))
+        pos = h.end
+    return out + text[pos:]
+
+
+def _replacement(hit: Hit, policy: Policy) -> str:
+    terms = policy.terms.get(hit.category)
+    if terms is None:
+        return ""
+    rewrites = {_fold(k).strip(): v for k, v in terms.rewrites.items()}
+    new = rewrites.get(_fold(hit.term).strip(), "")
+    if not new:
+        return ""
+    if " " not in new:
+        new = _inflect(new, hit.form)
+    if hit.text.isupper() and len(hit.text) > 1:
+        return new.upper()
+    if hit.text[:1].isupper():
+        return new[:1].upper() + new[1:]
+    return new
+
+
+def _inflect(word: str, form: str) -> str:
+    """A rewrite in the form the replaced word had ("stabbing" → "poking", "guns" → "cameras")."""
+    consonant_y = word.endswith("y") and word[-2:-1] not in _VOWELS
+    if form == "plural" and not word.endswith("s"):
+        return word[:-1] + "ies" if consonant_y else word + "s"
+    if form == "ing" and not word.endswith("ing"):
+        return (word[:-1] if word.endswith("e") and not word.endswith("ee") else word) + "ing"
+    if form == "ed" and not word.endswith("ed"):
+        return word[:-1] + "ied" if consonant_y else word + ("d" if word.endswith("e") else "ed")
+    return word
+
+
+def _fix_article(before: str, following: str) -> str:
+    """`a` or `an` right before a replaced word, chosen for the word that now follows."""
+    m = re.search(r"(?:^|\s)(a|an|A|An)(\s*)$", before)
+    word = following.split(maxsplit=1)[0] if following.split() else ""
+    if not m or not word[:1].isalpha():
+        return before
+    right = "an" if word[0].lower() in _VOWELS else "a"
+    if m.group(1)[0].isupper():
+        right = right.capitalize()
+    return before[:m.start(1)] + right + (m.group(2) or " ")
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" ([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
+    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
+    text = re.sub(r" {2,}", " ", text)
+    return text.strip(" ,;:-")
