@@ -46,6 +46,7 @@ from guard.protocol import (
     parse_edit_form,
     parse_generation_request,
 )
+from guard.review import routes as review_routes
 from guard.routing import Route as RouteTo
 from guard.routing import Router
 from guard.telemetry import Metrics, Telemetry
@@ -534,6 +535,7 @@ def create_app(config: Config | None = None, *,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *review_routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={404: not_found, 405: method_not_allowed})

@@ -102,6 +102,14 @@ class ImageStore:
                     if judged.image_sha256 in refs:
                         judged.image_ref = refs[judged.image_sha256]
 
+    def has(self, sha256: str, now: float | None = None) -> bool:
+        """Whether a copy is kept and within its TTL."""
+        try:
+            mtime = self.path(sha256).stat().st_mtime
+        except (ValueError, OSError):
+            return False
+        return self.ttl_s is None or (now or time.time()) - mtime <= self.ttl_s
+
     def get(self, sha256: str, now: float | None = None) -> tuple[bytes, str] | None:
         """(bytes, media type), or None when never kept, purged or past its TTL."""
         try:

@@ -1,0 +1,277 @@
+"""The auditors' review pages at /guard/: server-rendered HTML, no front-end build step.
+
+    /guard/login                    sign in with an auditor (or admin) key; POST sets the session
+    /guard/                         traces, filterable (time, decision, category, key, policy,
+                                    model; tenant for admins), newest first, cursor pagination
+    /guard/traces/{id}              one trace: every round side by side per image, with the
+                                    image (thumbnail where retained), prompt, scores against the
+                                    policy's thresholds, thought, refined prompt, timings
+    /guard/traces/{id}/images/{sha} a retained image (?size=thumb for a thumbnail)
+
+An auditor sees only their tenant's traces, as on the JSON API. Pages send a strict CSP (no
+scripts at all), no-store caching and frame denial; sessions and CSRF are in `session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import secrets
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from guard.audit import TraceQuery
+from guard.auth import Principal
+from guard.errors import AuthenticationError, GuardError, RequestError
+from guard.review.session import Session, Sessions
+from guard.review.templates import environment
+from guard.types import JudgedImage, RoundRecord, Trace
+
+_env = environment()
+DECISIONS = ("passed", "edited", "refused", "failed")
+_TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
+THUMB_PX = 320
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/guard/", index, methods=["GET"]),
+        Route("/guard/login", login_form, methods=["GET"]),
+        Route("/guard/login", login, methods=["POST"]),
+        Route("/guard/logout", logout, methods=["POST"]),
+        Route("/guard/traces/{trace_id}", trace_page, methods=["GET"]),
+        Route("/guard/traces/{trace_id}/images/{sha256}", trace_image, methods=["GET"]),
+    ]
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.guard
+
+
+def _sessions(request: Request) -> Sessions:
+    sessions = getattr(request.app.state, "review_sessions", None)
+    if sessions is None:
+        sessions = request.app.state.review_sessions = Sessions(_state(request).config)
+    return sessions  # type: ignore[no-any-return]
+
+
+def _render(request: Request, template: str, status: int = 200,
+            session: Session | None = None, **context: Any) -> HTMLResponse:
+    nonce = secrets.token_urlsafe(16)
+    csrf = _sessions(request).session_token(session) if session else ""
+    html = _env.get_template(template).render(nonce=nonce, session=session, csrf=csrf, **context)
+    return HTMLResponse(html, status_code=status, headers={
+        "content-security-policy": (f"default-src 'none'; style-src 'nonce-{nonce}'; "
+                                    "img-src 'self'; form-action 'self'; "
+                                    "frame-ancestors 'none'; base-uri 'none'"),
+        "x-content-type-options": "nosniff", "x-frame-options": "DENY",
+        "referrer-policy": "no-referrer", "cache-control": "no-store"})
+
+
+def _message(request: Request, status: int, title: str, message: str,
+             session: Session | None = None) -> HTMLResponse:
+    return _render(request, "message.html", status, session, title=title, message=message)
+
+
+def _to_login() -> RedirectResponse:
+    return RedirectResponse("/guard/login", status_code=303)
+
+
+# --- signing in and out ---------------------------------------------------------------------
+
+async def login_form(request: Request, message: str = "", status: int = 200) -> Response:
+    sessions = _sessions(request)
+    if not message and sessions.current(request) is not None:
+        return RedirectResponse("/guard/", status_code=303)
+    seed, new = sessions.login_seed(request)
+    response = _render(request, "login.html", status, message=message,
+                       login_csrf=sessions.login_token(seed))
+    if new:
+        sessions.set_login_seed(response, request, seed)
+    return response
+
+
+async def login(request: Request) -> Response:
+    sessions = _sessions(request)
+    if not sessions.same_origin(request):
+        return _message(request, 403, "Refused", "Sign-in requests must come from this site.")
+    form = await request.form(max_files=0, max_fields=8)
+    token, key = str(form.get("csrf", "")), str(form.get("key", "")).strip()
+    if not sessions.login_token_ok(request, token):
+        return await login_form(request, "The sign-in form expired. Please try again.", 403)
+    try:
+        principal = _state(request).auth.authenticate(f"Bearer {key}")
+    except AuthenticationError:
+        return await login_form(request, "That key is not valid.", 401)
+    if principal.role not in ("auditor", "admin"):
+        return await login_form(
+            request, f"This key's role ({principal.role}) cannot open the review pages; "
+                     "use an auditor key.", 403)
+    response = RedirectResponse("/guard/", status_code=303)
+    sessions.issue(response, request, principal)
+    return response
+
+
+async def logout(request: Request) -> Response:
+    sessions = _sessions(request)
+    session = sessions.current(request)
+    form = await request.form(max_files=0, max_fields=4)
+    if (session is None or not sessions.same_origin(request)
+            or not sessions.session_token_ok(session, str(form.get("csrf", "")))):
+        return _message(request, 403, "Refused", "This sign-out request was not sent from "
+                                                 "your session's page.", session)
+    response = _to_login()
+    sessions.clear(response, request)
+    return response
+
+
+# --- the list -------------------------------------------------------------------------------
+
+def _parse_time(value: str) -> float:
+    when = dt.datetime.fromisoformat(value)
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _query(params: Any, principal: Principal) -> tuple[TraceQuery, dict[str, str]]:
+    """The query the filters make, and the filters as typed (to show them again)."""
+    typed = {name: str(params.get(name, "")).strip()
+             for name in ("since", "until", *_TEXT_FILTERS, "policy_version", "cursor")}
+    values: dict[str, Any] = {k: v for k, v in typed.items()
+                              if v and k in (*_TEXT_FILTERS, "cursor")}
+    for name in ("since", "until"):
+        if typed[name]:
+            try:
+                values[name] = _parse_time(typed[name])
+            except ValueError:
+                raise RequestError(f"'{typed[name]}' is not a date and time.",
+                                   param=name) from None
+    if typed["policy_version"]:
+        if not typed["policy_version"].isdigit():
+            raise RequestError("The policy version is a whole number.", param="policy_version")
+        values["policy_version"] = int(typed["policy_version"])
+    if principal.role != "admin":
+        values["tenant"] = principal.tenant  # an auditor sees only their tenant
+    return TraceQuery(limit=50, **values), typed
+
+
+async def index(request: Request) -> Response:
+    session = _sessions(request).current(request)
+    if session is None:
+        return _to_login()
+    state = _state(request)
+    categories = sorted({c for pid in state.policies.ids()
+                         for c in state.policies[pid].categories})
+    context: dict[str, Any] = {"decisions": DECISIONS, "categories": categories}
+    typed = {k: str(v) for k, v in request.query_params.items()}
+    try:
+        query, typed = _query(request.query_params, session.principal)
+        page = await state.store.query(query)
+    except GuardError as exc:
+        return _render(request, "list.html", exc.status, session, f=_Filters(typed), items=[],
+                       message=exc.message, first_query="", next_query=None, **context)
+    kept = {k: v for k, v in typed.items() if v and k != "cursor"}
+    next_query = urlencode({**kept, "cursor": page.next_cursor}) if page.next_cursor else None
+    return _render(request, "list.html", 200, session, f=_Filters(typed), items=page.items,
+                   message="", first_query=urlencode(kept), next_query=next_query, **context)
+
+
+class _Filters(dict[str, str]):
+    """Template access by attribute, empty for a filter not given."""
+
+    def __getattr__(self, name: str) -> str:
+        return self.get(name, "")
+
+
+# --- one trace ------------------------------------------------------------------------------
+
+async def _visible_trace(request: Request, session: Session) -> Trace | None:
+    trace: Trace | None = await _state(request).store.get(request.path_params["trace_id"])
+    if trace is None or (session.principal.role != "admin"
+                         and trace.tenant != session.principal.tenant):
+        return None
+    return trace
+
+
+def _thresholds(state: Any, ref: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    pid = ref.get("id")
+    if not pid or pid not in state.policies:
+        return {}, f"Policy {pid!r} is not loaded here: thresholds are not shown."
+    policy = state.policies[pid]
+    note = ""
+    if policy.sha256 != ref.get("sha256"):
+        note = (f"This trace ran under {pid} version {ref.get('version')}; the loaded file is "
+                f"version {policy.version} (another sha256). Thresholds shown are the loaded "
+                "version's; the crossed marks are the ones recorded at the time.")
+    return dict(policy.categories), note
+
+
+async def trace_page(request: Request) -> Response:
+    session = _sessions(request).current(request)
+    if session is None:
+        return _to_login()
+    trace = await _visible_trace(request, session)
+    if trace is None:
+        return _message(request, 404, "Not found", "There is no such trace for this key.",
+                        session)
+    state = _state(request)
+    images = getattr(state.store, "images", None)
+    prescreen: RoundRecord | None = None
+    slots: dict[int, list[tuple[RoundRecord, JudgedImage]]] = {}
+    failed: list[RoundRecord] = []
+    for rnd in trace.rounds:
+        if rnd.kind == "prescreen":
+            prescreen = rnd
+            continue
+        if rnd.error and not rnd.images:
+            failed.append(rnd)
+        for judged in rnd.images:
+            slots.setdefault(judged.slot, []).append((rnd, judged))
+    available = {j.image_sha256 for cards in slots.values() for _, j in cards
+                 if j.image_sha256 and j.image_ref and images is not None
+                 and images.has(j.image_sha256)}
+    thresholds, note = _thresholds(state, trace.policy)
+    base = f"/guard/traces/{quote(trace.id, safe='')}/images/"
+    return _render(request, "trace.html", 200, session, t=trace, prescreen=prescreen,
+                   slots=sorted(slots.items()), failed_rounds=failed,
+                   results={r.slot: r for r in trace.results}, thresholds=thresholds,
+                   policy_note=note, available=available, image_url=lambda sha: base + sha)
+
+
+async def trace_image(request: Request) -> Response:
+    session = _sessions(request).current(request)
+    if session is None:
+        return Response(status_code=401)
+    trace = await _visible_trace(request, session)
+    sha = request.path_params["sha256"]
+    images = getattr(_state(request).store, "images", None)
+    # Only images this trace retained: content addresses are shared across tenants.
+    if trace is None or images is None or not any(
+            j.image_sha256 == sha and j.image_ref for r in trace.rounds for j in r.images):
+        return Response(status_code=404)
+    found = await asyncio.to_thread(images.get, sha)
+    if found is None:
+        return Response(status_code=404)
+    data, media_type = found
+    if request.query_params.get("size") == "thumb":
+        try:
+            data, media_type = await asyncio.to_thread(_thumbnail, data)
+        except OSError:  # not an image Pillow reads: no thumbnail, the link still works
+            return Response(status_code=404)
+    return Response(data, media_type=media_type, headers={
+        "cache-control": "private, max-age=300", "x-content-type-options": "nosniff",
+        "content-security-policy": "default-src 'none'"})
+
+
+def _thumbnail(data: bytes) -> tuple[bytes, str]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        out = io.BytesIO()
+        im.save(out, format="PNG")
+    return out.getvalue(), "image/png"
