@@ -20,6 +20,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,dev]'
+	# The review-page tests drive Debian's chromium through playwright (no browser download).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 
 install: $(VENV)/.installed
