@@ -1,0 +1,264 @@
+"""Judge profiles: the prompts a model sees and the pure parsers of its answers, on literal texts."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.errors import ConfigError
+from guard.judges.profiles import (
+    IPR_SYSTEM,
+    Parsed,
+    Slot,
+    get_profile,
+    merge_scores,
+    parse_ipr,
+    parse_llavaguard,
+    parse_safeeditor,
+    parse_shieldgemma2,
+)
+from guard.policy import Policy
+from guard.types import GeneratedImage, HistoryEntry, JudgeInput
+
+POLICY = Policy.model_validate({
+    "id": "t", "version": 1,
+    "categories": {
+        "sexual": {"threshold": 0.5, "action": "edit", "description": "explicit sexual content"},
+        "violence": {"threshold": 0.6, "action": "edit"},
+        "minors": {"threshold": 0.1, "action": "refuse"},
+    }})
+CATS = ("sexual", "violence", "minors")
+IMAGE = GeneratedImage(data=b"\x89PNG not really")
+
+
+def unsafe_all(parsed: Parsed) -> bool:
+    return not parsed.ok and parsed.scores == dict.fromkeys(CATS, 1.0)
+
+
+# --- safeeditor ----------------------------------------------------------------------------------
+
+def test_safeeditor_reads_a_safe_answer() -> None:
+    text = ("<judgement>\nsexual: no\nviolence: no\nminors: no\n</judgement>\n"
+            "<thought>A cat asleep on a sofa.</thought>\n<refined_prompt>none</refined_prompt>")
+    parsed = parse_safeeditor(text, POLICY)
+    assert parsed.ok
+    assert parsed.scores == dict.fromkeys(CATS, 0.0)
+    assert parsed.thought == "A cat asleep on a sofa."
+    assert parsed.refined_prompt is None
+
+
+def test_safeeditor_reads_an_unsafe_answer_with_its_refined_prompt() -> None:
+    text = ("<judgement>\nsexual: no\nviolence: yes\nminors: no\n</judgement>\n"
+            "<thought>Graphic blood on the knight.</thought>\n"
+            "<refined_prompt>a knight facing a dragon, heroic, no blood</refined_prompt>")
+    parsed = parse_safeeditor(text, POLICY)
+    assert parsed.scores == {"sexual": 0.0, "violence": 1.0, "minors": 0.0}
+    assert parsed.thought == "Graphic blood on the knight."
+    assert parsed.refined_prompt == "a knight facing a dragon, heroic, no blood"
+
+
+def test_safeeditor_accepts_a_verdict_cut_at_its_closing_tag_and_loose_spelling() -> None:
+    # What a remote server returns when asked to stop at "</judgement>".
+    text = "<judgement>\n- Sexual: No\nViolence: YES.\n  minors : no\n"
+    parsed = parse_safeeditor(text, POLICY)
+    assert parsed.ok
+    assert parsed.scores == {"sexual": 0.0, "violence": 1.0, "minors": 0.0}
+    assert parsed.refined_prompt is None
+
+
+def test_safeeditor_reads_an_unclosed_refined_prompt() -> None:
+    text = ("<judgement>\nsexual: yes\nviolence: no\nminors: no\n</judgement>\n<thought>Nudity."
+            "</thought>\n<refined_prompt>a portrait, fully clothed")
+    assert parse_safeeditor(text, POLICY).refined_prompt == "a portrait, fully clothed"
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "I'm sorry, I can't help with that.",
+    "<judgement>\nsexual: no\nviolence: no\n</judgement>",                      # minors missing
+    "<judgement>\nsexual: no\nviolence: no\nminors: no\ndrugs: no\n</judgement>",  # unknown
+    "<judgement>\nsexual: no\nviolence: maybe\nminors: no\n</judgement>",
+    "<judgement>\nsexual: no\nsexual: yes\nviolence: no\nminors: no\n</judgement>",
+    "<judgement>\nThe image is fine.\n</judgement>",
+])
+def test_safeeditor_fails_closed_on_malformed_answers(text: str) -> None:
+    assert unsafe_all(parse_safeeditor(text, POLICY))
+
+
+def test_safeeditor_probe_reads_one_slot_per_category_in_policy_order() -> None:
+    profile = get_profile("safeeditor")
+    [probe] = profile.probes(JudgeInput("a knight", "a knight", IMAGE), POLICY)
+    slots = [p for p in probe.answer if isinstance(p, Slot)]
+    assert [s.name for s in slots] == list(CATS)
+    assert all(s.options == {"unsafe": " yes", "safe": " no"} for s in slots)
+    # The forced answer: each category answered "no" before the next one is asked.
+    text = "".join(p for p in probe.answer if isinstance(p, str))
+    assert text == "<judgement>\nsexual: no\nviolence: no\nminors:"
+    system = probe.messages[0]["content"][0]["text"]
+    assert "- sexual: explicit sexual content" in system and "- minors: minors content" in system
+    assert probe.has_image and probe.messages[-1]["content"][0] == {"type": "image"}
+
+
+def test_safeeditor_shows_earlier_rounds_as_a_conversation() -> None:
+    history = (HistoryEntry(prompt="a bloody knight", scores={"violence": 0.9},
+                            flagged=("violence",), thought="Too much blood.",
+                            refined_prompt="a knight, no blood"),)
+    item = JudgeInput("a knight, no blood", "a bloody knight", IMAGE, history)
+    [probe] = get_profile("safeeditor").probes(item, POLICY)
+    roles = [m["role"] for m in probe.messages]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert probe.messages[1]["content"] == [{"type": "text", "text": "Prompt: a bloody knight"}]
+    past = probe.messages[2]["content"][0]["text"]
+    assert "violence: yes" in past and "sexual: no" in past
+    assert "<thought>Too much blood.</thought>" in past
+    assert "<refined_prompt>a knight, no blood</refined_prompt>" in past
+    last = probe.messages[3]["content"][1]["text"]
+    assert last == "Prompt: a knight, no blood\nOriginal prompt: a bloody knight"
+    # Only the current round carries the image.
+    assert sum(1 for m in probe.messages if isinstance(m["content"], list)
+               for p in m["content"] if p["type"] == "image") == 1
+
+
+def test_safeeditor_explanation_forces_the_measured_verdict() -> None:
+    profile = get_profile("safeeditor")
+    item = JudgeInput("x", "x", None)
+    explain = profile.explain(item, POLICY, {"violence": 0.8}, ("violence",))
+    assert explain is not None
+    assert explain.prefix == ("<judgement>\nsexual: no\nviolence: yes\nminors: no\n</judgement>\n"
+                              "<thought>")
+    assert explain.stop == ("</refined_prompt>",)
+    # A prompt-only item has no image part anywhere.
+    assert all(p["type"] == "text" for m in explain.messages for p in m["content"])
+
+
+# --- ipr -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["keep", "Keep.", ' "keep" ', "KEEP\n"])
+def test_ipr_keep_means_safe(text: str) -> None:
+    parsed = parse_ipr(text, POLICY, ("sexual", "violence"))
+    assert parsed.ok and parsed.scores == dict.fromkeys(CATS, 0.0)
+    assert parsed.refined_prompt is None
+
+
+@pytest.mark.parametrize("text,refined", [
+    ("A knight in shining armour facing a dragon", "A knight in shining armour facing a dragon"),
+    ("Refined prompt: a calm lake at dawn", "a calm lake at dawn"),
+    ("'a portrait, fully clothed'", "a portrait, fully clothed"),
+])
+def test_ipr_any_other_answer_is_the_refined_prompt(text: str, refined: str) -> None:
+    parsed = parse_ipr(text, POLICY, ("sexual", "violence"))
+    assert parsed.ok and parsed.refined_prompt == refined
+    # IPR has no categories: its verdict counts for the edit categories only.
+    assert parsed.scores == {"sexual": 1.0, "violence": 1.0, "minors": 0.0}
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "``` ```"])
+def test_ipr_empty_answer_fails_closed(text: str) -> None:
+    assert unsafe_all(parse_ipr(text, POLICY, ("sexual", "violence")))
+
+
+def test_ipr_prompt_is_the_published_one_and_targets_follow_the_policy() -> None:
+    profile = get_profile("ipr")
+    [probe] = profile.probes(JudgeInput("a bloody knight", "a knight", IMAGE), POLICY)
+    assert probe.messages[0]["content"][0]["text"] == IPR_SYSTEM
+    assert probe.messages[1]["content"] == [{"type": "image"},
+                                            {"type": "text",
+                                             "text": "Original Prompt: a bloody knight"}]
+    [slot] = probe.answer
+    assert isinstance(slot, Slot) and slot.options == {"safe": "keep"} and slot.rest == "unsafe"
+    assert profile.combine([{"verdict": {"safe": 0.3, "unsafe": 0.7}}], POLICY) == {
+        "sexual": 0.7, "violence": 0.7, "minors": 0.0}
+    chosen = get_profile("ipr", {"categories": ["violence"]})
+    assert chosen.combine([{"verdict": {"safe": 0.3, "unsafe": 0.7}}], POLICY) == {
+        "sexual": 0.0, "violence": 0.7, "minors": 0.0}
+    with pytest.raises(ConfigError, match="drugs"):
+        get_profile("ipr", {"categories": ["drugs"]}).targets(POLICY)
+    unsafe = profile.explain(JudgeInput("x", "x"), POLICY, {}, ("violence",))
+    safe = profile.explain(JudgeInput("x", "x"), POLICY, {}, ())
+    assert unsafe is not None and unsafe.banned_first == ("keep",)
+    assert safe is not None and safe.banned_first == ()
+
+
+# --- llavaguard ----------------------------------------------------------------------------------
+
+def test_llavaguard_reads_safe_and_unsafe_json() -> None:
+    safe = parse_llavaguard('{\n    "rating": "Safe",\n    "category": "NA: None applying",\n'
+                            '    "rationale": "A landscape."\n}', POLICY)
+    assert safe.ok and safe.scores == dict.fromkeys(CATS, 0.0) and safe.thought == "A landscape."
+    unsafe = parse_llavaguard('```json\n{"rating": "Unsafe", "category": "O2: Violence", '
+                              '"rationale": "Blood and gore.",}\n```', POLICY)
+    assert unsafe.ok and unsafe.scores == {"sexual": 0.0, "violence": 1.0, "minors": 0.0}
+    assert unsafe.thought == "Blood and gore."
+
+
+def test_llavaguard_accepts_a_verdict_cut_before_the_rationale() -> None:
+    parsed = parse_llavaguard('{\n    "rating": "Unsafe",\n    "category": "O1: Sexual",\n    ',
+                              POLICY)
+    assert parsed.ok and parsed.scores["sexual"] == 1.0
+
+
+@pytest.mark.parametrize("text", [
+    "The image is safe.",
+    '{"rating": "Maybe", "category": "NA: None applying"}',
+    '{"rating": "Unsafe", "category": "O9: Disasters"}',      # not a category of this policy
+    '{"rating": "Unsafe", "category": "NA: None applying"}',
+    '["Safe"]',
+])
+def test_llavaguard_fails_closed_on_malformed_answers(text: str) -> None:
+    assert unsafe_all(parse_llavaguard(text, POLICY))
+
+
+def test_llavaguard_scores_are_joint_probabilities() -> None:
+    profile = get_profile("llavaguard")
+    [probe] = profile.probes(JudgeInput("p", "p", IMAGE), POLICY)
+    text = probe.messages[0]["content"][1]["text"]
+    assert "O1: Sexual:\nShould not:\n- Contain explicit sexual content." in text
+    assert '"O3: Minors"|"NA: None applying"' in text
+    probs = {"rating": {"unsafe": 0.8, "safe": 0.2},
+             "category": {"sexual": 0.5, "violence": 0.25, "minors": 0.25}}
+    assert profile.combine([probs], POLICY) == pytest.approx(
+        {"sexual": 0.4, "violence": 0.2, "minors": 0.2})
+    # A remote answer rated Safe has no category slot: each category gets at most P(unsafe).
+    assert profile.combine([{"rating": {"unsafe": 0.1, "safe": 0.9}}], POLICY) == pytest.approx(
+        dict.fromkeys(CATS, 0.1))
+
+
+# --- shieldgemma2 --------------------------------------------------------------------------------
+
+def test_shieldgemma2_one_yes_no_answer_per_category() -> None:
+    parsed = parse_shieldgemma2(["No", "Yes, there is blood.", "no."], POLICY)
+    assert parsed.ok and parsed.scores == {"sexual": 0.0, "violence": 1.0, "minors": 0.0}
+    assert unsafe_all(parse_shieldgemma2(["No", "Perhaps", "No"], POLICY))
+    assert unsafe_all(parse_shieldgemma2(["No"], POLICY))
+
+
+def test_shieldgemma2_probes_each_category_with_its_policy_text() -> None:
+    probes = get_profile("shieldgemma2").probes(JudgeInput("p", "p", IMAGE), POLICY)
+    assert [p.key for p in probes] == list(CATS)
+    assert probes[0].messages[0]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": '"No Sexual content": The image shall not contain explicit '
+                                 'sexual content.'}]
+    wrapped = get_profile("shieldgemma2", {"wrap_instruction": True}).probes(
+        JudgeInput("p", "p", IMAGE), POLICY)
+    text = wrapped[1].messages[0]["content"][1]["text"]
+    assert text.startswith("You are a policy expert")
+    assert "<BEGIN_SAFETY_POLICY>\n\"No Violence content\"" in text
+    assert text.endswith("Your Answer must start with 'Yes' or 'No'.")
+
+
+# --- shared --------------------------------------------------------------------------------------
+
+def test_measured_scores_win_but_a_parse_error_fails_closed() -> None:
+    parsed = Parsed({"sexual": 0.0, "violence": 1.0, "minors": 0.0})
+    measured = {"sexual": 0.2, "violence": None, "minors": 0.01}
+    assert merge_scores(measured, parsed, POLICY) == {"sexual": 0.2, "violence": 1.0,
+                                                      "minors": 0.01}
+    broken = Parsed(dict.fromkeys(CATS, 1.0), error="garbage")
+    assert merge_scores(measured, broken, POLICY) == dict.fromkeys(CATS, 1.0)
+
+
+def test_unknown_profiles_and_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown judge profile 'llamaguard'"):
+        get_profile("llamaguard")
+    with pytest.raises(ConfigError, match="no option"):
+        get_profile("safeeditor", {"temperature": 1})
