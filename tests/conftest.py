@@ -79,3 +79,12 @@ def write_policy(directory: Path, text: str) -> None:
 
     raw = yaml.safe_load(text)
     (directory / f"{raw['id']}.yaml").write_text(text)
+
+
+# --- the tiny random-weight VLM judge model (tests/tiny_vlm.py), built once per session ---------
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "model")
