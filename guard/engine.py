@@ -127,9 +127,9 @@ class Engine:
                                 policy.image_retention == "flagged" and decision.flagged):
                             trace.retain(images[slot])
                         if decision.action == "pass":
-                            final[slot] = FinalImage(
-                                slot, images[slot], prompts[slot],
-                                "passed" if prompts[slot] == original else "edited")
+                            untouched = k == 1 and prompts[slot] == original
+                            final[slot] = FinalImage(slot, images[slot], prompts[slot],
+                                                     "passed" if untouched else "edited")
                         elif decision.action == "refuse":
                             raise self._violation(decision.flagged, f"image {slot}")
                         else:

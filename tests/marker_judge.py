@@ -3,6 +3,7 @@
 It is a real implementation of the Judge protocol: prompt text is scored by the real builtin judge
 (term lists of the policy), and images by their top-left pixel, which the fake backend paints:
 red = violence 0.97 (edit), green = hate 0.99 (refuse), black = the judge crashes.
+For a red image it writes a refined prompt, as a SafeEditor-style judge does.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class MarkerJudge:
                     raise JudgeCrashed("marker judge crashed on a black image")
                 for category, score in PIXEL_SCORES.get(pixel, {}).items():  # type: ignore[arg-type]
                     scores[category] = max(scores.get(category, 0.0), score)
-            out.append(Verdict(scores=scores, judge_id=self.id, thought=verdict.thought))
+            refined = verdict.refined_prompt
+            if item.image is not None and scores.get("violence", 0.0) >= 0.97:
+                refined = f"{item.prompt}, calm and peaceful"
+            out.append(Verdict(scores=scores, judge_id=self.id, thought=verdict.thought,
+                               refined_prompt=refined))
         return out
 
     async def ready(self) -> bool:

@@ -26,7 +26,7 @@ extends: default
 terms:
   violence:
     strong: [bloodbath]
-    rewrites: {bloodbath: water balloon fight}
+    rewrites: {bloodbath: water balloon party}
     append: ""
   hate:
     strong: [hateflag]
@@ -84,8 +84,8 @@ def test_unsafe_prompt_is_edited_and_backend_gets_refined_prompt(e2e) -> None:  
     base, backend = e2e
     raw = sdk(base).images.with_raw_response.generate(prompt="a bloodbath in the town square")
     result = raw.parse()
-    assert result.data[0].revised_prompt == "a water balloon fight in the town square"
-    assert backend.prompts == ["a water balloon fight in the town square"]
+    assert result.data[0].revised_prompt == "a water balloon party in the town square"
+    assert backend.prompts == ["a water balloon party in the town square"]
     t = trace(base, raw.headers["x-guard-trace-id"])
     assert len(t["rounds"]) >= 2 and t["decision"] == "edited"
     assert t["rounds"][0]["images"][0]["flagged"] == ["violence"]
@@ -98,9 +98,9 @@ def test_without_prescreen_the_image_round_refines_and_regenerates(proxy, tmp_pa
     base = proxy(policy="late")
     backend = fake_backend[0]
     result = sdk(base).images.generate(prompt="a bloodbath in the town square")
-    assert result.data[0].revised_prompt == "a water balloon fight in the town square"
+    assert result.data[0].revised_prompt == "a water balloon party in the town square"
     assert backend.prompts == ["a bloodbath in the town square",
-                               "a water balloon fight in the town square"]
+                               "a water balloon party in the town square"]
 
 
 def test_refuse_category_never_reaches_the_backend(e2e) -> None:  # type: ignore[no-untyped-def]
