@@ -1,0 +1,226 @@
+"""Tamper evidence on a real SQLite audit file: `safeedit audit verify` run as an auditor would,
+after the ways someone could alter the record (change, delete, reorder, rewrite, truncate), and
+two real processes appending at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from guard.audit import build_store
+from guard.audit.chain import link_hash
+from guard.types import Trace
+from tests.audit_writer import sample_trace
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
+
+KEY_ENV = "SAFEEDIT_TEST_CHECKPOINT_KEY"
+KEY = "test-checkpoint-key-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "guard.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, KEY_ENV: KEY, **(env or {})})
+
+
+@pytest.fixture
+def audit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    options = {"kind": "sqlite", "path": str(tmp_path / "audit.db"), "checkpoint_every": 5,
+               "checkpoint_key_env": KEY_ENV}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"audit": options}))
+    return {"options": options, "config": str(config), "db": tmp_path / "audit.db"}
+
+
+def write_chain(options: dict[str, Any], n: int) -> list[str]:
+    async def go() -> list[str]:
+        store = build_store(options)
+        ids = []
+        for i in range(n):
+            trace = sample_trace("app", i)
+            await store.write(trace)
+            ids.append(trace.id)
+        await store.aclose()
+        return ids
+
+    return asyncio.run(go())
+
+
+def verify(config: str) -> tuple[int, str]:
+    result = cli("audit", "verify", "--config", config)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, result.stdout
+
+
+def first_problem(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("FAILED: "))
+
+
+def sql(db: Path, *statements: str) -> None:
+    with sqlite3.connect(db) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def row(db: Path, seq: int) -> tuple[str, str, str | None, str]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT id, body, prev_hash, hash FROM traces WHERE seq = ?",
+                            (seq,)).fetchone()
+
+
+def test_proxy_traces_form_a_signed_chain_that_verifies(proxy, tmp_path, fake_backend,
+                                                        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(KEY_ENV, KEY)
+    write_policy(tmp_path, "id: e2e\nversion: 7\nextends: default\n")
+    options = {"kind": "sqlite", "path": str(tmp_path / "audit.db"), "checkpoint_every": 2,
+               "checkpoint_key_env": KEY_ENV}
+    base = proxy(policy="e2e", audit=options)
+    fake_backend[0].plan = [["red"], ["blue"]]
+    ids = [httpx.post(f"{base}/v1/images/generations", json={"prompt": p},
+                      headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                      timeout=30).headers["x-guard-trace-id"]
+           for p in ("a cat", "a dog", "a bird", "a fish")]
+    # Each trace, as the API shows it, hashes (Trace.seal) to its stored hash, chained in order.
+    prev = None
+    for trace_id in ids:
+        body = httpx.get(f"{base}/v1/guard/traces/{trace_id}",
+                         headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+        assert body["prev_hash"] == prev
+        resealed = Trace.model_validate({k: v for k, v in body.items()
+                                         if k not in ("hash", "prev_hash")})
+        resealed.seal(prev)
+        assert resealed.hash == body["hash"]
+        prev = body["hash"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"audit": options}))
+    code, out = verify(str(config))
+    assert code == 0, out
+    assert "checked 4 traces" in out and "2 valid signatures" in out and "OK" in out
+
+
+def test_changed_row_fails_and_names_the_trace(audit) -> None:  # type: ignore[no-untyped-def]
+    ids = write_chain(audit["options"], 8)
+    sql(audit["db"], "UPDATE traces SET body = replace(body, 'bloodbath', 'picnic') WHERE seq = 3")
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert first_problem(out) == (f"FAILED: changed: trace {ids[2]} (seq 3) was changed: its "
+                                  "content no longer matches its stored hash")
+
+
+def test_changed_index_column_fails_and_names_the_trace(audit) -> None:  # type: ignore[no-untyped-def]
+    # Someone hides a refusal from filtered queries without touching the hashed record.
+    ids = write_chain(audit["options"], 6)
+    sql(audit["db"], "UPDATE traces SET decision = 'passed' WHERE seq = 4")
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert f"changed: trace {ids[3]} (seq 4) was changed: its indexed column decision='passed'" \
+        in first_problem(out)
+
+
+def test_deleted_row_fails_and_names_where(audit) -> None:  # type: ignore[no-untyped-def]
+    ids = write_chain(audit["options"], 8)
+    _, _, _, removed_hash = row(audit["db"], 4)
+    sql(audit["db"], "DELETE FROM traces WHERE seq = 4")
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert first_problem(out) == (
+        f"FAILED: removed: the trace at seq 4 was removed: after trace {ids[2]} (seq 3), "
+        f"trace {ids[4]} (seq 5) is chained to a missing record with hash {removed_hash}")
+
+
+def test_reordered_rows_fail_and_name_the_trace(audit) -> None:  # type: ignore[no-untyped-def]
+    ids = write_chain(audit["options"], 8)
+    sql(audit["db"], "UPDATE traces SET seq = -1 WHERE seq = 3",
+        "UPDATE traces SET seq = 3 WHERE seq = 4", "UPDATE traces SET seq = 4 WHERE seq = -1")
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert first_problem(out) == (
+        f"FAILED: reordered: trace {ids[3]} (seq 3) is out of order: it was written after "
+        f"trace {ids[2]}, which is stored later at seq 4")
+
+
+def test_rewritten_chain_is_caught_by_the_signed_checkpoint(audit) -> None:  # type: ignore[no-untyped-def]
+    """An attacker with write access but without the key edits trace 2 and recomputes every hash
+    after it, chain head included: the hash chain alone is consistent again, the checkpoint
+    signed at seq 5 is not."""
+    ids = write_chain(audit["options"], 7)
+    signed_hash = row(audit["db"], 5)[3]
+    with sqlite3.connect(audit["db"]) as conn:
+        prev = conn.execute("SELECT hash FROM traces WHERE seq = 1").fetchone()[0]
+        for seq, body in conn.execute("SELECT seq, body FROM traces WHERE seq >= 2 ORDER BY seq"
+                                      ).fetchall():
+            if seq == 2:
+                body = body.replace("bloodbath", "picnic")
+            new = link_hash(prev, body.encode())
+            conn.execute("UPDATE traces SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                         (body, prev, new, seq))
+            prev = new
+        conn.execute("UPDATE chain_head SET hash = ?", (prev,))
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert first_problem(out) == (
+        f"FAILED: changed: the chain was rewritten between seq 1 and 5: the signed checkpoint "
+        f"at seq 5 names trace {ids[4]} with hash {signed_hash}, the store has {ids[4]} with "
+        f"hash {row(audit['db'], 5)[3]}")
+    # Moving the checkpoint along with the rewrite needs the key: the signature gives it away.
+    sql(audit["db"], f"UPDATE checkpoints SET hash = '{row(audit['db'], 5)[3]}' WHERE seq = 5")
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert first_problem(out) == (f"FAILED: checkpoint: the checkpoint at trace {ids[4]} "
+                                  "(seq 5) has an invalid signature (forged or altered)")
+
+
+def test_cut_tail_is_detected(audit) -> None:  # type: ignore[no-untyped-def]
+    write_chain(audit["options"], 8)
+    sql(audit["db"], "DELETE FROM traces WHERE seq >= 7")
+    code, out = verify(audit["config"])
+    assert code == 1
+    assert "FAILED: removed: 2 trace(s) removed at the end of the chain (seq 7..8" in out
+
+
+def test_verify_with_the_wrong_key_and_without_one(audit) -> None:  # type: ignore[no-untyped-def]
+    write_chain(audit["options"], 5)
+    wrong = cli("audit", "verify", "--config", audit["config"],
+                env={KEY_ENV: "another-key-entirely-0123456789"})
+    assert wrong.returncode == 1 and "was signed with another key" in wrong.stdout
+    unsigned = Path(audit["config"]).with_name("unsigned.yaml")
+    unsigned.write_text(yaml.safe_dump({"audit": {"kind": "sqlite", "path": str(audit["db"])}}))
+    plain = cli("audit", "verify", "--config", str(unsigned))
+    assert plain.returncode == 0
+    assert "signatures NOT checked" in plain.stdout and "1 present" in plain.stdout
+    missing = cli("audit", "verify", "--config", audit["config"], env={KEY_ENV: ""})
+    assert missing.returncode == 2 and f"names {KEY_ENV}, which is not set" in missing.stderr
+
+
+def test_two_processes_writing_at_once_keep_one_chain(audit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    go = tmp_path / "go"
+    n = 300
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.audit_writer",
+                               orjson.dumps(audit["options"]).decode(), name, str(n), "4",
+                               str(go)], cwd=ROOT, env={**os.environ, KEY_ENV: KEY})
+             for name in ("writer-a", "writer-b")]
+    time.sleep(1.0)  # both processes import and open the store, then start together
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with sqlite3.connect(audit["db"]) as conn:
+        seqs, writers = zip(*conn.execute("SELECT seq, key_id FROM traces ORDER BY seq"),
+                            strict=True)
+    assert list(seqs) == list(range(1, 2 * n + 1))
+    switches = sum(a != b for a, b in zip(writers, writers[1:], strict=False))
+    assert switches > 10, "the two writers did not overlap; the test proves nothing"
+    code, out = verify(audit["config"])
+    assert code == 0, out
+    assert f"checked {2 * n} traces" in out and f"{2 * n // 5} valid signatures" in out
