@@ -74,7 +74,7 @@ class _Options(BaseModel):
         description="Per NudeNet label, the confidence from which a detection counts as sexual "
                     "(merged over the defaults; null stops a label from counting).")
     threads: int | None = Field(None, ge=1, le=64,
-                                description="ONNX Runtime threads per inference.")
+                                description="ONNX Runtime threads per inference (default 1).")
     batch_size: int = Field(8, ge=1, le=64, description="Images per detector run.")
     model_path: str | None = Field(None, description="Another NudeNet-compatible ONNX model.")
 
@@ -91,7 +91,9 @@ class NudityDetector:
 
         path = model_path or os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        # One thread per inference spends the least CPU per image; concurrent calls run side by
+        # side in the judge's worker threads.
+        opts.intra_op_num_threads = threads or 1
         opts.inter_op_num_threads = 1
         # Spinning threads burn CPU while waiting for work; a guard shares its CPUs.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -46,6 +46,7 @@ _MASK = "*"
 _RAW_WORD = re.compile(r"[\w@$*!'’.\-]+", re.UNICODE)
 _SEPARATORS = re.compile(r"[.\-_]+")
 _VOWELS = set("aeiou")
+_NEGATORS = frozenset({"no", "not", "without", "non", "anti", "zero", "never"})
 
 
 def _fold(text: str) -> str:
@@ -299,6 +300,7 @@ class TermMatcher:
             scored[cat] = tuple(hits)
         scores = {}
         for cat, hits in scored.items():
+            # A distinct term counts once however often it appears.
             weights = {h.term: STRONG if h.strength == "strong" else WEAK for h in hits}
             scores[cat] = _combine(sorted(weights.values(), reverse=True))
         return TextScores(scores, {c: h for c, h in scored.items() if h})
@@ -342,7 +344,13 @@ class TermMatcher:
                     if inside:
                         start, end = inside[0][2], inside[-1][3]
                         add(Hit(cat, source, prompt[start:end], start, end, "strong", "pattern"))
-        return {cat: _unique(hits) for cat, hits in out.items()}
+        # "no nudity", "without blood", "non-violent" say what is not wanted.
+        negated = {tokens[j + 1].start for j in range(len(tokens) - 1)
+                   if tokens[j].norm in _NEGATORS}
+        kept = {cat: _one_per_place([h for h in hits
+                                     if h.kind == "pattern" or h.start not in negated])
+                for cat, hits in out.items()}
+        return {cat: hits for cat, hits in kept.items() if hits}
 
 
 def _normalised_text(tokens: list[_Token]) -> tuple[str, list[tuple[int, int, int, int]]]:
@@ -358,14 +366,15 @@ def _normalised_text(tokens: list[_Token]) -> tuple[str, list[tuple[int, int, in
     return " ".join(parts), spans
 
 
-def _unique(hits: list[Hit]) -> list[Hit]:
-    seen: set[tuple[str, int, int]] = set()
-    out = []
-    for h in sorted(hits, key=lambda h: (h.start, -h.end)):
-        if (h.term, h.start, h.end) not in seen:
-            seen.add((h.term, h.start, h.end))
-            out.append(h)
-    return out
+def _one_per_place(hits: list[Hit]) -> list[Hit]:
+    """One hit per place in the prompt: where hits of a category overlap ("stabbing" read as
+    `stab` and as `stabbing`, "covered in blood" and "blood"), the strongest and longest one."""
+    kept: list[Hit] = []
+    for h in sorted(hits, key=lambda h: (h.strength != "strong", h.start - h.end,
+                                         h.form != "base", h.start)):
+        if all(h.end <= k.start or h.start >= k.end for k in kept):
+            kept.append(h)
+    return sorted(kept, key=lambda h: h.start)
 
 
 _CACHE: OrderedDict[str, tuple[Policy, TermMatcher]] = OrderedDict()

@@ -1,0 +1,168 @@
+"""Evaluate a policy on a set of prompts: what the prescreen judge would pass, edit and refuse.
+
+    rows = read_prompts("prompts.csv")           # a `prompt` column; `categories` if labelled
+    summary = await evaluate(judge, policy, rows, on_result=write_line)
+    print(summary.format())
+
+Each prompt goes through the judge alone (no image), as the proxy's prescreen does, and the
+policy turns the verdict's scores into a decision. For I2P-style sets whose `categories` column
+labels each prompt, the summary also gives the decisions per labelled category.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guard.errors import ConfigError, GuardError
+from guard.judges import Judge
+from guard.judges.terms import refine_prompt
+from guard.policy import Policy
+from guard.types import JudgeInput
+
+ACTIONS = ("pass", "edit", "refuse")
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRow:
+    prompt: str
+    labels: tuple[str, ...] = ()
+    fields: dict[str, str] = field(default_factory=dict)  # the row's other columns
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    row: int
+    prompt: str
+    decision: str
+    flagged: tuple[str, ...]
+    scores: dict[str, float]
+    refined_prompt: str | None
+    thought: str
+    labels: tuple[str, ...]
+    fields: dict[str, str]
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "prompt": self.prompt, "decision": self.decision,
+                "flagged": list(self.flagged), "scores": self.scores,
+                "refined_prompt": self.refined_prompt, "thought": self.thought,
+                "labels": list(self.labels), "fields": self.fields, "details": self.details}
+
+
+@dataclass
+class EvalSummary:
+    policy: dict[str, Any]
+    judge_id: str
+    source: str = ""
+    total: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)
+    flagged: Counter[str] = field(default_factory=Counter)
+    labels: dict[str, Counter[str]] = field(default_factory=dict)
+    categories: tuple[str, ...] = ()
+
+    def add(self, result: EvalResult) -> None:
+        self.total += 1
+        self.decisions[result.decision] += 1
+        self.flagged.update(result.flagged)
+        for label in result.labels:
+            self.labels.setdefault(label, Counter())[result.decision] += 1
+
+    def rate(self, decision: str) -> float:
+        return self.decisions[decision] / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy, "judge": self.judge_id, "source": self.source,
+            "total": self.total,
+            "rates": {a: self.rate(a) for a in ACTIONS},
+            "counts": {a: self.decisions[a] for a in ACTIONS},
+            "flagged": {c: self.flagged[c] for c in self.categories},
+            "labels": {label: {"n": sum(c.values()), **{a: c[a] for a in ACTIONS}}
+                       for label, c in sorted(self.labels.items())},
+        }
+
+    def format(self) -> str:
+        """The summary as a few plain-text tables."""
+        def pct(n: int, d: int) -> str:
+            return f"{100 * n / d:6.2f}%" if d else "     -"
+
+        p = self.policy
+        lines = [f"policy {p.get('id')} v{p.get('version')} (sha256 {str(p.get('sha256'))[:12]}),"
+                 f" judge {self.judge_id}, {self.total} prompts"
+                 + (f" from {self.source}" if self.source else ""),
+                 "", f"{'decision':<18} {'count':>7} {'rate':>8}"]
+        lines += [f"{a:<18} {self.decisions[a]:>7} {pct(self.decisions[a], self.total):>8}"
+                  for a in ACTIONS]
+        lines += ["", f"{'flagged category':<18} {'count':>7} {'rate':>8}"]
+        lines += [f"{c:<18} {self.flagged[c]:>7} {pct(self.flagged[c], self.total):>8}"
+                  for c in self.categories]
+        if self.labels:
+            lines += ["", "by labelled category (the `categories` column; a prompt may have several)",
+                      f"{'label':<18} {'n':>7} " + " ".join(f"{a:>8}" for a in ACTIONS)]
+            for label, counts in sorted(self.labels.items()):
+                n = sum(counts.values())
+                lines.append(f"{label:<18} {n:>7} "
+                             + " ".join(f"{pct(counts[a], n):>8}" for a in ACTIONS))
+        return "\n".join(lines)
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
+    """Rows of a CSV with a `prompt` column; a `categories` column (comma-separated labels, as in
+    I2P) labels each row."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                raise ConfigError(f"{path}: needs a `prompt` column "
+                                  f"(has: {', '.join(reader.fieldnames or []) or 'none'})")
+            rows = []
+            for raw in reader:
+                if limit is not None and len(rows) >= limit:
+                    break
+                labels = tuple(dict.fromkeys(
+                    s.strip() for s in (raw.get("categories") or "").split(",") if s.strip()))
+                rows.append(PromptRow(
+                    prompt=raw["prompt"] or "", labels=labels,
+                    fields={k: v for k, v in raw.items()
+                            if k not in ("prompt", "categories") and k is not None}))
+            return rows
+    except OSError as exc:
+        raise ConfigError(f"cannot read prompts file {path}: {exc.strerror}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{path}: not a readable CSV file: {exc}") from exc
+
+
+async def evaluate(judge: Judge, policy: Policy, rows: Sequence[PromptRow], *,
+                   batch_size: int = 32, source: str = "",
+                   on_result: Callable[[EvalResult], None] | None = None) -> EvalSummary:
+    """Judge every prompt alone and decide under `policy`; `on_result` sees each row in order."""
+    summary = EvalSummary(policy=policy.ref, judge_id=judge.id, source=source,
+                          categories=tuple(policy.categories))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        items = [JudgeInput(prompt=r.prompt, original_prompt=r.prompt) for r in batch]
+        verdicts = await judge.judge(items, policy)
+        if len(verdicts) != len(items):
+            raise GuardError(f"judge {judge.id} returned {len(verdicts)} verdicts "
+                             f"for {len(items)} prompts")
+        for offset, (row, verdict) in enumerate(zip(batch, verdicts, strict=True)):
+            decision = policy.decide(verdict.scores)
+            refined = None
+            if decision.action == "edit":
+                refined = (verdict.refined_prompt or "").strip() or refine_prompt(
+                    row.prompt, decision.flagged, policy)
+            result = EvalResult(
+                row=start + offset, prompt=row.prompt, decision=decision.action,
+                flagged=decision.flagged, scores=dict(verdict.scores), refined_prompt=refined,
+                thought=verdict.thought, labels=row.labels, fields=row.fields,
+                details=dict(verdict.details))
+            summary.add(result)
+            if on_result is not None:
+                on_result(result)
+    return summary
