@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "guard.cli.serve",
     "guard.cli.policy",
     "guard.cli.audit",
+    "guard.cli.eval",
 ]
 
 
