@@ -1,0 +1,408 @@
+"""The `remote` judge: the `vlm` judge's profiles over an OpenAI-compatible chat-completions server.
+
+    judge:
+      kind: remote
+      api_base: http://vllm:8000/v1        # vLLM, SGLang, Ollama (/v1), any OpenAI-compatible server
+      model: Qwen/Qwen2.5-VL-7B-Instruct
+      profile: safeeditor
+
+Several proxy replicas can share one judge server this way. Options (all but `model` optional):
+
+- `model`: the model name sent to the server; with `transport: litellm`, a litellm model string
+  such as `openai/gpt-4o-mini`.
+- `api_base` (null): base URL ending in `/v1`; requests go to `{api_base}/chat/completions`.
+- `api_key_env` (null): name of the environment variable holding the API key (sent as a Bearer
+  token; never logged, never in errors or traces).
+- `transport` (auto): `http` (direct httpx, the default with `api_base`) or `litellm` (any
+  provider litellm speaks; the default without `api_base`).
+- `profile` (safeeditor), `profile_options` ({}): as for `vlm`, see `guard.judges.profiles`.
+- `explain` (unsafe_only): `unsafe_only` asks first for the verdict alone (stopping after it, e.g.
+  at `</judgement>`) and asks for the reasoning and refined prompt only when a threshold is
+  crossed; `always` asks for the full answer at once.
+- `max_tokens` (256): most tokens of a full answer.
+- `logprobs` (true), `top_logprobs` (5): ask for token log-probabilities; where the server returns
+  them, a category's score is the probability of the unsafe answer token against the safe one at
+  that category's slot in the answer (as with `vlm`); otherwise scores are 1.0 or 0.0 from the
+  parsed text. A malformed answer scores 1.0 everywhere (fail closed); its text is kept raw.
+- `timeout_s` (30): per request; `retries` (2): further tries after a timeout, a connection error,
+  429 or 5xx, waiting `backoff_s` (0.25) doubled each time (or the server's Retry-After, capped at
+  10 s); other 4xx fail at once.
+- `max_concurrency` (16): requests in flight from this judge (the server batches them itself).
+- `temperature` (0), `extra_body` ({}): sent with every request; `headers` ({}): extra HTTP headers.
+- `id` (null): judge id in traces; default `remote:<profile>:<model>`.
+
+Failures surface as JudgeError (HTTP 503 from the proxy unless the policy allows unjudged images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from guard.errors import ConfigError, JudgeError
+from guard.judges.profiles import (
+    Message,
+    Probe,
+    Profile,
+    Slot,
+    get_profile,
+    merge_scores,
+)
+from guard.policy import Policy
+from guard.types import JudgeInput, Verdict
+
+RETRY_STATUS = {408, 409, 425, 429}
+
+
+class RemoteOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = None
+    transport: Literal["auto", "http", "litellm"] = "auto"
+    profile: str = "safeeditor"
+    profile_options: dict[str, Any] = Field(default_factory=dict)
+    explain: Literal["unsafe_only", "always"] = "unsafe_only"
+    max_tokens: int = Field(256, ge=1, le=32_768)
+    logprobs: bool = True
+    top_logprobs: int = Field(5, ge=1, le=20)
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    retries: int = Field(2, ge=0, le=10)
+    backoff_s: float = Field(0.25, ge=0, le=30)
+    max_concurrency: int = Field(16, ge=1, le=1024)
+    temperature: float = Field(0.0, ge=0, le=2)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)
+    id: str | None = None
+
+
+@dataclass(slots=True)
+class _Answer:
+    text: str
+    tokens: list[dict[str, Any]] | None  # logprobs.content, when the server sent it
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Stats:
+    requests: int = 0
+    retries: int = 0
+    tokens: int = 0
+
+
+class RemoteJudge:
+    def __init__(self, options: RemoteOptions) -> None:
+        self.options = options
+        self.profile: Profile = get_profile(options.profile, options.profile_options)
+        self.id = options.id or f"remote:{options.profile}:{options.model}"
+        transport = options.transport
+        if transport == "auto":
+            transport = "http" if options.api_base else "litellm"
+        if transport == "http" and not options.api_base:
+            raise ConfigError("judge (remote): transport http needs `api_base`")
+        self.transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._limit: asyncio.Semaphore | None = None
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any]) -> RemoteJudge:
+        try:
+            return cls(RemoteOptions.model_validate(dict(options)))
+        except ValidationError as exc:
+            msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}"
+                            for e in exc.errors())
+            raise ConfigError(f"judge (remote): {msg}") from exc
+
+    def __repr__(self) -> str:  # never the key
+        return f"RemoteJudge(id={self.id!r}, api_base={self.options.api_base!r})"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def _key(self) -> str | None:
+        name = self.options.api_key_env
+        return os.environ.get(name) if name else None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            headers = dict(self.options.headers)
+            key = self._key()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            self._client = httpx.AsyncClient(
+                headers=headers, timeout=self.options.timeout_s,
+                limits=httpx.Limits(max_connections=self.options.max_concurrency))
+        return self._client
+
+    async def ready(self) -> bool:
+        if self.transport != "http":
+            return True
+        try:
+            resp = await self._http().get(f"{self._base()}/models", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _base(self) -> str:
+        return (self.options.api_base or "").rstrip("/")
+
+    # --- the judge ------------------------------------------------------------------------------
+
+    async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.options.max_concurrency)
+        return list(await asyncio.gather(*(self._one(item, policy) for item in items)))
+
+    async def _one(self, item: JudgeInput, policy: Policy) -> Verdict:
+        t0 = time.perf_counter()
+        stats = _Stats()
+        probes = self.profile.probes(item, policy)
+        plan = self.profile.remote_plan(policy)
+        full_first = self.options.explain == "always" or not plan.stop
+        max_tokens = self.options.max_tokens
+        if plan.max_tokens is not None and (not full_first or not self.profile.explains):
+            max_tokens = plan.max_tokens  # the verdict alone
+        stop = () if full_first else plan.stop
+        answers = await asyncio.gather(*(self._ask(p.messages, item, max_tokens, stop, stats)
+                                         for p in probes))
+        texts = [a.text for a in answers]
+        parsed = self.profile.parse(texts, policy)
+        measured = self.profile.combine([_slot_probs(p, a) for p, a in zip(probes, answers,
+                                                                          strict=True)], policy)
+        scores = merge_scores(measured, parsed, policy)
+        used_logprobs = parsed.ok and any(v is not None for v in measured.values())
+        details: dict[str, Any] = {"logprobs": used_logprobs}
+        if not parsed.ok:
+            details["parse_error"] = parsed.error
+        thought, refined, raw = parsed.thought, parsed.refined_prompt, "\n---\n".join(texts)
+        decision = policy.decide(scores)
+        if not full_first and self.profile.explains and decision.unsafe:
+            explain = self.profile.explain(item, policy, scores, decision.flagged)
+            messages = explain.messages if explain is not None else probes[0].messages
+            full = await self._ask(messages, item, self.options.max_tokens, (), stats)
+            reasons = self.profile.parse([full.text], policy)
+            raw += "\n---\n" + full.text
+            thought, refined = reasons.thought, reasons.refined_prompt
+            if not reasons.ok:
+                details["explain_parse_error"] = reasons.error
+        details.update(requests=stats.requests, retries=stats.retries, tokens=stats.tokens)
+        return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
+                       raw=raw, latency_ms=(time.perf_counter() - t0) * 1000.0, details=details)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _body(self, messages: Sequence[Message], item: JudgeInput, max_tokens: int,
+              stop: Sequence[str]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.options.model, "messages": to_openai(messages, item),
+            "max_tokens": max_tokens, "temperature": self.options.temperature,
+            **self.options.extra_body,
+        }
+        if self.options.logprobs:
+            body.update(logprobs=True, top_logprobs=self.options.top_logprobs)
+        if stop:
+            body["stop"] = list(stop)
+        return body
+
+    async def _ask(self, messages: Sequence[Message], item: JudgeInput, max_tokens: int,
+                   stop: Sequence[str], stats: _Stats) -> _Answer:
+        body = self._body(messages, item, max_tokens, stop)
+        assert self._limit is not None
+        async with self._limit:
+            data = await self._with_retries(body, stats)
+        return _answer(data, stats)
+
+    async def _with_retries(self, body: dict[str, Any], stats: _Stats) -> dict[str, Any]:
+        delay = self.options.backoff_s
+        for attempt in range(self.options.retries + 1):
+            stats.requests += 1
+            if attempt:
+                stats.retries += 1
+            failure, wait = await (self._post_http(body) if self.transport == "http"
+                                   else self._post_litellm(body))
+            if isinstance(failure, dict):
+                return failure
+            if not failure.retryable or attempt == self.options.retries:
+                raise JudgeError(self._redact(failure.message))
+            await asyncio.sleep(min(wait if wait is not None else delay, 10.0))
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _post_http(self, body: dict[str, Any]) -> tuple[dict[str, Any] | _Failure,
+                                                              float | None]:
+        url = f"{self._base()}/chat/completions"
+        try:
+            resp = await self._http().post(url, json=body)
+        except httpx.TimeoutException:
+            return _Failure(f"remote judge timed out after {self.options.timeout_s:g} s", True), None
+        except httpx.HTTPError as exc:
+            return _Failure(f"remote judge unreachable at {self._base()}: "
+                            f"{type(exc).__name__}", True), None
+        if resp.status_code == 200:
+            try:
+                data = resp.json()
+            except ValueError:
+                return _Failure("remote judge answered with invalid JSON", False), None
+            return (data if isinstance(data, dict)
+                    else _Failure("remote judge answered with a non-object", False)), None
+        message = f"remote judge answered {resp.status_code}: {_error_message(resp)}"
+        retryable = resp.status_code in RETRY_STATUS or resp.status_code >= 500
+        return _Failure(message, retryable), _retry_after(resp.headers.get("retry-after"))
+
+    async def _post_litellm(self, body: dict[str, Any]) -> tuple[dict[str, Any] | _Failure,
+                                                                 float | None]:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm
+
+        kwargs = dict(body)
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self.options.extra_body}
+        try:
+            resp = await litellm.acompletion(
+                **kwargs, api_base=self.options.api_base, api_key=self._key(),
+                timeout=self.options.timeout_s, num_retries=0, max_retries=0,
+                extra_headers=self.options.headers or None, extra_body=extra or None)
+        except Exception as exc:  # noqa: BLE001 - litellm's exceptions, translated here
+            status = getattr(exc, "status_code", None)
+            timeout = isinstance(exc, litellm.exceptions.Timeout)
+            retryable = timeout or isinstance(exc, litellm.exceptions.APIConnectionError) or (
+                isinstance(status, int) and (status in RETRY_STATUS or status >= 500))
+            what = "timed out" if timeout else f"failed ({type(exc).__name__}, {status})"
+            return _Failure(f"remote judge {what}: {str(exc)[:200]}", retryable), None
+        data = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
+        return data, None
+
+    def _redact(self, text: str) -> str:
+        key = self._key()
+        return text.replace(key, "***") if key else text
+
+
+@dataclass(slots=True)
+class _Failure:
+    message: str
+    retryable: bool
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            return str(data["error"].get("message", ""))[:200]
+        if isinstance(data, dict) and "detail" in data:
+            return str(data["detail"])[:200]
+    except ValueError:
+        pass
+    return resp.text[:200]
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _answer(data: Mapping[str, Any], stats: _Stats) -> _Answer:
+    try:
+        choice = data["choices"][0]
+        text = choice["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise JudgeError("remote judge answered without choices[0].message") from exc
+    logprobs = choice.get("logprobs") or {}
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    usage = data.get("usage") or {}
+    stats.tokens += int(usage.get("completion_tokens") or 0)
+    return _Answer(str(text), tokens if isinstance(tokens, list) else None, dict(usage))
+
+
+def to_openai(messages: Sequence[Message], item: JudgeInput) -> list[dict[str, Any]]:
+    """Profile messages to chat-completions messages: image placeholders become `image_url`
+    parts with the item's image as a data URI; text-only contents become plain strings, which
+    every OpenAI-compatible server accepts."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if all(part.get("type") == "text" for part in content):
+            out.append({"role": m["role"], "content": "".join(p["text"] for p in content)})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            if part.get("type") == "image":
+                if item.image is None:
+                    continue
+                url = f"data:{item.image.media_type};base64,{item.image.b64}"
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def _norm(token: str) -> str:
+    return token.strip().lower()
+
+
+def _slot_probs(probe: Probe, answer: _Answer) -> dict[str, dict[str, float]]:
+    """Find each slot of `probe` in the answer's tokens (the token right after the slot's marker)
+    and turn its top log-probabilities into the slot's answer probabilities. Slots not found, or
+    whose options are all missing from the top tokens, are left out (the parsed text decides)."""
+    if not answer.tokens:
+        return {}
+    slots = [piece for piece in probe.answer if isinstance(piece, Slot)]
+    found: dict[str, dict[str, float]] = {}
+    text = ""
+    for entry in answer.tokens:
+        token = str(entry.get("token", ""))
+        for slot in slots:
+            if slot.name in found:
+                continue
+            at_slot = (text.strip() == "" and token.strip() != "") if slot.marker == "" \
+                else text.rstrip(" ").endswith(slot.marker)
+            if at_slot:
+                probs = _option_probs(slot, entry)
+                if probs is not None:
+                    found[slot.name] = probs
+        text += token
+    return found
+
+
+def _option_probs(slot: Slot, entry: Mapping[str, Any]) -> dict[str, float] | None:
+    candidates: dict[str, float] = {}
+    for cand in [entry, *(entry.get("top_logprobs") or [])]:
+        try:
+            token, logprob = str(cand["token"]), float(cand["logprob"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        candidates.setdefault(token, logprob)  # the same token may be listed twice
+    mass: dict[str, float] = dict.fromkeys(slot.options, 0.0)
+    wanted = {label: _norm(text) for label, text in slot.options.items()}
+    for token, logprob in candidates.items():
+        for label, text in wanted.items():
+            if _norm(token) == text and math.isfinite(logprob):
+                mass[label] += math.exp(logprob)
+    total = sum(mass.values())
+    if slot.rest is not None:
+        out = {label: min(1.0, p) for label, p in mass.items()}
+        out[slot.rest] = max(0.0, 1.0 - sum(out.values()))
+        return out
+    if total <= 0.0:
+        return None
+    return {label: p / total for label, p in mass.items()}
+
+
+__all__ = ["RemoteJudge", "RemoteOptions", "to_openai"]
