@@ -1,19 +1,45 @@
-"""Any provider litellm speaks: OpenAI, Azure OpenAI, Bedrock, Vertex AI, or an OpenAI-compatible
-server as `openai/<model>` with `api_base`.
+"""Any provider litellm speaks, in-process: OpenAI, Azure OpenAI, Bedrock, Vertex AI, or any
+OpenAI-compatible server as `openai/<model>` with `api_base`.
 
-Options: model (litellm model string; default: "openai/" + the routed model), api_base,
-api_key_env (environment variable holding the key; never logged), api_version (Azure),
-timeout_s (60), response_format (b64_json, sent through extra_body as litellm requires),
-extra (provider-specific keyword arguments, e.g. aws_region_name, vertex_project).
-The SDK's own retries are off (max_retries=0): retrying belongs to the guard, not the SDK.
+Model strings (option `model`; default `openai/<the routed model>`):
+    openai/gpt-image-1                      OpenAI (api_key_env: OPENAI_API_KEY)
+    azure/<deployment>                      Azure OpenAI (api_base, api_version, api_key_env)
+    bedrock/amazon.titan-image-generator-v2:0, bedrock/stability.sd3-5-large-v1:0
+                                            Bedrock (credentials_env: aws_access_key_id,
+                                            aws_secret_access_key; extra: aws_region_name)
+    vertex_ai/imagen-3.0-generate-002       Vertex AI (credentials_env: vertex_credentials;
+                                            extra: vertex_project, vertex_location)
+    openai/<name> with api_base             any OpenAI-compatible image server
+
+Options:
+    model, api_base, api_version (Azure)
+    api_key_env (null)       environment variable holding the API key
+    credentials_env ({})     litellm keyword -> environment variable, for the other secrets
+                             (aws_secret_access_key: AWS_SECRET_ACCESS_KEY, vertex_credentials: ...)
+    extra ({})               other provider keywords (aws_region_name, vertex_project, ...); a
+                             keyword that looks like a secret is refused here: use credentials_env
+    timeout_s (60), max_concurrency (null), retry ({}), image_urls ({}): as openai-compatible
+    response_format (auto)   auto | b64_json | url | null, sent in `extra_body` as litellm needs;
+                             auto asks OpenAI and Azure models other than gpt-image-* for b64_json
+Secrets are read once at start-up and are never put in a trace, a log line or an error message.
+The SDK's own retries are off (max_retries=0): retrying is the guard's policy (adapters.retry).
+Errors are translated here as in the openai-compatible adapter; a provider's own content filter
+refusing the prompt is a 400 content_policy_violation.
+Edits use litellm's `aimage_edit` (OpenAI and Azure style multipart, images as `image[]`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
+from pydantic import Field
+
+from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
+from adapters.options import Options, parse_options, secret_from_env, wants_b64
+from adapters.retry import Caller, RetryPolicy
 from guard.errors import (
     BackendError,
     BackendRateLimited,
@@ -27,111 +53,177 @@ from guard.types import GeneratedImage, GenerationCall
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 _FORWARDED = ("size", "quality", "style", "user")
+_EDIT_FORWARDED = ("size", "quality", "user")
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+_B64_PROVIDERS = ("openai", "azure")
+
+
+class LiteLLMOptions(Options):
+    model: str | None = None
+    api_base: str | None = None
+    api_version: str | None = None
+    api_key_env: str | None = None
+    credentials_env: dict[str, str] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float = Field(60.0, gt=0)
+    max_concurrency: int | None = Field(None, gt=0)
+    response_format: Literal["auto", "b64_json", "url"] | None = "auto"
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    image_urls: UrlPolicy = Field(default_factory=UrlPolicy)
 
 
 class LiteLLMBackend:
-    def __init__(self, name: str, *, model: str | None = None, api_base: str | None = None,
-                 api_key: str | None = None, api_version: str | None = None,
-                 timeout_s: float = 60.0, response_format: str | None = "b64_json",
-                 extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, name: str, options: LiteLLMOptions, *,
+                 secrets: Mapping[str, str] | None = None) -> None:
         import litellm
 
-        # Logging the full reply (megabytes of base64) costs tens of ms per request.
+        # Logging the full reply (megabytes of base64) costs tens of ms per request, and the
+        # debug banner would print request details.
         litellm.turn_off_message_logging = True
         litellm.suppress_debug_info = True
         self._litellm = litellm
         self.name = name
-        self.model = model
-        self.api_base = api_base
-        self._api_key = api_key
-        self.api_version = api_version
-        self.timeout_s = timeout_s
-        self.response_format = response_format
-        self.extra = dict(extra or {})
+        self.options = options
+        self._secrets = dict(secrets or {})
+        self._call = Caller(name, options.retry, timeout_s=options.timeout_s,
+                            max_concurrency=options.max_concurrency)
+        self._fetcher = ImageFetcher(name, options.image_urls)
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> LiteLLMBackend:
-        opts = dict(options)
-        key_env = opts.pop("api_key_env", None)
-        api_key = os.environ.get(key_env) if key_env else None
-        if key_env and not api_key:
-            raise ConfigError(f"backend {name!r}: environment variable {key_env} is not set")
-        backend = cls(name, model=opts.pop("model", None), api_base=opts.pop("api_base", None),
-                      api_key=api_key, api_version=opts.pop("api_version", None),
-                      timeout_s=float(opts.pop("timeout_s", 60.0)),
-                      response_format=opts.pop("response_format", "b64_json"),
-                      extra=opts.pop("extra", None))
-        if opts:
-            raise ConfigError(f"backend {name!r} (litellm): unknown options {sorted(opts)}")
-        return backend
+        opts = parse_options(LiteLLMOptions, name, "litellm", options)
+        secretish = sorted(k for k in opts.extra if any(w in k.lower() for w in _SECRET_WORDS))
+        if secretish:
+            raise ConfigError(f"backend {name!r} (litellm): {', '.join(secretish)} in `extra` "
+                              "looks like a secret; name its environment variable under "
+                              "credentials_env instead")
+        secrets = {kw: secret_from_env(name, env) or "" for kw, env in
+                   opts.credentials_env.items()}
+        api_key = secret_from_env(name, opts.api_key_env)
+        if api_key:
+            secrets["api_key"] = api_key
+        return cls(name, opts, secrets=secrets)
 
-    async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
-        lt = self._litellm
-        kwargs: dict[str, Any] = {
-            "model": self.model or f"openai/{call.model or 'gpt-image-1'}",
-            "prompt": call.prompt, "n": call.n, "timeout": self.timeout_s, "max_retries": 0,
-            **self.extra,
-        }
-        for field in _FORWARDED:
+    def _kwargs(self, call: GenerationCall, forwarded: tuple[str, ...]) -> dict[str, Any]:
+        opts = self.options
+        model = opts.model or f"openai/{call.model or 'gpt-image-1'}"
+        kwargs: dict[str, Any] = {**opts.extra, "model": model, "prompt": call.prompt,
+                                  "n": call.n, "timeout": opts.timeout_s, "max_retries": 0,
+                                  **self._secrets}
+        for field in forwarded:
             value = getattr(call, field)
             if value is not None:
                 kwargs[field] = value
-        if self.api_base:
-            kwargs["api_base"] = self.api_base
-        if self._api_key:
-            kwargs["api_key"] = self._api_key
-        elif self.api_base:
-            kwargs["api_key"] = "unused"  # OpenAI-compatible servers often need none
-        if self.api_version:
-            kwargs["api_version"] = self.api_version
-        if self.response_format:
-            kwargs["extra_body"] = {"response_format": self.response_format}
+        if opts.api_base:
+            kwargs["api_base"] = opts.api_base
+            kwargs.setdefault("api_key", "unused")  # OpenAI-compatible servers often need none
+        if opts.api_version:
+            kwargs["api_version"] = opts.api_version
+        provider = model.split("/", 1)[0] if "/" in model else "openai"
+        fmt = opts.response_format
+        if fmt == "auto":
+            fmt = wants_b64(fmt, model) if provider in _B64_PROVIDERS else None
+        extra_body = dict(call.extra)
+        if fmt:
+            extra_body["response_format"] = fmt
+        if extra_body:
+            kwargs["extra_body"] = extra_body
+        return kwargs
+
+    async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
+        kwargs = self._kwargs(call, _FORWARDED)
+        return await self._call(lambda: self._attempt(self._litellm.aimage_generation, kwargs))
+
+    async def edit(self, call: GenerationCall, images: list[bytes],
+                   mask: bytes | None) -> list[GeneratedImage]:
+        kwargs = self._kwargs(call, _EDIT_FORWARDED)
+        kwargs["image"] = list(images)
+        if mask is not None:
+            kwargs["mask"] = mask
+        return await self._call(lambda: self._attempt(self._litellm.aimage_edit, kwargs))
+
+    async def _attempt(self, fn: Any, kwargs: dict[str, Any]) -> list[GeneratedImage]:
+        with self._translated():
+            response = await fn(**kwargs)
+        images = []
+        max_pixels = self.options.image_urls.max_pixels
+        for item in response.data or []:
+            revised = getattr(item, "revised_prompt", None)
+            if getattr(item, "b64_json", None):
+                images.append(image_from_b64(item.b64_json, self.name, max_pixels,
+                                             revised_prompt=revised))
+            elif getattr(item, "url", None):
+                images.append(await self._fetcher.fetch(item.url, revised_prompt=revised))
+            else:
+                raise BackendError(f"backend {self.name!r} returned an image without data",
+                                   code="backend_bad_response")
+        return images
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """litellm's exceptions -> the guard's. Messages name the backend and the kind of
+        failure only: a provider's message can echo the request."""
+        lt = self._litellm
+        name = self.name
         try:
-            response = await lt.aimage_generation(**kwargs)
+            yield
         except lt.Timeout as exc:
-            raise BackendTimeout(f"backend {self.name!r} timed out") from exc
+            raise BackendTimeout(f"backend {name!r} timed out") from exc
         except lt.RateLimitError as exc:
-            retry = _retry_after(exc)
-            raise BackendRateLimited(f"backend {self.name!r} is rate limited",
+            retry = _header(exc, "retry-after")
+            raise BackendRateLimited(f"backend {name!r} is rate limited",
                                      headers={"retry-after": retry} if retry else None) from exc
         except lt.ContentPolicyViolationError as exc:
-            raise PolicyViolation(f"backend {self.name!r} refused the prompt under its own "
+            raise PolicyViolation(f"backend {name!r} refused the prompt under its own "
                                   "content policy") from exc
-        except (lt.BadRequestError, lt.AuthenticationError, lt.NotFoundError) as exc:
-            # The provider's message can echo request details but not our key; keep it short.
-            raise BackendRejected(f"backend {self.name!r} rejected the request "
-                                  f"({type(exc).__name__})") from exc
+        except (lt.AuthenticationError, lt.PermissionDeniedError) as exc:
+            raise BackendError(f"backend {name!r} refused the guard's credentials",
+                               code="backend_auth_failed") from exc
+        except (lt.BadRequestError, lt.NotFoundError, lt.UnprocessableEntityError) as exc:
+            error = _provider_error(exc)
+            message = str(error.get("message") or type(exc).__name__)[:300]
+            raise BackendRejected(f"backend {name!r} rejected the request: {message}",
+                                  code=str(error.get("code") or "backend_rejected"),
+                                  param=str(error["param"]) if error.get("param") else None
+                                  ) from exc
         except lt.APIConnectionError as exc:
-            if "timed out" in str(exc).lower() or "timeout" in type(exc.__cause__).__name__.lower():
-                raise BackendTimeout(f"backend {self.name!r} timed out") from exc
-            raise BackendError(f"backend {self.name!r} is unreachable",
+            if "timeout" in type(exc.__cause__).__name__.lower() or \
+                    "timed out" in str(exc).lower():
+                raise BackendTimeout(f"backend {name!r} timed out") from exc
+            raise BackendError(f"backend {name!r} is unreachable",
                                code="backend_unavailable") from exc
+        except BackendError:
+            raise
         except Exception as exc:  # noqa: BLE001 - litellm raises many kinds; all are the backend's
-            raise BackendError(f"backend {self.name!r} failed ({type(exc).__name__})") from exc
-        images = []
-        for item in response.data or []:
-            b64 = getattr(item, "b64_json", None)
-            if not b64:
-                raise BackendError(f"backend {self.name!r} returned no base64 image "
-                                   "(set response_format: b64_json)", code="backend_bad_response")
-            image = GeneratedImage(b64=b64, backend_revised_prompt=getattr(item, "revised_prompt",
-                                                                           None))
-            try:
-                image.data  # noqa: B018 - decode now, so broken base64 is the backend's fault
-            except ValueError as exc:
-                raise BackendError(f"backend {self.name!r} returned an image that is not valid "
-                                   "base64", code="backend_bad_response") from exc
-            images.append(image)
-        return images
+            status = getattr(exc, "status_code", None)
+            raise BackendError(f"backend {name!r} failed ({type(exc).__name__}"
+                               f"{f', HTTP {status}' if status else ''})") from exc
 
     async def ready(self) -> bool:
         return True
 
     async def aclose(self) -> None:
-        return None
+        await self._fetcher.aclose()
 
 
-def _retry_after(exc: Exception) -> str | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    return headers.get("retry-after") if headers is not None else None
+def _header(exc: Exception, name: str) -> str | None:
+    for source in (getattr(exc, "response", None), exc):
+        headers = getattr(source, "headers", None) or getattr(source, "litellm_response_headers",
+                                                              None)
+        if headers is not None and headers.get(name):
+            return str(headers.get(name))
+    return None
+
+
+def _provider_error(exc: Exception) -> dict[str, Any]:
+    """The `error` object of the provider's JSON answer, when there is one."""
+    body = getattr(exc, "body", None)
+    if not isinstance(body, dict):
+        response = getattr(exc, "response", None)
+        try:
+            body = response.json() if response is not None else None
+        except Exception:  # noqa: BLE001 - any unreadable body is simply no detail
+            body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return dict(body["error"])
+    return body if isinstance(body, dict) and "message" in body else {}

@@ -32,6 +32,8 @@ class ImageServer:
     fail_first: int = 0                 # the first k generation/edit calls fail with fail_status
     fail_status: int = 500
     retry_after: str | None = None      # sent with a 429
+    error_code: str | None = None       # `code` and `param` of the failures' error object
+    error_param: str | None = None
     hang_s: float = 0.0                 # every call sleeps this long first
     answer: str = "b64"                 # b64 | url (a file served by this server)
     url_for: str = "image.png"          # the file named in URL answers
@@ -85,9 +87,9 @@ class ImageServer:
                 await asyncio.sleep(self.hang_s)
             if call <= self.fail_first:
                 headers = {"retry-after": self.retry_after} if self.retry_after else {}
-                return JSONResponse({"error": {"message": f"failure {call}",
-                                               "type": "server_error"}},
-                                    self.fail_status, headers=headers)
+                error = {"message": f"failure {call}", "type": "server_error",
+                         "code": self.error_code, "param": self.error_param}
+                return JSONResponse({"error": error}, self.fail_status, headers=headers)
             n = int(body.get("n") or 1)
             if self.answer == "url":
                 data = [{"url": f"{self.base_url}/files/{self.url_for}"} for _ in range(n)]
