@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "guard.cli.policy",
     "guard.cli.audit",
     "guard.cli.eval",
+    "guard.cli.judge",
 ]
 
 
