@@ -13,6 +13,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -20,16 +21,16 @@ from guard.audit import build_store
 from guard.types import JudgedImage, RoundRecord, Trace
 
 
-def sample_trace(writer: str, i: int, **fields: object) -> Trace:
-    """A trace shaped like a real edited request: prescreen, an unsafe round, a safe round."""
+def sample_trace(writer: str, i: int, **fields: Any) -> Trace:
+    """A trace shaped like a real edited request: prescreen, an unsafe round, a safe round.
+    Keyword arguments replace top-level fields."""
     prompt = f"a street scene number {i} with a bloodbath"
-    return Trace(
-        key_id=writer, tenant=fields.pop("tenant", "acme"), model="gpt-image-1", backend="fake",
-        request={"prompt": prompt, "n": 1, "size": "1024x1024"},
-        policy={"id": "default", "version": 3, "sha256": "ab" * 32},
-        decision=fields.pop("decision", "edited"), status=200, categories=["violence"],
-        duration_ms=812.5,
-        rounds=[
+    values: dict[str, Any] = {
+        "key_id": writer, "tenant": "acme", "model": "gpt-image-1", "backend": "fake",
+        "request": {"prompt": prompt, "n": 1, "size": "1024x1024"},
+        "policy": {"id": "default", "version": 3, "sha256": "ab" * 32},
+        "decision": "edited", "status": 200, "categories": ["violence"], "duration_ms": 812.5,
+        "rounds": [
             RoundRecord(index=0, kind="prescreen", judge_ms=1.2, images=[JudgedImage(
                 slot=0, prompt=prompt, judge_id="builtin", scores={"violence": 0.95},
                 flagged=["violence"], action="edit", thought="violent term in the prompt",
@@ -44,7 +45,8 @@ def sample_trace(writer: str, i: int, **fields: object) -> Trace:
                                             image_sha256=f"{i + 1:064x}", judge_id="builtin",
                                             scores={"violence": 0.02}, action="pass")]),
         ],
-        **fields)  # type: ignore[arg-type]
+    }
+    return Trace(**{**values, **fields})
 
 
 def _wait_for(go: Path) -> None:

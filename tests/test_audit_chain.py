@@ -40,7 +40,8 @@ def audit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setenv(KEY_ENV, KEY)
     options = {"kind": "sqlite", "path": str(tmp_path / "audit.db"), "checkpoint_every": 5,
                "checkpoint_key_env": KEY_ENV}
-    config = tmp_path / "config.yaml"
+    config = tmp_path / "cli" / "config.yaml"  # not among the test's policy files
+    config.parent.mkdir(exist_ok=True)
     config.write_text(yaml.safe_dump({"audit": options}))
     return {"options": options, "config": str(config), "db": tmp_path / "audit.db"}
 
@@ -104,7 +105,8 @@ def test_proxy_traces_form_a_signed_chain_that_verifies(proxy, tmp_path, fake_ba
         resealed.seal(prev)
         assert resealed.hash == body["hash"]
         prev = body["hash"]
-    config = tmp_path / "config.yaml"
+    config = tmp_path / "cli" / "config.yaml"  # not among the test's policy files
+    config.parent.mkdir(exist_ok=True)
     config.write_text(yaml.safe_dump({"audit": options}))
     code, out = verify(str(config))
     assert code == 0, out
