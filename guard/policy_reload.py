@@ -128,7 +128,7 @@ class PolicyReloader:
 
     def _apply(self, files: Mapping[Path, bytes | None]) -> ReloadResult:
         loaded = load(files)
-        problems = loaded.errors + self._unreferenced(loaded.policies)
+        problems = loaded.errors or self._unreferenced(loaded.policies)
         self._seen = files
         if problems:
             log.error("policy reload rejected, running policies kept:\n%s",
