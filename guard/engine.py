@@ -159,7 +159,7 @@ class Engine:
                 [SlotResult(slot=f.slot, decision=f.decision,  # type: ignore[arg-type]
                             rounds=_rounds_of(trace, f.slot), prompt=f.prompt,
                             image_sha256=f.image.sha256 if self.enabled else None,
-                            categories=[])
+                            categories=_categories_of(trace, f.slot))
                  for f in final.values()] + list(refused.values()),
                 key=lambda r: r.slot)
             self.metrics.rounds.observe(sum(1 for r in trace.rounds if r.kind == "generate"))
@@ -290,6 +290,12 @@ def _judged(slot: int, prompt: str, image: GeneratedImage | None, verdict: Verdi
 def _rounds_of(trace: Trace, slot: int) -> int:
     return sum(1 for r in trace.rounds if r.kind == "generate"
                and any(i.slot == slot for i in r.images)) or 1
+
+
+def _categories_of(trace: Trace, slot: int) -> list[str]:
+    """Categories flagged on the way to this slot's image: the prescreen's and its rounds'."""
+    return sorted({c for r in trace.rounds for i in r.images
+                   if r.kind == "prescreen" or i.slot == slot for c in i.flagged})
 
 
 def request_decision(trace: Trace) -> str:
