@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -18,6 +19,7 @@ from guard.policy import Policy
 from guard.policytools.loader import load_file
 from guard.policytools.replay import redecide
 from guard.types import JudgedImage, RoundRecord, SlotResult, Trace, TraceError
+from tests.conftest import CLIENT_KEY
 
 HOUSE = """\
 id: house
@@ -230,3 +232,62 @@ def test_a_step_the_trace_never_took_gives_the_possible_outcomes(tmp_path: Path)
         terms={"hate": {"strong": ["hate symbol"], "rewrites": {"hate symbol": "peace sign"}}})))
     # The hate poster would be rewritten and generated; the trace has no image to judge.
     assert rows["tr_flag"][:2] == ("edited or refused", "maybe")
+
+
+# --- traces written by the real proxy -----------------------------------------------------------
+
+PROXY_HOUSE = """\
+id: house
+version: 1
+categories:
+  violence: {threshold: 0.6, action: edit}
+  hate: {threshold: 0.5, action: refuse}
+on_judge_error: allow
+terms:
+  violence: {strong: [brawl], rewrites: {brawl: dance}}
+"""
+
+
+def test_replay_agrees_with_the_engine_on_traces_the_proxy_wrote(
+        proxy, fake_backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "house.yaml").write_text(PROXY_HOUSE)
+    base = proxy(policy="house", policy_reload_s=0)
+    backend = fake_backend[0]
+    # Colours the marker judge reads: red = violence 0.97, green = hate 0.99, black = it crashes.
+    backend.plan = [["blue"], ["blue"], ["red"], ["blue"], ["blue", "green"], ["black"]]
+    asked = {"fruit": ("a bowl of fruit", 1), "brawl": ("a bar brawl", 1),
+             "street": ("a street at night", 1), "park": ("two views of a park", 2),
+             "lake": ("a lake at dawn", 1)}
+    ids = {}
+    for name, (prompt, n) in asked.items():
+        r = httpx.post(f"{base}/v1/images/generations", json={"prompt": prompt, "n": n},
+                       headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=30)
+        ids[r.headers["x-guard-trace-id"]] = name
+
+    async def traces() -> list[Trace]:
+        store = SQLiteStore(tmp_path / "audit.db")
+        try:
+            return [t for t in [await store.get(i) for i in ids] if t is not None]
+        finally:
+            await store.aclose()
+
+    stored = asyncio.run(traces())
+    assert {ids[t.id]: t.decision for t in stored} == {
+        "fruit": "passed", "brawl": "edited", "street": "edited", "park": "refused",
+        "lake": "passed"}
+
+    def under(text: str) -> dict[str, tuple[str, str]]:
+        path = tmp_path / "candidate" / "house.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        p = policy(path)
+        return {ids[t.id]: (redecide(t, p).new_text, redecide(t, p).changed) for t in stored}
+
+    same = under(PROXY_HOUSE)
+    assert all(changed == "no" for _, changed in same.values()), same
+    stricter = under(PROXY_HOUSE.replace("{threshold: 0.6, action: edit}",
+                                         "{threshold: 0.6, action: refuse}")
+                     .replace("on_judge_error: allow", "on_judge_error: refuse"))
+    assert stricter == {"fruit": ("passed", "no"), "brawl": ("refused", "yes"),
+                        "street": ("refused", "yes"), "park": ("refused", "no"),
+                        "lake": ("failed", "yes")}
