@@ -111,6 +111,7 @@ class Engine:
                     if not self.enabled:
                         for slot, image in images.items():
                             final[slot] = FinalImage(slot, image, prompts[slot], "passed")
+                        pending = []
                         break
                     items = [JudgeInput(prompt=prompts[s], original_prompt=original,
                                         image=images[s], history=tuple(history[s]))

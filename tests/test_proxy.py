@@ -319,3 +319,13 @@ def test_litellm_backend_through_the_proxy(proxy, fake_backend) -> None:  # type
     assert result.data[0].b64_json
     assert fake_backend[0].requests[0]["model"] == "my-sd"
     assert fake_backend[0].requests[0]["response_format"] == "b64_json"
+
+
+def test_passthrough_judges_nothing_but_still_traces(proxy, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    base = proxy(guard={"enabled": False})
+    fake_backend[0].plan = [["red", "red"]]
+    r = generate(base, {"prompt": "a bloodbath", "n": 2})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+    t = trace(base, r.headers["x-guard-trace-id"])
+    assert t["guard_enabled"] is False and t["decision"] == "passed"
+    assert [x["kind"] for x in t["rounds"]] == ["generate"] and t["rounds"][0]["images"] == []
