@@ -116,6 +116,7 @@ class SQLiteStore:
                                    timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: index pages of large logs
             _migrate(conn)
             self._conn = conn
         return self._conn

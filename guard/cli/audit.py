@@ -137,8 +137,13 @@ def run_export(args: argparse.Namespace) -> int:
             await store.aclose()
 
     with ExitStack() as stack:
-        out = (stack.enter_context(open(args.output, "wb")) if args.output
-               else sys.stdout.buffer)
+        try:
+            out = (stack.enter_context(open(args.output, "wb")) if args.output
+                   else sys.stdout.buffer)
+        except OSError as exc:
+            print(f"safeedit: error: cannot write {args.output}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
         count = asyncio.run(go(out))
     print(f"exported {count} traces", file=sys.stderr)
     return 0
