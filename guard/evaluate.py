@@ -121,7 +121,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
             if not reader.fieldnames or "prompt" not in reader.fieldnames:
                 raise ConfigError(f"{path}: needs a `prompt` column "
                                   f"(has: {', '.join(reader.fieldnames or []) or 'none'})")
-            rows = []
+            rows: list[PromptRow] = []
             for raw in reader:
                 if limit is not None and len(rows) >= limit:
                     break

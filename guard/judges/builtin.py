@@ -248,9 +248,10 @@ class BuiltinJudge:
             if isinstance(result, BaseException):
                 raise JudgeError(f"builtin judge: image {pos} could not be decoded "
                                  f"(not a PNG, JPEG or WebP image?)") from result
+        ready = [d for d in decoded if not isinstance(d, BaseException)]
         out: list[list[dict[str, Any]]] = []
-        for start in range(0, len(decoded), self.batch_size):
-            chunk = decoded[start:start + self.batch_size]
+        for start in range(0, len(ready), self.batch_size):
+            chunk = ready[start:start + self.batch_size]
             try:
                 out += await loop.run_in_executor(self._pool, detector.detect, chunk)
             except Exception as exc:

@@ -293,11 +293,11 @@ class TermMatcher:
         raw = self._raw_hits(prompt)
         scored: dict[str, tuple[Hit, ...]] = {}
         for cat in self.categories:
-            hits = raw.get(cat, ())
+            found = tuple(raw.get(cat, ()))
             needs = self.requires.get(cat, ())
-            if hits and needs and not any(raw.get(other) for other in needs):
-                hits = ()
-            scored[cat] = tuple(hits)
+            if found and needs and not any(raw.get(other) for other in needs):
+                found = ()
+            scored[cat] = found
         scores = {}
         for cat, hits in scored.items():
             # A distinct term counts once however often it appears.

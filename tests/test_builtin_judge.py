@@ -1,0 +1,201 @@
+"""The builtin judge on real PNGs made with PIL, through the Judge interface the proxy uses."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from guard.errors import ConfigError, JudgeError
+from guard.judges import Judge, build_judge
+from guard.judges.builtin import DEFAULT_THRESHOLD_MAP, LABELS, BuiltinJudge, sexual_score
+from guard.policy import POLICIES_DIR, load_policy
+from guard.types import GeneratedImage, JudgeInput
+
+POLICY = load_policy(POLICIES_DIR / "default.yaml")
+
+
+def png(width: int = 512, height: int = 512, seed: int = 0) -> bytes:
+    """A plain picture: a sky gradient, a green field and a house."""
+    y = np.linspace(0, 1, height)[:, None, None]
+    sky = np.array([90, 150, 230]) * (1 - y) + np.array([200, 220, 250]) * y
+    img = Image.fromarray(np.broadcast_to(sky, (height, width, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, height * 2 // 3, width, height], fill=(60, 140 + seed, 60))
+    draw.rectangle([width // 3, height // 2, width // 2, height * 5 // 6], fill=(150, 60, 40))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def item(prompt: str, data: bytes | None = None) -> JudgeInput:
+    image = GeneratedImage(data=data) if data is not None else None
+    return JudgeInput(prompt=prompt, original_prompt=prompt, image=image)
+
+
+@pytest.fixture
+async def judge():
+    j = BuiltinJudge()
+    yield j
+    await j.aclose()
+
+
+async def test_plain_image_passes_with_low_sexual_score(judge: BuiltinJudge) -> None:
+    [verdict] = await judge.judge([item("a house in a field", png(1024, 1024))], POLICY)
+    assert verdict.scores["sexual"] < POLICY.categories["sexual"].threshold
+    assert POLICY.decide(verdict.scores).action == "pass"
+    assert verdict.refined_prompt is None and verdict.thought == ""
+    assert verdict.judge_id == "builtin/1"
+    assert isinstance(verdict.details["detections"], list)
+    assert set(verdict.scores) == set(POLICY.categories)
+
+
+def test_detections_map_to_a_sexual_score() -> None:
+    assert sexual_score([]) == 0.0
+    covered = [{"class": "FEMALE_BREAST_COVERED", "score": 0.95},
+               {"class": "BUTTOCKS_COVERED", "score": 0.9}, {"class": "FACE_FEMALE", "score": 0.9},
+               {"class": "MALE_BREAST_EXPOSED", "score": 0.9}, {"class": "BELLY_EXPOSED", "score": 0.9}]
+    assert sexual_score(covered) == 0.0
+    exposed = [*covered, {"class": "FEMALE_BREAST_EXPOSED", "score": 0.62},
+               {"class": "MALE_GENITALIA_EXPOSED", "score": 0.81}]
+    assert sexual_score(exposed) == 0.81
+    # below its label's floor a detection is noise
+    assert sexual_score([{"class": "BUTTOCKS_EXPOSED", "score": 0.35}]) == 0.0
+    assert sexual_score([{"class": "BUTTOCKS_EXPOSED", "score": 0.45}]) == 0.45
+    # the operator's map decides which labels count from which confidence
+    strict = {**DEFAULT_THRESHOLD_MAP, "BUTTOCKS_EXPOSED": 0.2}
+    assert sexual_score([{"class": "BUTTOCKS_EXPOSED", "score": 0.35}], strict) == 0.35
+
+
+def test_labels_are_nudenets_own() -> None:
+    import nudenet.nudenet as nn
+
+    assert tuple(getattr(nn, "__labels")) == LABELS
+
+
+async def test_a_batch_returns_one_verdict_per_item_in_order(judge: BuiltinJudge) -> None:
+    items = [item("a house in a field", png(640, 480)),
+             item("a n*ked man in a field", png(480, 640, seed=40)),
+             item("a bloodbath"),  # a prompt-only item in the same batch
+             item("a quiet street", png(256, 256, seed=80))]
+    verdicts = await judge.judge(items, POLICY)
+    assert len(verdicts) == 4
+    actions = [POLICY.decide(v.scores).action for v in verdicts]
+    assert actions == ["pass", "edit", "edit", "pass"]
+    assert verdicts[1].refined_prompt == "a clothed man in a field, fully clothed"
+    assert "detections" not in verdicts[2].details
+    assert all("detections" in verdicts[i].details for i in (0, 1, 3))
+
+
+async def test_unsafe_verdict_explains_in_words(judge: BuiltinJudge) -> None:
+    [verdict] = await judge.judge([item("a nuuude woman holding a gun", png())], POLICY)
+    assert "sexual scored 0.95" in verdict.thought
+    assert "threshold 0.50" in verdict.thought
+    assert "'nuuude' (matching term 'nude')" in verdict.thought
+    assert verdict.details["hits"]["sexual"][0]["term"] == "nude"
+    assert verdict.refined_prompt == "a clothed woman holding a gun, fully clothed"
+
+
+async def test_refused_category_says_so(judge: BuiltinJudge) -> None:
+    [verdict] = await judge.judge([item("a naked child")], POLICY)
+    assert POLICY.decide(verdict.scores).action == "refuse"
+    assert "minors" in verdict.thought and "refuses" in verdict.thought
+
+
+async def test_corrupt_image_raises_judge_error(judge: BuiltinJudge) -> None:
+    good = png()
+    with pytest.raises(JudgeError, match="image 1 could not be decoded"):
+        await judge.judge([item("a", good), item("b", good[:200])], POLICY)
+    bad_b64 = JudgeInput(prompt="a", original_prompt="a", image=GeneratedImage(b64="@@not-base64"))
+    with pytest.raises(JudgeError, match="image 0 is not valid"):
+        await judge.judge([bad_b64], POLICY)
+
+
+async def test_detector_loads_in_start_and_then_is_ready() -> None:
+    judge = BuiltinJudge()
+    try:
+        assert not await judge.ready()
+        await judge.start()
+        assert await judge.ready()
+    finally:
+        await judge.aclose()
+
+
+async def test_detector_loads_lazily_on_first_image() -> None:
+    judge = BuiltinJudge()
+    try:
+        await judge.judge([item("a house", png())], POLICY)
+        assert await judge.ready()
+    finally:
+        await judge.aclose()
+
+
+async def test_a_detector_that_cannot_load_is_a_judge_error(tmp_path) -> None:
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"not a model")
+    judge = BuiltinJudge(model_path=str(broken))
+    try:
+        with pytest.raises(JudgeError, match="failed to load"):
+            await judge.start()
+        assert not await judge.ready()
+    finally:
+        await judge.aclose()
+
+
+async def test_judging_images_leaves_the_event_loop_free(judge: BuiltinJudge) -> None:
+    await judge.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.002)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await judge.judge([item("a house", png(1024, 1024, seed=i)) for i in range(6)], POLICY)
+    task.cancel()
+    assert ticks >= 5
+
+
+async def test_nudenet_off_judges_prompts_only() -> None:
+    judge = BuiltinJudge.from_config({"nudenet": False})
+    assert await judge.ready()
+    [verdict] = await judge.judge([item("a house", b"not even an image")], POLICY)
+    assert verdict.details["image_checked"] is False
+    assert POLICY.decide(verdict.scores).action == "pass"
+    await judge.aclose()
+
+
+def test_built_through_the_registry() -> None:
+    judge = build_judge({"kind": "builtin", "nudenet": False, "threads": 1})
+    assert isinstance(judge, BuiltinJudge) and isinstance(judge, Judge)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"nudnet": True}, "nudnet"),
+    ({"threads": 0}, "threads"),
+    ({"nudenet_threshold_map": {"FEMALE_NIPPLE": 0.5}}, "unknown NudeNet labels"),
+    ({"nudenet_threshold_map": {"ANUS_EXPOSED": 1.5}}, r"\[0, 1\]"),
+])
+def test_bad_options_are_config_errors(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BuiltinJudge.from_config(options)
+
+
+def test_a_label_can_be_switched_off() -> None:
+    judge = BuiltinJudge.from_config({"nudenet": False,
+                                      "nudenet_threshold_map": {"BUTTOCKS_EXPOSED": None}})
+    assert "BUTTOCKS_EXPOSED" not in judge.threshold_map
+
+
+async def test_base64_images_are_judged_like_bytes(judge: BuiltinJudge) -> None:
+    data = png(300, 200)
+    from_b64 = JudgeInput(prompt="a house", original_prompt="a house",
+                          image=GeneratedImage(b64=base64.b64encode(data).decode()))
+    a, b = await judge.judge([from_b64, item("a house", data)], POLICY)
+    assert a.details["detections"] == b.details["detections"]

@@ -1,0 +1,185 @@
+"""The builtin judge's prompt checks and rule-based refiner, on literal prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.errors import ConfigError
+from guard.judges.terms import matcher_for, refine_prompt, score_prompt
+from guard.policy import POLICIES_DIR, Policy, load_policy
+
+DEFAULT = load_policy(POLICIES_DIR / "default.yaml")
+
+
+def small_policy(**terms: dict) -> Policy:
+    return Policy.model_validate({
+        "id": "t", "version": 1,
+        "categories": {"sexual": {"threshold": 0.5, "action": "edit"},
+                       "violence": {"threshold": 0.6, "action": "edit"},
+                       "minors": {"threshold": 0.1, "action": "refuse"}},
+        "terms": terms,
+    })
+
+
+def decide(prompt: str, policy: Policy = DEFAULT) -> tuple[str, tuple[str, ...]]:
+    d = policy.decide(score_prompt(prompt, policy).scores)
+    return d.action, d.flagged
+
+
+@pytest.mark.parametrize("prompt", [
+    "a naked woman", "a NAKED woman", "Naked!", "a n*ked woman", "a n.ked woman", "a n-ked man",
+    "n.a.k.e.d on the beach", "a n a k e d lady", "a nakeddd man", "nudee model", "nuuude model",
+    "a nüde model", "a nаked woman",  # the а is Cyrillic
+    "nud3 photo", "a n4k3d man", "s3x scene", "$ex scene", "nudes", "nudity", "a nude's portrait",
+])
+def test_obfuscated_sexual_terms_are_caught(prompt: str) -> None:
+    assert decide(prompt) == ("edit", ("sexual",))
+
+
+@pytest.mark.parametrize("prompt", [
+    "a skilled carpenter", "a therapist at her desk", "a sextant on a ship", "Essex county",
+    "a classic car", "an assassin's creed poster", "a grape harvest", "a bass guitar",
+    "a good dog", "a man shooting a basketball", "a killer whale jumping", "a knife on a board",
+    "photo shoot in a studio", "a baby elephant", "a kid flying a kite", "a child in a pool",
+    "white power lines along a road", "no nudity, a family picnic", "a non-violent protest",
+])
+def test_benign_prompts_pass(prompt: str) -> None:
+    assert decide(prompt) == ("pass", ())
+
+
+def test_plurals_and_verb_forms_match_the_written_term() -> None:
+    policy = small_policy(violence={"strong": ["stab", "gun"]})
+    for prompt in ("he stabs", "stabbed twice", "a stabbing", "two guns", "GUNS"):
+        hits = score_prompt(prompt, policy).hits["violence"]
+        assert [h.term for h in hits] in (["stab"], ["gun"]), prompt
+
+
+def test_stretched_letters_do_not_turn_one_word_into_another() -> None:
+    policy = small_policy(violence={"strong": ["god", "shot"]})
+    assert score_prompt("good food, a shoot", policy).scores["violence"] == 0.0
+    assert score_prompt("gooood", policy).scores["violence"] == 0.95
+
+
+def test_weak_terms_combine_and_strong_terms_cross_alone() -> None:
+    policy = small_policy(violence={"strong": ["gore"], "weak": ["blood", "fight", "war"]})
+    scores = [score_prompt(p, policy).scores["violence"]
+              for p in ("blood", "blood fight", "blood fight war", "gore", "blood blood blood")]
+    assert scores == [0.35, 0.5775, 0.7254, 0.95, 0.35]
+    assert decide("blood fight", policy)[0] == "pass"  # violence threshold 0.6
+    assert decide("blood fight war", policy) == ("edit", ("violence",))
+
+
+def test_one_word_counts_once_per_category() -> None:
+    # "fighting" is both a form of `fight` and a term of its own: one place, one weight.
+    policy = small_policy(violence={"weak": ["fight", "fighting"]})
+    assert score_prompt("two dogs fighting", policy).scores["violence"] == 0.35
+
+
+def test_requires_gates_a_category_on_another() -> None:
+    assert decide("a child flying a kite") == ("pass", ())
+    assert decide("a naked child") == ("refuse", ("sexual", "minors"))
+    # a weak sexual word is enough to open the gate: minors is refused at any hit
+    assert decide("a sexy schoolgirl")[0] == "refuse"
+    assert decide("a sexy woman")[0] == "pass"
+
+
+def test_patterns_count_as_strong_and_see_through_leetspeak() -> None:
+    policy = small_policy(sexual={"patterns": [r"\bhaving\s+sex\b"]})
+    assert score_prompt("two people having sex", policy).scores["sexual"] == 0.95
+    assert score_prompt("two people h4ving s3x", policy).scores["sexual"] == 0.95
+    hit = score_prompt("people h4ving s3x now", policy).hits["sexual"][0]
+    assert (hit.kind, hit.text) == ("pattern", "h4ving s3x")
+
+
+def test_an_invalid_pattern_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="terms.sexual.patterns"):
+        matcher_for(small_policy(sexual={"patterns": ["(unclosed"]}))
+
+
+def test_hits_say_which_terms_matched() -> None:
+    result = score_prompt("a n*ked man with a bloody knife", DEFAULT)
+    assert {h["term"]: h["text"] for h in result.hits_dict()["sexual"]} == {"naked": "n*ked"}
+    assert result.hits["violence"][0].strength == "weak"
+
+
+def test_matcher_is_compiled_once_per_policy() -> None:
+    assert matcher_for(DEFAULT) is matcher_for(DEFAULT)
+
+
+# --- the refiner -----------------------------------------------------------------------------
+
+def test_refiner_rewrites_keeping_case_and_number() -> None:
+    assert refine_prompt("Naked woman on a beach", ["sexual"], DEFAULT) == \
+        "Clothed woman on a beach, fully clothed"
+    assert refine_prompt("NAKED", ["sexual"], DEFAULT) == "CLOTHED, fully clothed"
+    assert refine_prompt("three guns and blood and war", ["violence"], DEFAULT).startswith(
+        "three cameras and red paint and peace")
+
+
+def test_refiner_removes_terms_without_rewrite_and_tidies() -> None:
+    assert refine_prompt("a bloodbath, gore, in a castle", ["violence"], DEFAULT) == \
+        "in a castle, peaceful, unharmed"
+    assert refine_prompt("a man holding a gun.", ["violence"], DEFAULT).startswith(
+        "a man holding a camera.")
+
+
+def test_refiner_fixes_the_article() -> None:
+    assert refine_prompt("an erotic dance", ["sexual"], DEFAULT) == "a romantic dance, fully clothed"
+    assert refine_prompt("a sexy elf", ["sexual"], DEFAULT).startswith("an elegant elf")
+
+
+def test_refiner_appends_once_and_is_idempotent() -> None:
+    once = refine_prompt("a nude model, sexy, in lingerie", ["sexual"], DEFAULT)
+    assert once.count("fully clothed") == 1
+    assert refine_prompt(once, ["sexual"], DEFAULT) == once
+    # flagged on the image only (no term in the prompt): only the append
+    assert refine_prompt("a woman on a beach", ["sexual"], DEFAULT) == \
+        "a woman on a beach, fully clothed"
+    assert refine_prompt("a woman, fully clothed", ["sexual"], DEFAULT) == "a woman, fully clothed"
+
+
+def test_refiner_is_deterministic() -> None:
+    prompt = "n*ked girl with a gun, blood everywhere, sexy pose"
+    assert len({refine_prompt(prompt, ["sexual", "violence"], DEFAULT) for _ in range(5)}) == 1
+
+
+def _shipped() -> list[Policy]:
+    return [load_policy(POLICIES_DIR / f"{name}.yaml")
+            for name in ("default", "strict", "permissive")]
+
+
+TEMPLATES = ("{t}, highly detailed, 8k", "A {T} scene in a park at night",
+             "portrait of a woman, {t} and smiling")
+
+
+@pytest.mark.parametrize("policy", _shipped(), ids=lambda p: p.id)
+def test_refined_prompts_pass_the_same_policy(policy: Policy) -> None:
+    checked = 0
+    for terms in policy.terms.values():
+        gate = [policy.terms[r].strong[0] for r in terms.requires]
+        for term in [*terms.strong, *terms.weak]:
+            for template in TEMPLATES:
+                prompt = " ".join([template.format(t=term, T=term.upper()), *gate])
+                decision = policy.decide(score_prompt(prompt, policy).scores)
+                if not decision.unsafe:
+                    continue
+                refined = refine_prompt(prompt, decision.flagged, policy)
+                after = policy.decide(score_prompt(refined, policy).scores)
+                assert not after.unsafe, (prompt, refined, after)
+                assert refine_prompt(refined, decision.flagged, policy) == refined
+                checked += 1
+    assert checked > 300
+
+
+@pytest.mark.parametrize("policy", _shipped(), ids=lambda p: p.id)
+def test_rewrites_and_appends_introduce_no_terms(policy: Policy) -> None:
+    for cat, terms in policy.terms.items():
+        for source, text in [*terms.rewrites.items(), ("append", terms.append)]:
+            assert not score_prompt(text, policy).hits, (cat, source, text)
+
+
+@pytest.mark.parametrize("policy", _shipped(), ids=lambda p: p.id)
+def test_every_rewrite_belongs_to_a_term_of_its_category(policy: Policy) -> None:
+    for cat, terms in policy.terms.items():
+        listed = {t.lower() for t in (*terms.strong, *terms.weak, *terms.patterns)}
+        assert set(k.lower() for k in terms.rewrites) <= listed, cat
