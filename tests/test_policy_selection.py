@@ -25,7 +25,7 @@ terms:
 RELAXED = "id: relaxed\nversion: 2\nextends: house\ncategories:\n  violence: {threshold: 0.99}\n"
 TIGHT = "id: tight\nversion: 9\nextends: house\ncategories:\n  violence: {action: refuse}\n"
 
-KEYS = {  # key -> (id, tenant, extra)
+KEYS: dict[str, tuple[str, str, dict[str, Any]]] = {  # key -> (id, tenant, extra)
     "sk-acme": ("acme-app", "acme", {}),
     "sk-globex": ("globex-app", "globex", {}),
     "sk-initech": ("initech-app", "initech", {}),

@@ -77,6 +77,9 @@ def validate(args: argparse.Namespace) -> int:
     from guard.policytools.loader import policy_files
 
     files = args.files or policy_files([POLICIES_DIR])
+    if not files:
+        print(f"no policy files given or found under {POLICIES_DIR}", file=sys.stderr)
+        return 1
     problems: list[Problem] = []
     ok: list[str] = []
     for file in files:
@@ -96,7 +99,7 @@ def validate(args: argparse.Namespace) -> int:
         bad = len({p.path for p in errors})
         if errors:
             print(f"{len(errors)} error(s) in {bad} file(s)", file=sys.stderr)
-    return 1 if errors or not files else 0
+    return 1 if errors else 0
 
 
 def _load_or_report(path: Path) -> Loaded | None:

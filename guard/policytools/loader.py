@@ -96,7 +96,6 @@ class Loaded:
     policies: dict[str, Policy] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     chains: dict[str, list[Source]] = field(default_factory=dict)  # policy id -> its files
-    files: dict[Path, bytes] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -355,7 +354,7 @@ def load(files: Mapping[Path, bytes | None], ids: Iterable[str] | None = None) -
     With `ids`, only those policies are resolved and only their files' problems reported (plus
     files that did not parse, when a parent cannot be found: it may be one of them).
     """
-    result = Loaded(files={p: d for p, d in files.items() if d is not None})
+    result = Loaded()
     sources: dict[str, Source] = {}
     own: dict[Path, list[Problem]] = {}
     unparsed: list[Problem] = []

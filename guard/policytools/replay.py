@@ -27,6 +27,7 @@ from guard.policy import Decision, Policy
 from guard.types import JudgedImage, RoundRecord, Trace, worst
 
 _JUDGE_FAILED = "judge error"
+_ORDER = ("passed", "edited", "refused", "failed")
 _SLOT_UNKNOWN = ("edited", "refused")  # a slot that needs an unrecorded round ends one of these
 
 
@@ -215,8 +216,6 @@ class _Walk:
     def _made(self, prompt: str) -> str:
         return "passed" if prompt == self.original else "edited"
 
-
-_ORDER = ("passed", "edited", "refused", "failed")
 
 
 def _judge_failed(record: RoundRecord) -> bool:
