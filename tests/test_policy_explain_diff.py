@@ -107,8 +107,7 @@ terms:
         f"kids v3 ({folder / 'kids.yaml'}) -> kids v4 ({new})",
         "  [neutral] version: 3 -> 4",
         "  [stricter] sexual: edited from score 0.20 (was 0.30): acts on more prompts and images",
-        "  [looser] violence: refused -> edited at score 0.70 or more",
-        "  [looser] violence: edited from score 0.70 (was 0.60): acts on fewer prompts and images",
+        "  [looser] violence: edited at score 0.70 or more (was refused at score 0.60 or more)",
         "  [stricter] new category 'weapons': refused at score 0.50 or more",
         "  [neutral] rounds: at most 3 (was 2): more attempts to edit before giving up, fewer "
         "refusals, more latency",
@@ -120,7 +119,7 @@ terms:
         '  [looser] violence: strong terms removed: "bloodbath"',
         '  [neutral] violence: "bloodbath" is now rewritten to "pillow fight" (was "water balloon '
         'fight")',
-        "11 difference(s): 4 stricter, 4 looser, 3 neutral",
+        "10 difference(s): 4 stricter, 3 looser, 3 neutral",
     ]
 
 

@@ -150,10 +150,12 @@ def diff(old: Policy, new: Policy) -> list[Change]:
     """The effective differences between two resolved policies, in words, each marked stricter
     (more is edited or refused), looser (less is) or neutral."""
     out: list[Change] = []
-    for name in ("id", "version", "description", "extends"):
+    for name in ("id", "version", "extends"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             out.append(Change(name, f"{name}: {_show(a)} -> {_show(b)}"))
+    if old.description != new.description:
+        out.append(Change("description", "description changed"))
     if old.prescreen != new.prescreen:
         out.append(Change("prescreen", "prompts are now judged before generating (prescreen on)",
                           "stricter") if new.prescreen else
@@ -189,12 +191,17 @@ def _category_changes(name: str, old: Category | None, new: Category | None) -> 
                        "neutral" if old.action == "allow" else "looser")]
     assert old is not None and new is not None
     out: list[Change] = []
-    if old.action != new.action:
+    more_action = _RANK[new.action] - _RANK[old.action]
+    lower = new.threshold < old.threshold
+    if more_action and old.threshold != new.threshold:
+        agree = (more_action > 0) == lower
+        effect: Effect = ("stricter" if lower else "looser") if agree else "neutral"
+        out.append(Change(field, f"{name}: {_acted(new)} (was {_acted(old)})", effect))
+    elif more_action:
         out.append(Change(f"{field}.action", f"{name}: {_verb(old.action)} -> "
                           f"{_verb(new.action)} at score {new.threshold:.2f} or more",
-                          "stricter" if _RANK[new.action] > _RANK[old.action] else "looser"))
-    if old.threshold != new.threshold and new.action != "allow":
-        lower = new.threshold < old.threshold
+                          "stricter" if more_action > 0 else "looser"))
+    elif old.threshold != new.threshold and new.action != "allow":
         out.append(Change(f"{field}.threshold",
                           f"{name}: {_verb(new.action)} from score {new.threshold:.2f} "
                           f"(was {old.threshold:.2f}): acts on {'more' if lower else 'fewer'} "
