@@ -113,9 +113,13 @@ def test_proxy_traces_form_a_signed_chain_that_verifies(proxy, tmp_path, fake_ba
     assert "checked 4 traces" in out and "2 valid signatures" in out and "OK" in out
 
 
-def test_changed_row_fails_and_names_the_trace(audit) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("edit", [
+    "UPDATE traces SET body = replace(body, 'bloodbath', 'picnic') WHERE seq = 3",
+    "UPDATE traces SET prev_hash = (SELECT prev_hash FROM traces WHERE seq = 2) WHERE seq = 3",
+], ids=["content", "link"])
+def test_changed_row_fails_and_names_the_trace(audit, edit) -> None:  # type: ignore[no-untyped-def]
     ids = write_chain(audit["options"], 8)
-    sql(audit["db"], "UPDATE traces SET body = replace(body, 'bloodbath', 'picnic') WHERE seq = 3")
+    sql(audit["db"], edit)
     code, out = verify(audit["config"])
     assert code == 1
     assert first_problem(out) == (f"FAILED: changed: trace {ids[2]} (seq 3) was changed: its "

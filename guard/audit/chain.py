@@ -219,7 +219,8 @@ async def verify(source: ChainSource, signer: Signer | None, *,
     prev: ChainRow | None = None
     async for row in source.chain_rows():
         report.traces += 1
-        if link_hash(row.prev_hash, row.body) != row.hash:
+        intact = link_hash(row.prev_hash, row.body) == row.hash
+        if not intact:
             add("changed", row.seq, row.id,
                 f"{_name(row)} was changed: its content no longer matches its stored hash")
         elif (mismatch := _column_mismatch(row)) is not None:
@@ -238,7 +239,8 @@ async def verify(source: ChainSource, signer: Signer | None, *,
                     f"with hash {row.prev_hash}")
             else:
                 add("reordered", row.seq, row.id, f"{_name(row)} repeats a position in the chain")
-        elif row.prev_hash != expected_prev:
+        elif row.prev_hash != expected_prev and intact:
+            # (a row whose own hash fails was changed itself, its prev_hash maybe with it)
             await _explain_link(source, row, prev, add)
 
         cp = checkpoints.get(row.seq)
