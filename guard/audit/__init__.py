@@ -1,4 +1,11 @@
-"""Audit stores: where every request's trace is kept, one hash chain per store."""
+"""Audit stores: where every request's trace is kept, one hash chain per store.
+
+`AuditStore` is what the proxy needs (write, get, query). The built-in stores (`sqlite`,
+`postgres`) also implement `guard.audit.chain.ChainSource` (chain_rows, checkpoints, chain_head,
+row_by_hash) plus `write_many`, `verify()`, and `.images` (a guard.audit.images.ImageStore or None):
+what `safeedit audit verify|export|purge` and the review pages use. Options common to both are
+documented in guard.audit.common; each store's own in its module.
+"""
 
 from __future__ import annotations
 
