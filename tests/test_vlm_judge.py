@@ -282,3 +282,92 @@ def test_the_first_decoded_token_can_be_banned_per_row() -> None:
     assert out[0, 2] == float("-inf") and torch.isfinite(out[1]).all()
     later = ban(torch.zeros((2, 6), dtype=torch.long), scores.clone())
     assert torch.isfinite(later).all()
+
+
+# --- the whole loop through the proxy ------------------------------------------------------------
+
+LOOP_POLICY = """\
+id: vlm-loop
+version: 2
+prescreen: true
+categories:
+  sexual: {{threshold: {t}, action: edit}}
+  violence: {{threshold: {t}, action: edit}}
+  minors: {{threshold: 0.9, action: refuse}}
+rounds: {{max: 2, on_exhausted: refuse}}
+"""
+
+
+def _proxy_with_vlm(proxy: Any, tmp_path: Path, model_dir: Path, threshold: float) -> str:
+    import httpx
+
+    from tests.conftest import write_policy
+
+    write_policy(tmp_path, LOOP_POLICY.format(t=threshold))
+    base = proxy(policy="vlm-loop", judge={"kind": "vlm", "model": str(model_dir),
+                                           "max_new_tokens": 6, "max_wait_ms": 2})
+    for _ in range(200):  # the model loads off the event loop; /readyz says when it is done
+        ready = httpx.get(base + "/readyz")
+        if ready.status_code == 200:
+            break
+        assert ready.json()["checks"]["judge"] is False
+        asyncio.run(asyncio.sleep(0.05))
+    assert ready.status_code == 200, ready.text
+    return base
+
+
+def _trace(base: str, trace_id: str) -> dict[str, Any]:
+    import httpx
+
+    from tests.conftest import ADMIN_KEY
+
+    r = httpx.get(f"{base}/v1/guard/traces/{trace_id}",
+                  headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _generate(base: str, body: dict[str, Any]) -> Any:
+    import httpx
+
+    from tests.conftest import CLIENT_KEY
+
+    return httpx.post(f"{base}/v1/images/generations", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {CLIENT_KEY}"})
+
+
+def test_proxy_serves_images_the_vlm_judge_finds_safe(proxy: Any, tmp_path: Path,
+                                                      half_dir: Path, fake_backend: Any) -> None:
+    base = _proxy_with_vlm(proxy, tmp_path, half_dir, threshold=0.6)
+    r = _generate(base, {"prompt": "two street cats", "n": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 2 and r.json()["guard"]["decision"] == "passed"
+    t = _trace(base, r.headers["x-guard-trace-id"])
+    assert [x["kind"] for x in t["rounds"]] == ["prescreen", "generate"]
+    judged = t["rounds"][1]["images"]
+    assert len(judged) == 2
+    for image in judged:
+        assert image["judge_id"] == "vlm:safeeditor:model"
+        assert image["scores"] == pytest.approx(dict.fromkeys(CATS, 0.5), abs=1e-5)
+        assert image["details"]["decoded_tokens"] == 0
+        assert image["details"]["batch_size"] == 2  # the request's two images, one forward pass
+    assert fake_backend[0].requests[0]["prompt"] == "two street cats"
+
+
+def test_proxy_regenerates_then_refuses_what_the_vlm_judge_keeps_flagging(
+        proxy: Any, tmp_path: Path, half_dir: Path, fake_backend: Any) -> None:
+    base = _proxy_with_vlm(proxy, tmp_path, half_dir, threshold=0.5)
+    # Prescreen and every image score 0.5 >= 0.5 on sexual and violence: edit, regenerate,
+    # still unsafe after rounds.max = 2, refused.
+    r = _generate(base, {"prompt": "a knight fighting a dragon"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "content_policy_violation"
+    t = _trace(base, r.headers["x-guard-trace-id"])
+    assert [x["kind"] for x in t["rounds"]] == ["prescreen", "generate", "generate"]
+    assert len(fake_backend[0].requests) == 2
+    for rnd in t["rounds"]:
+        [image] = rnd["images"]
+        assert image["flagged"] == ["sexual", "violence"] and image["action"] == "edit"
+        # The judge explained itself: the verdict it measured, then its own decoded words.
+        assert image["raw"].startswith("<judgement>\nsexual: yes\nviolence: yes\nminors: no\n")
+        assert image["details"]["decoded_tokens"] > 0
