@@ -91,14 +91,14 @@ def run_verify(args: argparse.Namespace) -> int:
                 print(f"safeedit: error: the {type(store).__name__} store cannot be verified",
                       file=sys.stderr)
                 return None
-            return await store.verify(), store.signer
+            return await store.verify(), store.signer, store.checkpoint_every
         finally:
             await store.aclose()
 
     result = asyncio.run(go())
     if result is None:
         return 2
-    report, signer = result
+    report, signer, every = result
     if args.json:
         print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
         return 0 if report.ok else 1
@@ -112,6 +112,10 @@ def run_verify(args: argparse.Namespace) -> int:
         last = report.last_checkpoint_seq
         print(f"checkpoints: {report.checkpoints_valid} valid signatures (key "
               f"{signer.fingerprint})" + (f", last at seq {last}" if last else ""))
+        if report.last_seq - (last or 0) >= every:
+            # Legitimate only just after signing was switched on; else checkpoints were deleted.
+            print(f"WARNING: no signed checkpoint covers seq {(last or 0) + 1}..{report.last_seq}"
+                  f", though one is due every {every} traces")
     if report.ok:
         print("OK: the chain is intact")
         return 0
