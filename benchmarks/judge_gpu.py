@@ -121,7 +121,7 @@ class QwenLikeProcessor:
             text = ["".join(part + ("<|image_pad|>" * next(counts) if i < t.count("<|image_pad|>")
                                     else "")
                             for i, part in enumerate(t.split("<|image_pad|>"))) for t in text]
-        enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt", padding=True)
+        enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         data.update(enc)
         data["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).to(torch.int32)
         return BatchFeature(data)

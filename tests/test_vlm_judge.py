@@ -371,3 +371,21 @@ def test_proxy_regenerates_then_refuses_what_the_vlm_judge_keeps_flagging(
         # The judge explained itself: the verdict it measured, then its own decoded words.
         assert image["raw"].startswith("<judgement>\nsexual: yes\nviolence: yes\nminors: no\n")
         assert image["details"]["decoded_tokens"] > 0
+
+
+def test_decoding_stops_at_the_profiles_stop_text(tiny_vlm_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from guard.judges.vlm import _StopOnText
+
+    tok = AutoTokenizer.from_pretrained(tiny_vlm_dir)
+    prompt = tok.encode("<thought>", add_special_tokens=False)
+    rows = [prompt + tok.encode(" calm</thought>\n<refined_prompt>a lake</refined_prompt>",
+                                add_special_tokens=False),
+            prompt + tok.encode(" calm</thought>\n<refined_prompt>a lake, at dawn with",
+                                add_special_tokens=False)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    stop = _StopOnText(tok, ["</refined_prompt>"], prompt_len=len(prompt))
+    assert stop(ids, None).tolist() == [True, False]
