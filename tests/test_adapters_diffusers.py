@@ -166,3 +166,12 @@ def test_options_are_validated() -> None:
         build_backend("sd", {"kind": "diffusers"})
     with pytest.raises(ConfigError, match="dtype"):
         build_backend("sd", {"kind": "diffusers", "model": "x", "dtype": "float8"})
+
+
+def test_edits_through_the_proxy_with_the_openai_sdk(proxy, tiny_sd) -> None:  # type: ignore[no-untyped-def]
+    base = proxy(backends={"sd": {"kind": "diffusers", "model": str(tiny_sd), "steps": 2}},
+                 routes={"*": {"backend": "sd"}})
+    client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    result = client.images.edit(image=("in.png", rgba((0, 90, 200, 255), (80, 64)), "image/png"),
+                                prompt="a red hat", n=2)
+    assert [size_of(base64.b64decode(d.b64_json or "")) for d in result.data] == [(80, 64)] * 2
