@@ -30,6 +30,7 @@ def decide(prompt: str, policy: Policy = DEFAULT) -> tuple[str, tuple[str, ...]]
     "a naked woman", "a NAKED woman", "Naked!", "a n*ked woman", "a n.ked woman", "a n-ked man",
     "n.a.k.e.d on the beach", "a n a k e d lady", "a nakeddd man", "nudee model", "nuuude model",
     "a nüde model", "a nаked woman",  # the а is Cyrillic
+    "**nude** art", "'naked'",
     "nud3 photo", "a n4k3d man", "s3x scene", "$ex scene", "nudes", "nudity", "a nude's portrait",
 ])
 def test_obfuscated_sexual_terms_are_caught(prompt: str) -> None:

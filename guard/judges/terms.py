@@ -135,9 +135,9 @@ def _tokens(text: str) -> tuple[list[_Token], list[tuple[str, int, int]]]:
     joined: list[tuple[str, int, int]] = []
     for m in _RAW_WORD.finditer(text):
         raw, start = m.group(0), m.start()
-        # Sentence punctuation and quotes around a word are not part of it.
-        lead = len(raw) - len(raw.lstrip(".-'’!_"))
-        raw = raw.strip(".-'’!_")
+        # Sentence punctuation, quotes and *emphasis* around a word are not part of it.
+        lead = len(raw) - len(raw.lstrip(".-'’!_*"))
+        raw = raw.strip(".-'’!_*")
         start += lead
         if not raw:
             continue
