@@ -198,7 +198,8 @@ class RemoteJudge:
             thought, refined = reasons.thought, reasons.refined_prompt
             if not reasons.ok:
                 details["explain_parse_error"] = reasons.error
-        details.update(requests=stats.requests, retries=stats.retries, tokens=stats.tokens)
+        details.update(requests=stats.requests, retries=stats.retries,
+                       decoded_tokens=stats.tokens)
         return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
                        raw=raw, latency_ms=(time.perf_counter() - t0) * 1000.0, details=details)
 

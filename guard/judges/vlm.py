@@ -167,6 +167,8 @@ class VLMJudge:
         if options.adapter:
             name += "+" + (Path(options.adapter).name or options.adapter)
         self.id = options.id or f"vlm:{options.profile}:{name}"
+        if (model is None) != (processor is None):
+            raise TypeError("pass both a loaded model and its processor, or neither")
         self._given = (model, processor) if model is not None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-judge")
         self._loading: Future[_Loaded] | None = None
@@ -262,9 +264,12 @@ class VLMJudge:
         cache = opts.cache_implementation
         if cache == "auto":
             cache = "static" if torch.device(device).type == "cuda" else "dynamic"
-        log.info("vlm judge %s loaded on %s (%s) in %.1f s", self.id, device, dtype,
+        # Inputs follow the model wherever it actually is (a given model, a device map).
+        where = torch.device(getattr(model, "device", device))
+        dtype = getattr(model, "dtype", dtype)
+        log.info("vlm judge %s loaded on %s (%s) in %.1f s", self.id, where, dtype,
                  time.perf_counter() - t0)
-        return _Loaded(model, processor, tokenizer, torch.device(device), dtype,
+        return _Loaded(model, processor, tokenizer, where, dtype,
                        None if cache == "dynamic" else cache)
 
     def _loaded(self) -> _Loaded:
@@ -331,8 +336,7 @@ class VLMJudge:
         from PIL import Image
 
         try:
-            image = Image.open(io.BytesIO(item.image.data))
-            image = image.convert("RGB")
+            image = Image.open(io.BytesIO(item.image.data)).convert("RGB")
         except Exception as exc:
             raise JudgeError(f"vlm judge cannot read the image: {exc}") from exc
         side = self.options.max_image_side
