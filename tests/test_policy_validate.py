@@ -97,6 +97,17 @@ def test_yaml_syntax_error_points_at_the_line(folder: Path,
     assert "not valid YAML: while parsing a flow mapping (line 4)" in lines[0]
 
 
+def test_a_pattern_that_is_not_a_regular_expression_is_an_error(
+        folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = folder / "regex.yaml"
+    bad.write_text("id: regex\nversion: 1\nextends: base\nterms:\n  violence:\n"
+                   "    patterns: ['ok\\b', '(unclosed']\n")
+    code, lines = run(capsys, "validate", str(bad))
+    assert code == 1
+    assert lines == [f"{bad}:6:24: error: terms.violence.patterns[1]: not a valid regular "
+                     "expression: missing ), unterminated subpattern at position 0"]
+
+
 def test_an_error_in_the_parent_is_reported_in_the_parent_file(
         folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (folder / "base.yaml").write_text(BASE.replace("action: refuse}", "action: block}", 1))

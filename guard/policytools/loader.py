@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,7 @@ def resolve(pid: str, sources: Mapping[str, Source]) -> tuple[Policy | None, lis
         if key in chain[0].raw:
             merged[key] = chain[0].raw[key]
     problems += _unknown_categories(merged, chain)
+    problems += _bad_patterns(merged, chain)
     try:
         policy = Policy.model_validate(merged)
     except ValidationError as exc:
@@ -276,6 +278,24 @@ def _unknown_categories(merged: Mapping[str, Any], chain: Sequence[Source]) -> l
                 out.append((origin(chain, loc) or where).problem(
                     loc, f"'{required}' is not a category of this policy"
                          f"{_suggest(required, categories)}; categories: {known}"))
+    return out
+
+
+def _bad_patterns(merged: Mapping[str, Any], chain: Sequence[Source]) -> list[Problem]:
+    # A pattern that does not compile would only fail when the judge first uses the policy.
+    terms = merged.get("terms")
+    out: list[Problem] = []
+    for name, entry in (terms.items() if isinstance(terms, Mapping) else ()):
+        patterns = entry.get("patterns") if isinstance(entry, Mapping) else None
+        for i, pattern in enumerate(patterns if isinstance(patterns, list) else []):
+            if not isinstance(pattern, str):
+                continue
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                loc = ("terms", name, "patterns", i)
+                out.append((origin(chain, loc) or chain[0]).problem(
+                    loc, f"not a valid regular expression: {exc}"))
     return out
 
 
