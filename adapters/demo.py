@@ -50,7 +50,7 @@ class DemoBackend:
                    mask: bytes | None) -> list[GeneratedImage]:
         self.calls += 1
         try:
-            source = Image.open(io.BytesIO(images[0]))
+            source: Image.Image = Image.open(io.BytesIO(images[0]))
             source.load()
         except (IndexError, OSError, ValueError) as exc:
             raise BackendRejected(f"backend {self.name!r} cannot read the input image",

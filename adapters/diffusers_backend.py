@@ -31,6 +31,8 @@ Options:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import io
 import logging
 from collections.abc import Callable, Mapping
@@ -41,7 +43,13 @@ from PIL import Image
 from pydantic import Field
 
 from adapters.options import Options, parse_options
-from guard.errors import BackendError, BackendRateLimited, BackendRejected, GuardError
+from guard.errors import (
+    BackendError,
+    BackendRateLimited,
+    BackendRejected,
+    ConfigError,
+    GuardError,
+)
 from guard.types import GeneratedImage, GenerationCall
 
 log = logging.getLogger("safeedit.backends")
@@ -82,14 +90,19 @@ class DiffusersBackend:
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> DiffusersBackend:
-        return cls(name, parse_options(DiffusersOptions, name, "diffusers", options))
+        opts = parse_options(DiffusersOptions, name, "diffusers", options)
+        missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"backend {name!r} (diffusers) needs {' and '.join(missing)} "
+                              "installed")
+        return cls(name, opts)
 
     # --- the queue ------------------------------------------------------------------------
 
     async def _run(self, job: Callable[[], T]) -> T:
         if self._queued > self.options.max_queue:
-            raise BackendRateLimited(f"backend {self.name!r} has {self._queued} requests "
-                                     "waiting", headers={"retry-after": "1"})
+            raise BackendRateLimited(f"backend {self.name!r} is busy ({self._queued} requests "
+                                     "queued)", headers={"retry-after": "1"})
         self._queued += 1
         try:
             # Cancelling the wait takes a job that has not started out of the queue.
@@ -99,10 +112,8 @@ class DiffusersBackend:
 
     async def start(self) -> None:
         """Load the model off the event loop (the proxy calls this at start-up)."""
-        try:
+        with contextlib.suppress(BackendError):  # logged where it happened; /readyz says false
             await self._run(self._pipe)
-        except BackendError as exc:
-            log.error("%s", exc.message)
 
     async def ready(self) -> bool:
         return "text2image" in self._pipes

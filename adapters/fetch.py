@@ -31,7 +31,7 @@ import io
 import ipaddress
 import socket
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 from PIL import Image
@@ -42,7 +42,6 @@ from guard.errors import BackendError
 from guard.types import GeneratedImage, decode_b64
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _BINARY_TYPES = ("application/octet-stream", "binary/octet-stream")
@@ -83,11 +82,9 @@ async def _resolve(host: str, port: int) -> list[str]:
 class ImageFetcher:
     """Fetches image URLs for one backend under its UrlPolicy."""
 
-    def __init__(self, backend: str, policy: UrlPolicy | None = None, *,
-                 resolver: Resolver | None = None) -> None:
+    def __init__(self, backend: str, policy: UrlPolicy | None = None) -> None:
         self.backend = backend
         self.policy = policy or UrlPolicy()
-        self._resolve = resolver or _resolve
         # trust_env=False: an HTTP proxy from the environment would resolve names itself and
         # undo the address check.
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
@@ -125,7 +122,7 @@ class ImageFetcher:
             port = url.port or (443 if url.scheme == "https" else 80)
             try:
                 addresses = [ipaddress.ip_address(a.split("%", 1)[0])
-                             for a in await self._resolve(host, port)]
+                             for a in await _resolve(host, port)]
             except OSError as exc:
                 raise self._error(f"names a host that does not resolve ({host})") from exc
         if not addresses:

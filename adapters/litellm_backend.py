@@ -120,7 +120,7 @@ class LiteLLMBackend:
         if opts.api_version:
             kwargs["api_version"] = opts.api_version
         provider = model.split("/", 1)[0] if "/" in model else "openai"
-        fmt = opts.response_format
+        fmt: str | None = opts.response_format
         if fmt == "auto":
             fmt = wants_b64(fmt, model) if provider in _B64_PROVIDERS else None
         extra_body = dict(call.extra)

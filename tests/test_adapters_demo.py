@@ -33,6 +33,7 @@ async def test_edit_draws_the_prompt_over_a_copy_of_the_input() -> None:
 
 async def test_edit_honours_size_and_format_and_refuses_unreadable_input() -> None:
     backend = build_backend("demo", {"kind": "demo"})
+    assert isinstance(backend, EditingBackend)
     (image,) = await backend.edit(GenerationCall(prompt="x", n=1, size="256x128",
                                                  output_format="jpeg"),
                                   [picture((0, 0, 255))], None)

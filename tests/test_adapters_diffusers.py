@@ -54,8 +54,8 @@ def test_generates_through_the_proxy_with_the_openai_sdk(proxy, tiny_sd) -> None
                  routes={"*": {"backend": "sd"}})
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
     result = client.images.generate(prompt="a lighthouse at sunset", n=2, size="64x64")
-    assert len(result.data) == 2
-    pictures = [base64.b64decode(d.b64_json or "") for d in result.data]
+    pictures = [base64.b64decode(d.b64_json or "") for d in result.data or []]
+    assert len(pictures) == 2
     assert [size_of(p) for p in pictures] == [(64, 64), (64, 64)]
     assert pictures[0] != pictures[1]
     assert httpx.get(base + "/readyz").json()["checks"]["backend:sd"] is True
@@ -113,7 +113,7 @@ async def test_quality_and_steps_choose_the_number_of_steps(tiny_sd) -> None:  #
 async def test_one_pipeline_serves_concurrent_requests_in_turn(tiny_sd) -> None:  # type: ignore[no-untyped-def]
     backend = make(tiny_sd)
     calls = [call(2, prompt=p, extra={"seed": i}) for i, p in
-             enumerate(["a red cat", "a blue dog", "a tree", "a house", "the sky"])]
+             enumerate(["a red cat", "a blue dog", "a tree"])]
     alone = [[i.data for i in await backend.generate(c)] for c in calls]
     together = await asyncio.gather(*(backend.generate(c) for c in calls))
     assert [[i.data for i in r] for r in together] == alone
@@ -174,4 +174,4 @@ def test_edits_through_the_proxy_with_the_openai_sdk(proxy, tiny_sd) -> None:  #
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
     result = client.images.edit(image=("in.png", rgba((0, 90, 200, 255), (80, 64)), "image/png"),
                                 prompt="a red hat", n=2)
-    assert [size_of(base64.b64decode(d.b64_json or "")) for d in result.data] == [(80, 64)] * 2
+    assert [size_of(base64.b64decode(d.b64_json or "")) for d in result.data or []] == [(80, 64)] * 2

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from adapters import Backend, EditingBackend, build_backend
+from adapters.litellm_backend import LiteLLMBackend
 from guard.errors import (
     BackendError,
     BackendRateLimited,
@@ -244,6 +245,7 @@ async def test_edit_sends_images_and_mask_as_multipart(server, kind) -> None:  #
 async def test_edit_is_retried_like_generate(server, kind) -> None:  # type: ignore[no-untyped-def]
     server.fail_first = 1
     backend = make(kind, server.base_url + "/v1", retry={"attempts": 2, **FAST})
+    assert isinstance(backend, EditingBackend)
     try:
         images = await backend.edit(GenerationCall(prompt="add a hat", n=1, model="sd"),
                                     [png()], None)
@@ -282,7 +284,8 @@ def test_litellm_reads_provider_credentials_from_named_variables(monkeypatch) ->
         "credentials_env": {"aws_access_key_id": "TEST_AWS_ID",
                             "aws_secret_access_key": "TEST_AWS_SECRET"},
         "extra": {"aws_region_name": "eu-west-1"}})
-    kwargs = backend._kwargs(GenerationCall(prompt="a cat", n=1), ())  # type: ignore[attr-defined]
+    assert isinstance(backend, LiteLLMBackend)
+    kwargs = backend._kwargs(GenerationCall(prompt="a cat", n=1), ())
     assert kwargs["aws_access_key_id"] == "AKIDEXAMPLE"
     assert kwargs["aws_secret_access_key"] == "wJalrXUtnFEMI"
     assert kwargs["aws_region_name"] == "eu-west-1"
