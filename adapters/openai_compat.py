@@ -35,6 +35,7 @@ from pydantic import Field
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
 from adapters.retry import Caller, RetryPolicy
+from guard import b64json
 from guard.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
 from guard.types import GeneratedImage, GenerationCall
 
@@ -143,7 +144,7 @@ class OpenAICompatBackend:
                                   code=_error_code(response) or "backend_rejected",
                                   param=_error_param(response))
         try:
-            data = orjson.loads(response.content)["data"]
+            data = b64json.loads(response.content)["data"]
             if not isinstance(data, list):
                 raise TypeError("data is not a list")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
