@@ -12,8 +12,9 @@ FLOP is real) and runs the judge's own code (guard.judges.vlm.VLMJudge, profile 
   nothing decoded. Batch 1 and 4.
 - refine path: the same, then the explanation decoded for every image (the policy's thresholds
   are 0), `--refine-tokens` tokens (default 40, about a refined prompt). Batch 1 and 4.
-- reference: plain `model.generate` of 128 tokens at batch 1 (dynamic cache), to compare the
-  machine with the design notes (7B on one H100: prefill 0.19 s, +128 tokens 4.3 s).
+- reference (run first, before the judge batches the vision tower's attention windows): plain
+  `model.generate` of 1 and 128 tokens at batch 1 (dynamic cache), to compare the machine with
+  the design notes (7B on one H100: prefill 0.19 s, +128 tokens 4.3 s).
 
 Targets (real sizes): safe path <= 0.25 s per image at batch 1 and <= 0.1 s per image at batch 4;
 refine path <= 1.0 s per image. Each row is the median of `--repeats` timed calls after warm-up
@@ -242,6 +243,12 @@ async def run_size(size: str, args: argparse.Namespace, device: str, dtype: Any,
     print(f"# {size}: {params:.2f} B parameters, built in {time.perf_counter() - t0:.1f} s "
           f"on {device} ({dtype}), attention {model.config._attn_implementation}", flush=True)
     images = make_images(4, args.image_size)
+    if not args.no_reference:  # before the judge changes the vision tower's attention
+        ref = reference(model, processor, images[0], args.reference_tokens)
+        rows.append({"size": size, "path": "reference", **ref})
+        print(f"{size:>5} reference: {ref['image_tokens']:.0f} image tokens, plain transformers "
+              "generate: " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()
+                                       if k != "image_tokens"), flush=True)
     caches = [args.cache]
     plan = [("safe", 1.0, args.max_image_side), ("refine", 0.0, args.max_image_side)]
     plan += [("safe", 1.0, side) for side in args.extra_sides]
@@ -252,7 +259,8 @@ async def run_size(size: str, args: argparse.Namespace, device: str, dtype: Any,
                                      max_batch=max(args.batches), max_wait_ms=0,
                                      max_new_tokens=args.refine_tokens,
                                      cache_implementation=cache, device=device,
-                                     max_image_side=side)
+                                     max_image_side=side,
+                                     vision_attention=args.vision_attention)
                 judge = VLMJudge(options, model=model, processor=processor)
                 await judge.start()
                 label = path
@@ -278,12 +286,6 @@ async def run_size(size: str, args: argparse.Namespace, device: str, dtype: Any,
                        "ok": None if target is None else result["s_per_image"] <= target}
                 rows.append(row)
                 print(fmt(row), flush=True)
-    if not args.no_reference:
-        ref = reference(model, processor, images[0], args.reference_tokens)
-        rows.append({"size": size, "path": "reference", **ref})
-        print(f"{size:>5} reference: {ref['image_tokens']:.0f} image tokens, plain generate: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in ref.items() if k != "image_tokens"),
-              flush=True)
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -317,6 +319,8 @@ def main() -> int:
                              "(default 672; none with --tiny)")
     parser.add_argument("--attn", default=None,
                         help="attn_implementation for the model (sdpa, flash_attention_2, ...)")
+    parser.add_argument("--vision-attention", choices=["auto", "model"], default="auto",
+                        help="the judge's vision_attention option (auto: batched windows)")
     parser.add_argument("--refine-tokens", type=int, default=40)
     parser.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
     parser.add_argument("--warmups", type=int, default=2)

@@ -389,3 +389,42 @@ def test_decoding_stops_at_the_profiles_stop_text(tiny_vlm_dir: Path) -> None:
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
     stop = _StopOnText(tok, ["</refined_prompt>"], prompt_len=len(prompt))
     assert stop(ids, None).tolist() == [True, False]
+
+
+# --- a Qwen2.5-VL-style model (the benchmark's tiny configuration) -------------------------------
+
+def _tiny_qwen() -> tuple[Any, Any]:
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from judge_gpu import QwenLikeProcessor, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    return build_model("tiny", tok, "cpu", torch.float32, None), QwenLikeProcessor(tok)
+
+
+async def test_qwen_style_model_batched_vision_windows_and_padding_change_nothing() -> None:
+    from guard.judges.vlm import VLMOptions
+
+    pol = policy(1.0)
+    # 500 px: the vision tower's attention windows do not all have the same size.
+    items = [item("a knight fighting a dragon", png("red", (500, 500))),
+             item("a quiet lake at dawn"), item("two cats", png("blue", (300, 200)))]
+    results = {}
+    for mode in ("auto", "model"):
+        model, processor = _tiny_qwen()  # same seed, same weights
+        judge = VLMJudge(VLMOptions(model="tiny-qwen", vision_attention=mode),
+                         model=model, processor=processor)
+        await judge.start()
+        expected_impl = "flash_padded_sdpa" if mode == "auto" else "sdpa"
+        assert model.config.vision_config._attn_implementation == expected_impl
+        together = await judge.judge(items, pol)
+        alone = [(await judge.judge([it], pol))[0] for it in items]
+        for a, b in zip(together, alone, strict=True):  # left padding, 3D rope: no effect
+            assert a.scores == pytest.approx(b.scores, abs=1e-5)
+        results[mode] = [v.scores for v in together]
+        await judge.aclose()
+    for a, b in zip(results["auto"], results["model"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
