@@ -77,8 +77,12 @@ class Probe:
 
     @property
     def has_image(self) -> bool:
-        return any(part.get("type") == "image" for m in self.messages
-                   if isinstance(m["content"], list) for part in m["content"])
+        return has_image(self.messages)
+
+
+def has_image(messages: Sequence[Message]) -> bool:
+    return any(part.get("type") == "image" for m in messages
+               if isinstance(m["content"], list) for part in m["content"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,6 +577,6 @@ def merge_scores(measured: Mapping[str, float | None], parsed: Parsed,
 
 __all__ = [
     "PROFILES", "Explain", "Message", "Parsed", "Probe", "Profile", "RemotePlan", "Slot",
-    "SlotProbs", "get_profile", "merge_scores", "parse_ipr", "parse_llavaguard",
+    "SlotProbs", "get_profile", "has_image", "merge_scores", "parse_ipr", "parse_llavaguard",
     "parse_safeeditor", "parse_shieldgemma2", "unsafe_everywhere",
 ]

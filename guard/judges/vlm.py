@@ -69,7 +69,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guard.errors import ConfigError, JudgeError
 from guard.judges.batching import MicroBatcher
-from guard.judges.profiles import Explain, Message, Probe, Profile, Slot, get_profile
+from guard.judges.profiles import (
+    Explain,
+    Message,
+    Probe,
+    Profile,
+    Slot,
+    get_profile,
+    has_image,
+)
 from guard.policy import Policy
 from guard.types import JudgeInput, Verdict
 
@@ -383,10 +391,8 @@ class VLMJudge:
 
     def _encode_prompt(self, messages: Sequence[Message], image: Any) -> _Encoded:
         loaded = self._loaded()
-        wants_image = any(part.get("type") == "image" for m in messages
-                          if isinstance(m["content"], list) for part in m["content"])
         kwargs: dict[str, Any] = {"return_tensors": "pt", "add_special_tokens": False}
-        if wants_image and image is not None:
+        if image is not None and has_image(messages):
             kwargs["images"] = [image]
         # Called from several threads at once: safe because every call uses the same settings
         # (one text, no padding, no truncation), so the fast tokenizer's state never changes.
