@@ -164,6 +164,30 @@ async def test_unsafe_items_get_a_decoded_explanation(half_dir: Path, make_judge
     assert verdict.scores == pytest.approx({"violence": 0.5, "minors": 0.5}, abs=1e-6)
 
 
+async def test_a_failing_static_cache_falls_back_to_the_dynamic_cache(
+        half_dir: Path, make_judge: Any) -> None:
+    # On an H100 (torch 2.11) the compiled static-cache path raised inside generate for a new
+    # batch size; here the real model's generate fails the same way whenever it is asked for it.
+    judge = await make_judge(half_dir, max_new_tokens=4, cache_implementation="static")
+    model = judge.model
+    real_generate = model.generate
+    caches: list[str | None] = []
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        caches.append(kwargs.get("cache_implementation"))
+        if kwargs.get("cache_implementation") == "static":
+            raise TypeError("'_contextvars.Context' object does not support the context manager")
+        return real_generate(*args, **kwargs)
+
+    model.generate = generate
+    pol = Policy.model_validate({"id": "t", "version": 1, "categories": {
+        "violence": {"threshold": 0.5, "action": "edit"}}})
+    [first] = await judge.judge([item(image=png("red"))], pol)
+    [second] = await judge.judge([item(image=png("blue"))], pol)
+    assert caches == ["static", None, None]  # tried once, then dynamic for good
+    assert first.details["decoded_tokens"] >= 1 and second.details["decoded_tokens"] >= 1
+
+
 async def test_explain_always_decodes_safe_items_too(half_dir: Path, make_judge: Any) -> None:
     judge = await make_judge(half_dir, explain="always")
     [verdict] = await judge.judge([item()], policy(0.9))

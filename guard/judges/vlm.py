@@ -184,6 +184,9 @@ class VLMJudge:
         self._given = (model, processor) if model is not None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-judge")
         self._loading: Future[_Loaded] | None = None
+        # Set when decoding with the static KV cache failed once (seen on an H100 with torch
+        # 2.11: inductor's recompile for a new batch size raised inside generate).
+        self._static_cache_failed = False
         self._scorer: MicroBatcher[_Prepared, _Scored] = MicroBatcher(
             self._score_batch, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms,
             executor=self._executor)
@@ -473,7 +476,7 @@ class VLMJudge:
             "max_new_tokens": self.options.max_new_tokens, "do_sample": False, "num_beams": 1,
             "pad_token_id": _pad_id(tok),
         }
-        if loaded.cache_implementation:
+        if loaded.cache_implementation and not self._static_cache_failed:
             kwargs["cache_implementation"] = loaded.cache_implementation
             if self.options.max_cache_len:
                 kwargs["max_cache_len"] = self.options.max_cache_len
@@ -483,8 +486,22 @@ class VLMJudge:
         banned = [job.banned for job in batch]
         if any(banned):
             kwargs["logits_processor"] = LogitsProcessorList([_BanFirst(banned, prompt_len)])
-        with torch.inference_mode():
-            out = loaded.model.generate(**inputs, **kwargs)
+        try:
+            with torch.inference_mode():
+                out = loaded.model.generate(**inputs, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiled path
+            if "cache_implementation" not in kwargs:
+                raise
+            # The static cache is a speed-up, not a requirement: decode this batch and every
+            # later one with the dynamic cache rather than failing the request.
+            log.warning("decoding with the %s KV cache failed (%s: %s); using the dynamic "
+                        "cache from now on", kwargs["cache_implementation"],
+                        type(exc).__name__, exc)
+            self._static_cache_failed = True
+            kwargs.pop("cache_implementation")
+            kwargs.pop("max_cache_len", None)
+            with torch.inference_mode():
+                out = loaded.model.generate(**inputs, **kwargs)
         new = out[:, prompt_len:].tolist()
         decode_ms = (time.perf_counter() - t0) * 1000.0
         eos = _eos_ids(loaded)
