@@ -291,7 +291,12 @@ async def _stream(state: GuardState, trace: Trace, started: float, job: Job, pol
                     break
                 yield b": judging\n\n"
         except BaseException:
-            task.cancel()  # the client went away: stop spending on it
+            # The client went away: stop spending on it, and still leave its trace.
+            task.cancel()
+            gone = _failure(trace, RequestError(
+                "The client closed the stream before the images were judged.", status=499,
+                code="client_closed_request"))
+            await asyncio.shield(_record(state, trace, started, gone, span))
             raise
         result = task.result()
         await _record(state, trace, started, result, span)

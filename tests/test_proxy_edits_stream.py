@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -10,7 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import CLIENT_KEY, write_policy
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
 from tests.fake_backend import png
 from tests.test_proxy import E2E_POLICY, check_schema, sdk, trace
 
@@ -130,3 +131,23 @@ def test_stream_edit(e2e) -> None:  # type: ignore[no-untyped-def]
     base, _ = e2e
     events = list(sdk(base).images.edit(image=png_file(), prompt="add a hat", stream=True))
     assert [e.type for e in events] == ["image_edit.completed"]
+
+
+def test_stream_closed_by_the_client_still_leaves_a_trace(e2e) -> None:  # type: ignore[no-untyped-def]
+    base, backend = e2e
+    backend.mode = "hang"
+    with httpx.stream("POST", f"{base}/v1/images/generations", timeout=30,
+                      json={"prompt": "a cat", "stream": True},
+                      headers={"authorization": f"Bearer {CLIENT_KEY}"}) as r:
+        trace_id = r.headers["x-guard-trace-id"]
+        while not backend.requests:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while True:
+        found = httpx.get(f"{base}/v1/guard/traces/{trace_id}",
+                          headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        if found.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert found.status_code == 200
+    assert found.json()["status"] == 499 and found.json()["decision"] == "failed"
