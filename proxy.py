@@ -338,7 +338,10 @@ def _call(req: ImageGenerationRequest) -> GenerationCall:
     return GenerationCall(prompt=req.prompt, n=req.count, model=req.model, size=req.size,
                           quality=req.quality, style=req.style, output_format=req.output_format,
                           output_compression=req.output_compression, background=req.background,
-                          moderation=req.moderation, user=req.user)
+                          moderation=req.moderation, user=req.user,
+                          # Fields the guard does not know go on to the backend, as a plain proxy
+                          # would pass them (seed and steps for a diffusers backend, say).
+                          extra=dict(req.model_extra or {}))
 
 
 def _request_record(job: Job) -> dict[str, Any]:

@@ -199,6 +199,7 @@ def test_unknown_fields_are_tolerated(e2e) -> None:  # type: ignore[no-untyped-d
     assert r.status_code == 200
     assert trace(base, r.headers["x-guard-trace-id"])["request"]["unknown_fields"] == \
         ["future_field"]
+    assert e2e[1].requests[0]["future_field"] == {"x": 1}  # passed on to the backend
 
 
 @pytest.mark.parametrize("key, status, code", [
