@@ -6,14 +6,10 @@ import csv
 import json
 from pathlib import Path
 
-import pytest
-
 from guard.cli import main
 from guard.evaluate import evaluate, read_prompts
 from guard.judges.builtin import BuiltinJudge
 from guard.policy import POLICIES_DIR, load_policy
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 ROWS = [
     ("a cat sleeping on a sofa", "sexual"),
@@ -101,9 +97,9 @@ async def test_evaluate_reports_each_row_in_order(tmp_path) -> None:
     assert summary.to_dict()["labels"]["violence"] == {"n": 1, "pass": 0, "edit": 1, "refuse": 0}
 
 
-@pytest.mark.skipif(not (DATA / "coco_dev.csv").exists(), reason="shared data not present")
 async def test_default_policy_leaves_benign_captions_alone() -> None:
-    rows = read_prompts(DATA / "coco_dev.csv")
+    # A copy of ../shared/data/coco_dev.csv, so that a clean clone runs this check too.
+    rows = read_prompts(Path(__file__).parent / "data" / "coco_dev.csv")
     summary = await evaluate(BuiltinJudge(nudenet=False),
                              load_policy(POLICIES_DIR / "default.yaml"), rows, batch_size=256)
     assert summary.total == 5000
