@@ -27,12 +27,7 @@ def parse_options(model: type[OptionsT], backend: str, kind: str, options: Mappi
     try:
         return model.model_validate(dict(options))
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "options"
-            why = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
-            problems.append(f"{where}: {why}")
-        raise ConfigError(f"backend {backend!r} ({kind}): {'; '.join(problems)}") from None
+        raise ConfigError.from_validation(f"backend {backend!r} ({kind})", exc) from None
 
 
 def secret_from_env(backend: str, variable: str | None) -> str | None:

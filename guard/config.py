@@ -132,6 +132,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}"
-                        for e in exc.errors())
-        raise ConfigError(f"{path or 'config'}: {msg}") from exc
+        raise ConfigError.from_validation(str(path or "config"), exc) from exc

@@ -121,3 +121,14 @@ class JudgeError(GuardError):
 class ConfigError(GuardError):
     status = 500
     code = "config_error"
+
+    @classmethod
+    def from_validation(cls, what: str, exc: Any) -> ConfigError:
+        """One line per problem of a pydantic ValidationError, naming the option, never its
+        value: a misplaced secret must not end up in a start-up log."""
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "(top)"
+            why = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}: {why}")
+        return cls(f"{what}: {'; '.join(problems)}")

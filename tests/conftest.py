@@ -74,6 +74,30 @@ def proxy(tmp_path: Path, fake_backend: tuple[FakeBackend, str]) -> Iterator[Pro
     stack.close()
 
 
+# A policy for end-to-end tests, with its own words so that tests do not depend on the shipped
+# term lists: "bloodbath" is violence (edited), "hateflag" is hate (refused).
+E2E_POLICY = """
+id: e2e
+version: 7
+extends: default
+terms:
+  violence:
+    strong: [bloodbath]
+    rewrites: {bloodbath: water balloon party}
+    append: ""
+  hate:
+    strong: [hateflag]
+"""
+
+
+@pytest.fixture
+def e2e(proxy: ProxyFactory, tmp_path: Path,
+        fake_backend: tuple[FakeBackend, str]) -> tuple[str, FakeBackend]:
+    """The proxy in front of the fake backend under the E2E_POLICY; (base URL, backend)."""
+    write_policy(tmp_path, E2E_POLICY)
+    return proxy(policy="e2e"), fake_backend[0]
+
+
 def write_policy(directory: Path, text: str) -> None:
     import yaml
 

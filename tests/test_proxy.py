@@ -14,23 +14,18 @@ import openai
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.conftest import ADMIN_KEY, AUDITOR_KEY, CLIENT_KEY, OTHER_AUDITOR_KEY, write_policy
+from tests.conftest import (
+    ADMIN_KEY,
+    AUDITOR_KEY,
+    CLIENT_KEY,
+    E2E_POLICY,
+    OTHER_AUDITOR_KEY,
+    write_policy,
+)
 
 # A copy of ../shared/data/openai_images_openapi.json (OpenAI, MIT), so a clean clone has it.
 OPENAPI = json.loads((Path(__file__).parent / "data/openai_images_openapi.json").read_text())
 
-E2E_POLICY = """
-id: e2e
-version: 7
-extends: default
-terms:
-  violence:
-    strong: [bloodbath]
-    rewrites: {bloodbath: water balloon party}
-    append: ""
-  hate:
-    strong: [hateflag]
-"""
 
 
 def check_schema(name: str, body: Any) -> None:
@@ -53,12 +48,6 @@ def generate(base: str, body: dict[str, Any], key: str = CLIENT_KEY,
              **kw: Any) -> httpx.Response:
     return httpx.post(f"{base}/v1/images/generations", json=body,
                       headers={"authorization": f"Bearer {key}"}, timeout=30, **kw)
-
-
-@pytest.fixture
-def e2e(proxy, tmp_path: Path, fake_backend):  # type: ignore[no-untyped-def]
-    write_policy(tmp_path, E2E_POLICY)
-    return proxy(policy="e2e"), fake_backend[0]
 
 
 def test_safe_prompt_passes_untouched_in_one_round(e2e) -> None:  # type: ignore[no-untyped-def]

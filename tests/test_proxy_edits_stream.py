@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, E2E_POLICY, write_policy
 from tests.fake_backend import png
-from tests.test_proxy import E2E_POLICY, check_schema, sdk, trace
+from tests.test_proxy import check_schema, sdk, trace
 
 
 def png_file(colour: str = "blue", name: str = "in.png") -> tuple[str, bytes, str]:
     return (name, png(colour), "image/png")
-
-
-@pytest.fixture
-def e2e(proxy, tmp_path: Path, fake_backend):  # type: ignore[no-untyped-def]
-    write_policy(tmp_path, E2E_POLICY)
-    return proxy(policy="e2e"), fake_backend[0]
 
 
 def test_edit_safe_image_passes(e2e) -> None:  # type: ignore[no-untyped-def]

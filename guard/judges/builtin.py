@@ -182,9 +182,7 @@ class BuiltinJudge:
         try:
             opts = _Options.model_validate(dict(options))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                 for e in exc.errors())
-            raise ConfigError(f"judge (builtin): {problems}") from exc
+            raise ConfigError.from_validation("judge (builtin)", exc) from exc
         return cls(**opts.model_dump())
 
     # --- lifecycle -----------------------------------------------------------------------

@@ -118,9 +118,7 @@ class RemoteJudge:
         try:
             return cls(RemoteOptions.model_validate(dict(options)))
         except ValidationError as exc:
-            msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}"
-                            for e in exc.errors())
-            raise ConfigError(f"judge (remote): {msg}") from exc
+            raise ConfigError.from_validation("judge (remote)", exc) from exc
 
     def __repr__(self) -> str:  # never the key
         return f"RemoteJudge(id={self.id!r}, api_base={self.options.api_base!r})"

@@ -199,9 +199,7 @@ class VLMJudge:
         try:
             return cls(VLMOptions.model_validate(dict(options)))
         except ValidationError as exc:
-            msg = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}"
-                            for e in exc.errors())
-            raise ConfigError(f"judge (vlm): {msg}") from exc
+            raise ConfigError.from_validation("judge (vlm)", exc) from exc
 
     # --- lifecycle ------------------------------------------------------------------------------
 
