@@ -2,6 +2,8 @@
 
 One run, side by side, against a local fake backend answering a 1024x1024 PNG (~2 MB):
   direct       client -> backend
+  relay        client -> a 12-line Starlette + httpx relay (benchmarks/min_relay.py) -> backend:
+               the floor of any Python relay of these bodies on this machine
   passthrough  client -> proxy (guard.enabled: false) -> backend
   builtin      client -> proxy (builtin judge: prescreen + NudeNet on every image) -> backend
 at concurrency 1 and 16. Prints p50/p99 latency, added latency over direct, and the proxy's
@@ -115,6 +117,12 @@ def main() -> int:
         backend_url = f"http://127.0.0.1:{bport}/v1"
         wait_up(f"http://127.0.0.1:{bport}/v1/images/generations")
         targets: dict[str, tuple[str, psutil.Process | None]] = {"direct": (backend_url, None)}
+        rport = free_port()
+        relay = subprocess.Popen([PY, str(ROOT / "benchmarks/min_relay.py"), str(rport),
+                                  backend_url])
+        procs.append(relay)
+        wait_up(f"http://127.0.0.1:{rport}/readyz")
+        targets["relay"] = (f"http://127.0.0.1:{rport}/v1", psutil.Process(relay.pid))
         for name, enabled in (("passthrough", False), ("builtin", True)):
             proc, url = start_proxy(backend_url, tmp, enabled)
             procs.append(proc)
