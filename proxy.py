@@ -33,6 +33,7 @@ from guard.errors import (
     GuardError,
     NotFound,
     PayloadTooLarge,
+    PermissionDenied,
     RequestError,
 )
 from guard.images import ImageCache
@@ -73,8 +74,7 @@ class GuardState:
         policies = self.policies  # one reference per request: a reload swaps the whole set
         if requested:
             if not principal.may_choose_policy:
-                raise GuardError("This key may not choose its policy.", status=403,
-                                 code="insufficient_permissions")
+                raise PermissionDenied("This key may not choose its policy.")
             if requested not in policies:
                 raise RequestError(f"Unknown policy '{requested}'.", param="x-guard-policy")
             return policies[requested]

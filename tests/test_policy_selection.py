@@ -103,6 +103,7 @@ def test_a_client_never_picks_its_own_policy_unless_its_key_may(
     r = generate(base, "sk-acme", policy="relaxed")
     assert r.status_code == 403
     assert r.json()["error"]["code"] == "insufficient_permissions"
+    assert r.json()["error"]["type"] == "permission_error"
     assert fake_backend[0].requests == []
     unknown = generate(base, "sk-chooser", policy="no-such-policy")
     assert unknown.status_code == 400
