@@ -87,13 +87,9 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
                     media_type="application/json")
 
 
-def error_response(exc: GuardError, trace_id: str | None = None) -> Response:
-    if trace_id:
-        exc.trace_id = trace_id
-    headers = dict(exc.headers)
-    if trace_id:
-        headers[TRACE_HEADER] = trace_id
-    return json_response(exc.to_dict(), exc.status, headers)
+def error_response(exc: GuardError) -> Response:
+    """An untraced error (audit, operations, unknown paths); images requests go through _failure."""
+    return json_response(exc.to_dict(), exc.status, exc.headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
