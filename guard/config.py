@@ -104,6 +104,10 @@ class Config(_Strict):
         return value
 
     def model_post_init(self, _context: Any) -> None:
+        ids = [k.id for k in self.keys]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(f"key ids must be unique; repeated: {', '.join(duplicated)}")
         for model, route in self.routes.items():
             if route.backend not in self.backends:
                 raise ValueError(f"route {model!r} names unknown backend {route.backend!r}")

@@ -35,7 +35,6 @@ from guard.types import (
     Trace,
     Verdict,
     clock,
-    worst,
 )
 
 log = logging.getLogger("safeedit.engine")
@@ -298,6 +297,3 @@ def _categories_of(trace: Trace, slot: int) -> list[str]:
     return sorted({c for r in trace.rounds for i in r.images
                    if r.kind == "prescreen" or i.slot == slot for c in i.flagged})
 
-
-def request_decision(trace: Trace) -> str:
-    return worst([r.decision for r in trace.results])

@@ -46,8 +46,10 @@ class ImageCache:
         return hmac.new(self._secret, f"{image_id}.{expires}".encode(), hashlib.sha256).hexdigest()
 
     def get(self, image_id: str, expires: int, signature: str) -> tuple[str, bytes] | None:
-        if expires < time.time() or not hmac.compare_digest(signature,
-                                                             self.sign(image_id, expires)):
+        # Bytes, not str: compare_digest raises on a non-ASCII str, and the signature is the
+        # client's to choose.
+        if expires < time.time() or not hmac.compare_digest(
+                signature.encode(errors="replace"), self.sign(image_id, expires).encode()):
             return None
         with self._lock:
             item = self._items.get(image_id)

@@ -6,7 +6,8 @@ under the set it started with. A snapshot with any error is rejected, logged, an
 kept. The watcher polls the files' bytes (no extra dependency) and waits for a file to stop
 changing before it loads it, so a half-written file is not mistaken for a new policy.
 
-    POST /v1/guard/policies/reload   (admin)   200 what changed | 400 invalid_policy + problems
+The proxy's `POST /v1/guard/policies/reload` (admin) calls `reload`: 200 with what changed, or
+400 invalid_policy with every problem.
 """
 
 from __future__ import annotations
@@ -17,22 +18,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import orjson
-from starlette.requests import Request
-from starlette.responses import Response
-
-from guard.auth import require
-from guard.errors import GuardError, RequestError
+from guard.config import Config
+from guard.errors import RequestError
 from guard.policy import POLICIES_DIR, Policy, PolicySet
 from guard.policytools.explain import diff
 from guard.policytools.loader import Problem, load, read_files
-
-if TYPE_CHECKING:
-    from starlette.applications import Starlette
-
-    from proxy import GuardState
 
 log = logging.getLogger("safeedit.policy")
 
@@ -65,10 +57,17 @@ class ReloadResult:
                 "policies": self.policies, "warnings": self.warnings}
 
 
+class PolicyHolder(Protocol):
+    """Where the running policies live (the app's GuardState): read by requests, swapped here."""
+
+    config: Config
+    policies: PolicySet
+
+
 class PolicyReloader:
     """Loads the policy files again and swaps `state.policies` when they changed."""
 
-    def __init__(self, state: GuardState, paths: list[Path], interval_s: float,
+    def __init__(self, state: PolicyHolder, paths: list[Path], interval_s: float,
                  settle_s: float = 0.2) -> None:
         self.state = state
         self.paths = paths
@@ -79,13 +78,13 @@ class PolicyReloader:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_state(cls, state: GuardState) -> PolicyReloader:
+    def for_state(cls, state: PolicyHolder) -> PolicyReloader:
         config = state.config
         return cls(state, [POLICIES_DIR, *(Path(p) for p in config.policy_paths)],
                    config.policy_reload_s)
 
     @classmethod
-    def start(cls, state: GuardState) -> PolicyReloader:
+    def start(cls, state: PolicyHolder) -> PolicyReloader:
         """A reloader for the proxy's state, polling when `policy_reload_s` > 0."""
         reloader = cls.for_state(state)
         if reloader.interval_s > 0:
@@ -179,29 +178,3 @@ def _changes(running: PolicySet, new: Mapping[str, Policy]
 
 def _ref(ref: Mapping[str, Any] | None) -> str:
     return f"v{ref['version']} sha256 {str(ref['sha256'])[:12]}" if ref else ""
-
-
-# --- the admin endpoint ---------------------------------------------------------------------------
-
-async def reload_policies(request: Request) -> Response:
-    """POST /v1/guard/policies/reload: admins only."""
-    state: GuardState = request.app.state.guard
-    try:
-        principal = state.auth.authenticate(request.headers.get("authorization"))
-        require(principal, "admin")
-        result = await reloader_of(request.app).reload()
-        return _json(result.to_dict(), 200)
-    except GuardError as exc:
-        return _json(exc.to_dict(), exc.status, exc.headers)
-
-
-def reloader_of(app: Starlette) -> PolicyReloader:
-    reloader: PolicyReloader | None = getattr(app.state, "policy_reloader", None)
-    if reloader is None:
-        reloader = app.state.policy_reloader = PolicyReloader.for_state(app.state.guard)
-    return reloader
-
-
-def _json(body: Any, status: int, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=dict(headers or {}),
-                    media_type="application/json")

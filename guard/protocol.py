@@ -145,17 +145,12 @@ def _to_request_error(exc: ValidationError) -> RequestError:
                         code="invalid_type" if "type" in err["type"] else "invalid_value")
 
 
-def image_object(b64_json: str | None = None, url: str | None = None,
-                 revised_prompt: str | None = None) -> dict[str, Any]:
-    """One entry of ImagesResponse.data."""
-    out: dict[str, Any] = {}
-    if b64_json is not None:
-        out["b64_json"] = b64_json
-    if url is not None:
-        out["url"] = url
-    if revised_prompt is not None:
-        out["revised_prompt"] = revised_prompt
-    return out
+class ImageObject(BaseModel):
+    """One entry of ImagesResponse.data: the image (base64 or a link) and its revised prompt."""
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
 
 
 # --- SafeEdit Guard extensions ---------------------------------------------------------------
@@ -174,3 +169,44 @@ class GuardBlock(BaseModel):
     policy: dict[str, Any]
     rounds: int
     images: list[GuardImageInfo]
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's ImagesResponse (the fields the proxy knows), plus the guard block."""
+
+    created: int
+    data: list[ImageObject]
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    guard: GuardBlock
+
+    def render(self) -> dict[str, Any]:
+        """The JSON body: absent fields are left out, as OpenAI leaves them out."""
+        return self.model_dump(exclude_none=True)
+
+
+_EVENT_SIZES = {"1024x1024", "1024x1536", "1536x1024", "auto"}
+_EVENT_QUALITIES = {"low", "medium", "high", "auto"}
+
+
+def completed_events(req: ImageGenerationRequest, response: ImagesResponse, prefix: str
+                     ) -> list[dict[str, Any]]:
+    """One `<prefix>.completed` streaming event per image (image_generation or image_edit),
+    shaped as OpenAI's ImageGenCompletedEvent / ImageEditCompletedEvent."""
+    events = []
+    for image, info in zip(response.data, response.guard.images, strict=False):
+        events.append({
+            "type": f"{prefix}.completed",
+            "b64_json": image.b64_json,
+            "created_at": response.created,
+            "size": req.size if req.size in _EVENT_SIZES else "auto",
+            "quality": req.quality if req.quality in _EVENT_QUALITIES else "auto",
+            "background": req.background or "auto",
+            "output_format": req.output_format or "png",
+            # The proxy does not count the backend's tokens; zeros say "not measured here".
+            "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                      "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}},
+            "revised_prompt": image.revised_prompt,
+            "guard": {"trace_id": response.guard.trace_id,
+                      **info.model_dump()},
+        })
+    return events

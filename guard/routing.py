@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
-from adapters import Backend
+from guard.backends import Backend, EditingBackend
 from guard.config import RouteConfig
 from guard.errors import BackendError, BackendRejected, RequestError
 from guard.types import GeneratedImage, GenerationCall
@@ -42,7 +42,7 @@ class Router:
         return Route(chosen.backend, chosen.model or model)
 
     def can_edit(self, route: Route) -> bool:
-        return callable(getattr(self.backends[route.backend], "edit", None))
+        return isinstance(self.backends[route.backend], EditingBackend)
 
     async def generate(self, route: Route, call: GenerationCall) -> tuple[str, list[GeneratedImage]]:
         """Call the routed backend; on a backend failure (not a client error), try the fallback."""
@@ -52,11 +52,10 @@ class Router:
                    mask: bytes | None) -> tuple[str, list[GeneratedImage]]:
         """Edit images with the routed backend (fallback as for generate)."""
         def run(backend: Backend) -> Awaitable[list[GeneratedImage]]:
-            edit = getattr(backend, "edit", None)
-            if edit is None:
+            if not isinstance(backend, EditingBackend):
                 raise RequestError(f"The backend for model '{route.model}' cannot edit images.",
                                    param="model", code="unsupported_model")
-            return edit(replace(call, model=route.model), images, mask)  # type: ignore[no-any-return]
+            return backend.edit(replace(call, model=route.model), images, mask)
 
         return await self._call(route, run)
 

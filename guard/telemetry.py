@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from guard.config import TelemetryConfig
@@ -56,6 +56,17 @@ class Telemetry:
             except Exception as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 raise
+
+    def start_span(self, name: str, **attributes: Any) -> Span:
+        """A span ended by its caller, for a life that spans several tasks (a streamed request);
+        a non-recording span when export is off."""
+        if not self.enabled:
+            return INVALID_SPAN
+        span = self.tracer.start_span(name)
+        for key, value in attributes.items():
+            if value is not None:
+                span.set_attribute(key, value)
+        return span
 
     def shutdown(self) -> None:
         self.provider.shutdown()

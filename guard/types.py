@@ -85,6 +85,7 @@ class GenerationCall:
     background: str | None = None
     moderation: str | None = None
     user: str | None = None
+    input_fidelity: str | None = None  # edits only: how closely to keep the input's features
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -201,6 +202,23 @@ class Trace(_Model):
     @property
     def retained_images(self) -> dict[str, GeneratedImage]:
         return self._retained
+
+    def outcome_decision(self) -> ImageDecision:
+        """The worst of the per-image decisions the engine recorded."""
+        return worst([r.decision for r in self.results])  # type: ignore[return-value]
+
+    def finish(self, status: int, error: TraceError | None, duration_ms: float) -> None:
+        """Close the trace: the one place where a request's decision is set.
+
+        A request that failed is `refused` when the policy refused it and `failed` otherwise,
+        whatever its images got to; a served one takes the worst of its images' decisions."""
+        self.status = status
+        self.error = error
+        self.duration_ms = round(duration_ms, 3)
+        if error is None:
+            self.decision = self.outcome_decision()
+        else:
+            self.decision = "refused" if error.code == "content_policy_violation" else "failed"
 
     def canonical_bytes(self) -> bytes:
         """The trace's content as hashed for the audit chain (everything but the hashes)."""

@@ -1,18 +1,22 @@
 """Audit stores: where every request's trace is kept, one hash chain per store.
 
-`AuditStore` is what the proxy needs (write, get, query). The built-in stores (`sqlite`,
-`postgres`) also implement `guard.audit.chain.ChainSource` (chain_rows, checkpoints, chain_head,
-row_by_hash) plus `write_many`, `verify()`, and `.images` (a guard.audit.images.ImageStore or None):
-what `safeedit audit verify|export|purge` and the review pages use. Options common to both are
-documented in guard.audit.common; each store's own in its module.
+`AuditStore` is what the proxy needs (write, get, query). Capabilities beyond it are declared as
+Protocols and checked with isinstance, never probed attribute by attribute:
+- `ChainedStore`: the hash chain can be read and verified (`safeedit audit verify|export`);
+- `ImageKeepingStore`: retained images live beside the traces (`.images`, an ImageStore or None;
+  the review pages and `safeedit audit purge`).
+The built-in stores (`sqlite`, `postgres`) have both. Options common to both are documented in
+guard.audit.common; each store's own in its module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from guard.audit.chain import ChainSource, Signer, VerifyReport
+from guard.audit.images import ImageStore
 from guard.registry import Registry
 from guard.types import Trace
 
@@ -51,6 +55,25 @@ class AuditStore(Protocol):
     async def ready(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ChainedStore(AuditStore, ChainSource, Protocol):
+    """A store whose traces form a verifiable hash chain (with signed checkpoints)."""
+
+    signer: Signer | None
+    checkpoint_every: int
+
+    async def write_many(self, traces: Sequence[Trace]) -> None: ...
+
+    async def verify(self) -> VerifyReport: ...
+
+
+@runtime_checkable
+class ImageKeepingStore(AuditStore, Protocol):
+    """A store that keeps the images a policy retains (None when not configured)."""
+
+    images: ImageStore | None
 
 
 stores: Registry[AuditStore] = Registry("audit store", "safeedit.audit_stores")

@@ -45,6 +45,9 @@ def encode_cursor(seq: int) -> str:
 
 def decode_cursor(cursor: str) -> int:
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        seq = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
     except (ValueError, UnicodeDecodeError):
-        raise RequestError("Invalid 'cursor'.", param="cursor") from None
+        seq = -1
+    if not 0 <= seq <= 2**63 - 1:  # a sequence number both databases can compare against
+        raise RequestError("Invalid 'cursor'.", param="cursor")
+    return seq

@@ -57,6 +57,8 @@ def explain(policy: Policy, chain: Sequence[Source] = ()) -> str:
     if chain:
         parents = ", ".join(f"{s.id} ({s.path})" for s in chain[1:])
         lines.append(f"  file: {chain[0].path}" + (f"; extends {parents}" if parents else ""))
+    elif policy.extends:
+        lines.append(f"  extends: {policy.extends}")
     if policy.sha256:
         lines.append(f"  sha256: {policy.sha256}")
     if policy.description:

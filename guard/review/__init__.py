@@ -15,7 +15,6 @@ scripts at all), no-store caching and frame denial; sessions and CSRF are in `se
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import io
 import secrets
 from typing import Any
@@ -25,16 +24,16 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from guard.audit import TraceQuery
-from guard.auth import Principal
-from guard.errors import AuthenticationError, GuardError, RequestError
+from guard.audit import ImageKeepingStore, TraceQuery
+from guard.audit.query import TEXT_FILTERS, parse_trace_query
+from guard.auth import Principal, may_see
+from guard.errors import AuthenticationError, GuardError
 from guard.review.session import Session, Sessions
 from guard.review.templates import environment
 from guard.types import JudgedImage, RoundRecord, Trace
 
 _env = environment()
 DECISIONS = ("passed", "edited", "refused", "failed")
-_TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
 THUMB_PX = 320
 
 
@@ -56,7 +55,8 @@ def _state(request: Request) -> Any:
 def _sessions(request: Request) -> Sessions:
     sessions = getattr(request.app.state, "review_sessions", None)
     if sessions is None:
-        sessions = request.app.state.review_sessions = Sessions(_state(request).config)
+        state = _state(request)
+        sessions = request.app.state.review_sessions = Sessions(state.config, state.auth)
     return sessions  # type: ignore[no-any-return]
 
 
@@ -132,31 +132,11 @@ async def logout(request: Request) -> Response:
 
 # --- the list -------------------------------------------------------------------------------
 
-def _parse_time(value: str) -> float:
-    when = dt.datetime.fromisoformat(value)
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
-
-
 def _query(params: Any, principal: Principal) -> tuple[TraceQuery, dict[str, str]]:
     """The query the filters make, and the filters as typed (to show them again)."""
     typed = {name: str(params.get(name, "")).strip()
-             for name in ("since", "until", *_TEXT_FILTERS, "policy_version", "cursor")}
-    values: dict[str, Any] = {k: v for k, v in typed.items()
-                              if v and k in (*_TEXT_FILTERS, "cursor")}
-    for name in ("since", "until"):
-        if typed[name]:
-            try:
-                values[name] = _parse_time(typed[name])
-            except ValueError:
-                raise RequestError(f"'{typed[name]}' is not a date and time.",
-                                   param=name) from None
-    if typed["policy_version"]:
-        if not typed["policy_version"].isdigit():
-            raise RequestError("The policy version is a whole number.", param="policy_version")
-        values["policy_version"] = int(typed["policy_version"])
-    if principal.role != "admin":
-        values["tenant"] = principal.tenant  # an auditor sees only their tenant
-    return TraceQuery(limit=50, **values), typed
+             for name in ("since", "until", *TEXT_FILTERS, "policy_version", "cursor")}
+    return parse_trace_query(typed, principal), typed
 
 
 async def index(request: Request) -> Response:
@@ -191,8 +171,7 @@ class _Filters(dict[str, str]):
 
 async def _visible_trace(request: Request, session: Session) -> Trace | None:
     trace: Trace | None = await _state(request).store.get(request.path_params["trace_id"])
-    if trace is None or (session.principal.role != "admin"
-                         and trace.tenant != session.principal.tenant):
+    if trace is None or not may_see(session.principal, trace.tenant):
         return None
     return trace
 
@@ -219,7 +198,7 @@ async def trace_page(request: Request) -> Response:
         return _message(request, 404, "Not found", "There is no such trace for this key.",
                         session)
     state = _state(request)
-    images = getattr(state.store, "images", None)
+    images = state.store.images if isinstance(state.store, ImageKeepingStore) else None
     prescreen: RoundRecord | None = None
     slots: dict[int, list[tuple[RoundRecord, JudgedImage]]] = {}
     failed: list[RoundRecord] = []
@@ -248,7 +227,8 @@ async def trace_image(request: Request) -> Response:
         return Response(status_code=401)
     trace = await _visible_trace(request, session)
     sha = request.path_params["sha256"]
-    images = getattr(_state(request).store, "images", None)
+    store = _state(request).store
+    images = store.images if isinstance(store, ImageKeepingStore) else None
     # Only images this trace retained: content addresses are shared across tenants.
     if trace is None or images is None or not any(
             j.image_sha256 == sha and j.image_ref for r in trace.rounds for j in r.images):

@@ -25,7 +25,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from guard.auth import OPEN_PRINCIPAL, Principal
+from guard.auth import Authenticator, Principal
 from guard.config import Config
 
 SESSION_COOKIE = "safeedit_review"
@@ -42,11 +42,11 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, auth: Authenticator) -> None:
         env = config.audit.get("session_key_env")
         value = os.environ.get(env) if env else None
         self._key = value.encode() if value else secrets.token_bytes(32)
-        self._config = config
+        self._auth = auth
 
     def _sign(self, payload: bytes) -> str:
         mac = hmac.new(self._key, payload, hashlib.sha256).digest()
@@ -72,18 +72,10 @@ class Sessions:
             return None
         if expires < time.time():
             return None
-        principal = self._principal(key_id)
+        principal = self._auth.by_id(key_id)
         if principal is None or principal.role not in ("auditor", "admin"):
             return None
         return Session(principal, nonce, expires)
-
-    def _principal(self, key_id: str) -> Principal | None:
-        if self._config.open_mode:
-            return OPEN_PRINCIPAL if key_id == OPEN_PRINCIPAL.key_id else None
-        for key in self._config.keys:
-            if key.id == key_id:
-                return Principal(key.id, key.role, key.tenant, key.policy, key.may_choose_policy)
-        return None
 
     def clear(self, response: Response, request: Request) -> None:
         self._set(response, request, SESSION_COOKIE, "", 0)
