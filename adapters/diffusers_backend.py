@@ -50,6 +50,7 @@ from guard.errors import (
     ConfigError,
     GuardError,
 )
+from guard.torch_device import pick_device, pick_dtype
 from guard.types import GeneratedImage, GenerationCall
 
 log = logging.getLogger("safeedit.backends")
@@ -142,14 +143,12 @@ class DiffusersBackend:
         if self._load_error:
             raise BackendError(self._load_error, code="backend_unavailable")
         import diffusers
-        import torch
 
         if "text2image" not in self._pipes:
             opts = self.options
-            device = opts.device if opts.device != "auto" else _auto_device(torch)
-            dtype = getattr(torch, opts.dtype) if opts.dtype != "auto" else _auto_dtype(torch,
-                                                                                      device)
             try:
+                device = pick_device(opts.device)
+                dtype = pick_dtype(opts.dtype, device)
                 pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
                     opts.model, dtype=dtype, variant=opts.variant,
                     local_files_only=opts.local_files_only)
@@ -254,20 +253,6 @@ class DiffusersBackend:
                                  or not 0 <= seed < 2**63):
             raise BackendRejected("seed must be a non-negative integer", param="seed")
         return seed
-
-
-def _auto_device(torch: Any) -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _auto_dtype(torch: Any, device: str) -> Any:
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
 
 
 def _rounded(size: tuple[int, int]) -> tuple[int, int]:

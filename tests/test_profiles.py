@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
+
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from guard.errors import ConfigError
+from guard.judges import build_judge
 from guard.judges.profiles import (
     IPR_SYSTEM,
+    SAFE,
+    UNSAFE,
     Parsed,
+    Probe,
+    Profile,
     Slot,
+    SlotProbs,
     get_profile,
     merge_scores,
     parse_ipr,
     parse_llavaguard,
     parse_safeeditor,
     parse_shieldgemma2,
+    profiles,
+    unsafe_everywhere,
 )
+from guard.judges.vlm import VLMJudge
 from guard.policy import Policy
 from guard.types import GeneratedImage, HistoryEntry, JudgeInput
+from tests.servers import serve
 
 POLICY = Policy.model_validate({
     "id": "t", "version": 1,
@@ -257,8 +274,104 @@ def test_measured_scores_win_but_a_parse_error_fails_closed() -> None:
     assert merge_scores(measured, broken, POLICY) == dict.fromkeys(CATS, 1.0)
 
 
-def test_unknown_profiles_and_options_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="unknown judge profile 'llamaguard'"):
-        get_profile("llamaguard")
+def test_unknown_profile_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="no option"):
         get_profile("safeeditor", {"temperature": 1})
+
+
+# --- registration --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("judge", [{"kind": "vlm"},
+                                   {"kind": "remote", "api_base": "http://127.0.0.1:9/v1"}],
+                         ids=["vlm", "remote"])
+def test_an_unknown_profile_name_is_a_config_error_naming_the_known_ones(
+        judge: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_judge({**judge, "model": "judge", "profile": "llamaguard"})
+    message = str(caught.value)
+    assert "unknown judge profile kind 'llamaguard'" in message
+    known = message.split("known: ", 1)[1].split(", ")
+    assert {"safeeditor", "ipr", "llavaguard", "shieldgemma2"} <= set(known)
+
+
+class FlagOrFine(Profile):
+    """A third party's profile: one question per item, answered `flag` or `fine`, scored for one
+    category (a `profile_options` entry)."""
+
+    name = "mine"
+    explains = False
+
+    def __init__(self, category: str = "violence", **options: object) -> None:
+        super().__init__(**options)
+        self.category = category
+
+    def probes(self, item: JudgeInput, policy: Policy) -> list[Probe]:
+        text = f"Flag or fine? {item.prompt}"
+        slot = Slot("verdict", {UNSAFE: "flag", SAFE: "fine"})
+        return [Probe(({"role": "user", "content": [{"type": "text", "text": text}]},), (slot,))]
+
+    def combine(self, probs: Sequence[SlotProbs], policy: Policy) -> dict[str, float | None]:
+        slots = probs[0] if probs else {}
+        p = slots["verdict"][UNSAFE] if "verdict" in slots else None
+        return {c: p if c == self.category else 0.0 for c in policy.categories}
+
+    def parse(self, texts: Sequence[str], policy: Policy) -> Parsed:
+        word = texts[0].strip() if texts else ""
+        if word not in ("flag", "fine"):
+            return unsafe_everywhere(policy, f"expected flag or fine, got {word!r}")
+        hit = word == "flag"
+        return Parsed({c: 1.0 if hit and c == self.category else 0.0 for c in policy.categories})
+
+
+@pytest.fixture
+def mine(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # The registry is process-wide: monkeypatch puts the built-ins-only table back afterwards.
+    monkeypatch.setattr(profiles, "_factories", dict(profiles._factories))
+    profiles.register("mine", FlagOrFine)
+    yield
+
+
+def flag_or_fine_server(asked: list[str]) -> Starlette:
+    """A chat model that flags prompts mentioning blood, 90% sure, with the answer's logprobs."""
+
+    async def chat(request: Request) -> JSONResponse:
+        body = await request.json()
+        question = body["messages"][-1]["content"]
+        asked.append(question)
+        p = 0.9 if "blood" in question else 0.2
+        word = "flag" if p >= 0.5 else "fine"
+        top = [{"token": "flag", "logprob": math.log(p)},
+               {"token": "fine", "logprob": math.log(1 - p)}]
+        entry = {"token": word, "logprob": math.log(max(p, 1 - p)), "top_logprobs": top}
+        return JSONResponse({"choices": [{
+            "index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": word},
+            "logprobs": {"content": [entry]}}]})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+async def test_a_registered_third_party_profile_is_used_by_name(mine: None) -> None:
+    assert "mine" in profiles.kinds()
+    asked: list[str] = []
+    with serve(flag_or_fine_server(asked)) as url:
+        judge = build_judge({"kind": "remote", "api_base": url + "/v1", "model": "judge",
+                             "profile": "mine", "profile_options": {"category": "sexual"}})
+        try:
+            verdicts = await judge.judge([JudgeInput("a knight covered in blood", "p"),
+                                          JudgeInput("a quiet lake", "p")], POLICY)
+        finally:
+            await judge.aclose()
+    assert asked == ["Flag or fine? a knight covered in blood", "Flag or fine? a quiet lake"]
+    # Scores come from the profile's slot, read in the server's logprobs, for its one category.
+    assert verdicts[0].scores == pytest.approx({"sexual": 0.9, "violence": 0.0, "minors": 0.0})
+    assert verdicts[1].scores == pytest.approx({"sexual": 0.2, "violence": 0.0, "minors": 0.0})
+    assert judge.id == "remote:mine:judge"
+    # The local judge finds it by the same name, with the same options.
+    local = build_judge({"kind": "vlm", "model": "judge", "profile": "mine",
+                         "profile_options": {"category": "minors"}})
+    assert isinstance(local, VLMJudge)
+    assert isinstance(local.profile, FlagOrFine) and local.profile.category == "minors"
+    await local.aclose()
+    with pytest.raises(ConfigError, match="profile 'mine'"):
+        get_profile("mine", {"colour": "red"})

@@ -20,7 +20,8 @@ from PIL import Image
 from guard.errors import ConfigError, JudgeError
 from guard.judges import build_judge
 from guard.judges.profiles import SafeEditorProfile
-from guard.judges.vlm import VLMJudge, _BanFirst
+from guard.judges.vlm import VLMJudge
+from guard.judges.vlm.generation import BanFirst
 from guard.policy import Policy
 from guard.types import GeneratedImage, HistoryEntry, JudgeInput
 from tests.tiny_vlm import build_tiny_lora, tie_answer_tokens
@@ -300,7 +301,7 @@ def test_config_is_validated_up_front() -> None:
 def test_the_first_decoded_token_can_be_banned_per_row() -> None:
     import torch
 
-    ban = _BanFirst([[2], []], prompt_len=5)
+    ban = BanFirst([[2], []], prompt_len=5)
     scores = torch.zeros((2, 4))
     out = ban(torch.zeros((2, 5), dtype=torch.long), scores.clone())
     assert out[0, 2] == float("-inf") and torch.isfinite(out[1]).all()
@@ -401,7 +402,7 @@ def test_decoding_stops_at_the_profiles_stop_text(tiny_vlm_dir: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from guard.judges.vlm import _StopOnText
+    from guard.judges.vlm.generation import StopOnText
 
     tok = AutoTokenizer.from_pretrained(tiny_vlm_dir)
     prompt = tok.encode("<thought>", add_special_tokens=False)
@@ -411,7 +412,7 @@ def test_decoding_stops_at_the_profiles_stop_text(tiny_vlm_dir: Path) -> None:
                                 add_special_tokens=False)]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    stop = _StopOnText(tok, ["</refined_prompt>"], prompt_len=len(prompt))
+    stop = StopOnText(tok, ["</refined_prompt>"], prompt_len=len(prompt))
     assert stop(ids, None).tolist() == [True, False]
 
 

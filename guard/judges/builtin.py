@@ -3,8 +3,9 @@
 Prompts are scored from the policy's term lists and patterns (guard.judges.terms); images go
 through NudeNet (its ONNX model ships in the `nudenet` wheel), whose detections of exposed
 genitalia, breasts, buttocks or anus give a `sexual` score. Per category the verdict takes the
-larger of the prompt's and the image's score. When the policy decides the item is unsafe, the
-rule-based refiner writes the refined prompt and the thought says what crossed which threshold.
+larger of the prompt's and the image's score. When the policy wants an explanation (the item is
+unsafe), the rule-based refiner writes the refined prompt and the thought says what crossed which
+threshold.
 
 Images are decoded with OpenCV and run through ONNX Runtime in a worker thread, one batch per
 call, so the event loop is never blocked.
@@ -269,9 +270,9 @@ class BuiltinJudge:
             details["image_scores"] = {"sexual": image_score}
         elif item.image is not None:
             details["image_checked"] = False
-        decision = policy.decide(scores)
         thought, refined = "", None
-        if decision.unsafe:
+        if policy.wants_explanation(scores):
+            decision = policy.decide(scores)  # which categories to explain and refine
             thought = _explain(decision, scores, text, detections, image_score, policy,
                                self.threshold_map)
             refined = refine_prompt(item.prompt, decision.flagged, policy)
@@ -299,8 +300,8 @@ def _explain(decision: Decision, scores: Mapping[str, float], text: TextScores,
         parts.append(f"{cat} scored {scores[cat]:.2f}, at or over its threshold {threshold:.2f}: "
                      + ("; ".join(reasons) or "no single cause recorded") + ".")
     action = {"edit": "The prompt is refined and the image made again.",
-              "refuse": "The policy refuses this category."}[decision.action]
-    return " ".join([*parts, action])
+              "refuse": "The policy refuses this category."}.get(decision.action)
+    return " ".join([*parts, action] if action else parts)
 
 
 def _hit_words(hits: Sequence[Hit]) -> str:

@@ -1,0 +1,121 @@
+"""Loading the `vlm` judge's model: processor and model from a folder or hub id, an optional PEFT
+adapter over it, device and dtype, and the tokenizer helpers the judge reads and writes with."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from guard.judges.vlm.attention import batch_vision_windows
+from guard.judges.vlm.options import VLMOptions
+from guard.torch_device import pick_device, pick_dtype
+
+log = logging.getLogger("guard.judges.vlm")
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A model ready to run: inputs go to `device` in `dtype` (floating tensors); decoding uses
+    `cache_implementation` (None: transformers' default dynamic cache)."""
+
+    model: Any
+    processor: Any
+    tokenizer: Any
+    device: Any
+    dtype: Any
+    cache_implementation: str | None
+    token_cache: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        return int(pad if pad is not None else 0)
+
+    def eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def piece_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def option_id(self, before: str, option: str) -> int:
+        """The first token of `option` as the tokenizer writes it right after `before`."""
+        key = (before, option)
+        if key not in self.token_cache:
+            context = before or "\n"
+            base, full = self.piece_ids(context), self.piece_ids(context + option)
+            if full[:len(base)] == base and len(full) > len(base):
+                self.token_cache[key] = full[len(base)]
+            else:
+                self.token_cache[key] = self.piece_ids(option)[0]
+        return self.token_cache[key]
+
+
+def load(opts: VLMOptions, judge_id: str, given: tuple[Any, Any] | None = None) -> Loaded:
+    """Load `opts.model` (and its adapter), or prepare the already loaded `given` model and
+    processor the same way."""
+    import torch
+
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    t0 = time.perf_counter()
+    if given is not None:
+        model, processor = given
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        common = {"trust_remote_code": opts.trust_remote_code,
+                  "local_files_only": opts.local_files_only}
+        processor = AutoProcessor.from_pretrained(opts.model, **common)
+        extra = {"attn_implementation": opts.attn_implementation} \
+            if opts.attn_implementation else {}
+        model = AutoModelForImageTextToText.from_pretrained(
+            opts.model, dtype=dtype, **common, **extra)
+        if opts.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, opts.adapter,
+                                              local_files_only=opts.local_files_only)
+            if opts.merge_adapter:
+                model = model.merge_and_unload()
+        model.to(device)
+    model.eval()
+    if opts.vision_attention == "auto":
+        batch_vision_windows(model)
+    processor = _usable_processor(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    cache = opts.cache_implementation
+    if cache == "auto":
+        cache = "static" if torch.device(device).type == "cuda" else "dynamic"
+    # Inputs follow the model wherever it actually is (a given model, a device map).
+    where = torch.device(getattr(model, "device", device))
+    dtype = getattr(model, "dtype", dtype)
+    log.info("vlm judge %s loaded on %s (%s) in %.1f s", judge_id, where, dtype,
+             time.perf_counter() - t0)
+    return Loaded(model, processor, tokenizer, where, dtype,
+                  None if cache == "dynamic" else cache)
+
+
+def _usable_processor(processor: Any) -> Any:
+    # ShieldGemma 2's processor builds its own prompts from policy names and ignores `text`; the
+    # profile writes the prompts, so use the Gemma 3 processor it wraps.
+    if type(processor).__name__ == "ShieldGemma2Processor":
+        from transformers import Gemma3Processor
+
+        return Gemma3Processor(image_processor=processor.image_processor,
+                               tokenizer=processor.tokenizer,
+                               chat_template=processor.chat_template,
+                               image_seq_length=processor.image_seq_length)
+    return processor
