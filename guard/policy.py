@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,17 @@ from guard.errors import ConfigError
 Action = Literal["edit", "refuse", "allow"]
 _ACTION_RANK = {"allow": 0, "edit": 1, "refuse": 2}
 
-POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
+# The shipped policies are package data of `guard`: in a checkout guard/policies links to the
+# top-level policies/ folder, which a wheel carries as files (pip installs packages unzipped).
+POLICIES_DIR = Path(str(resources.files("guard") / "policies")).resolve()
+
+
+def local_policies_dir() -> Path | None:
+    """`./policies/` in the working directory, when it is a folder other than the shipped one.
+
+    `safeedit serve` and `safeedit policy validate` read it after the shipped policies."""
+    local = Path("policies").resolve()
+    return local if local.is_dir() and local != POLICIES_DIR else None
 
 
 class _Strict(BaseModel):
@@ -123,6 +134,14 @@ class Policy(_Strict):
         if action is None or action == "allow":
             return Decision("pass", tuple(flagged))
         return Decision(action, tuple(flagged))
+
+    def wants_explanation(self, scores: Mapping[str, float]) -> bool:
+        """Whether a judge should spend time on a thought and a refined prompt for these scores.
+
+        The one question a judge asks the policy: judges score, and explain only when this says
+        so (verdict first); what happens to the item is decided by the engine with `decide`.
+        """
+        return self.decide(scores).unsafe
 
 
 @dataclass(frozen=True, slots=True)

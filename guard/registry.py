@@ -17,6 +17,15 @@ from guard.errors import ConfigError
 T = TypeVar("T")
 
 
+def resolve(target: str) -> Any:
+    """The object a "module:attribute.path" string names, imported now."""
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
 class Registry(Generic[T]):
     def __init__(self, what: str, group: str) -> None:
         self._what = what
@@ -38,11 +47,7 @@ class Registry(Generic[T]):
                     f"unknown {self._what} kind {kind!r}; known: {', '.join(self.kinds())}")
             target = found[0].load()
         if isinstance(target, str):
-            module, _, attr = target.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            target = obj
+            target = resolve(target)
             self._factories[kind] = target
         return target
 

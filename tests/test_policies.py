@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from guard.cli import main
 from guard.errors import ConfigError
 from guard.judges.terms import matcher_for
 from guard.policy import POLICIES_DIR, PolicySet, load_policy
@@ -91,3 +93,21 @@ def test_an_unknown_key_is_rejected(tmp_path: Path, text: str, where: str) -> No
     path.write_text(text)
     with pytest.raises(ConfigError, match=where):
         load_policy(path)
+
+
+def test_the_shipped_policies_are_package_data_of_guard() -> None:
+    shipped = {f.name for f in (resources.files("guard") / "policies").iterdir()}
+    assert {f"{pid}.yaml" for pid in SHIPPED} | {"schema.json"} <= shipped
+
+
+def test_validate_without_files_checks_the_shipped_and_the_local_policies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["policy", "validate"]) == 0
+    assert capsys.readouterr().out.count(": ok (") == len(SHIPPED)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies/team.yaml").write_text(
+        "id: team\nversion: 1\nextends: default\nrounds: {max: 20}\n")
+    assert main(["policy", "validate"]) == 1
+    assert f"{(tmp_path / 'policies/team.yaml').resolve()}:4:" in capsys.readouterr().out

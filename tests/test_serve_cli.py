@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import openai
 import pytest
 import yaml
 
+from guard.policy import POLICIES_DIR
 from tests.fake_backend import FakeBackend
 from tests.servers import free_port, serve
 
@@ -26,11 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def safeedit_serve(cwd: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def safeedit_serve(cwd: Path, *args: str,
+                   safeedit: Sequence[str] = (sys.executable, "-m", "guard.cli"),
+                   env: Mapping[str, str] | None = None,
+                   ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`safeedit serve` (by default this checkout's) in `cwd` until /readyz; (process, base URL)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--port", str(port),
-                             *args], cwd=cwd, env=env, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)} if env is None else env
+    proc = subprocess.Popen([*safeedit, "serve", "--port", str(port), *args], cwd=cwd, env=env,
+                            stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -64,6 +70,33 @@ def test_embedded_defaults_demo_backend(tmp_path: Path) -> None:
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert "OPEN MODE" in stderr and "DEMO backend" in stderr
     assert (tmp_path / "var/audit.db").exists()
+
+
+def shipped_copy(folder: Path, policy_id: str, version: int) -> None:
+    """The shipped policy `policy_id`, saved in `folder` under another version number."""
+    folder.mkdir(exist_ok=True)
+    text = (POLICIES_DIR / f"{policy_id}.yaml").read_text()
+    text, found = re.subn(r"(?m)^version: \d+$", f"version: {version}", text)
+    assert found == 1
+    (folder / f"{policy_id}.yaml").write_text(text)
+
+
+def test_later_policy_folders_win_on_equal_ids(tmp_path: Path) -> None:
+    # shipped < ./policies/ < the config's policy_paths < --policies
+    for policy_id in ("default", "strict", "permissive"):
+        shipped_copy(tmp_path / "policies", policy_id, 101)
+    for policy_id in ("default", "strict"):
+        shipped_copy(tmp_path / "configured", policy_id, 102)
+    shipped_copy(tmp_path / "given", "default", 103)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"policy_paths": [str(tmp_path / "configured")]}))
+    with safeedit_serve(tmp_path, "--config", str(config),
+                        "--policies", str(tmp_path / "given")) as (_, base):
+        versions = {policy_id: httpx.post(
+            base + "/v1/images/generations", json={"prompt": "a red apple"},
+            headers={"x-guard-policy": policy_id}, timeout=30).json()["guard"]["policy"]["version"]
+            for policy_id in ("default", "strict", "permissive")}
+    assert versions == {"default": 103, "strict": 102, "permissive": 101}
 
 
 def test_open_mode_refuses_a_public_bind(tmp_path: Path) -> None:
