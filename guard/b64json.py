@@ -21,7 +21,8 @@ _MIN_LIFT = 4096  # below this a full parse is as fast
 def loads(body: bytes) -> Any:
     lifted: list[str] = []
     parts: list[bytes] = []
-    pos = 0
+    pos = 0  # where the search goes on
+    copied = 0  # how much of the body is in `parts` already
     while True:
         key = body.find(_KEY, pos)
         if key < 0:
@@ -40,16 +41,17 @@ def loads(body: bytes) -> Any:
         end = body.find(b'"', start + 1)
         if end < 0 or body.find(b"\\", start + 1, end) >= 0:
             return orjson.loads(body)
-        if end - start - 1 < _MIN_LIFT:
-            pos = end + 1
-            continue
-        parts.append(body[pos:start])
-        parts.append(b'"%d"' % len(lifted))
-        lifted.append(body[start + 1:end].decode("ascii", errors="replace"))
         pos = end + 1
+        if end - start - 1 < _MIN_LIFT:
+            continue  # short: stays in place, copied with the text around it
+        parts.append(body[copied:start])
+        # A placeholder no base64 string can be (it starts with NUL), so nothing else is restored.
+        parts.append(b'"\\u0000%d"' % len(lifted))
+        lifted.append(body[start + 1:end].decode("ascii", errors="replace"))
+        copied = pos
     if not lifted:
         return orjson.loads(body)
-    parts.append(body[pos:])
+    parts.append(body[copied:])
     payload = orjson.loads(b"".join(parts))
     _restore(payload, lifted)
     return payload
@@ -58,8 +60,8 @@ def loads(body: bytes) -> Any:
 def _restore(node: Any, lifted: list[str]) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "b64_json" and isinstance(value, str) and value.isdigit():
-                node[key] = lifted[int(value)]
+            if key == "b64_json" and isinstance(value, str) and value.startswith("\x00"):
+                node[key] = lifted[int(value[1:])]
             else:
                 _restore(value, lifted)
     elif isinstance(node, list):

@@ -21,6 +21,12 @@ BIG = base64.b64encode(os.urandom(30_000)).decode()
     b'{"data": [{"b64_json": null}, {"b64_json": "short"}]}',
     b'{"note": "the key \\"b64_json\\" in a string", "data": []}',
     b'{"data": [{"url": "http://x/y.png"}]}',
+    # A long image, then a short one: the text between them must survive (was n=2 -> 1 item).
+    orjson.dumps({"data": [{"b64_json": BIG, "revised_prompt": "first"},
+                           {"b64_json": "QUJD", "revised_prompt": "second"}]}),
+    orjson.dumps({"data": [{"b64_json": "QUJD", "revised_prompt": "first"},
+                           {"b64_json": BIG, "revised_prompt": "second"},
+                           {"b64_json": "1234"}, {"b64_json": BIG[::-1]}]}),
 ])
 def test_loads_equals_orjson(body: bytes) -> None:
     assert b64json.loads(body) == orjson.loads(body)
