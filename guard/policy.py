@@ -8,7 +8,7 @@ which is what makes replaying stored traces under a candidate policy possible.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +32,12 @@ def local_policies_dir() -> Path | None:
     `safeedit serve` and `safeedit policy validate` read it after the shipped policies."""
     local = Path("policies").resolve()
     return local if local.is_dir() and local != POLICIES_DIR else None
+
+
+def policy_sources(extra: Iterable[str | Path] = ()) -> list[Path]:
+    """Where policies are read from, in order (later files win on equal ids): the shipped
+    policies, then `extra` (the config's `policy_paths`, the command line's folders)."""
+    return [POLICIES_DIR, *(Path(p) for p in extra)]
 
 
 class _Strict(BaseModel):

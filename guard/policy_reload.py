@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from guard.config import Config
 from guard.errors import RequestError
-from guard.policy import POLICIES_DIR, Policy, PolicySet
+from guard.policy import Policy, PolicySet, policy_sources
 from guard.policytools.explain import diff
 from guard.policytools.loader import Problem, load, read_files
 
@@ -80,7 +80,7 @@ class PolicyReloader:
     @classmethod
     def for_state(cls, state: PolicyHolder) -> PolicyReloader:
         config = state.config
-        return cls(state, [POLICIES_DIR, *(Path(p) for p in config.policy_paths)],
+        return cls(state, policy_sources(config.policy_paths),
                    config.policy_reload_s)
 
     @classmethod

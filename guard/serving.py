@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace as otel_trace
@@ -37,7 +36,7 @@ from guard.engine import EditInputs, Engine, Outcome
 from guard.errors import GuardError, PermissionDenied, RequestError
 from guard.images import ImageCache
 from guard.judges import Judge, build_judge
-from guard.policy import POLICIES_DIR, Policy, PolicySet
+from guard.policy import Policy, PolicySet, policy_sources
 from guard.protocol import (
     GuardBlock,
     GuardImageInfo,
@@ -91,7 +90,7 @@ def build_state(config: Config, span_exporter: SpanExporter | None = None) -> Gu
 
     Backends are built through `guard.backends.backends`: whoever calls this has registered the
     kinds the config uses (importing `adapters` registers the built-in ones)."""
-    policies = PolicySet.load([POLICIES_DIR, *(Path(p) for p in config.policy_paths)])
+    policies = PolicySet.load(policy_sources(config.policy_paths))
     for policy_id in {config.policy, *config.tenants.values(),
                       *(k.policy for k in config.keys if k.policy)}:
         policies[policy_id]

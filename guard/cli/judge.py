@@ -27,7 +27,8 @@ import yaml
 
 from guard.errors import ConfigError
 from guard.judges import build_judge
-from guard.policy import POLICIES_DIR, Policy, PolicySet, load_policy
+from guard.lifecycle import Startable
+from guard.policy import Policy, PolicySet, load_policy, policy_sources
 from guard.types import GeneratedImage, JudgeInput
 
 
@@ -76,7 +77,7 @@ def judge_section(args: argparse.Namespace) -> tuple[dict[str, Any], str, list[s
 def pick_policy(spec: str | None, default_id: str, paths: list[str]) -> Policy:
     if spec is not None and Path(spec).is_file():
         return load_policy(spec)
-    return PolicySet.load([POLICIES_DIR, *(Path(p) for p in paths)])[spec or default_id]
+    return PolicySet.load(policy_sources(paths))[spec or default_id]
 
 
 def read_image(path: Path) -> GeneratedImage:
@@ -103,9 +104,8 @@ async def judge_once(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     judge = build_judge(section)
     try:
-        start = getattr(judge, "start", None)
-        if start is not None:
-            await start()
+        if isinstance(judge, Startable):
+            await judge.start()
         load_ms = (time.perf_counter() - t0) * 1000.0
         runs = []
         for _ in range(args.repeat):
