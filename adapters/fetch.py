@@ -9,14 +9,15 @@ A backend's answer decides where the guard connects next, so a URL is treated as
     - redirects are followed by hand, each hop checked again, at most `max_redirects`;
     - no credentials: the backend's API key is never sent to an image URL;
     - the body is streamed and cut off at `max_bytes`; its content type must be an image (or
-      octet-stream); it must open as PNG, JPEG or WebP, pass PIL's verify, and have at most
-      `max_pixels` pixels, read from the header before anything is decoded (decompression bombs).
+      octet-stream); then it gets the checks an upload gets (guard.inputs.validate_image): PNG,
+      JPEG or WebP, PIL's verify, and at most `max_pixels` pixels, read from the header before
+      anything is decoded (decompression bombs).
 Base64 images from a backend get the same image checks (`image_from_b64`).
 
-Options (`image_urls:` in a backend's section):
+Options (`image_urls:` in a backend's section; the two limits apply to base64 answers too):
     allow_private (false)   allow every non-public address (a backend on the same private network)
     allow_networks ([])     allow just these networks, e.g. ["10.20.0.0/16"]
-    max_bytes (20000000)    largest image body
+    max_bytes (20000000)    largest image
     max_pixels (16777216)   largest width x height (4096 x 4096)
     max_redirects (3)
     timeout_s (30)
@@ -25,25 +26,21 @@ Options (`image_urls:` in a backend's section):
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
-import io
 import ipaddress
 import socket
-import warnings
 from collections.abc import AsyncIterator
 
 import httpx
-from PIL import Image
 from pydantic import Field, IPvAnyNetwork
 
 from adapters.options import Options
-from guard.errors import BackendError
-from guard.types import GeneratedImage, decode_b64
+from guard.errors import BackendError, RequestError
+from guard.inputs import MAX_PIXELS, validate_image
+from guard.types import GeneratedImage
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _BINARY_TYPES = ("application/octet-stream", "binary/octet-stream")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -52,7 +49,7 @@ class UrlPolicy(Options):
     allow_private: bool = False
     allow_networks: list[IPvAnyNetwork] = Field(default_factory=list)
     max_bytes: int = Field(20_000_000, gt=0)
-    max_pixels: int = Field(16_777_216, gt=0)
+    max_pixels: int = Field(MAX_PIXELS, gt=0)
     max_redirects: int = Field(3, ge=0, le=10)
     timeout_s: float = Field(30.0, gt=0)
 
@@ -107,8 +104,7 @@ class ImageFetcher:
                     continue
                 data = await self._read(response)
             return GeneratedImage(data=data, backend_revised_prompt=revised_prompt,
-                                  media_type=check_image(data, self.backend,
-                                                         self.policy.max_pixels))
+                                  media_type=_check_image(data, "url", self.backend, self.policy))
         raise self._error(f"redirected more than {self.policy.max_redirects} times")
 
     async def _addresses(self, url: httpx.URL) -> list[IPAddress]:
@@ -185,42 +181,25 @@ class ImageFetcher:
         await self._client.aclose()
 
 
-def image_from_b64(b64: str, backend: str, max_pixels: int, *,
+def image_from_b64(b64: str, backend: str, policy: UrlPolicy, *,
                    revised_prompt: str | None = None) -> GeneratedImage:
-    """A backend's base64 image, decoded and checked; the base64 is kept for the passthrough."""
+    """A backend's base64 image, kept as received; decoded and checked at its first look (the
+    judge's), so a passthrough relays it untouched. A bad image is then a 502 of this backend."""
+    def check(data: bytes) -> str:
+        if not data:
+            raise BackendError(f"backend {backend!r} returned an image that is not valid base64",
+                               code="backend_bad_response")
+        return _check_image(data, "b64_json", backend, policy)
+
+    return GeneratedImage(b64=b64, check=check, backend_revised_prompt=revised_prompt)
+
+
+def _check_image(data: bytes, field: str, backend: str, policy: UrlPolicy) -> str:
+    """The media type of a backend's image (its `url` or `b64_json`) under the upload rules
+    and the backend's limits; a refusal is the backend's fault, so a 502."""
     try:
-        data = decode_b64(b64)
-    except (binascii.Error, ValueError) as exc:
-        raise BackendError(f"backend {backend!r} returned an image that is not valid base64",
+        return validate_image(data, field, max_bytes=policy.max_bytes,
+                              max_pixels=policy.max_pixels)
+    except RequestError as exc:
+        raise BackendError(f"backend {backend!r} returned an unusable image: {exc.message}",
                            code="backend_bad_response") from exc
-    return GeneratedImage(b64=b64, data=data, media_type=check_image(data, backend, max_pixels),
-                          backend_revised_prompt=revised_prompt)
-
-
-def check_image(data: bytes, backend: str, max_pixels: int) -> str:
-    """The media type of `data` if it is a sound PNG, JPEG or WebP of at most `max_pixels`."""
-    def bad(what: str) -> BackendError:
-        return BackendError(f"backend {backend!r} returned an image that {what}",
-                            code="backend_bad_response")
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as exc:
-        raise bad(f"has more than {max_pixels} pixels (decompression bomb?)") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise bad("is not a readable image") from exc
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise bad(f"is {width}x{height}, more than {max_pixels} pixels "
-                      "(decompression bomb?)")
-        media_type = _FORMATS.get(image.format or "")
-        if media_type is None:
-            raise bad(f"is {image.format}, not PNG, JPEG or WebP")
-        try:
-            image.verify()
-        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a corrupt file
-            raise bad("is corrupt") from exc
-    return media_type

@@ -22,7 +22,7 @@ Options:
     response_format (auto)   auto | b64_json | url | null, sent in `extra_body` as litellm needs;
                              auto asks OpenAI and Azure models other than gpt-image-* for b64_json
 Secrets are read once at start-up and are never put in a trace, a log line or an error message.
-The SDK's own retries are off (max_retries=0): retrying is the guard's policy (adapters.retry).
+The SDK's own retries are off (max_retries=0): retrying is the guard's policy (guard.retry).
 Errors are translated here as in the openai-compatible adapter; a provider's own content filter
 refusing the prompt is a 400 content_policy_violation.
 Edits use litellm's `aimage_edit` (OpenAI and Azure style multipart, images as `image[]`).
@@ -39,7 +39,6 @@ from pydantic import Field
 
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
-from adapters.retry import Caller, RetryPolicy
 from guard.errors import (
     BackendError,
     BackendRateLimited,
@@ -48,12 +47,13 @@ from guard.errors import (
     ConfigError,
     PolicyViolation,
 )
+from guard.retry import Retrying, RetryPolicy
 from guard.types import GeneratedImage, GenerationCall
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 _FORWARDED = ("size", "quality", "style", "user")
-_EDIT_FORWARDED = ("size", "quality", "user")
+_EDIT_FORWARDED = ("size", "quality", "user", "input_fidelity")
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 _B64_PROVIDERS = ("openai", "azure")
 
@@ -85,8 +85,8 @@ class LiteLLMBackend:
         self.name = name
         self.options = options
         self._secrets = dict(secrets or {})
-        self._call = Caller(name, options.retry, timeout_s=options.timeout_s,
-                            max_concurrency=options.max_concurrency)
+        self._call = Retrying(f"backend {name!r}", options.retry, timeout_s=options.timeout_s,
+                              max_concurrency=options.max_concurrency)
         self._fetcher = ImageFetcher(name, options.image_urls)
 
     @classmethod
@@ -146,11 +146,10 @@ class LiteLLMBackend:
         with self._translated():
             response = await fn(**kwargs)
         images = []
-        max_pixels = self.options.image_urls.max_pixels
         for item in response.data or []:
             revised = getattr(item, "revised_prompt", None)
             if getattr(item, "b64_json", None):
-                images.append(image_from_b64(item.b64_json, self.name, max_pixels,
+                images.append(image_from_b64(item.b64_json, self.name, self.options.image_urls,
                                              revised_prompt=revised))
             elif getattr(item, "url", None):
                 images.append(await self._fetcher.fetch(item.url, revised_prompt=revised))

@@ -5,7 +5,7 @@ parameters, reads `b64_json` (or fetches `url` under the backend's URL policy), 
 failures at this edge: connection refused -> 502 backend_unavailable, timeout -> 504,
 429 -> 429 with Retry-After, 5xx -> 502, 401/403 -> 502 backend_auth_failed (the operator's key,
 not the client's), other 4xx -> the backend's own message and code as a 400. 429, 5xx and
-connection failures are retried under the guard's retry policy (adapters.retry). API keys come
+connection failures are retried under the guard's retry policy (guard.retry). API keys come
 from environment variables named in the config and never reach a trace, a log line or an error.
 
 Options:
@@ -17,7 +17,7 @@ Options:
     response_format (auto)   auto | b64_json | url | null; auto asks for b64_json except from
                              gpt-image models, which refuse the parameter
     extra_headers ({})       sent with every request (not for secrets: use api_key_env)
-    retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (adapters.retry)
+    retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (guard.retry)
     image_urls ({})          allow_private, allow_networks, max_bytes, max_pixels, max_redirects,
                              timeout_s (adapters.fetch)
 Edits: POST {api_base}/images/edits as multipart, images as `image[]`, optional `mask`.
@@ -34,14 +34,15 @@ from pydantic import Field
 
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
-from adapters.retry import Caller, RetryPolicy
 from guard import b64json
 from guard.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
+from guard.retry import Retrying, RetryPolicy
 from guard.types import GeneratedImage, GenerationCall
 
 _FORWARDED = ("size", "quality", "style", "output_format", "output_compression", "background",
               "moderation", "user")
-_EDIT_FORWARDED = ("size", "quality", "output_format", "output_compression", "background", "user")
+_EDIT_FORWARDED = ("size", "quality", "output_format", "output_compression", "background", "user",
+                   "input_fidelity")
 
 
 class OpenAICompatOptions(Options):
@@ -72,8 +73,8 @@ class OpenAICompatBackend:
             limits=httpx.Limits(max_connections=options.max_connections,
                                 max_keepalive_connections=options.max_connections),
             follow_redirects=False, trust_env=False)
-        self._call = Caller(name, options.retry, timeout_s=timeout,
-                            max_concurrency=options.max_concurrency)
+        self._call = Retrying(f"backend {name!r}", options.retry, timeout_s=timeout,
+                              max_concurrency=options.max_concurrency)
         self._fetcher = ImageFetcher(name, options.image_urls)
 
     @classmethod
@@ -158,8 +159,8 @@ class OpenAICompatBackend:
                                code="backend_bad_response")
         revised = item.get("revised_prompt")
         if isinstance(item.get("b64_json"), str):
-            return image_from_b64(item["b64_json"], self.name,
-                                  self.options.image_urls.max_pixels, revised_prompt=revised)
+            return image_from_b64(item["b64_json"], self.name, self.options.image_urls,
+                                  revised_prompt=revised)
         if isinstance(item.get("url"), str):
             return await self._fetcher.fetch(item["url"], revised_prompt=revised)
         raise BackendError(f"backend {self.name!r} returned an image without data",

@@ -10,7 +10,7 @@ at concurrency 1 and 16. Prints p50/p99 latency, added latency over direct, and 
 CPU ms per request (from the proxy process's own CPU times). Each process is separate, so the
 proxy's CPU is its own; the machine is shared, so compare the rows of one run, not across runs.
 
-Run: .venv/bin/python benchmarks/overhead.py [--requests 200] [--json out.json]
+Run: .venv/bin/python benchmarks/overhead.py [--requests 200] [--json out.json] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def wait_up(url: str, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
-def start_proxy(backend_url: str, tmp: Path, enabled: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_proxy(backend_url: str, tmp: Path, enabled: bool, source: Path = ROOT
+                ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     config = {
         "backends": {"bench": {"kind": "openai-compatible", "api_base": backend_url}},
@@ -66,7 +67,8 @@ def start_proxy(backend_url: str, tmp: Path, enabled: bool) -> tuple[subprocess.
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([PY, "-m", "guard.cli", "serve", "--config", str(path),
                              "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
+                            cwd=source, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(source)})
     url = f"http://127.0.0.1:{port}"
     wait_up(url + "/readyz", timeout=120)
     return proc, url + "/v1"
@@ -106,6 +108,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout of the proxy (e.g. `git worktree add /tmp/base "
+                             "HEAD~3`), measured beside this one as base-passthrough and "
+                             "base-builtin")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -123,10 +129,12 @@ def main() -> int:
         procs.append(relay)
         wait_up(f"http://127.0.0.1:{rport}/readyz")
         targets["relay"] = (f"http://127.0.0.1:{rport}/v1", psutil.Process(relay.pid))
-        for name, enabled in (("passthrough", False), ("builtin", True)):
-            proc, url = start_proxy(backend_url, tmp, enabled)
-            procs.append(proc)
-            targets[name] = (url, psutil.Process(proc.pid))
+        sources = [("", ROOT)] + ([("base-", args.baseline.resolve())] if args.baseline else [])
+        for prefix, source in sources:
+            for name, enabled in (("passthrough", False), ("builtin", True)):
+                proc, url = start_proxy(backend_url, tmp, enabled, source)
+                procs.append(proc)
+                targets[prefix + name] = (url, psutil.Process(proc.pid))
 
         rows = []
         for concurrency in (1, 16):
@@ -139,14 +147,14 @@ def main() -> int:
                              "mean_ms": statistics.fmean(lat) * 1000,
                              "proxy_cpu_ms_per_req": cpu * 1000 / len(lat) if proc else None})
         direct = {r["concurrency"]: r for r in rows if r["mode"] == "direct"}
-        print(f"\n{'mode':<12} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+        print(f"\n{'mode':<17} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
               f"{'+p99 ms':>8} {'proxy CPU ms/req':>17}")
         for r in rows:
             d = direct[r["concurrency"]]
             r["added_p50_ms"] = r["p50_ms"] - d["p50_ms"]
             r["added_p99_ms"] = r["p99_ms"] - d["p99_ms"]
             cpu = "-" if r["proxy_cpu_ms_per_req"] is None else f"{r['proxy_cpu_ms_per_req']:.1f}"
-            print(f"{r['mode']:<12} {r['concurrency']:>4} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            print(f"{r['mode']:<17} {r['concurrency']:>4} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                   f"{r['added_p50_ms']:>8.1f} {r['added_p99_ms']:>8.1f} {cpu:>17}")
         print(f"\n{args.requests} requests per row; 1024x1024 PNG; {os.cpu_count()} CPUs; "
               "builtin = prescreen + NudeNet per image + SQLite trace.")

@@ -55,8 +55,9 @@ class ServerConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1_000_000, ge=1024,
                                 description="Largest JSON body accepted (413 above).")
-    max_upload_bytes: int = Field(50_000_000, ge=1024,
-                                  description="Largest multipart body for /v1/images/edits.")
+    max_upload_bytes: int = Field(
+        50_000_000, ge=1024,
+        description="Largest multipart body for /v1/images/edits, and so the largest image.")
     public_url: str | None = Field(None, description="Base URL for image links served by the proxy.")
 
 

@@ -206,6 +206,11 @@ class Engine:
             if len(images) != len(slots):
                 raise BackendError(f"backend {used!r} returned {len(images)} image(s) for "
                                    f"n={len(slots)}", code="backend_bad_response")
+            if self.enabled:
+                # Decoded and checked here, so a broken image is the backend's failure (502),
+                # never the judge's; a passthrough relays the backend's bytes unlooked-at.
+                for image in images:
+                    image.validate()
             return used, images
 
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,18 +30,30 @@ def worst(decisions: list[str]) -> str:
     return max(decisions, key=_DECISION_RANK.__getitem__) if decisions else "failed"
 
 
-class GeneratedImage:
-    """One image from a backend. Holds base64 as received and decodes only when someone looks,
-    so a passthrough never pays for a decode and re-encode of megabytes."""
+ImageCheck = Callable[[bytes], str]
 
-    __slots__ = ("_b64", "_data", "_sha256", "backend_revised_prompt", "media_type")
+
+class GeneratedImage:
+    """One image from a backend. A backend's base64 is kept as received and decoded only when
+    someone looks (the judge, a retained copy, a link), so a passthrough relays it without paying
+    for a decode, a check and a re-encode of megabytes.
+
+    `check` (given with `b64`) validates the decoded bytes and returns their media type; it runs
+    once, at the first look, and raises the adapter's own error (a BackendError) for a bad image.
+    The engine calls `validate()` on every image it is about to judge, so a bad image is a
+    backend failure there, never a judge failure.
+    """
+
+    __slots__ = ("_b64", "_check", "_data", "_sha256", "backend_revised_prompt", "media_type")
 
     def __init__(self, *, data: bytes | None = None, b64: str | None = None,
-                 media_type: str = "image/png", backend_revised_prompt: str | None = None) -> None:
+                 media_type: str = "image/png", backend_revised_prompt: str | None = None,
+                 check: ImageCheck | None = None) -> None:
         if data is None and b64 is None:
             raise TypeError("GeneratedImage needs data or b64")
         self._data = data
         self._b64 = b64
+        self._check = check if data is None else None
         self._sha256: str | None = None
         self.media_type = media_type
         self.backend_revised_prompt = backend_revised_prompt
@@ -51,11 +63,19 @@ class GeneratedImage:
         if self._data is None:
             assert self._b64 is not None
             try:
-                self._data = decode_b64(self._b64)
-            except ValueError as exc:
-                # Raised as ValueError so that the adapter that owns the bytes can translate it.
-                raise ValueError(f"image is not valid base64: {exc}") from exc
+                data = decode_b64(self._b64)
+            except ValueError:
+                data = b""  # the check refuses it as an image, in its adapter's words
+            if self._check is not None:
+                self.media_type = self._check(data)
+            elif not data:
+                raise ValueError("image is not valid base64")
+            self._data = data
         return self._data
+
+    def validate(self) -> None:
+        """Decode and check now (a no-op for images made from bytes)."""
+        self.data  # noqa: B018 - the property runs the check
 
     @property
     def b64(self) -> str:

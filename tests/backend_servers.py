@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import struct
 import threading
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,20 @@ def png(colour: tuple[int, int, int] = (30, 60, 200), size: tuple[int, int] = (6
     out = io.BytesIO()
     Image.new("RGB", size, colour).save(out, format="PNG")
     return out.getvalue()
+
+
+def png_bomb(side: int) -> bytes:
+    """A real PNG of side x side 1-bit pixels, all black: tens of KB that decode to side^2."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\x00" * (1 + (side + 7) // 8)
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+            + chunk(b"IEND", b""))
 
 
 @dataclass

@@ -4,10 +4,9 @@ would be dangerous to fetch or to decode. A real local server plays the backend 
 
 from __future__ import annotations
 
+import base64
 import io
-import struct
 import time
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,28 +14,21 @@ import openai
 import pytest
 from PIL import Image
 
+from adapters.fetch import UrlPolicy, image_from_b64
 from adapters.openai_compat import OpenAICompatBackend
 from guard.errors import BackendError
 from guard.types import GenerationCall
-from tests.backend_servers import ImageServer, png
+from tests.backend_servers import ImageServer, png, png_bomb
 from tests.conftest import CLIENT_KEY
 from tests.servers import serve
 
 CALL = GenerationCall(prompt="a lighthouse", n=1, model="sd")
 
 
-def png_bomb(side: int) -> bytes:
-    """A real PNG of side x side 1-bit pixels, all black: tens of KB that decode to side^2."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    row = b"\x00" * (1 + (side + 7) // 8)
-    packer = zlib.compressobj(9)
-    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
-            + chunk(b"IEND", b""))
+def gif() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="GIF")
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -115,8 +107,9 @@ async def test_oversize_body_is_refused(server, name) -> None:  # type: ignore[n
 
 @pytest.mark.parametrize("body, media_type, why", [
     (b"<html>login</html>", "text/html", "not an image"),
-    (b"not a png at all", "image/png", "not a readable image"),
+    (b"not a png at all", "image/png", "not a readable PNG, JPEG or WebP image"),
     (png()[:60], "image/png", "corrupt"),
+    (gif(), "image/gif", "GIF images are not supported"),
 ])
 async def test_non_image_bodies_are_refused(server, body, media_type, why) -> None:  # type: ignore[no-untyped-def]
     server.files["image.png"] = (body, media_type)
@@ -135,14 +128,25 @@ async def test_decompression_bomb_is_refused_before_decoding(server, side) -> No
     assert time.perf_counter() - started < 2
 
 
-async def test_base64_answers_get_the_same_image_checks(server) -> None:  # type: ignore[no-untyped-def]
-    import base64
+async def test_the_pixel_limit_is_the_only_bomb_rule(server) -> None:  # type: ignore[no-untyped-def]
+    """10000 x 10000 is past PIL's own warning threshold (89 Mpx): the backend's limit decides."""
+    server.files["image.png"] = (png_bomb(10_000), "image/png")
+    with pytest.raises(BackendError, match="10000x10000 is more than 99999999 pixels"):
+        await fetch_one(server, allow_private=True, max_pixels=99_999_999)
+    data = await fetch_one(server, allow_private=True, max_pixels=100_000_000)
+    assert data == png_bomb(10_000)
 
-    from adapters.fetch import image_from_b64
 
-    with pytest.raises(BackendError, match="decompression bomb"):
-        image_from_b64(base64.b64encode(png_bomb(5000)).decode(), "b", 16_777_216)
-    image = image_from_b64(base64.b64encode(png()).decode(), "b", 16_777_216)
+def test_base64_answers_get_the_same_image_checks_at_the_first_look() -> None:
+    bomb = image_from_b64(base64.b64encode(png_bomb(5000)).decode(), "b", UrlPolicy())
+    with pytest.raises(BackendError, match="decompression bomb") as info:
+        bomb.validate()
+    assert info.value.code == "backend_bad_response"
+    with pytest.raises(BackendError, match="larger than 100 bytes"):
+        image_from_b64(base64.b64encode(png()).decode(), "b", UrlPolicy(max_bytes=100)).data
+    with pytest.raises(BackendError, match="not valid base64"):
+        image_from_b64("not*base64", "b", UrlPolicy()).validate()
+    image = image_from_b64(base64.b64encode(png()).decode(), "b", UrlPolicy())
     assert image.media_type == "image/png" and image.data == png()
 
 
@@ -154,7 +158,7 @@ def test_url_answers_through_the_proxy(proxy, fake_backend) -> None:  # type: ig
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
     result = client.images.generate(prompt="a red bicycle", model="sd")
     assert result.data and result.data[0].b64_json
-    image = Image.open(io.BytesIO(__import__("base64").b64decode(result.data[0].b64_json)))
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
     assert image.getpixel((0, 0)) == (30, 60, 200)
 
     base = proxy()

@@ -239,6 +239,22 @@ async def test_edit_sends_images_and_mask_as_multipart(server, kind) -> None:  #
     assert request["prompt"] == "add a hat" and request["n"] == "2" and request["model"] == "sd"
     assert request["files"]["image[]"] == [source, second]
     assert request["files"]["mask"] == [mask]
+    assert "input_fidelity" not in request  # not asked for, not sent
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_edit_sends_input_fidelity(server, kind) -> None:  # type: ignore[no-untyped-def]
+    backend = make(kind, server.base_url + "/v1")
+    assert isinstance(backend, EditingBackend)
+    call = GenerationCall(prompt="add a hat", n=1, model="sd", input_fidelity="high")
+    try:
+        await backend.edit(call, [png()], None)
+        await backend.generate(call)  # generations have no such parameter
+    finally:
+        await backend.aclose()
+    edit, generation = server.requests
+    assert edit["input_fidelity"] == "high" and edit["files"]["image[]"] == [png()]
+    assert "input_fidelity" not in generation
 
 
 @pytest.mark.parametrize("kind", KINDS)

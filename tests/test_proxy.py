@@ -319,3 +319,14 @@ def test_passthrough_judges_nothing_but_still_traces(proxy, fake_backend) -> Non
     t = trace(base, r.headers["x-guard-trace-id"])
     assert t["guard_enabled"] is False and t["decision"] == "passed"
     assert [x["kind"] for x in t["rounds"]] == ["generate"] and t["rounds"][0]["images"] == []
+
+
+def test_passthrough_relays_the_backends_image_without_decoding_it(proxy, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    # Passthrough is a plain proxy: it relays the bytes and never looks (that is what makes it
+    # as cheap as a relay); a link (response_format: url) needs the bytes, so it checks them.
+    base = proxy(guard={"enabled": False})
+    fake_backend[0].mode = "badb64"
+    r = generate(base, {"prompt": "a cat"})
+    assert r.status_code == 200 and r.json()["data"][0]["b64_json"] == "this is %% not base64!"
+    r = generate(base, {"prompt": "a cat", "response_format": "url"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "backend_bad_response"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import io
 import math
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,7 @@ class JudgeServer:
 
     fail_first: int = 0                 # answer 503 to this many requests first
     fail_status: int = 503
+    retry_after: str = "0"              # sent with those failures
     delay_s: float = 0.0
     logprobs: bool = True
     malformed: bool = False
@@ -68,7 +71,7 @@ class JudgeServer:
                                            "type": "invalid_request_error"}}, 401)
         if len(self.requests) <= self.fail_first:
             return JSONResponse({"error": {"message": "overloaded"}}, self.fail_status,
-                                headers={"retry-after": "0"})
+                                headers={"retry-after": self.retry_after})
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         system, user, red = "", "", None
@@ -299,6 +302,33 @@ async def test_overloaded_server_is_retried_then_given_up(
         await judge.judge([item("a cat", png(red_rows=0))], POLICY)
     assert len(state.requests) == 2  # bounded: one try and one retry
     await judge.aclose()
+
+
+async def test_an_http_date_retry_after_is_honoured(
+        judge_server: tuple[JudgeServer, str]) -> None:
+    state, url = judge_server
+    # HTTP dates have whole seconds: two seconds from now is a wait of more than one, where the
+    # judge's own backoff (backoff_s 0.01) would wait at most 10 ms.
+    state.fail_first, state.fail_status = 1, 429
+    state.retry_after = email.utils.formatdate(int(time.time()) + 2, usegmt=True)
+    judge = make(url, retries=1)
+    started = time.perf_counter()
+    [verdict] = await judge.judge([item("a cat", png(red_rows=0))], POLICY)
+    await judge.aclose()
+    assert time.perf_counter() - started >= 1.0
+    assert verdict.details["retries"] == 1 and len(state.requests) == 2
+
+
+async def test_a_retry_after_beyond_the_deadline_fails_at_once(
+        judge_server: tuple[JudgeServer, str]) -> None:
+    state, url = judge_server
+    state.fail_first, state.fail_status, state.retry_after = 10, 429, "30"
+    judge = make(url, retries=3, timeout_s=1)  # every try within 2 s
+    started = time.perf_counter()
+    with pytest.raises(JudgeError, match="answered 429"):
+        await judge.judge([item("a cat")], POLICY)
+    await judge.aclose()
+    assert len(state.requests) == 1 and time.perf_counter() - started < 1
 
 
 async def test_a_slow_server_times_out(judge_server: tuple[JudgeServer, str]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,21 +177,6 @@ class SQLiteStore:
         rows = rows[: q.limit]
         items = [_load(r[1:]).summary() for r in rows]
         return TracePage(items, encode_cursor(rows[-1][0]) if more and rows else None)
-
-    def iter_rows(self, since: float | None = None, batch: int = 500
-                  ) -> Iterator[tuple[int, str, str | None, str]]:
-        """(seq, body, prev_hash, hash) in chain order, read in batches."""
-        last = 0
-        while True:
-            rows = self._fetch(
-                "SELECT seq, body, prev_hash, hash FROM traces WHERE seq > ?"
-                + (" AND created_at >= ?" if since is not None else "")
-                + " ORDER BY seq LIMIT ?",
-                (last, *([since] if since is not None else []), batch))
-            if not rows:
-                return
-            yield from rows
-            last = rows[-1][0]
 
     # --- the AuditStore interface -------------------------------------------------------------
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import re
 import sys
 from contextlib import ExitStack
 from typing import Any, BinaryIO
 
 import orjson
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+from guard.audit import ChainedStore, ImageKeepingStore
+from guard.errors import ConfigError
+from guard.timewindow import time_option
 
 
 def register(sub: Any) -> None:
@@ -40,10 +39,10 @@ def register(sub: Any) -> None:
 
     p = cmds.add_parser("export", help="stream traces as JSON Lines or CSV")
     common(p)
-    p.add_argument("--since", type=parse_time,
+    p.add_argument("--since", type=time_option("since"),
                    help="from this time: ISO 8601 (UTC unless an offset is given), Unix "
-                        "seconds, or an age such as 24h / 7d")
-    p.add_argument("--until", type=parse_time, help="before this time (same forms)")
+                        "seconds, or an age such as 24h / 7d / 2w")
+    p.add_argument("--until", type=time_option("until"), help="before this time (same forms)")
     p.add_argument("--tenant", help="only this tenant's traces")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--output", "-o", help="file to write (default stdout)")
@@ -58,24 +57,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run_purge)
 
 
-def parse_time(text: str) -> float:
-    text = text.strip()
-    if m := _RELATIVE.match(text):
-        return dt.datetime.now(dt.UTC).timestamp() - float(m[1]) * _UNITS[m[2]]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time (ISO 8601, Unix seconds, or an age like 24h)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
-
-
 def _store(args: argparse.Namespace) -> Any:
     from guard.audit import build_store
     from guard.config import load_config
@@ -87,7 +68,7 @@ def run_verify(args: argparse.Namespace) -> int:
     async def go() -> Any:
         store = _store(args)
         try:
-            if not hasattr(store, "verify"):
+            if not isinstance(store, ChainedStore):
                 print(f"safeedit: error: the {type(store).__name__} store cannot be verified",
                       file=sys.stderr)
                 return None
@@ -135,6 +116,8 @@ def run_export(args: argparse.Namespace) -> int:
     async def go(out: BinaryIO) -> int:
         store = _store(args)
         try:
+            if not isinstance(store, ChainedStore):
+                raise ConfigError(f"the {type(store).__name__} store has no chain to export")
             rows = store.chain_rows(since=args.since, until=args.until, tenant=args.tenant)
             return await export(rows, out, args.format)
         finally:
@@ -155,7 +138,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_purge(args: argparse.Namespace) -> int:
     store = _store(args)
-    images = getattr(store, "images", None)
+    images = store.images if isinstance(store, ImageKeepingStore) else None
     asyncio.run(store.aclose())
     if images is None:
         print("no images_dir in the audit config: no images are kept, nothing to purge")

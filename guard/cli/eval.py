@@ -20,6 +20,7 @@ import orjson
 from guard.errors import ConfigError
 from guard.evaluate import EvalResult, evaluate, read_prompts
 from guard.judges import Judge, build_judge
+from guard.lifecycle import Startable
 from guard.policy import POLICIES_DIR, Policy, load_policy
 
 
@@ -83,9 +84,8 @@ async def _run(judge: Judge, policy: Policy, rows: list[Any], args: argparse.Nam
         bar.update(1)
 
     try:
-        start = getattr(judge, "start", None)
-        if start is not None:
-            await start()
+        if isinstance(judge, Startable):
+            await judge.start()
         return await evaluate(judge, policy, rows, batch_size=args.batch_size,
                               source=args.prompts.name, on_result=on_result)
     finally:

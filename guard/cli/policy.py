@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from guard.policytools.loader import Loaded, Problem, load_file
+from guard.timewindow import time_option
 
 
 def register(sub: Any) -> None:
@@ -29,7 +27,7 @@ def register(sub: Any) -> None:
 
     v = cmds.add_parser("validate", help="check policy files; exit status 1 on any error")
     v.add_argument("files", nargs="*", type=Path,
-                   help="policy files (default: every file under policies/)")
+                   help="policy files (default: the shipped policies and ./policies/)")
     v.add_argument("--json", action="store_true", help="problems as JSON, one list")
     v.set_defaults(func=validate)
 
@@ -46,9 +44,10 @@ def register(sub: Any) -> None:
     r = cmds.add_parser("replay", help="which stored requests a candidate policy would decide "
                                        "differently, from their recorded scores")
     r.add_argument("--candidate", required=True, type=Path, help="the candidate policy file")
-    r.add_argument("--since", type=parse_when,
-                   help="from this time: 2025-06-01, 2025-06-01T12:00, 24h, 7d (default: all)")
-    r.add_argument("--until", type=parse_when, help="up to this time (same forms)")
+    r.add_argument("--since", type=time_option("since"),
+                   help="from this time: 2025-06-01, 2025-06-01T12:00, 24h, 7d, 2w or Unix "
+                        "seconds (default: all)")
+    r.add_argument("--until", type=time_option("until"), help="up to this time (same forms)")
     which = r.add_mutually_exclusive_group()
     which.add_argument("--policy", help="replay traces recorded under this policy id "
                                         "(default: the candidate's id)")
@@ -73,12 +72,14 @@ def register(sub: Any) -> None:
 # --- validate / explain / diff ------------------------------------------------------------------
 
 def validate(args: argparse.Namespace) -> int:
-    from guard.policy import POLICIES_DIR
+    from guard.policy import POLICIES_DIR, local_policies_dir
     from guard.policytools.loader import policy_files
 
-    files = args.files or policy_files([POLICIES_DIR])
+    dirs = [POLICIES_DIR, *filter(None, [local_policies_dir()])]
+    files = args.files or policy_files(dirs)
     if not files:
-        print(f"no policy files given or found under {POLICIES_DIR}", file=sys.stderr)
+        print(f"no policy files given or found under {', '.join(map(str, dirs))}",
+              file=sys.stderr)
         return 1
     problems: list[Problem] = []
     ok: list[str] = []
@@ -142,26 +143,6 @@ def diff(args: argparse.Namespace) -> int:
 
 
 # --- replay -------------------------------------------------------------------------------------
-
-def parse_when(text: str) -> float:
-    """A time as epoch seconds: ISO date/time (UTC unless it says), `24h`/`7d`/`30m` ago, or
-    epoch seconds."""
-    relative = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if relative:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[relative[2]]
-        return time.time() - float(relative[1]) * unit
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use a date (2025-06-01), a time (2025-06-01T12:00), 24h, 7d or "
-            "epoch seconds") from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
 
 def replay(args: argparse.Namespace) -> int:
     from guard.audit import TraceQuery, build_store

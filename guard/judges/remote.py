@@ -25,8 +25,10 @@ Several proxy replicas can share one judge server this way. Options (all but `mo
   that category's slot in the answer (as with `vlm`); otherwise scores are 1.0 or 0.0 from the
   parsed text. A malformed answer scores 1.0 everywhere (fail closed); its text is kept raw.
 - `timeout_s` (30): per request; `retries` (2): further tries after a timeout, a connection error,
-  429 or 5xx, waiting `backoff_s` (0.25) doubled each time (or the server's Retry-After, capped at
-  10 s); other 4xx fail at once.
+  408, 409, 425, 429 or 5xx, under the guard's retry policy (guard.retry): a backoff from
+  `backoff_s` (0.25), doubled each time up to 10 s, with full jitter, or the server's Retry-After
+  (seconds or an HTTP date) when that is longer; all tries of one request within 2 x `timeout_s`
+  (a Retry-After beyond that fails at once); other 4xx fail at once.
 - `max_concurrency` (16): requests in flight from this judge (the server batches them itself).
 - `temperature` (0), `extra_body` ({}): sent with every request; `headers` ({}): extra HTTP headers.
 - `id` (null): judge id in traces; default `remote:<profile>:<model>`.
@@ -57,9 +59,11 @@ from guard.judges.profiles import (
     merge_scores,
 )
 from guard.policy import Policy
+from guard.retry import Retrying, RetryPolicy
 from guard.types import JudgeInput, Verdict
 
 RETRY_STATUS = {408, 409, 425, 429}
+MAX_BACKOFF_S = 10.0
 
 
 class RemoteOptions(BaseModel):
@@ -94,9 +98,18 @@ class _Answer:
 
 @dataclass(slots=True)
 class _Stats:
-    requests: int = 0
-    retries: int = 0
+    asks: int = 0       # requests the judge meant to send
+    requests: int = 0   # requests sent, retries included
     tokens: int = 0
+
+    @property
+    def retries(self) -> int:
+        return self.requests - self.asks
+
+
+class _Transient(JudgeError):
+    """A failure another try may not meet: a timeout, a connection error, 408, 409, 425, 429
+    or 5xx. To everyone but the retry policy it is a JudgeError like any other."""
 
 
 class RemoteJudge:
@@ -111,7 +124,11 @@ class RemoteJudge:
             raise ConfigError("judge (remote): transport http needs `api_base`")
         self.transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._limit: asyncio.Semaphore | None = None
+        policy = RetryPolicy(attempts=options.retries + 1, backoff_s=options.backoff_s,
+                             max_backoff_s=MAX_BACKOFF_S)
+        self._call = Retrying("remote judge", policy, timeout_s=options.timeout_s,
+                              retryable=lambda exc: isinstance(exc, _Transient),
+                              expired=JudgeError, max_concurrency=options.max_concurrency)
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> RemoteJudge:
@@ -160,8 +177,6 @@ class RemoteJudge:
     # --- the judge ------------------------------------------------------------------------------
 
     async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
-        if self._limit is None:
-            self._limit = asyncio.Semaphore(self.options.max_concurrency)
         return list(await asyncio.gather(*(self._one(item, policy) for item in items)))
 
     async def _one(self, item: JudgeInput, policy: Policy) -> Verdict:
@@ -219,50 +234,39 @@ class RemoteJudge:
     async def _ask(self, messages: Sequence[Message], item: JudgeInput, max_tokens: int,
                    stop: Sequence[str], stats: _Stats) -> _Answer:
         body = self._body(messages, item, max_tokens, stop)
-        assert self._limit is not None
-        async with self._limit:
-            data = await self._with_retries(body, stats)
-        return _answer(data, stats)
+        post = self._post_http if self.transport == "http" else self._post_litellm
 
-    async def _with_retries(self, body: dict[str, Any], stats: _Stats) -> dict[str, Any]:
-        delay = self.options.backoff_s
-        for attempt in range(self.options.retries + 1):
+        async def attempt() -> dict[str, Any]:
             stats.requests += 1
-            if attempt:
-                stats.retries += 1
-            failure, wait = await (self._post_http(body) if self.transport == "http"
-                                   else self._post_litellm(body))
-            if isinstance(failure, dict):
-                return failure
-            if not failure.retryable or attempt == self.options.retries:
-                raise JudgeError(self._redact(failure.message))
-            await asyncio.sleep(min(wait if wait is not None else delay, 10.0))
-            delay *= 2
-        raise AssertionError("unreachable")
+            return await post(body)
 
-    async def _post_http(self, body: dict[str, Any]) -> tuple[dict[str, Any] | _Failure,
-                                                              float | None]:
+        stats.asks += 1
+        return _answer(await self._call(attempt), stats)
+
+    async def _post_http(self, body: dict[str, Any]) -> dict[str, Any]:
         url = f"{self._base()}/chat/completions"
         try:
             resp = await self._http().post(url, json=body)
-        except httpx.TimeoutException:
-            return _Failure(f"remote judge timed out after {self.options.timeout_s:g} s", True), None
+        except httpx.TimeoutException as exc:
+            raise _Transient(f"remote judge timed out after {self.options.timeout_s:g} s") from exc
         except httpx.HTTPError as exc:
-            return _Failure(f"remote judge unreachable at {self._base()}: "
-                            f"{type(exc).__name__}", True), None
-        if resp.status_code == 200:
-            try:
-                data = resp.json()
-            except ValueError:
-                return _Failure("remote judge answered with invalid JSON", False), None
-            return (data if isinstance(data, dict)
-                    else _Failure("remote judge answered with a non-object", False)), None
-        message = f"remote judge answered {resp.status_code}: {_error_message(resp)}"
-        retryable = resp.status_code in RETRY_STATUS or resp.status_code >= 500
-        return _Failure(message, retryable), _retry_after(resp.headers.get("retry-after"))
+            raise _Transient(f"remote judge unreachable at {self._base()}: "
+                             f"{type(exc).__name__}") from exc
+        if resp.status_code != 200:
+            message = self._redact(f"remote judge answered {resp.status_code}: "
+                                   f"{_error_message(resp)}")
+            error = _Transient if _transient(resp.status_code) else JudgeError
+            retry_after = resp.headers.get("retry-after")
+            raise error(message, headers={"retry-after": retry_after} if retry_after else None)
+        try:
+            data = resp.json()
+        except ValueError:
+            raise JudgeError("remote judge answered with invalid JSON") from None
+        if not isinstance(data, dict):
+            raise JudgeError("remote judge answered with a non-object")
+        return data
 
-    async def _post_litellm(self, body: dict[str, Any]) -> tuple[dict[str, Any] | _Failure,
-                                                                 float | None]:
+    async def _post_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
@@ -276,22 +280,17 @@ class RemoteJudge:
         except Exception as exc:  # noqa: BLE001 - litellm's exceptions, translated here
             status = getattr(exc, "status_code", None)
             timeout = isinstance(exc, litellm.exceptions.Timeout)
-            retryable = timeout or isinstance(exc, litellm.exceptions.APIConnectionError) or (
-                isinstance(status, int) and (status in RETRY_STATUS or status >= 500))
+            transient = timeout or isinstance(exc, litellm.exceptions.APIConnectionError) or (
+                isinstance(status, int) and _transient(status))
             what = "timed out" if timeout else f"failed ({type(exc).__name__}, {status})"
-            return _Failure(f"remote judge {what}: {str(exc)[:200]}", retryable), None
-        data = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
-        return data, None
+            # from None: litellm's exception may carry the request, key included
+            raise (_Transient if transient else JudgeError)(
+                self._redact(f"remote judge {what}: {str(exc)[:200]}")) from None
+        return resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
 
     def _redact(self, text: str) -> str:
         key = self._key()
         return text.replace(key, "***") if key else text
-
-
-@dataclass(slots=True)
-class _Failure:
-    message: str
-    retryable: bool
 
 
 def _error_message(resp: httpx.Response) -> str:
@@ -306,11 +305,8 @@ def _error_message(resp: httpx.Response) -> str:
     return resp.text[:200]
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+def _transient(status: int) -> bool:
+    return status in RETRY_STATUS or status >= 500
 
 
 def _answer(data: Mapping[str, Any], stats: _Stats) -> _Answer:
