@@ -201,9 +201,9 @@ class RemoteJudge:
         if not parsed.ok:
             details["parse_error"] = parsed.error
         thought, refined, raw = parsed.thought, parsed.refined_prompt, "\n---\n".join(texts)
-        decision = policy.decide(scores)
-        if not full_first and self.profile.explains and decision.unsafe:
-            explain = self.profile.explain(item, policy, scores, decision.flagged)
+        if not full_first and self.profile.explains and policy.wants_explanation(scores):
+            flagged = policy.decide(scores).flagged  # what the explanation starts from
+            explain = self.profile.explain(item, policy, scores, flagged)
             messages = explain.messages if explain is not None else probes[0].messages
             full = await self._ask(messages, item, self.options.max_tokens, (), stats)
             reasons = self.profile.parse([full.text], policy)
