@@ -23,7 +23,7 @@ from pydantic import (
 
 from guard.errors import RequestError
 
-_SIZE_RE = re.compile(r"^(auto|\d{2,5}x\d{2,5})$")
+_SIZE_RE = re.compile(r"^(auto|[1-9]\d{1,4}x[1-9]\d{1,4})$")  # no 0 side, no leading zeros
 # The longest prompt each model family accepts (OpenAI reference, CreateImageRequest.prompt).
 _PROMPT_LIMITS = {"dall-e-2": 1000, "dall-e-3": 4000}
 _GPT_IMAGE_PROMPT_LIMIT = 32000

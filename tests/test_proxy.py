@@ -164,6 +164,8 @@ def test_response_format_url_is_served_by_the_proxy(e2e) -> None:  # type: ignor
     ({"prompt": 42}, "prompt", 400),
     ({"n": 1}, "prompt", 400),
     ({"prompt": "x", "size": "huge"}, "size", 400),
+    ({"prompt": "x", "size": "00x00"}, "size", 400),  # divided by zero in the demo backend
+    ({"prompt": "x", "size": "0064x64"}, "size", 400),
     ({"prompt": "x", "quality": "ultra"}, "quality", 400),
     ({"prompt": "x", "output_compression": 101}, "output_compression", 400),
     ({"prompt": "x" * 1001, "model": "dall-e-2"}, "prompt", 400),
