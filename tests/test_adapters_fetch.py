@@ -143,7 +143,7 @@ def test_base64_answers_get_the_same_image_checks_at_the_first_look() -> None:
         bomb.validate()
     assert info.value.code == "backend_bad_response"
     with pytest.raises(BackendError, match="larger than 100 bytes"):
-        image_from_b64(base64.b64encode(png()).decode(), "b", UrlPolicy(max_bytes=100)).data
+        image_from_b64(base64.b64encode(png()).decode(), "b", UrlPolicy(max_bytes=100)).validate()
     with pytest.raises(BackendError, match="not valid base64"):
         image_from_b64("not*base64", "b", UrlPolicy()).validate()
     image = image_from_b64(base64.b64encode(png()).decode(), "b", UrlPolicy())
