@@ -58,6 +58,7 @@ async def main(options: dict[str, object], writer: str, count: int, tasks: int,
                go: Path) -> None:
     store = build_store(options)
     await store.ready()  # connect (and migrate) before the start line
+    go.with_name(f"{go.name}.{writer}.ready").touch()  # tells the test this writer is set
     await asyncio.to_thread(_wait_for, go)
     queue = iter(range(count))
 

@@ -218,7 +218,11 @@ def test_two_processes_writing_at_once_keep_one_chain(audit, tmp_path: Path) -> 
                                orjson.dumps(audit["options"]).decode(), name, str(n), "4",
                                str(go)], cwd=ROOT, env={**os.environ, KEY_ENV: KEY})
              for name in ("writer-a", "writer-b")]
-    time.sleep(1.0)  # both processes import and open the store, then start together
+    # Both writers import and open the store (slow on a loaded machine), then start together.
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"go.{w}.ready").exists() for w in ("writer-a", "writer-b")):
+        assert time.monotonic() < deadline, "the writers never got ready"
+        time.sleep(0.05)
     go.touch()
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     with sqlite3.connect(audit["db"]) as conn:
