@@ -13,97 +13,53 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 import adapters  # noqa: F401 - registers the built-in backends
+from guard import b64json
 from guard.audit.query import parse_trace_query
 from guard.auth import Principal, Role, may_see
 from guard.config import Config, load_config
-from guard.engine import EditInputs
-from guard.errors import GuardError, NotFound, PayloadTooLarge, RequestError
-from guard.inputs import validate_image
+from guard.errors import GuardError, NotFound, RequestError
+from guard.hosts import TrustedHostMiddleware
+from guard.intake import parse_edit, parse_generation
 from guard.lifecycle import close_all, readiness, start_all
+from guard.openapi import openapi_document
 from guard.policy_reload import PolicyReloader
-from guard.protocol import completed_events, parse_edit_form, parse_generation_request
+from guard.protocol import completed_events
 from guard.review import routes as review_routes
 from guard.serving import TRACE_HEADER, Exchange, GuardState, Job, Reply, build_state
 
 log = logging.getLogger("safeedit.proxy")
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers,
-                    media_type="application/json")
+class JSONResponse(Response):
+    """JSON sent in parts (`b64json.dumps_parts`): a relayed image's base64 goes to the socket
+    as the backend sent it, never joined into one more multi-megabyte copy of the body."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: Any, status: int = 200, headers: dict[str, str] | None = None):
+        self.parts = b64json.dumps_parts(body)
+        super().__init__(b"", status, headers)
+        self.headers["content-length"] = str(sum(map(len, self.parts)))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
 def state_of(request: Request) -> GuardState:
     return request.app.state.guard  # type: ignore[no-any-return]
-
-
-# --- parsing ----------------------------------------------------------------------------------
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes `limit` (declared or actually sent)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
-    request._body = bytes(body)  # starlette serves form() and body() from this cache
-    return request._body
-
-
-async def parse_generation(request: Request, state: GuardState) -> Job:
-    body = await read_body(request, state.config.server.max_body_bytes)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"We could not parse the JSON body of your request ({exc}).",
-                           code="invalid_json") from None
-    return Job("/v1/images/generations", parse_generation_request(payload))
-
-
-async def parse_edit(request: Request, state: GuardState) -> Job:
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError("Image edits must be sent as multipart/form-data.",
-                           code="invalid_content_type")
-    limit = state.config.server.max_upload_bytes
-    await read_body(request, limit)  # cached for form()
-    try:
-        form = await request.form(max_files=18, max_fields=64)
-    except Exception as exc:  # noqa: BLE001 - python-multipart raises several kinds
-        raise RequestError(f"Malformed multipart body ({type(exc).__name__}).",
-                           code="invalid_multipart") from None
-    fields: dict[str, str] = {}
-    images: list[bytes] = []
-    mask: bytes | None = None
-    for key, value in form.multi_items():
-        if isinstance(value, str):
-            fields[key] = value
-            continue
-        data = await value.read()
-        if key in ("image", "image[]"):
-            validate_image(data, "image", max_bytes=limit)
-            images.append(data)
-        elif key == "mask":
-            validate_image(data, "mask", max_bytes=limit)
-            mask = data
-        else:
-            raise RequestError(f"Unexpected file field '{key}'.", param=key)
-    if not images:
-        raise RequestError("Missing required parameter: 'image'.", param="image",
-                           code="missing_required_parameter")
-    if len(images) > 16:
-        raise RequestError("Invalid 'image': at most 16 images.", param="image")
-    return Job("/v1/images/edits", parse_edit_form(fields), EditInputs(tuple(images), mask))
 
 
 # --- the images API ---------------------------------------------------------------------------
@@ -138,7 +94,7 @@ async def _serve(request: Request, endpoint: str, parse: Parser) -> Response:
 
 def render(reply: Reply) -> Response:
     body = reply.images.render() if reply.images is not None else reply.error
-    return json_response(body, reply.status, reply.headers)
+    return JSONResponse(body, reply.status, reply.headers)
 
 
 async def _events(exchange: Exchange, base_url: str) -> AsyncIterator[bytes]:
@@ -158,21 +114,18 @@ async def _events(exchange: Exchange, base_url: str) -> AsyncIterator[bytes]:
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + b64json.dumps(data) + b"\n\n"
 
 
 def _base_url(state: GuardState, request: Request) -> str:
-    return state.config.server.public_url or str(request.base_url).rstrip("/")
+    # Without public_url, the Host the request named: guard.hosts let only a trusted one in.
+    return (state.config.server.public_url or str(request.base_url)).rstrip("/")
 
 
 async def served_image(request: Request) -> Response:
-    state = state_of(request)
-    try:
-        expires = int(request.query_params.get("exp", "0"))
-    except ValueError:
-        expires = 0
-    found = state.images.get(request.path_params["image_id"], expires,
-                             request.query_params.get("sig", ""))
+    found = state_of(request).images.get(request.path_params["image_id"],
+                                         request.query_params.get("exp", ""),
+                                         request.query_params.get("sig", ""))
     if found is None:
         raise NotFound("Image not found or link expired.")
     return Response(found[1], media_type=found[0])
@@ -196,28 +149,28 @@ async def get_trace(request: Request, principal: Principal) -> Response:
     trace = await state_of(request).store.get(request.path_params["trace_id"])
     if trace is None or not may_see(principal, trace.tenant):
         raise NotFound("No such trace.")
-    return json_response(trace.model_dump(mode="json"))
+    return JSONResponse(trace.model_dump(mode="json"))
 
 
 async def list_traces(request: Request, principal: Principal) -> Response:
     query = parse_trace_query(request.query_params, principal)
     page = await state_of(request).store.query(query)
-    return json_response({"object": "list", "data": page.items, "next_cursor": page.next_cursor})
+    return JSONResponse({"object": "list", "data": page.items, "next_cursor": page.next_cursor})
 
 
 async def reload_policies(request: Request, principal: Principal) -> Response:
     result = await request.app.state.policy_reloader.reload()
-    return json_response(result.to_dict())
+    return JSONResponse(result.to_dict())
 
 
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    return JSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     checks = await readiness(state_of(request).parts())
     ok = all(checks.values())
-    return json_response({"status": "ready" if ok else "not ready", "checks": checks},
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                          200 if ok else 503)
 
 
@@ -226,11 +179,15 @@ async def metrics(request: Request) -> Response:
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
 # --- one exception path -----------------------------------------------------------------------
 
 async def guard_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GuardError)
-    return json_response(exc.to_dict(), exc.status, exc.headers)
+    return JSONResponse(exc.to_dict(), exc.status, exc.headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -260,6 +217,7 @@ def routes() -> list[BaseRoute]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         *review_routes(),
     ]
 
@@ -288,9 +246,16 @@ def create_app(config: Config | None = None, *,
             await close_all([part for _, part in state.parts()], starting)
             state.telemetry.shutdown()
 
-    return Starlette(routes=routes(), lifespan=lifespan, exception_handlers={
-        GuardError: guard_error, Exception: internal_error,
-        404: not_found, 405: method_not_allowed})
+    served = routes()
+    # Every route answers only to trusted Host names (guard.hosts: DNS rebinding, links).
+    app = Starlette(routes=served, lifespan=lifespan, middleware=[Middleware(
+        TrustedHostMiddleware, hosts=config.server.hosts(), public_url=config.server.public_url)],
+        exception_handlers={GuardError: guard_error, Exception: internal_error,
+                            404: not_found, 405: method_not_allowed})
+    app.state.openapi = openapi_document(
+        ((method, route.path) for route in served if isinstance(route, Route)
+         for method in route.methods or ()), public_url=config.server.public_url)
+    return app
 
 
 __all__ = ["create_app", "GuardState"]

@@ -2,10 +2,11 @@
 
 A backend's answer decides where the guard connects next, so a URL is treated as hostile:
     - http and https only; the host is resolved once, every address it resolves to must be public
-      (not private, loopback, link-local, shared, reserved or multicast; IPv4 inside IPv6 is
-      unwrapped first) unless the backend's config allows it, and the connection goes to that
-      checked address (the name still goes in Host and TLS SNI), so DNS cannot answer differently
-      the second time;
+      (not private, loopback, link-local, shared, reserved or multicast; an IPv6 form that
+      carries IPv4 addresses, ::ffff:a.b.c.d, NAT64, 6to4, Teredo and the rest, is judged by each
+      of them and by its own form: `classify`) unless the backend's config allows it, and the
+      connection goes to that checked address (the name still goes in Host and TLS SNI), so DNS
+      cannot answer differently the second time;
     - redirects are followed by hand, each hop checked again, at most `max_redirects`;
     - no credentials: the backend's API key is never sent to an image URL;
     - the body is streamed and cut off at `max_bytes`; its content type must be an image (or
@@ -29,7 +30,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 from pydantic import Field, IPvAnyNetwork
@@ -42,7 +43,6 @@ from guard.types import GeneratedImage
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _BINARY_TYPES = ("application/octet-stream", "binary/octet-stream")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class UrlPolicy(Options):
@@ -56,19 +56,72 @@ class UrlPolicy(Options):
     def allows(self, address: IPAddress) -> bool:
         if self.allow_private or any(address in net for net in self.allow_networks):
             return True
-        inner = _embedded_ipv4(address)
-        return inner.is_global and not inner.is_multicast
+        return classify(address) is None
 
 
-def _embedded_ipv4(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        if address.sixtofour is not None:
-            return address.sixtofour
-        if address in _NAT64:
-            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return address
+def classify(address: IPAddress) -> str | None:
+    """Why `address` is not a public unicast address to connect to, or None when it is.
+
+    An IPv6 address that carries an IPv4 one is judged by the IPv4 address (every one it
+    carries), and then by its own form: some forms are never a public destination."""
+    if isinstance(address, ipaddress.IPv6Address) and not (address.is_unspecified
+                                                           or address.is_loopback):
+        for network, form, public, extract in _IPV4_IN_IPV6:
+            if address in network:
+                for inner in extract(address):
+                    reason = _special(inner)
+                    if reason:
+                        return f"{form}, carrying {inner}: {reason}"
+                return None if public else f"{form}, never public"
+    return _special(address)
+
+
+# IANA's "not globally reachable" since 2010; Python before 3.11.10 / 3.12.4 knew only two parts
+# (and calls 192.0.0.9 and .10, anycast services, global: no image host either).
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+
+
+def _special(address: IPAddress) -> str | None:
+    # Each check on its own: `is_global` alone lets multicast (both versions), IPv6 site-local
+    # and the reserved ::/8 (IPv4-compatible, NAT64) through.
+    for reason, hit in (("unspecified", address.is_unspecified),
+                        ("loopback", address.is_loopback),
+                        ("link-local", address.is_link_local),
+                        ("multicast", address.is_multicast),
+                        ("private", address.is_private),
+                        ("reserved", address.is_reserved),
+                        ("site-local", isinstance(address, ipaddress.IPv6Address)
+                         and address.is_site_local),
+                        ("protocol-assignment", address in _IETF_PROTOCOL),
+                        ("non-global", not address.is_global)):
+        if hit:
+            return reason
+    return None
+
+
+_Carried = Callable[[ipaddress.IPv6Address], list[ipaddress.IPv4Address]]
+
+
+def _octets(first: int) -> _Carried:
+    return lambda a: [ipaddress.IPv4Address(a.packed[first:first + 4])]
+
+
+# IPv6 forms that carry IPv4 addresses: network, name, whether the form may be a public
+# destination (when all it carries is), and the IPv4 addresses it carries. Python's `is_global`
+# calls most of these forms global whatever they carry.
+_IPV4_IN_IPV6: tuple[tuple[ipaddress.IPv6Network, str, bool, _Carried], ...] = (
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped", True, _octets(12)),
+    (ipaddress.IPv6Network("64:ff9b::/96"), "NAT64", True, _octets(12)),
+    (ipaddress.IPv6Network("2002::/16"), "6to4", True, _octets(2)),
+    # Deprecated or local forms: refused whatever they carry (a non-public IPv4 is named first).
+    (ipaddress.IPv6Network("::/96"), "IPv4-compatible", False, _octets(12)),
+    (ipaddress.IPv6Network("::ffff:0:0:0/96"), "IPv4-translated", False, _octets(12)),
+    # Server, then client (stored with its bits inverted; `teredo` undoes that).
+    (ipaddress.IPv6Network("2001::/32"), "Teredo", False, lambda a: list(a.teredo or ())),
+    # RFC 8215 lets the operator pick the prefix length, so the IPv4 address may sit elsewhere
+    # (RFC 6052 2.2); only the /96 place is read, to name it: the form is refused anyway.
+    (ipaddress.IPv6Network("64:ff9b:1::/48"), "local-use NAT64", False, _octets(12)),
+)
 
 
 async def _resolve(host: str, port: int) -> list[str]:
@@ -125,7 +178,8 @@ class ImageFetcher:
             raise self._error(f"names a host that does not resolve ({host})")
         refused = [a for a in addresses if not self.policy.allows(a)]
         if refused:
-            raise self._error(f"points at a non-public address ({host} -> {refused[0]}); "
+            raise self._error(f"points at a non-public address ({host} -> {refused[0]}: "
+                              f"{classify(refused[0])}); "
                               "allow it with image_urls.allow_private or allow_networks")
         return addresses
 
@@ -181,7 +235,7 @@ class ImageFetcher:
         await self._client.aclose()
 
 
-def image_from_b64(b64: str, backend: str, policy: UrlPolicy, *,
+def image_from_b64(b64: str | bytes, backend: str, policy: UrlPolicy, *,
                    revised_prompt: str | None = None) -> GeneratedImage:
     """A backend's base64 image, kept as received; decoded and checked at its first look (the
     judge's), so a passthrough relays it untouched. A bad image is then a 502 of this backend."""

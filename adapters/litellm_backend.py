@@ -23,8 +23,9 @@ Options:
                              auto asks OpenAI and Azure models other than gpt-image-* for b64_json
 Secrets are read once at start-up and are never put in a trace, a log line or an error message.
 The SDK's own retries are off (max_retries=0): retrying is the guard's policy (guard.retry).
-Errors are translated here as in the openai-compatible adapter; a provider's own content filter
-refusing the prompt is a 400 content_policy_violation.
+Errors are translated here as in the openai-compatible adapter (the guard's own message, the
+provider's text only redacted in the trace); a provider's own content filter refusing the prompt
+is a 400 content_policy_violation.
 Edits use litellm's `aimage_edit` (OpenAI and Azure style multipart, images as `image[]`).
 """
 
@@ -47,6 +48,7 @@ from guard.errors import (
     ConfigError,
     PolicyViolation,
 )
+from guard.redact import redact_logs
 from guard.retry import Retrying, RetryPolicy
 from guard.types import GeneratedImage, GenerationCall
 
@@ -56,6 +58,7 @@ _FORWARDED = ("size", "quality", "style", "user")
 _EDIT_FORWARDED = ("size", "quality", "user", "input_fidelity")
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 _B64_PROVIDERS = ("openai", "azure")
+_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 
 
 class LiteLLMOptions(Options):
@@ -81,6 +84,8 @@ class LiteLLMBackend:
         # debug banner would print request details.
         litellm.turn_off_message_logging = True
         litellm.suppress_debug_info = True
+        # Its debug log prints the provider's raw answer, which may echo the key.
+        redact_logs(_LITELLM_LOGGERS, (secrets or {}).values())
         self._litellm = litellm
         self.name = name
         self.options = options
@@ -160,31 +165,34 @@ class LiteLLMBackend:
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
-        """litellm's exceptions -> the guard's. Messages name the backend and the kind of
-        failure only: a provider's message can echo the request."""
+        """litellm's exceptions -> the guard's. Messages are the guard's own, naming the backend
+        and the HTTP status: a provider's text can echo the request, key included, so it goes
+        only into the redacted `detail`, and is not chained (`from None`) where it is the
+        provider's answer, lest a traceback print it."""
         lt = self._litellm
         name = self.name
+        secrets = tuple(self._secrets.values())
         try:
             yield
         except lt.Timeout as exc:
             raise BackendTimeout(f"backend {name!r} timed out") from exc
         except lt.RateLimitError as exc:
             retry = _header(exc, "retry-after")
-            raise BackendRateLimited(f"backend {name!r} is rate limited",
-                                     headers={"retry-after": retry} if retry else None) from exc
+            raise BackendRateLimited(f"The image backend {name!r} is rate limited (HTTP 429).",
+                                     headers={"retry-after": retry} if retry else None,
+                                     detail=_said(exc), secrets=secrets) from None
         except lt.ContentPolicyViolationError as exc:
-            raise PolicyViolation(f"backend {name!r} refused the prompt under its own "
-                                  "content policy") from exc
+            raise PolicyViolation(f"The image backend {name!r} refused the prompt under its own "
+                                  f"content policy{_status(exc)}.",
+                                  detail=_said(exc), secrets=secrets) from None
         except (lt.AuthenticationError, lt.PermissionDeniedError) as exc:
-            raise BackendError(f"backend {name!r} refused the guard's credentials",
-                               code="backend_auth_failed") from exc
+            raise BackendError(f"The image backend {name!r} refused the guard's credentials"
+                               f"{_status(exc)}.", code="backend_auth_failed",
+                               detail=_said(exc), secrets=secrets) from None
         except (lt.BadRequestError, lt.NotFoundError, lt.UnprocessableEntityError) as exc:
-            error = _provider_error(exc)
-            message = str(error.get("message") or type(exc).__name__)[:300]
-            raise BackendRejected(f"backend {name!r} rejected the request: {message}",
-                                  code=str(error.get("code") or "backend_rejected"),
-                                  param=str(error["param"]) if error.get("param") else None
-                                  ) from exc
+            raise BackendRejected.answered(name, getattr(exc, "status_code", None),
+                                           _provider_error(exc), detail=_said(exc),
+                                           secrets=secrets) from None
         except lt.APIConnectionError as exc:
             if "timeout" in type(exc.__cause__).__name__.lower() or \
                     "timed out" in str(exc).lower():
@@ -194,15 +202,32 @@ class LiteLLMBackend:
         except BackendError:
             raise
         except Exception as exc:  # noqa: BLE001 - litellm raises many kinds; all are the backend's
-            status = getattr(exc, "status_code", None)
-            raise BackendError(f"backend {name!r} failed ({type(exc).__name__}"
-                               f"{f', HTTP {status}' if status else ''})") from exc
+            status = _status(exc) or f" ({type(exc).__name__})"
+            raise BackendError(f"The image backend {name!r} failed{status}.",
+                               detail=_said(exc), secrets=secrets) from None
 
     async def ready(self) -> bool:
         return True
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
+
+
+def _said(exc: Exception) -> str:
+    # What the provider answered, as far as litellm's exception keeps it: its message holds a
+    # JSON error's message only, the response the whole answer.
+    said = f"{type(exc).__name__}: {exc}"
+    try:
+        body = exc.response.text  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no response, or one not read: the message is all there is
+        return said
+    return f"{said}; answer: {body}" if isinstance(body, str) and body else said
+
+
+def _status(exc: Exception) -> str:
+    # " (HTTP 400)" when the exception carries the provider's status, else ""
+    status = getattr(exc, "status_code", None)
+    return f" (HTTP {status})" if isinstance(status, int) else ""
 
 
 def _header(exc: Exception, name: str) -> str | None:

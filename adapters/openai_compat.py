@@ -4,9 +4,12 @@ This is the fast path for plain OpenAI-compatible servers: the guard forwards th
 parameters, reads `b64_json` (or fetches `url` under the backend's URL policy), and translates
 failures at this edge: connection refused -> 502 backend_unavailable, timeout -> 504,
 429 -> 429 with Retry-After, 5xx -> 502, 401/403 -> 502 backend_auth_failed (the operator's key,
-not the client's), other 4xx -> the backend's own message and code as a 400. 429, 5xx and
-connection failures are retried under the guard's retry policy (guard.retry). API keys come
-from environment variables named in the config and never reach a trace, a log line or an error.
+not the client's), other 4xx -> a 400 with the backend's error `code` and `param` when they are
+plain identifiers (content_policy_violation stays a refusal). The client reads the guard's own
+message, naming the HTTP status; the backend's text is untrusted (it may echo the request, key
+included) and reaches only the trace, redacted (guard.redact). 429, 5xx and connection failures
+are retried under the guard's retry policy (guard.retry). API keys come from environment
+variables named in the config and never reach a trace, a log line or an error.
 
 Options:
     api_base (required)      e.g. http://127.0.0.1:9000/v1
@@ -66,6 +69,8 @@ class OpenAICompatBackend:
         headers = dict(options.extra_headers)
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        # What an echoing backend could send back: kept out of every error's detail.
+        self._secrets = (api_key, *options.extra_headers.values())
         timeout = options.timeout_s
         self._client = httpx.AsyncClient(
             base_url=self.api_base, headers=headers, transport=transport,
@@ -129,23 +134,10 @@ class OpenAICompatBackend:
         return await self._parse(response)
 
     async def _parse(self, response: httpx.Response) -> list[GeneratedImage]:
-        status = response.status_code
-        if status == 429:
-            retry = response.headers.get("retry-after")
-            raise BackendRateLimited(f"backend {self.name!r} is rate limited",
-                                     headers={"retry-after": retry} if retry else None)
-        if status >= 500:
-            raise BackendError(f"backend {self.name!r} failed with HTTP {status}")
-        if status in (401, 403):
-            raise BackendError(f"backend {self.name!r} refused the guard's credentials "
-                               f"(HTTP {status})", code="backend_auth_failed")
-        if status >= 400:
-            raise BackendRejected(f"backend {self.name!r} rejected the request: "
-                                  f"{_error_message(response)}",
-                                  code=_error_code(response) or "backend_rejected",
-                                  param=_error_param(response))
+        if response.status_code >= 400:
+            raise self._failure(response)
         try:
-            data = b64json.loads(response.content)["data"]
+            data = b64json.loads_raw(response.content)["data"]
             if not isinstance(data, list):
                 raise TypeError("data is not a list")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
@@ -158,13 +150,31 @@ class OpenAICompatBackend:
             raise BackendError(f"backend {self.name!r} returned an image without data",
                                code="backend_bad_response")
         revised = item.get("revised_prompt")
-        if isinstance(item.get("b64_json"), str):
+        if isinstance(item.get("b64_json"), str | bytes):
             return image_from_b64(item["b64_json"], self.name, self.options.image_urls,
                                   revised_prompt=revised)
         if isinstance(item.get("url"), str):
             return await self._fetcher.fetch(item["url"], revised_prompt=revised)
         raise BackendError(f"backend {self.name!r} returned an image without data",
                            code="backend_bad_response")
+
+    def _failure(self, response: httpx.Response) -> BackendError:
+        status, name, secrets = response.status_code, self.name, self._secrets
+        detail = f"HTTP {status}: {response.text}"
+        if status == 429:
+            retry = response.headers.get("retry-after")
+            return BackendRateLimited(f"The image backend {name!r} is rate limited (HTTP 429).",
+                                      headers={"retry-after": retry} if retry else None,
+                                      detail=detail, secrets=secrets)
+        if status >= 500:
+            return BackendError(f"The image backend {name!r} failed (HTTP {status}).",
+                                detail=detail, secrets=secrets)
+        if status in (401, 403):
+            return BackendError(f"The image backend {name!r} refused the guard's credentials "
+                                f"(HTTP {status}).", code="backend_auth_failed",
+                                detail=detail, secrets=secrets)
+        return BackendRejected.answered(name, status, _error_json(response), detail=detail,
+                                        secrets=secrets)
 
     async def ready(self) -> bool:
         return not self._client.is_closed
@@ -196,17 +206,3 @@ def _error_json(response: httpx.Response) -> dict[str, Any]:
         return {}
     err = body.get("error") if isinstance(body, dict) else None
     return err if isinstance(err, dict) else {}
-
-
-def _error_message(response: httpx.Response) -> str:
-    return str(_error_json(response).get("message") or f"HTTP {response.status_code}")[:500]
-
-
-def _error_code(response: httpx.Response) -> str | None:
-    code = _error_json(response).get("code")
-    return str(code) if code else None
-
-
-def _error_param(response: httpx.Response) -> str | None:
-    param = _error_json(response).get("param")
-    return str(param) if param else None

@@ -11,12 +11,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from guard.errors import ConfigError
+from guard.hosts import TrustedHosts, host_name, pattern_name
 
 Role = Literal["client", "auditor", "admin"]
 
@@ -58,7 +68,26 @@ class ServerConfig(_Strict):
     max_upload_bytes: int = Field(
         50_000_000, ge=1024,
         description="Largest multipart body for /v1/images/edits, and so the largest image.")
-    public_url: str | None = Field(None, description="Base URL for image links served by the proxy.")
+    public_url: str | None = Field(
+        None, description="The proxy's URL as clients reach it (http(s)://host[:port][/path]): "
+        "image links and redirects use it, and its host is trusted.")
+    trusted_hosts: list[Annotated[str, AfterValidator(pattern_name)]] | None = Field(
+        None, description="Host names the proxy answers to (the `Host` header, any port): names, "
+        "IP addresses, `*.example.com` for subdomains, or `*` for any (only with keys). Default: "
+        "the bind address and localhost, 127.0.0.1, ::1. Others get a 400, so a web page that "
+        "points its own DNS name at the proxy (DNS rebinding) cannot use it.")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not host_name(parts.netloc):
+                raise ValueError("must be an http(s) URL with a host, e.g. https://guard.example")
+        return value
+
+    def hosts(self) -> TrustedHosts:
+        return TrustedHosts.for_server(self.trusted_hosts, self.host, self.public_url)
 
 
 class RouteConfig(_Strict):
@@ -96,6 +125,13 @@ class Config(_Strict):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
 
+    @model_validator(mode="after")
+    def _any_host_needs_keys(self) -> Config:
+        if self.open_mode and self.server.trusted_hosts and "*" in self.server.trusted_hosts:
+            raise ValueError("server.trusted_hosts: '*' (any host) needs API keys; in open mode "
+                             "(no `keys:`) the proxy answers to the names listed only")
+        return self
+
     @field_validator("backends")
     @classmethod
     def _backend_kinds(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -109,6 +145,14 @@ class Config(_Strict):
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise ValueError(f"key ids must be unique; repeated: {', '.join(duplicated)}")
+        # One key under two ids would make its principal (role, tenant, policy) ambiguous.
+        by_hash: dict[str, list[str]] = {}
+        for key in self.keys:
+            by_hash.setdefault(key.hash.lower(), []).append(key.id)
+        shared = [" and ".join(ids) for ids in by_hash.values() if len(ids) > 1]
+        if shared:
+            raise ValueError(f"keys must be unique; the same key hash is configured for "
+                             f"{'; '.join(shared)}")
         for model, route in self.routes.items():
             if route.backend not in self.backends:
                 raise ValueError(f"route {model!r} names unknown backend {route.backend!r}")

@@ -240,6 +240,8 @@ class Engine:
             return list(verdicts)
         except Exception as exc:  # noqa: BLE001 - any judge failure is a judge failure
             reason = exc.message if isinstance(exc, GuardError) else type(exc).__name__
+            if isinstance(exc, GuardError) and exc.detail:  # redacted: the trace may keep it
+                reason = f"{reason} ({exc.detail})"
             record.error = f"judge error: {reason}"
             log.warning("judge %s failed at %s: %s", self.judge.id, stage, reason)
             if policy.on_judge_error == "allow":

@@ -3,7 +3,8 @@
     GuardError                      500 server_error
     ├── RequestError                400 invalid_request_error (names the `param`)
     │   ├── PayloadTooLarge         413
-    │   └── NotFound                404
+    │   ├── NotFound                404
+    │   └── ClientDisconnected      499 the client went away before its request was read
     ├── AuthenticationError         401 invalid_api_key
     ├── PermissionDenied            403
     ├── PolicyViolation             400 content_policy_violation (carries the trace id)
@@ -16,11 +17,18 @@
 
 Foreign exceptions (httpx, litellm, torch, sqlite) are translated at the edge that owns them:
 `raise BackendTimeout(...) from exc`. A bare ValueError reaching the handler is a bug and is a 500.
+
+A server's own words are untrusted (one that echoes its request echoes the operator's key): the
+`message` a client sees is always the guard's; what the server said goes in `detail`, which only
+the trace keeps and which is redacted here, with the secrets the raising edge passes in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from guard.redact import identifier, redact
 
 
 class GuardError(Exception):
@@ -29,9 +37,11 @@ class GuardError(Exception):
     code: str | None = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, headers: dict[str, str] | None = None) -> None:
+                 status: int | None = None, headers: dict[str, str] | None = None,
+                 detail: str | None = None, secrets: Iterable[str | None] = ()) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = redact(detail, secrets) if detail else None
         self.param = param
         if code is not None:
             self.code = code
@@ -63,6 +73,14 @@ class PayloadTooLarge(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class ClientDisconnected(RequestError):
+    """The client closed the connection mid-request (nginx's 499): nobody reads the answer,
+    the trace records it."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class AuthenticationError(GuardError):
@@ -110,6 +128,20 @@ class BackendRejected(BackendError):
     status = 400
     type = "invalid_request_error"
     code = "backend_rejected"
+
+    @classmethod
+    def answered(cls, backend: str, status: int | None, error: Mapping[str, Any], *,
+                 detail: str, secrets: Iterable[str | None]) -> BackendRejected:
+        """The backend's 4xx with its OpenAI-style `error` object: its `code` and `param` pass
+        on when they are plain identifiers (content_policy_violation stays a refusal), its
+        words only into the redacted `detail`."""
+        secrets = tuple(secrets)
+        code = identifier(error.get("code"), secrets) or cls.code
+        what = ("refused the prompt under its own content policy"
+                if code == "content_policy_violation" else "rejected the request")
+        http = f" (HTTP {status})" if status else ""
+        return cls(f"The image backend {backend!r} {what}{http}.", code=code,
+                   param=identifier(error.get("param"), secrets), detail=detail, secrets=secrets)
 
 
 class JudgeError(GuardError):

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
 
+from guard.errors import RequestError
 from guard.types import GeneratedImage
+
+_EXPIRY = re.compile(r"[0-9]{1,12}")  # Unix seconds, ASCII digits only, well inside int64
+_IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 
 
 class ImageCache:
@@ -45,11 +51,18 @@ class ImageCache:
     def sign(self, image_id: str, expires: int) -> str:
         return hmac.new(self._secret, f"{image_id}.{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def get(self, image_id: str, expires: int, signature: str) -> tuple[str, bytes] | None:
-        # Bytes, not str: compare_digest raises on a non-ASCII str, and the signature is the
-        # client's to choose.
-        if expires < time.time() or not hmac.compare_digest(
-                signature.encode(errors="replace"), self.sign(image_id, expires).encode()):
+    def get(self, image_id: str, exp: str, sig: str) -> tuple[str, bytes] | None:
+        """The (media type, bytes) a link names: None when it is unknown, expired or its
+        signature is wrong; a RequestError when `exp` is not a link's expiry at all."""
+        if not _EXPIRY.fullmatch(exp):
+            raise RequestError("Invalid 'exp': expected the expiry of an image link (Unix "
+                               "seconds).", param="exp")
+        expires = int(exp)
+        # The signature is the client's to choose: anything but our hex digest is simply wrong,
+        # and the digests compare as bytes (compare_digest raises on a non-ASCII str).
+        if (expires < time.time() or not _IMAGE_ID.fullmatch(image_id)
+                or not _SIGNATURE.fullmatch(sig)
+                or not hmac.compare_digest(sig.encode(), self.sign(image_id, expires).encode())):
             return None
         with self._lock:
             item = self._items.get(image_id)

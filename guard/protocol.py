@@ -23,7 +23,7 @@ from pydantic import (
 
 from guard.errors import RequestError
 
-_SIZE_RE = re.compile(r"^(auto|[1-9]\d{1,4}x[1-9]\d{1,4})$")  # no 0 side, no leading zeros
+_SIZE_RE = re.compile(r"auto|[1-9]\d{1,4}x[1-9]\d{1,4}")  # no 0 side, no leading zeros
 # The longest prompt each model family accepts (OpenAI reference, CreateImageRequest.prompt).
 _PROMPT_LIMITS = {"dall-e-2": 1000, "dall-e-3": 4000}
 _GPT_IMAGE_PROMPT_LIMIT = 32000
@@ -57,7 +57,8 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str | None) -> str | None:
-        if value is not None and not _SIZE_RE.match(value):
+        # fullmatch: `$` would also match before a final newline ("1024x1024\n")
+        if value is not None and not _SIZE_RE.fullmatch(value):
             raise ValueError("size must be 'auto' or WIDTHxHEIGHT, e.g. '1024x1024'")
         return value
 
@@ -146,9 +147,10 @@ def _to_request_error(exc: ValidationError) -> RequestError:
 
 
 class ImageObject(BaseModel):
-    """One entry of ImagesResponse.data: the image (base64 or a link) and its revised prompt."""
+    """One entry of ImagesResponse.data: the image (base64 or a link) and its revised prompt.
+    `b64_json` may hold the base64 as ASCII bytes, written verbatim by `guard.b64json.dumps`."""
 
-    b64_json: str | None = None
+    b64_json: bytes | str | None = None  # bytes first: `str | bytes` decodes them (2 ms)
     url: str | None = None
     revised_prompt: str | None = None
 

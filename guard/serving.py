@@ -128,6 +128,7 @@ class Reply:
     headers: dict[str, str]
     images: ImagesResponse | None = None
     error: dict[str, Any] = field(default_factory=dict)
+    detail: str | None = None  # the error's redacted detail: for the trace, never rendered
 
     @property
     def ok(self) -> bool:
@@ -247,7 +248,7 @@ class Exchange:
             exc = GuardError(f"Internal error ({type(exc).__name__}).")
         exc.trace_id = self.trace.id
         return Reply(exc.status, {**exc.headers, TRACE_HEADER: self.trace.id},
-                     error=exc.to_dict())
+                     error=exc.to_dict(), detail=exc.detail)
 
     def _response(self, outcome: Outcome, base_url: str) -> ImagesResponse:
         assert self.job is not None
@@ -261,7 +262,8 @@ class Exchange:
                 url = f"{base_url}/v1/guard/images/{image_id}?exp={expires}&sig={sig}"
                 data.append(ImageObject(url=url, revised_prompt=revised))
             else:
-                data.append(ImageObject(b64_json=final.image.b64, revised_prompt=revised))
+                data.append(ImageObject(b64_json=final.image.b64_bytes,
+                                        revised_prompt=revised))
         guard = GuardBlock(
             trace_id=trace.id, decision=trace.outcome_decision(), policy=trace.policy,
             rounds=outcome.rounds,
@@ -276,7 +278,7 @@ def _trace_error(reply: Reply) -> TraceError | None:
         return None
     body = reply.error["error"]
     return TraceError(status=reply.status, type=body["type"], code=body["code"],
-                      message=body["message"])
+                      message=body["message"], detail=reply.detail)
 
 
 def _call(req: ImageGenerationRequest) -> GenerationCall:

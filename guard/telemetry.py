@@ -93,6 +93,10 @@ class Metrics:
         self.backend_latency = Histogram("guard_backend_latency_seconds",
                                          "Backend call latency.", ["backend"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.login_throttled = Counter(
+            "guard_review_login_throttled",
+            "Review-page sign-ins refused after too many failures, by scope (address or key).",
+            ["scope"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

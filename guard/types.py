@@ -46,7 +46,7 @@ class GeneratedImage:
 
     __slots__ = ("_b64", "_check", "_data", "_sha256", "backend_revised_prompt", "media_type")
 
-    def __init__(self, *, data: bytes | None = None, b64: str | None = None,
+    def __init__(self, *, data: bytes | None = None, b64: str | bytes | None = None,
                  media_type: str = "image/png", backend_revised_prompt: str | None = None,
                  check: ImageCheck | None = None) -> None:
         if data is None and b64 is None:
@@ -79,8 +79,16 @@ class GeneratedImage:
 
     @property
     def b64(self) -> str:
+        return self.b64_bytes.decode("ascii")
+
+    @property
+    def b64_bytes(self) -> bytes:
+        """The base64 as ASCII bytes: the backend's own when it sent base64 (a relay splices
+        them into its response as received, see `guard.b64json.dumps`)."""
         if self._b64 is None:
-            self._b64 = pybase64.b64encode(self.data).decode("ascii")
+            self._b64 = pybase64.b64encode(self.data)
+        elif isinstance(self._b64, str):
+            self._b64 = self._b64.encode("ascii")
         return self._b64
 
     @property
@@ -189,6 +197,8 @@ class TraceError(_Model):
     type: str
     code: str | None
     message: str
+    # What the failing server said, redacted (guard.redact): for the operator, never the client.
+    detail: str | None = None
 
 
 class Trace(_Model):

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from adapters.fetch import UrlPolicy, image_from_b64
+from adapters.fetch import UrlPolicy, classify, image_from_b64
 from adapters.openai_compat import OpenAICompatBackend
 from guard.errors import BackendError
 from guard.types import GenerationCall
@@ -167,3 +170,145 @@ def test_url_answers_through_the_proxy(proxy, fake_backend) -> None:  # type: ig
                       max_retries=0).images.generate(prompt="a red bicycle", model="sd")
     assert info.value.status_code == 502
     assert info.value.body["code"] == "backend_bad_response"  # type: ignore[index]
+
+
+# --- IPv4 addresses inside IPv6 ----------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["::127.0.0.1", "::ffff:127.0.0.1", "::ffff:0:7f00:1",
+                                  "64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "2002:7f00:1::1"])
+async def test_ipv6_forms_of_loopback_are_refused_before_any_connection(server, host) -> None:  # type: ignore[no-untyped-def]
+    port = server.base_url.rsplit(":", 1)[1]
+    b = backend(server)  # the API itself stays on 127.0.0.1; only the image URL changes
+    server.base_url = f"http://[{host}]:{port}"
+    try:
+        with pytest.raises(BackendError, match=r"non-public address .*carrying 127\.0\.0\.1"):
+            await b.generate(CALL)
+    finally:
+        await b.aclose()
+    assert server.file_requests == []
+
+
+async def test_the_mapped_form_reaches_loopback_so_only_the_check_stands_in_its_way(server) -> None:  # type: ignore[no-untyped-def]
+    """A dual-stack socket connects ::ffff:127.0.0.1 to 127.0.0.1: allowed, the image is fetched."""
+    port = server.base_url.rsplit(":", 1)[1]
+    server.files["image.png"] = (png((0, 0, 255)), "image/png")
+    b = backend(server, allow_private=True)
+    server.base_url = f"http://[::ffff:127.0.0.1]:{port}"
+    try:
+        (image,) = await b.generate(CALL)
+    finally:
+        await b.aclose()
+    assert Image.open(io.BytesIO(image.data)).getpixel((0, 0)) == (0, 0, 255)
+    assert len(server.file_requests) == 1
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("::127.0.0.1", "IPv4-compatible, carrying 127.0.0.1: loopback"),
+    ("::8.8.8.8", "IPv4-compatible, never public"),
+    ("::ffff:0:7f00:1", "IPv4-translated, carrying 127.0.0.1: loopback"),
+    ("::ffff:0:808:808", "IPv4-translated, never public"),
+    ("::ffff:10.1.2.3", "IPv4-mapped, carrying 10.1.2.3: private"),
+    ("64:ff9b::a9fe:a9fe", "NAT64, carrying 169.254.169.254: link-local"),
+    ("64:ff9b:1::7f00:1", "local-use NAT64, carrying 127.0.0.1: loopback"),
+    ("64:ff9b:1::808:808", "local-use NAT64, never public"),
+    ("2002:c0a8:101::1", "6to4, carrying 192.168.1.1: private"),
+    ("2002:e000:1::", "6to4, carrying 224.0.0.1: multicast"),
+    ("2001:0:808:808:0:0:f5ff:fffe", "Teredo, carrying 10.0.0.1: private"),  # the client
+    ("2001:0:7f00:1::", "Teredo, carrying 127.0.0.1: loopback"),  # the server
+    ("2001:0:808:808:0:0:f7f7:f7f7", "Teredo, never public"),
+    ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fc00::1", "private"),
+    ("fec0::1", "site-local"), ("ff0e::1", "multicast"), ("100::1", "private"),
+    ("2001:db8::1", "private"), ("100.64.0.1", "non-global"), ("224.0.0.251", "multicast"),
+    ("0.0.0.0", "unspecified"), ("255.255.255.255", "private"),
+    ("192.0.0.100", "protocol-assignment"),
+])
+def test_non_public_addresses_are_refused_with_the_reason(address: str, reason: str) -> None:
+    ip = ipaddress.ip_address(address)
+    assert classify(ip) == reason
+    assert not UrlPolicy().allows(ip)
+    assert UrlPolicy(allow_private=True).allows(ip)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8",
+                                     "64:ff9b::808:808", "2002:808:808::1"])
+def test_public_addresses_and_the_forms_that_carry_them_are_allowed(address: str) -> None:
+    assert classify(ipaddress.ip_address(address)) is None
+
+
+def test_allow_networks_allows_just_those_networks() -> None:
+    policy = UrlPolicy(allow_networks=["10.20.0.0/16", "fd00:1::/32"])
+    assert policy.allows(ipaddress.ip_address("10.20.3.4"))
+    assert policy.allows(ipaddress.ip_address("fd00:1::5"))
+    assert not policy.allows(ipaddress.ip_address("10.21.0.1"))
+    assert not policy.allows(ipaddress.ip_address("::ffff:10.21.0.1"))
+
+
+NON_PUBLIC_V4 = ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+                 "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16",
+                 "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4",
+                 "240.0.0.0/4"]
+
+
+def _within(cidr: str) -> st.SearchStrategy[ipaddress.IPv4Address]:
+    net = ipaddress.IPv4Network(cidr)
+    return st.integers(0, net.num_addresses - 1).map(lambda i: net[i])
+
+
+non_public_v4 = st.one_of(*map(_within, NON_PUBLIC_V4))
+# Python's own idea of global, an oracle independent of `classify` (which adds multicast, and
+# all of 192.0.0.0/24, where Python before 3.11.10 calls most addresses global).
+public_v4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address).filter(
+    lambda a: a.is_global and not a.is_multicast and a not in ipaddress.ip_network("192.0.0.0/24"))
+bits = st.integers(0, 2**80 - 1)
+
+
+def _local_nat64(v4: ipaddress.IPv4Address, prefix_length: int, fill: int) -> ipaddress.IPv6Address:
+    """RFC 6052 2.2: the IPv4 octets after the prefix, skipping octet 8 (zero); the rest `fill`."""
+    out = bytearray(fill.to_bytes(10, "big") + bytes(6))
+    out[:6] = bytes.fromhex("0064ff9b0001")
+    places = [i for i in range(prefix_length // 8, 16) if i != 8][:4]
+    for i, octet in zip(places, v4.packed, strict=True):
+        out[i] = octet
+    out[8] = 0
+    return ipaddress.IPv6Address(bytes(out))
+
+
+def carriers(v4: ipaddress.IPv4Address, fill: int) -> dict[str, ipaddress.IPv6Address]:
+    """`v4` inside each IPv6 form that carries an IPv4 address; `fill` for the free bits."""
+    n = int(v4)
+    teredo = 0x2001 << 112
+    return {
+        "mapped": ipaddress.IPv6Address(0xFFFF << 32 | n),
+        "compatible": ipaddress.IPv6Address(n),
+        "translated": ipaddress.IPv6Address(0xFFFF << 48 | n),
+        "nat64": ipaddress.IPv6Address(0x64FF9B << 96 | n),
+        "6to4": ipaddress.IPv6Address(0x2002 << 112 | n << 80 | fill),
+        "teredo server": ipaddress.IPv6Address(teredo | n << 64 | fill & (2**64 - 1)),
+        "teredo client": ipaddress.IPv6Address(teredo | (fill >> 32) << 32 | n ^ 0xFFFFFFFF),
+        **{f"local nat64 /{p}": _local_nat64(v4, p, fill) for p in (48, 56, 64, 96)},
+    }
+
+
+@settings(max_examples=200, deadline=None)
+@given(non_public_v4, bits)
+@example(ipaddress.IPv4Address("192.0.0.100"), 0)  # Python 3.11.7 calls it global
+def test_a_non_public_ipv4_is_refused_in_every_ipv6_form(v4: ipaddress.IPv4Address,
+                                                         fill: int) -> None:
+    assert classify(v4) is not None
+    for form, address in carriers(v4, fill).items():
+        reason = classify(address)
+        assert reason is not None and not UrlPolicy().allows(address), (form, address)
+        if form in ("mapped", "nat64", "6to4", "translated") and not address.is_loopback:
+            assert f"carrying {v4}:" in reason, (form, address, reason)
+
+
+@settings(max_examples=200, deadline=None)
+@given(public_v4, bits)
+def test_a_public_ipv4_is_allowed_as_itself_mapped_nat64_and_6to4(v4: ipaddress.IPv4Address,
+                                                                   fill: int) -> None:
+    forms = carriers(v4, fill)
+    for address in (v4, forms["mapped"], forms["nat64"], forms["6to4"]):
+        assert classify(address) is None and UrlPolicy().allows(address), address
+    # Forms no public destination uses are refused whatever they carry.
+    for form in ("compatible", "translated", "teredo server", "local nat64 /96"):
+        assert classify(forms[form]) is not None, forms[form]

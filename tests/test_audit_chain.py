@@ -234,3 +234,199 @@ def test_two_processes_writing_at_once_keep_one_chain(audit, tmp_path: Path) -> 
     code, out = verify(audit["config"])
     assert code == 0, out
     assert f"checked {2 * n} traces" in out and f"{2 * n // 5} valid signatures" in out
+
+
+def rehash_from(db: Path, seq: int) -> None:
+    """Recompute every hash from `seq` on, chain head included, as an attacker without the key
+    would after editing a row: the hash chain alone is consistent again."""
+    with sqlite3.connect(db) as conn:
+        prev = conn.execute("SELECT hash FROM traces WHERE seq = ?", (seq - 1,)).fetchone()[0]
+        for s, body in conn.execute("SELECT seq, body FROM traces WHERE seq >= ? ORDER BY seq",
+                                    (seq,)).fetchall():
+            new = link_hash(prev, body.encode())
+            conn.execute("UPDATE traces SET prev_hash = ?, hash = ? WHERE seq = ?",
+                         (prev, new, s))
+            prev = new
+        conn.execute("UPDATE chain_head SET hash = ?", (prev,))
+
+
+def test_deleting_the_checkpoints_does_not_switch_them_off(audit) -> None:  # type: ignore[no-untyped-def]
+    """A refusal turned into a pass, the chain rehashed, the checkpoints deleted: with keys
+    configured, a checkpoint that is due and missing fails verify; it is no warning."""
+    async def go() -> list[str]:
+        store = build_store(audit["options"])
+        ids = [(await store.write(sample_trace("app", i, decision="refused" if i == 1 else
+                                               "edited"))).id for i in range(7)]
+        await store.aclose()
+        return ids
+
+    ids = asyncio.run(go())
+    sql(audit["db"], "UPDATE traces SET decision = 'passed', body = replace(body,"
+                     " '\"decision\":\"refused\"', '\"decision\":\"passed\"') WHERE seq = 2")
+    rehash_from(audit["db"], 2)
+    sql(audit["db"], "DELETE FROM checkpoints")
+    code, out = verify(audit["config"])
+    assert code == 1 and "OK" not in out and "WARNING" not in out
+    assert first_problem(out) == (f"FAILED: checkpoint_missing: the signed checkpoint at trace "
+                                  f"{ids[4]} (seq 5) is missing: one is due every 5 traces "
+                                  "(deleted, or the row was written without the key)")
+    as_json = cli("audit", "verify", "--config", audit["config"], "--json")
+    report = orjson.loads(as_json.stdout)
+    assert as_json.returncode == 1 and report["ok"] is False
+    assert report["first_problem"]["kind"] == "checkpoint_missing"
+    assert report["first_problem"]["seq"] == 5
+
+
+def anchored(audit: dict[str, Any], tmp_path: Path, **anchor: Any) -> dict[str, Any]:
+    """The audit fixture's options with anchors (a file under witness/ unless given)."""
+    options = {**audit["options"],
+               "anchor": {"path": str(tmp_path / "witness" / "audit.anchors"), **anchor}}
+    Path(audit["config"]).write_text(yaml.safe_dump({"audit": options}))
+    return options
+
+
+def anchors_in(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_the_store_anchors_its_head_at_close_and_readers_do_not(audit, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    options = anchored(audit, tmp_path, every_s=3600)
+    write_chain(options, 4)
+    anchor_file = tmp_path / "witness" / "audit.anchors"
+    (only,) = anchors_in(anchor_file)
+    assert only["seq"] == 4 and only["hash"] == row(audit["db"], 4)[3]
+    assert set(only) == {"seq", "hash", "time", "kid", "sig"}
+    code, out = verify(audit["config"])
+    assert code == 0, out
+    assert f"anchors: 1 in {anchor_file}, latest at seq 4; not yet anchored: 0 rows" in out
+    assert len(anchors_in(anchor_file)) == 1, "verify (a reader) appended an anchor"
+    # Traces after the latest anchor are information, not a failure.
+    write_chain(audit["options"], 2)  # a writer without anchors configured
+    code, out = verify(audit["config"])
+    assert code == 0, out
+    assert "latest at seq 4; not yet anchored: 2 rows" in out
+
+
+def test_the_running_proxy_anchors_in_the_background(proxy, tmp_path, fake_backend,  # type: ignore[no-untyped-def]
+                                                     monkeypatch) -> None:
+    from openai import OpenAI
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    write_policy(tmp_path, "id: e2e\nversion: 7\nextends: default\n")
+    anchor_file = tmp_path / "witness" / "audit.anchors"
+    options = {"kind": "sqlite", "path": str(tmp_path / "audit.db"), "checkpoint_every": 2,
+               "checkpoint_key_env": KEY_ENV,
+               "anchor": {"path": str(anchor_file), "every_s": 0.2}}
+    base = proxy(policy="e2e", audit=options)
+    client = OpenAI(base_url=f"{base}/v1", api_key=CLIENT_KEY, max_retries=0)
+    for prompt in ("a cat", "a dog", "a bird"):
+        client.images.generate(prompt=prompt, model="gpt-image-1")
+    deadline = time.monotonic() + 15
+    while not (anchor_file.exists() and any(a["seq"] == 3 for a in anchors_in(anchor_file))):
+        assert time.monotonic() < deadline, "no anchor of the head while the proxy runs"
+        time.sleep(0.05)
+    config = tmp_path / "cli" / "config.yaml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(yaml.safe_dump({"audit": options}))
+    code, out = verify(str(config))
+    assert code == 0, out
+    assert "latest at seq 3; not yet anchored: 0 rows" in out
+
+
+def test_verify_checks_an_anchor_file_given_on_the_command_line(audit, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    options = anchored(audit, tmp_path)
+    write_chain(options, 6)
+    plain = Path(audit["config"]).with_name("no-anchor.yaml")
+    plain.write_text(yaml.safe_dump({"audit": audit["options"]}))
+    # Wiped: rows, checkpoints and chain head. Without anchors nothing is left to disagree.
+    sql(audit["db"], "DELETE FROM traces", "DELETE FROM checkpoints",
+        "UPDATE chain_head SET seq = 0, hash = NULL")
+    assert verify(str(plain))[0] == 0
+    anchor_file = tmp_path / "witness" / "audit.anchors"
+    result = cli("audit", "verify", "--config", str(plain), "--anchors", str(anchor_file))
+    assert result.returncode == 1
+    assert "FAILED: anchor_missing_rows: the chain ends at seq 0, but an anchor signed on " \
+        in result.stdout
+    assert "records seq 6" in result.stdout and "the log was cut or wiped" in result.stdout
+
+
+def test_an_anchor_with_a_bad_signature_fails(audit, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    write_chain(anchored(audit, tmp_path), 4)
+    anchor_file = tmp_path / "witness" / "audit.anchors"
+    (anchor,) = anchors_in(anchor_file)
+    anchor_file.write_bytes(orjson.dumps({**anchor, "seq": 3, "hash": row(audit["db"], 3)[3]})
+                            + b"\n")
+    result = cli("audit", "verify", "--config", audit["config"], "--json")
+    report = orjson.loads(result.stdout)
+    assert result.returncode == 1
+    assert [p["kind"] for p in report["problems"]] == ["anchor_invalid"]
+    assert report["anchor_sink"] == str(anchor_file)
+
+
+def test_key_rotation_by_key_id(audit, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Checkpoints and anchors record their key id: after a rotation both keys verify; drop
+    the old key and what it signed cannot be verified, which fails."""
+    keys_env = "SAFEEDIT_TEST_CHECKPOINT_KEYS"
+    old, new = "old:old-secret-0123456789abcdef", "new:new-secret-0123456789abcdef"
+    options = {k: v for k, v in audit["options"].items() if k != "checkpoint_key_env"}
+    options |= {"checkpoint_keys_env": keys_env,
+                "anchor": {"kind": "sqlite", "path": str(tmp_path / "witness" / "anchors.db")}}
+    Path(audit["config"]).write_text(yaml.safe_dump({"audit": options}))
+    monkeypatch.setenv(keys_env, old)
+    write_chain(options, 5)  # checkpoint at 5 and anchor at 5: kid "old"
+    monkeypatch.setenv(keys_env, f"{new},{old}")
+    write_chain(options, 5)  # checkpoint at 10 and anchor at 10: kid "new"
+    with sqlite3.connect(audit["db"]) as conn:
+        assert conn.execute("SELECT seq, kid FROM checkpoints").fetchall() == [(5, "old"),
+                                                                             (10, "new")]
+    both = cli("audit", "verify", "--config", audit["config"], env={keys_env: f"{new},{old}"})
+    assert both.returncode == 0, both.stdout
+    assert "2 valid signatures (keys new, old)" in both.stdout
+    only_new = cli("audit", "verify", "--config", audit["config"], "--json",
+                   env={keys_env: new})
+    report = orjson.loads(only_new.stdout)
+    assert only_new.returncode == 1
+    assert [(p["kind"], p["seq"]) for p in report["problems"]] == [("unknown_key", 5),
+                                                                   ("unknown_key", 5)]
+    assert "kid old" in report["problems"][0]["message"] + report["problems"][1]["message"]
+
+
+def test_a_database_from_before_key_ids_opens_and_verifies(audit) -> None:  # type: ignore[no-untyped-def]
+    write_chain(audit["options"], 5)
+    # As the previous release left it: checkpoints without a kid column, schema version 2.
+    sql(audit["db"], "ALTER TABLE checkpoints DROP COLUMN kid", "PRAGMA user_version = 2")
+    write_chain(audit["options"], 5)
+    with sqlite3.connect(audit["db"]) as conn:
+        assert conn.execute("SELECT seq, kid IS NULL FROM checkpoints").fetchall() == [
+            (5, 1), (10, 0)]
+    code, out = verify(audit["config"])
+    assert code == 0, out
+    assert "2 valid signatures" in out
+
+
+@pytest.mark.parametrize(("env", "extra", "message"), [
+    ("justasecretwithoutkid-0123456789", {}, "must hold kid:secret pairs"),
+    ("a:short", {}, "the checkpoint key 'a' must be at least 16 bytes"),
+    ("a:first-secret-0123456789,a:second-secret-0123456789", {}, "names key id 'a' twice"),
+    ("k:a-long-enough-secret-0123456789", {"checkpoint_key_env": KEY_ENV},
+     "not both"),
+], ids=["no-kid", "short", "twice", "both"])
+def test_bad_key_config_is_named_without_the_secret(tmp_path, monkeypatch, env, extra,  # type: ignore[no-untyped-def]
+                                                    message) -> None:
+    from guard.errors import ConfigError
+
+    monkeypatch.setenv("SAFEEDIT_TEST_CHECKPOINT_KEYS", env)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with pytest.raises(ConfigError) as caught:
+        build_store({"kind": "sqlite", "path": str(tmp_path / "a.db"),
+                     "checkpoint_keys_env": "SAFEEDIT_TEST_CHECKPOINT_KEYS", **extra})
+    assert message in caught.value.message
+    assert "secret" not in caught.value.message.replace("kid:secret", "")
+
+
+def test_anchors_need_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from guard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="anchors are signed"):
+        build_store({"kind": "sqlite", "path": str(tmp_path / "a.db"),
+                     "anchor": {"path": str(tmp_path / "a.anchors")}})

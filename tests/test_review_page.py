@@ -187,3 +187,16 @@ def test_forged_requests_are_refused(site) -> None:  # type: ignore[no-untyped-d
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src" not in csp
     assert page.headers["x-frame-options"] == "DENY"
+
+
+def test_the_stylesheet_is_sent_verbatim(browser, proxy) -> None:  # type: ignore[no-untyped-def]
+    base = proxy()
+    html = httpx.get(f"{base}/guard/login").text
+    style = re.search(r'<style nonce="[^"]+">(.*?)</style>', html, re.S)
+    assert style is not None and '"Segoe UI"' in style[1] and "&#34;" not in style[1]
+    # Escaped, the `font` declaration was invalid and the page fell back to a serif font.
+    page = browser.new_page()
+    page.goto(f"{base}/guard/login")
+    assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("system-ui")
+    assert page.evaluate("getComputedStyle(document.body).fontSize") == "14px"
+    page.close()

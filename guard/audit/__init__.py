@@ -2,7 +2,8 @@
 
 `AuditStore` is what the proxy needs (write, get, query). Capabilities beyond it are declared as
 Protocols and checked with isinstance, never probed attribute by attribute:
-- `ChainedStore`: the hash chain can be read and verified (`safeedit audit verify|export`);
+- `ChainedStore`: the hash chain can be read and verified (`safeedit audit verify|export`), its
+  head anchored outside the store (`.anchorer`, an Anchorer or None; guard.audit.anchor);
 - `ImageKeepingStore`: retained images live beside the traces (`.images`, an ImageStore or None;
   the review pages and `safeedit audit purge`).
 The built-in stores (`sqlite`, `postgres`) have both. Options common to both are documented in
@@ -15,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from guard.audit.anchor import Anchorer
 from guard.audit.chain import ChainSource, Signer, VerifyReport
 from guard.audit.images import ImageStore
 from guard.registry import Registry
@@ -63,10 +65,13 @@ class ChainedStore(AuditStore, ChainSource, Protocol):
 
     signer: Signer | None
     checkpoint_every: int
+    anchorer: Anchorer | None
 
     async def write_many(self, traces: Sequence[Trace]) -> None: ...
 
-    async def verify(self) -> VerifyReport: ...
+    async def verify(self) -> VerifyReport:
+        """Walk the chain; check it against the checkpoints and the anchorer's anchors."""
+        ...
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""Tamper evidence for the audit log: the hash chain, signed checkpoints, and `verify`.
+"""Tamper evidence for the audit log: the hash chain, signed checkpoints, anchors, and `verify`.
 
 The chain
     Rows are numbered by `seq` = 1, 2, 3... without gaps, one chain per store. Each row keeps the
@@ -12,31 +12,53 @@ Signed checkpoints
     The chain alone does not stop someone with write access from rewriting a row and every row
     after it. So every `checkpoint_every` traces (audit option, default 1000) the store writes, in
     the same transaction as that trace, a checkpoint: HMAC-SHA256 over (seq, trace id, hash) with
-    a key only the operators hold, read from the environment variable named by the audit option
-    `checkpoint_key_env` (at least 16 bytes). A valid signature at seq c pins every row up to c,
-    since each hash covers all before it. Not covered: rows after the last checkpoint, if the
-    chain head is rewritten with them, and key rotation (checkpoints signed with an older key
-    are reported as such).
+    a key only the operators hold. A valid signature at seq c pins every row up to c, since each
+    hash covers all before it. Once keys are configured a checkpoint is due at every multiple of
+    `checkpoint_every`: one that is missing fails `verify` (deleting checkpoints does not switch
+    their protection off), so do checkpoints with an invalid signature or an unknown key.
 
-`verify(store, signer)` walks the chain once, in batches (memory stays flat), and reports every
-problem it finds, resynchronising after each; `report.first` is the earliest one.
+Keys and key ids, rotation (guard.audit.keys)
+    Every key has a key id (kid), recorded with each checkpoint and anchor so that `verify` picks
+    the right key. Audit options, one of:
+        checkpoint_keys_env   an environment variable holding `kid1:secret1,kid2:secret2`: the
+                              first key signs, all verify. To rotate, put the new key first and
+                              keep the old one after it for as long as its signatures must verify.
+        checkpoint_key_env    an environment variable holding one key; its kid is the first 8 hex
+                              of its fingerprint (sha256 over a fixed prefix and the key).
+    Kids are 1-32 of [A-Za-z0-9._-]; secrets at least 16 bytes, without commas. A checkpoint or
+    anchor whose kid has no key configured cannot be verified, and `verify` fails on it.
+    Checkpoints written before kids existed are matched to a key by their key fingerprint.
+
+Anchors (guard.audit.anchor)
+    Checkpoints live in the database and cannot stop someone who deletes rows together with their
+    checkpoints, wipes the log, or rewrites what came after the last checkpoint. So the store
+    also writes anchors OUTSIDE the database: the chain head (seq, hash, time) signed with a key
+    id, appended every few seconds and at shutdown to an `AnchorSink`. `verify` checks every
+    anchor: a valid signature, and a row at the anchored seq with exactly the anchored hash. Rows
+    after the latest anchor are reported as not yet anchored, which is not a failure. Not covered:
+    rows after both the last anchor and the last checkpoint; an attacker who holds a key.
+
+`verify(store, signer, anchors=...)` walks the chain once, in batches (memory stays flat), and
+reports every problem it finds, resynchronising after each; `report.first` is the earliest one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import os
+import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
-from guard.errors import ConfigError
+from guard.audit.keys import Checkpoint, Signer
 
-MIN_KEY_BYTES = 16
+if TYPE_CHECKING:
+    from guard.audit.anchor import Anchor
+
 DEFAULT_CHECKPOINT_EVERY = 1000
 
 
@@ -48,16 +70,32 @@ def link_hash(prev_hash: str | None, body: bytes) -> str:
     return digest.hexdigest()
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def column_text(value: Any) -> Any:
+    """`value` as a text column holds it: NUL (which PostgreSQL's text refuses) and lone
+    surrogates (which UTF-8 cannot encode) written as their JSON escape, `\\u0000`; lists item by
+    item; anything else unchanged. Only the columns are escaped, for filtering: the hashed body
+    keeps every string exactly as sent (a value and its escaped spelling share a column value)."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(lambda m: f"\\u{ord(m[0]):04x}", value)
+    if isinstance(value, list):
+        return [column_text(item) for item in value]
+    return value
+
+
 def index_columns(trace: Mapping[str, Any]) -> dict[str, Any]:
-    """The queryable copies of a trace's fields that a store keeps beside its body. `verify`
-    checks them against the hashed body, so that editing a column alone is caught too."""
+    """The queryable copies of a trace's fields that a store keeps beside its body, as text
+    columns hold them (`column_text`). `verify` checks them against the hashed body, so that
+    editing a column alone is caught too."""
     policy = trace.get("policy") or {}
-    return {
+    return {name: column_text(value) for name, value in {
         "id": trace["id"], "created_at": trace["created_at"], "tenant": trace.get("tenant"),
         "key_id": trace.get("key_id"), "decision": trace["decision"], "status": trace["status"],
         "categories": list(trace.get("categories") or ()), "policy_id": policy.get("id"),
         "policy_version": policy.get("version"), "model": trace.get("model"),
-    }
+    }.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,50 +114,6 @@ class ChainRow:
         return str(self.columns["id"])
 
 
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    seq: int
-    trace_id: str
-    hash: str
-    created_at: float
-    key_fingerprint: str
-    signature: str
-
-
-class Signer:
-    """HMAC-SHA256 signatures for checkpoints."""
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) < MIN_KEY_BYTES:
-            raise ConfigError(f"the audit checkpoint key must be at least {MIN_KEY_BYTES} bytes")
-        self._key = key
-        self.fingerprint = hashlib.sha256(b"safeedit-checkpoint-key\0" + key).hexdigest()[:16]
-
-    @classmethod
-    def from_env(cls, env_name: str | None) -> Signer | None:
-        """The signer for the key in `env_name`; None when no variable is named. A named but
-        unset variable is a config error: checkpoints would silently stop otherwise."""
-        if not env_name:
-            return None
-        value = os.environ.get(env_name)
-        if not value:
-            raise ConfigError(f"audit: checkpoint_key_env names {env_name}, which is not set")
-        return cls(value.encode())
-
-    @staticmethod
-    def _message(seq: int, trace_id: str, hash_: str) -> bytes:
-        return f"safeedit-checkpoint-v1\n{seq}\n{trace_id}\n{hash_}".encode()
-
-    def sign(self, seq: int, trace_id: str, hash_: str) -> Checkpoint:
-        sig = hmac.new(self._key, self._message(seq, trace_id, hash_), hashlib.sha256).hexdigest()
-        return Checkpoint(seq, trace_id, hash_, time.time(), self.fingerprint, sig)
-
-    def valid(self, cp: Checkpoint) -> bool:
-        expected = hmac.new(self._key, self._message(cp.seq, cp.trace_id, cp.hash),
-                            hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected, cp.signature)
-
-
 class ChainSource(Protocol):
     """What `verify` and `export` read; both audit stores implement it."""
 
@@ -133,7 +127,15 @@ class ChainSource(Protocol):
     async def row_by_hash(self, hash_: str) -> ChainRow | None: ...
 
 
-ProblemKind = Literal["changed", "removed", "reordered", "checkpoint"]
+ProblemKind = Literal[
+    "changed", "removed", "reordered",
+    "checkpoint",           # a checkpoint's signature is invalid (forged or altered)
+    "checkpoint_missing",   # no checkpoint where one is due
+    "unknown_key",          # signed under a key id with no key configured: cannot be verified
+    "anchor_invalid",       # an anchor's signature is invalid
+    "anchor_mismatch",      # the row at an anchored seq has another hash: rewritten or replaced
+    "anchor_missing_rows",  # an anchored seq has no row: the log was cut or wiped
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,9 @@ class VerifyReport:
     checkpoints_valid: int = 0
     checkpoints_unchecked: int = 0
     last_checkpoint_seq: int | None = None
+    anchors: int | None = None  # None: no anchors were given to check against
+    anchors_unchecked: int = 0  # signatures not checked: no keys configured
+    last_anchor_seq: int | None = None
     problems: list[Problem] = field(default_factory=list)
     truncated: bool = False  # stopped collecting after max_problems
     elapsed_s: float = 0.0
@@ -166,12 +171,21 @@ class VerifyReport:
     def first(self) -> Problem | None:
         return min(self.problems, key=lambda p: p.seq) if self.problems else None
 
+    @property
+    def unanchored(self) -> int | None:
+        """Rows written after the latest anchor (information, not a failure)."""
+        if self.last_anchor_seq is None:
+            return None if self.anchors is None else self.last_seq
+        return max(0, self.last_seq - self.last_anchor_seq)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "traces": self.traces, "last_seq": self.last_seq,
             "checkpoints_valid": self.checkpoints_valid,
             "checkpoints_unchecked": self.checkpoints_unchecked,
             "last_checkpoint_seq": self.last_checkpoint_seq,
+            "anchors": self.anchors, "anchors_unchecked": self.anchors_unchecked,
+            "last_anchor_seq": self.last_anchor_seq, "unanchored_rows": self.unanchored,
             "first_problem": _problem_dict(self.first) if self.first else None,
             "problems": [_problem_dict(p) for p in sorted(self.problems, key=lambda p: p.seq)],
             "truncated": self.truncated, "elapsed_s": round(self.elapsed_s, 3),
@@ -192,29 +206,37 @@ def _column_mismatch(row: ChainRow) -> str | None:
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         return f"its record is not a readable trace ({type(exc).__name__})"
     for name, value in stored.items():
-        if row.columns.get(name) != value:
+        # (column_text on the stored side too: rows written before columns were escaped)
+        if column_text(row.columns.get(name)) != value:
             return (f"its indexed column {name}={row.columns.get(name)!r} differs from the "
                     f"hashed record ({value!r})")
     return None
 
 
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 async def verify(source: ChainSource, signer: Signer | None, *,
                  checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
+                 anchors: Sequence[Anchor] | None = None,
                  max_problems: int = 50) -> VerifyReport:
-    """Walk the whole chain and report what was changed, removed or reordered."""
+    """Walk the whole chain and report what was changed, removed or reordered, checking it
+    against the signed checkpoints and, when given, the anchors kept outside the store."""
     started = time.perf_counter()
     report = VerifyReport()
-    # Checkpoints and head first: rows written while we walk only extend what they cover.
-    checkpoints = {cp.seq: cp for cp in await source.checkpoints()}
-    head_seq, head_hash = await source.chain_head()
-    first_cp = min(checkpoints, default=None)
-    last_cp_ok = 0
 
     def add(kind: ProblemKind, seq: int, trace_id: str | None, message: str) -> None:
         if len(report.problems) < max_problems:
             report.problems.append(Problem(kind, seq, trace_id, message))
         else:
             report.truncated = True
+
+    # Checkpoints and head first: rows written while we walk only extend what they cover.
+    checkpoints = {cp.seq: cp for cp in await source.checkpoints()}
+    head_seq, head_hash = await source.chain_head()
+    anchored = _trusted_anchors(anchors, signer, report, add)
+    last_cp_ok = 0
 
     prev: ChainRow | None = None
     async for row in source.chain_rows():
@@ -245,13 +267,16 @@ async def verify(source: ChainSource, signer: Signer | None, *,
 
         cp = checkpoints.get(row.seq)
         if cp is not None:
+            valid = (signer.check(cp.kid, cp.message(), cp.signature, cp.key_fingerprint)
+                     if signer is not None else None)
             if signer is None:
                 report.checkpoints_unchecked += 1
-            elif cp.key_fingerprint != signer.fingerprint:
-                add("checkpoint", row.seq, row.id,
-                    f"the checkpoint at {_name(row)} was signed with another key "
-                    f"(fingerprint {cp.key_fingerprint}, ours {signer.fingerprint})")
-            elif not signer.valid(cp):
+            elif valid is None:
+                add("unknown_key", row.seq, row.id,
+                    f"the checkpoint at {_name(row)} was signed with another key (kid "
+                    f"{cp.kid or '-'}, fingerprint {cp.key_fingerprint}), which is not "
+                    f"configured (kids {', '.join(signer.kids)}): it cannot be verified")
+            elif not valid:
                 add("checkpoint", row.seq, row.id,
                     f"the checkpoint at {_name(row)} has an invalid signature (forged or altered)")
             elif cp.hash != row.hash or cp.trace_id != row.id:
@@ -263,9 +288,16 @@ async def verify(source: ChainSource, signer: Signer | None, *,
                 report.checkpoints_valid += 1
                 report.last_checkpoint_seq = row.seq
                 last_cp_ok = row.seq
-        elif (signer is not None and checkpoint_every and first_cp is not None
-              and row.seq > first_cp and row.seq % checkpoint_every == 0):
-            add("checkpoint", row.seq, row.id, f"the signed checkpoint at {_name(row)} is missing")
+        elif signer is not None and checkpoint_every and row.seq % checkpoint_every == 0:
+            add("checkpoint_missing", row.seq, row.id,
+                f"the signed checkpoint at {_name(row)} is missing: one is due every "
+                f"{checkpoint_every} traces (deleted, or the row was written without the key)")
+        for anchor in anchored.pop(row.seq, {}).values():
+            if anchor.hash != row.hash:
+                add("anchor_mismatch", row.seq, row.id,
+                    f"{_name(row)} is not the trace anchored at seq {row.seq} on "
+                    f"{_when(anchor.time)} (hash {anchor.hash}, the store has {row.hash}): the "
+                    f"chain was rewritten or replaced at or before seq {row.seq}")
         if row.seq == head_seq and row.hash != head_hash:
             add("changed", row.seq, row.id,
                 f"{_name(row)} does not match the chain head (hash {head_hash}): the last "
@@ -281,8 +313,50 @@ async def verify(source: ChainSource, signer: Signer | None, *,
         add("removed", seq, checkpoints[seq].trace_id,
             f"trace {checkpoints[seq].trace_id} (seq {seq}) is gone: a signed checkpoint names "
             f"it but the chain ends at seq {report.last_seq}")
+    _unmatched_anchors(anchored, report.last_seq, add)
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _trusted_anchors(anchors: Sequence[Anchor] | None, signer: Signer | None,
+                     report: VerifyReport, add: Any) -> dict[int, dict[str | None, Anchor]]:
+    """The anchors whose signatures hold (all of them without keys), by seq, then by hash."""
+    if anchors is None:
+        return {}
+    report.anchors = len(anchors)
+    trusted: dict[int, dict[str | None, Anchor]] = {}
+    for anchor in anchors:
+        if signer is None:
+            report.anchors_unchecked += 1
+        elif (valid := signer.check(anchor.kid, anchor.message(), anchor.sig)) is None:
+            add("unknown_key", anchor.seq, None,
+                f"the anchor of seq {anchor.seq} ({_when(anchor.time)}) was signed with key id "
+                f"{anchor.kid}, which is not configured: it cannot be verified")
+            continue
+        elif not valid:
+            add("anchor_invalid", anchor.seq, None,
+                f"the anchor of seq {anchor.seq} ({_when(anchor.time)}) has an invalid "
+                f"signature (forged or altered)")
+            continue
+        trusted.setdefault(anchor.seq, {})[anchor.hash] = anchor
+        report.last_anchor_seq = max(report.last_anchor_seq or 0, anchor.seq)
+    return trusted
+
+
+def _unmatched_anchors(anchored: Mapping[int, Mapping[str | None, Anchor]], last_seq: int,
+                       add: Any) -> None:
+    """Anchors the walk did not meet: their rows are gone."""
+    for seq in sorted(s for s in anchored if s <= last_seq):  # (a gap: also reported removed)
+        add("anchor_missing_rows", seq, None,
+            f"the trace at seq {seq} is gone: an anchor records it with hash "
+            f"{next(iter(anchored[seq]))}")
+    beyond = [a for s in anchored if s > last_seq for a in anchored[s].values()]
+    if beyond:
+        latest = max(beyond, key=lambda a: a.seq)
+        add("anchor_missing_rows", last_seq + 1, None,
+            f"the chain ends at seq {last_seq}, but an anchor signed on {_when(latest.time)} "
+            f"records seq {latest.seq} (hash {latest.hash}): traces {last_seq + 1}.."
+            f"{latest.seq} are missing, the log was cut or wiped")
 
 
 async def _explain_link(source: ChainSource, row: ChainRow, prev: ChainRow | None,

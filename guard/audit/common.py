@@ -4,6 +4,9 @@ Audit options common to all stores (besides each store's own):
     checkpoint_every     a signed checkpoint every N traces (default 1000); see guard.audit.chain
     checkpoint_key_env   name of the environment variable holding the HMAC key for checkpoints
                          (unset = no checkpoints; named but missing = config error)
+    checkpoint_keys_env  or: one holding `kid1:secret1,kid2:secret2` (the first signs, all
+                         verify; key rotation), see guard.audit.chain
+    anchor               the signed chain head, kept outside the database; see guard.audit.anchor
     session_key_env      name of the environment variable holding the key that signs review-page
                          sessions (see guard.review); unset = a random key per process
     images_dir, image_ttl_days   see guard.audit.images
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guard.audit.anchor import Anchorer
 from guard.audit.chain import DEFAULT_CHECKPOINT_EVERY, Signer
 from guard.audit.images import ImageStore
 from guard.errors import ConfigError, RequestError
@@ -26,6 +30,7 @@ class CommonOptions:
     images: ImageStore | None
     signer: Signer | None
     checkpoint_every: int
+    anchorer: Anchorer | None
 
 
 def common_options(opts: dict[str, Any], default_images_dir: str | Path) -> CommonOptions:
@@ -34,9 +39,11 @@ def common_options(opts: dict[str, Any], default_images_dir: str | Path) -> Comm
     if not isinstance(every, int) or every < 1:
         raise ConfigError("audit: checkpoint_every must be a positive integer")
     opts.pop("session_key_env", None)  # read by guard.review
+    signer = Signer.from_options(opts.pop("checkpoint_keys_env", None),
+                                 opts.pop("checkpoint_key_env", None))
     return CommonOptions(images=ImageStore.from_options(opts, default_images_dir),
-                         signer=Signer.from_env(opts.pop("checkpoint_key_env", None)),
-                         checkpoint_every=every)
+                         signer=signer, checkpoint_every=every,
+                         anchorer=Anchorer.from_options(opts.pop("anchor", None), signer))
 
 
 def encode_cursor(seq: int) -> str:

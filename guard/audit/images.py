@@ -30,7 +30,7 @@ from guard.types import GeneratedImage, Trace
 
 log = logging.getLogger("safeedit.audit.images")
 DEFAULT_TTL_DAYS = 30.0
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
           (b"GIF8", "image/gif"))
 
@@ -70,7 +70,7 @@ class ImageStore:
         return f"{sha256[:2]}/{sha256}"
 
     def path(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
+        if not _SHA256.fullmatch(sha256):  # `$` would pass a trailing newline
             raise ValueError("not a sha256 hex digest")
         return self.root / self.ref(sha256)
 

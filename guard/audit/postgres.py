@@ -19,7 +19,8 @@ Audit options (`audit:` in the operators' config, `kind: postgres`):
     command_timeout_s    per statement (default 30)
     images_dir           retained images (default var/images; give replicas a shared volume),
                          image_ttl_days: see guard.audit.images
-    checkpoint_every, checkpoint_key_env, session_key_env   see guard.audit.common
+    checkpoint_every, checkpoint_key_env, checkpoint_keys_env, anchor, session_key_env
+                         see guard.audit.common
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ import asyncpg
 import orjson
 
 from guard.audit import TracePage, TraceQuery
+from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
     ChainRow,
     Checkpoint,
     Signer,
     VerifyReport,
+    column_text,
     index_columns,
     link_hash,
     verify,
@@ -87,19 +90,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         signature       text NOT NULL
     );
     """),
+    (2, "checkpoint key ids", "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS kid text"),
 ]
 
 _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
             " policy_version, model, body, prev_hash, hash")
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class PostgresStore:
     def __init__(self, dsn: str, *, schema: str = "public", pool_min_size: int = 1,
                  pool_max_size: int = 10, command_timeout_s: float = 30.0,
                  images: ImageStore | None = None, signer: Signer | None = None,
-                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
-        if not _IDENT.match(schema):
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                 anchorer: Anchorer | None = None) -> None:
+        if not _IDENT.fullmatch(schema):
             raise ConfigError(f"audit (postgres): schema {schema!r} is not a plain identifier")
         if pool_max_size < 2 or pool_min_size < 0 or pool_min_size > pool_max_size:
             # verify reads the chain on one connection and looks rows up on another
@@ -112,6 +118,7 @@ class PostgresStore:
         self.images = images
         self.signer = signer
         self.checkpoint_every = checkpoint_every
+        self.anchorer = anchorer
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -133,7 +140,7 @@ class PostgresStore:
         if opts:
             raise ConfigError(f"audit (postgres): unknown options {sorted(opts)}")
         return cls(dsn, images=common.images, signer=common.signer,
-                   checkpoint_every=common.checkpoint_every, **kwargs)
+                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer, **kwargs)
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -208,19 +215,21 @@ class PostgresStore:
                 if self.signer is not None and seq % self.checkpoint_every == 0:
                     cp = self.signer.sign(seq, trace.id, trace.hash)
                     checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
-                                        cp.key_fingerprint, cp.signature))
+                                        cp.key_fingerprint, cp.signature, cp.kid))
             await conn.executemany(f"INSERT INTO traces ({_COLUMNS}) VALUES ($1, $2, $3, $4,"
                                    " $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)", rows)
             if checkpoints:
-                await conn.executemany("INSERT INTO checkpoints VALUES ($1, $2, $3, $4, $5, $6)",
-                                       checkpoints)
+                await conn.executemany(f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS})"
+                                       " VALUES ($1, $2, $3, $4, $5, $6, $7)", checkpoints)
             await conn.execute("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
                                seq, prev)
+        if self.anchorer is not None:
+            self.anchorer.note_write()
 
     async def get(self, trace_id: str) -> Trace | None:
         pool = await self._get_pool()
         row = await pool.fetchrow("SELECT body, prev_hash, hash FROM traces WHERE id = $1",
-                                  trace_id)
+                                  column_text(trace_id))
         if row is None:
             return None
         trace = Trace.model_validate(orjson.loads(row["body"]))
@@ -255,7 +264,14 @@ class PostgresStore:
             return False
         return True
 
+    async def start(self) -> None:
+        """Start anchoring the chain head (when configured), off the request path."""
+        if self.anchorer is not None:
+            self.anchorer.start(self.chain_head)
+
     async def aclose(self) -> None:
+        if self.anchorer is not None:
+            await self.anchorer.aclose(self.chain_head)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -278,8 +294,7 @@ class PostgresStore:
 
     async def checkpoints(self) -> list[Checkpoint]:
         pool = await self._get_pool()
-        rows = await pool.fetch("SELECT seq, trace_id, hash, created_at, key_fingerprint,"
-                                " signature FROM checkpoints ORDER BY seq")
+        rows = await pool.fetch(f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq")
         return [Checkpoint(*row) for row in rows]
 
     async def chain_head(self) -> tuple[int, str | None]:
@@ -294,7 +309,9 @@ class PostgresStore:
         return _chain_row(row) if row else None
 
     async def verify(self) -> VerifyReport:
-        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every)
+        anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
+        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
+                            anchors=anchors)
 
 
 def _chain_row(row: asyncpg.Record) -> ChainRow:
@@ -309,7 +326,7 @@ def _where(q: TraceQuery) -> tuple[list[str], list[Any]]:
     args: list[Any] = []
 
     def add(clause: str, value: Any) -> None:
-        args.append(value)
+        args.append(column_text(value))  # the columns hold escaped text; so must the filter
         where.append(clause.format(f"${len(args)}"))
 
     for column, value in (("decision", q.decision), ("tenant", q.tenant), ("key_id", q.key_id),

@@ -7,10 +7,12 @@ their own tenant (guard.auth.tenant_scope).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from guard.audit import TraceQuery
+from guard.audit.common import decode_cursor
 from guard.auth import Principal, tenant_scope
 from guard.errors import RequestError
 from guard.timewindow import parse_since
@@ -18,6 +20,8 @@ from guard.timewindow import parse_since
 TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
 FILTERS = frozenset({*TEXT_FILTERS, "since", "until", "policy_version", "limit", "cursor"})
 _MAX_INT = 2**63 - 1  # what SQLite and PostgreSQL bigint hold
+# ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses or reads.
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def parse_trace_query(params: Mapping[str, str], principal: Principal,
@@ -34,9 +38,10 @@ def parse_trace_query(params: Mapping[str, str], principal: Principal,
         if name in ("since", "until"):
             values[name] = parse_since(value, param=name)
         elif name in ("policy_version", "limit"):
-            if not value.isdigit() or int(value) > _MAX_INT:
-                raise RequestError(f"Invalid '{name}': expected a whole number.", param=name)
-            values[name] = int(value)
+            values[name] = _whole_number(name, value)
+        elif name == "cursor":
+            decode_cursor(value)  # a 400 here, before any store sees it
+            values[name] = value
         else:
             values[name] = value
     limit = values.setdefault("limit", default_limit)
@@ -44,3 +49,9 @@ def parse_trace_query(params: Mapping[str, str], principal: Principal,
         raise RequestError("Invalid 'limit': between 1 and 1000.", param="limit")
     values["tenant"] = tenant_scope(principal, values.get("tenant"))
     return TraceQuery(**values)
+
+
+def _whole_number(name: str, value: str) -> int:
+    if not _DIGITS.fullmatch(value) or int(value) > _MAX_INT:
+        raise RequestError(f"Invalid '{name}': expected a whole number.", param=name)
+    return int(value)

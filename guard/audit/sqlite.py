@@ -9,7 +9,8 @@ Audit options (`audit:` in the operators' config, `kind: sqlite`):
     path                 the database file (default var/audit.db)
     images_dir           retained images (default: `images/` beside the database), see
                          guard.audit.images; image_ttl_days likewise
-    checkpoint_every, checkpoint_key_env, session_key_env   see guard.audit.common
+    checkpoint_every, checkpoint_key_env, checkpoint_keys_env, anchor, session_key_env
+                         see guard.audit.common
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from typing import Any
 import orjson
 
 from guard.audit import TracePage, TraceQuery
+from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
     ChainRow,
     Checkpoint,
     Signer,
     VerifyReport,
+    column_text,
     index_columns,
     link_hash,
     verify,
@@ -82,20 +85,24 @@ _MIGRATIONS = [
         signature       TEXT NOT NULL
     );
     """,
+    "ALTER TABLE checkpoints ADD COLUMN kid TEXT",  # NULL: signed before key ids
 ]
 
 _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
             " policy_version, model, body, prev_hash, hash")
+_CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
 
 
 class SQLiteStore:
     def __init__(self, path: str | Path, *, images: ImageStore | None = None,
                  signer: Signer | None = None,
-                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> None:
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                 anchorer: Anchorer | None = None) -> None:
         self.path = Path(path)
         self.images = images
         self.signer = signer
         self.checkpoint_every = checkpoint_every
+        self.anchorer = anchorer
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
 
@@ -107,7 +114,7 @@ class SQLiteStore:
         if opts:
             raise ConfigError(f"audit (sqlite): unknown options {sorted(opts)}")
         return cls(path, images=common.images, signer=common.signer,
-                   checkpoint_every=common.checkpoint_every)
+                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer)
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -146,12 +153,15 @@ class SQLiteStore:
                     if self.signer is not None and seq % self.checkpoint_every == 0:
                         cp = self.signer.sign(seq, trace.id, trace.hash)
                         checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
-                                            cp.key_fingerprint, cp.signature))
+                                            cp.key_fingerprint, cp.signature, cp.kid))
                 conn.executemany(f"INSERT INTO traces ({_COLUMNS}) VALUES"
                                  " (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                conn.executemany("INSERT INTO checkpoints VALUES (?,?,?,?,?,?)", checkpoints)
+                conn.executemany(f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS})"
+                                 " VALUES (?,?,?,?,?,?,?)", checkpoints)
                 conn.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
                 conn.execute("COMMIT")
+                if self.anchorer is not None:
+                    self.anchorer.note_write()
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -161,7 +171,8 @@ class SQLiteStore:
             return self._connect().execute(sql, args).fetchall()
 
     def _get(self, trace_id: str) -> Trace | None:
-        rows = self._fetch("SELECT body, prev_hash, hash FROM traces WHERE id = ?", (trace_id,))
+        rows = self._fetch("SELECT body, prev_hash, hash FROM traces WHERE id = ?",
+                           (column_text(trace_id),))
         return _load(rows[0]) if rows else None
 
     def _query(self, q: TraceQuery) -> TracePage:
@@ -202,7 +213,14 @@ class SQLiteStore:
             return False
         return True
 
+    async def start(self) -> None:
+        """Start anchoring the chain head (when configured), off the request path."""
+        if self.anchorer is not None:
+            self.anchorer.start(self.chain_head)
+
     async def aclose(self) -> None:
+        if self.anchorer is not None:
+            await self.anchorer.aclose(self.chain_head)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -227,7 +245,8 @@ class SQLiteStore:
             last = rows[-1][0]
 
     async def checkpoints(self) -> list[Checkpoint]:
-        rows = await asyncio.to_thread(self._fetch, "SELECT * FROM checkpoints ORDER BY seq")
+        rows = await asyncio.to_thread(
+            self._fetch, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq")
         return [Checkpoint(*row) for row in rows]
 
     async def chain_head(self) -> tuple[int, str | None]:
@@ -240,7 +259,9 @@ class SQLiteStore:
         return _chain_row(rows[0]) if rows else None
 
     async def verify(self) -> VerifyReport:
-        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every)
+        anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
+        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
+                            anchors=anchors)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -282,10 +303,10 @@ def _where(q: TraceQuery) -> tuple[list[str], list[Any]]:
                           ("model", q.model)):
         if value is not None:
             where.append(f"{column} = ?")
-            args.append(value)
+            args.append(column_text(value))  # the columns hold escaped text; so must the filter
     if q.category:
         where.append("instr(categories, ?) > 0")
-        args.append(f",{q.category},")
+        args.append(f",{column_text(q.category)},")
     if q.since is not None:
         where.append("created_at >= ?")
         args.append(q.since)

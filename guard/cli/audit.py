@@ -3,8 +3,10 @@
 All three read the store named by the operators' config (`--config`, else the embedded default:
 SQLite at var/audit.db).
 
-    verify   walk the hash chain and the signed checkpoints; name the first trace that was
-             changed, removed or reordered. Exit status 0 intact, 1 tampered, 2 error.
+    verify   walk the hash chain, the signed checkpoints and the anchors kept outside the store;
+             name the first trace that was changed, removed or reordered, a missing or forged
+             checkpoint, an anchored trace that is gone or different. Exit status 0 intact,
+             1 tampered, 2 error.
     export   stream traces as JSON Lines or CSV (stdout or --output), never all in memory.
     purge    delete retained images past their TTL; traces keep each image's sha256.
 """
@@ -35,6 +37,9 @@ def register(sub: Any) -> None:
                                        "(exit 1 if any trace was changed, removed or reordered)")
     common(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--anchors", metavar="PATH",
+                   help="an anchor file (JSON lines) to check the chain against (default: the "
+                        "audit config's `anchor` sink)")
     p.set_defaults(func=run_verify)
 
     p = cmds.add_parser("export", help="stream traces as JSON Lines or CSV")
@@ -65,6 +70,9 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from guard.audit.anchor import AnchorSink, FileAnchorSink
+    from guard.audit.chain import verify
+
     async def go() -> Any:
         store = _store(args)
         try:
@@ -72,31 +80,43 @@ def run_verify(args: argparse.Namespace) -> int:
                 print(f"safeedit: error: the {type(store).__name__} store cannot be verified",
                       file=sys.stderr)
                 return None
-            return await store.verify(), store.signer, store.checkpoint_every
+            sink: AnchorSink | None = (FileAnchorSink(args.anchors) if args.anchors else
+                                       store.anchorer.sink if store.anchorer else None)
+            anchors = await sink.read() if sink is not None else None
+            report = await verify(store, store.signer, checkpoint_every=store.checkpoint_every,
+                                  anchors=anchors)
+            return report, store.signer, sink
         finally:
             await store.aclose()
 
     result = asyncio.run(go())
     if result is None:
         return 2
-    report, signer, every = result
+    report, signer, sink = result
     if args.json:
-        print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+        out = {**report.to_dict(), "anchor_sink": sink.location if sink else None}
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return 0 if report.ok else 1
     print(f"checked {report.traces} traces (seq 1..{report.last_seq}) in "
           f"{report.elapsed_s:.2f} s")
     if signer is None:
-        print("checkpoints: signatures NOT checked (no checkpoint_key_env in the audit config)"
-              + (f"; {report.checkpoints_unchecked} present" if report.checkpoints_unchecked
-                 else ""))
+        print("checkpoints: signatures NOT checked (no checkpoint_key_env or checkpoint_keys_env"
+              " in the audit config)" + (f"; {report.checkpoints_unchecked} present"
+                                         if report.checkpoints_unchecked else ""))
     else:
         last = report.last_checkpoint_seq
-        print(f"checkpoints: {report.checkpoints_valid} valid signatures (key "
-              f"{signer.fingerprint})" + (f", last at seq {last}" if last else ""))
-        if report.last_seq - (last or 0) >= every:
-            # Legitimate only just after signing was switched on; else checkpoints were deleted.
-            print(f"WARNING: no signed checkpoint covers seq {(last or 0) + 1}..{report.last_seq}"
-                  f", though one is due every {every} traces")
+        print(f"checkpoints: {report.checkpoints_valid} valid signatures (keys "
+              f"{', '.join(signer.kids)})" + (f", last at seq {last}" if last else ""))
+    if sink is None:
+        print("anchors: none configured (a cut tail or a wiped log is not detected; see "
+              "`anchor` in the audit config)")
+    elif not report.anchors:
+        print(f"anchors: none yet in {sink.location}")
+    else:
+        print(f"anchors: {report.anchors} in {sink.location}"
+              + (f", latest at seq {report.last_anchor_seq}" if report.last_anchor_seq else "")
+              + (" (signatures NOT checked)" if report.anchors_unchecked else "")
+              + f"; not yet anchored: {report.unanchored} rows")
     if report.ok:
         print("OK: the chain is intact")
         return 0

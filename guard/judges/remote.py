@@ -12,7 +12,8 @@ Several proxy replicas can share one judge server this way. Options (all but `mo
   such as `openai/gpt-4o-mini`.
 - `api_base` (null): base URL ending in `/v1`; requests go to `{api_base}/chat/completions`.
 - `api_key_env` (null): name of the environment variable holding the API key (sent as a Bearer
-  token; never logged, never in errors or traces).
+  token; never logged, never in errors or traces). What the server says when it fails is kept
+  only as the error's `detail`, redacted (guard.redact): it may echo the request.
 - `transport` (auto): `http` (direct httpx, the default with `api_base`) or `litellm` (any
   provider litellm speaks; the default without `api_base`).
 - `profile` (safeeditor), `profile_options` ({}): as for `vlm`, see `guard.judges.profiles`.
@@ -59,6 +60,7 @@ from guard.judges.profiles import (
     merge_scores,
 )
 from guard.policy import Policy
+from guard.redact import redact_logs
 from guard.retry import Retrying, RetryPolicy
 from guard.types import JudgeInput, Verdict
 
@@ -253,11 +255,11 @@ class RemoteJudge:
             raise _Transient(f"remote judge unreachable at {self._base()}: "
                              f"{type(exc).__name__}") from exc
         if resp.status_code != 200:
-            message = self._redact(f"remote judge answered {resp.status_code}: "
-                                   f"{_error_message(resp)}")
             error = _Transient if _transient(resp.status_code) else JudgeError
             retry_after = resp.headers.get("retry-after")
-            raise error(message, headers={"retry-after": retry_after} if retry_after else None)
+            raise error(f"remote judge answered {resp.status_code}",
+                        headers={"retry-after": retry_after} if retry_after else None,
+                        detail=resp.text, secrets=self._secrets())
         try:
             data = resp.json()
         except ValueError:
@@ -270,6 +272,8 @@ class RemoteJudge:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
+        # litellm's debug log prints the server's raw answer, which may echo the key
+        redact_logs(("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"), self._secrets())
         kwargs = dict(body)
         extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self.options.extra_body}
         try:
@@ -285,24 +289,12 @@ class RemoteJudge:
             what = "timed out" if timeout else f"failed ({type(exc).__name__}, {status})"
             # from None: litellm's exception may carry the request, key included
             raise (_Transient if transient else JudgeError)(
-                self._redact(f"remote judge {what}: {str(exc)[:200]}")) from None
+                f"remote judge {what}", detail=str(exc), secrets=self._secrets()) from None
         return resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
 
-    def _redact(self, text: str) -> str:
-        key = self._key()
-        return text.replace(key, "***") if key else text
-
-
-def _error_message(resp: httpx.Response) -> str:
-    try:
-        data = resp.json()
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            return str(data["error"].get("message", ""))[:200]
-        if isinstance(data, dict) and "detail" in data:
-            return str(data["detail"])[:200]
-    except ValueError:
-        pass
-    return resp.text[:200]
+    def _secrets(self) -> tuple[str | None, ...]:
+        # what a server echoing its request could send back of ours
+        return (self._key(), *self.options.headers.values())
 
 
 def _transient(status: int) -> bool:

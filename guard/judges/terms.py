@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class _Token:
 
 def _tokens(text: str) -> tuple[list[_Token], list[tuple[str, int, int]]]:
     """Words of `text` with their spans, and the joined alternatives of separated words
-    (`n.a.k.e.d`, `n-ked`) to try as one word."""
+    (`n.a.k.e.d`, `n-ked`) to try as one word. Words spelt out with spaces: `_spelt_runs`."""
     tokens: list[_Token] = []
     joined: list[tuple[str, int, int]] = []
     for m in _RAW_WORD.finditer(text):
@@ -153,7 +154,13 @@ def _tokens(text: str) -> tuple[list[_Token], list[tuple[str, int, int]]]:
             norm = _norm_word(part)
             if norm.strip(_MASK):
                 tokens.append(_Token(norm, pstart, pstart + len(part), _MASK in norm))
-    # Letters spelt out with spaces: "n a k e d" (also after a real "a": "a n a k e d").
+    return tokens, joined
+
+
+def _spelt_runs(tokens: list[_Token], text: str) -> list[list[_Token]]:
+    """Runs of three or more one-letter words apart by one space: "n a k e d", and the words
+    that may hide in them ("a n a k e d", "x y z n a k e d")."""
+    runs = []
     i = 0
     while i < len(tokens):
         j = i
@@ -161,13 +168,9 @@ def _tokens(text: str) -> tuple[list[_Token], list[tuple[str, int, int]]]:
                and (j == i or text[tokens[j - 1].end:tokens[j].start] == " ")):
             j += 1
         if j - i >= 3:
-            run = tokens[i:min(j, i + 24)]
-            for a in range(len(run) - 2):
-                for b in range(a + 3, len(run) + 1):
-                    joined.append(("".join(t.norm for t in run[a:b]), run[a].start,
-                                   run[b - 1].end))
+            runs.append(tokens[i:j])
         i = max(j, i + 1)
-    return tokens, joined
+    return runs
 
 
 # --- the compiled matcher --------------------------------------------------------------------
@@ -234,6 +237,8 @@ class TermMatcher:
         for form in self._vocab:
             self._squeezed.setdefault(_squeeze(form), set()).add(form)
             self._by_length.setdefault(len(form), set()).add(form)
+        self._longest = max(self._by_length, default=0)
+        self._squeezed_starts = {s[:n] for s in self._squeezed for n in range(1, len(s) + 1)}
 
     def _add_category(self, cat: str, ts: TermSet) -> None:
         seen: set[str] = set()
@@ -280,13 +285,38 @@ class TermMatcher:
 
     def _unmask(self, norm: str) -> set[str]:
         letters = sum(c.isalpha() for c in norm)
-        if letters < 2 or letters < len(norm) - letters or not re.fullmatch(r"[a-z*]+", norm):
+        lo, hi = len(norm) - norm.count(_MASK) + 1, min(len(norm), self._longest)
+        if (letters < 2 or letters < len(norm) - letters or lo > hi
+                or not re.fullmatch(r"[a-z*]+", norm)):
+            return set()  # lo > hi: longer than every term (a 30000-letter pattern compiles slowly)
+        runs = re.findall(r"\*+|[^*]+", norm)
+        head = "" if runs[0][0] == _MASK else runs[0]
+        tail = "" if runs[-1][0] == _MASK else runs[-1]
+        # The letters it starts and ends with pick the few candidates first: a regular expression
+        # per masked word costs 70 µs to compile, and a prompt may hold 6000 different ones.
+        candidates = [form for n in range(lo, hi + 1) for form in self._by_length.get(n, ())
+                      if form.startswith(head) and form.endswith(tail)]
+        if not candidates:
             return set()
         rx = re.compile("".join(f"[a-z]{{1,{len(run)}}}" if run[0] == _MASK else re.escape(run)
-                                for run in re.findall(r"\*+|[^*]+", norm)))
-        lo, hi = len(norm) - norm.count(_MASK) + 1, len(norm)
-        return {form for n in range(lo, hi + 1) for form in self._by_length.get(n, ())
-                if rx.fullmatch(form)}
+                                for run in runs))
+        return {form for form in candidates if rx.fullmatch(form)}
+
+    def _spelt(self, run: list[_Token]) -> list[tuple[str, int, int]]:
+        """The stretches of 3 to 24 letters of a spelt-out run that may be a term, wherever they
+        start: only those whose letters (squeezed) begin a term are followed further."""
+        out = []
+        for a in range(len(run) - 2):
+            letters = squeezed = ""
+            for b in range(a, min(a + 24, len(run))):
+                letters += run[b].norm
+                if not squeezed.endswith(run[b].norm):
+                    squeezed += run[b].norm
+                if squeezed not in self._squeezed_starts:
+                    break
+                if b - a >= 2 and squeezed in self._squeezed:
+                    out.append((letters, run[a].start, run[b].end))
+        return out
 
     def scan(self, prompt: str) -> TextScores:
         """Score `prompt` per category, with the hits behind each score."""
@@ -307,7 +337,13 @@ class TermMatcher:
 
     def _raw_hits(self, prompt: str) -> dict[str, list[Hit]]:
         tokens, joined = _tokens(prompt)
-        readings = [self._readings(t.norm, t.masked) for t in tokens]
+        for run in _spelt_runs(tokens, prompt):
+            joined += self._spelt(run)
+        known: dict[tuple[str, bool], set[str]] = {}  # a prompt may repeat a word 10000 times
+        for t in tokens:
+            if (t.norm, t.masked) not in known:
+                known[t.norm, t.masked] = self._readings(t.norm, t.masked)
+        readings = [known[t.norm, t.masked] for t in tokens]
         out: dict[str, list[Hit]] = {}
 
         def add(hit: Hit) -> None:
@@ -335,14 +371,16 @@ class TermMatcher:
                             entry.strength, "term", name))
         if self._patterns:
             normalised, spans = _normalised_text(tokens)
+            starts, ends = [s[0] for s in spans], [s[1] for s in spans]
             for cat, source, rx in self._patterns:
                 for m in rx.finditer(prompt):
                     if m.end() > m.start():
                         add(Hit(cat, source, m.group(0), m.start(), m.end(), "strong", "pattern"))
                 for m in rx.finditer(normalised):
-                    inside = [s for s in spans if s[0] < m.end() and s[1] > m.start()]
-                    if inside:
-                        start, end = inside[0][2], inside[-1][3]
+                    # the words the match touches (a search: a prompt may have 5000 words)
+                    lo, hi = bisect_right(ends, m.start()), bisect_left(starts, m.end())
+                    if lo < hi:
+                        start, end = spans[lo][2], spans[hi - 1][3]
                         add(Hit(cat, source, prompt[start:end], start, end, "strong", "pattern"))
         # "no nudity", "without blood", "non-violent" say what is not wanted.
         negated = {tokens[j + 1].start for j in range(len(tokens) - 1)
@@ -369,12 +407,16 @@ def _normalised_text(tokens: list[_Token]) -> tuple[str, list[tuple[int, int, in
 def _one_per_place(hits: list[Hit]) -> list[Hit]:
     """One hit per place in the prompt: where hits of a category overlap ("stabbing" read as
     `stab` and as `stabbing`, "covered in blood" and "blood"), the strongest and longest one."""
-    kept: list[Hit] = []
+    kept: list[Hit] = []  # apart from each other: in order of start and of end alike
+    starts: list[int] = []
     for h in sorted(hits, key=lambda h: (h.strength != "strong", h.start - h.end,
                                          h.form != "base", h.start)):
-        if all(h.end <= k.start or h.start >= k.end for k in kept):
-            kept.append(h)
-    return sorted(kept, key=lambda h: h.start)
+        # only the neighbours can overlap (a search: a prompt may repeat a term 5000 times)
+        i = bisect_right(starts, h.start)
+        if (i == 0 or kept[i - 1].end <= h.start) and (i == len(kept) or h.end <= kept[i].start):
+            kept.insert(i, h)
+            starts.insert(i, h.start)
+    return kept
 
 
 _CACHE: OrderedDict[str, tuple[Policy, TermMatcher]] = OrderedDict()

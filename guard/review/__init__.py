@@ -10,12 +10,16 @@
 
 An auditor sees only their tenant's traces, as on the JSON API. Pages send a strict CSP (no
 scripts at all), no-store caching and frame denial; sessions and CSRF are in `session`.
+Failed sign-ins are limited per client address and per key id (`LOGIN_FAILURES` in
+`LOGIN_WINDOW_S`, guard.ratelimit); beyond that the form answers 429 with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import math
 import secrets
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -28,10 +32,12 @@ from guard.audit import ImageKeepingStore, TraceQuery
 from guard.audit.query import TEXT_FILTERS, parse_trace_query
 from guard.auth import Principal, may_see
 from guard.errors import AuthenticationError, GuardError
+from guard.ratelimit import Limiter, MemoryLimiter
 from guard.review.session import Session, Sessions
 from guard.review.templates import environment
 from guard.types import JudgedImage, RoundRecord, Trace
 
+log = logging.getLogger("safeedit.review")
 _env = environment()
 DECISIONS = ("passed", "edited", "refused", "failed")
 THUMB_PX = 320
@@ -58,6 +64,16 @@ def _sessions(request: Request) -> Sessions:
         state = _state(request)
         sessions = request.app.state.review_sessions = Sessions(state.config, state.auth)
     return sessions  # type: ignore[no-any-return]
+
+
+LOGIN_FAILURES, LOGIN_WINDOW_S = 10, 300.0
+
+
+def _login_limiter(request: Request) -> Limiter:
+    limiter = getattr(request.app.state, "login_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.login_limiter = MemoryLimiter(LOGIN_FAILURES, LOGIN_WINDOW_S)
+    return limiter  # type: ignore[no-any-return]
 
 
 def _render(request: Request, template: str, status: int = 200,
@@ -100,6 +116,10 @@ async def login(request: Request) -> Response:
     sessions = _sessions(request)
     if not sessions.same_origin(request):
         return _message(request, 403, "Refused", "Sign-in requests must come from this site.")
+    limiter = _login_limiter(request)
+    address = request.client.host if request.client else "unknown"
+    if wait := await limiter.retry_after(f"address:{address}"):
+        return await _throttled(request, wait, "address", address)
     form = await request.form(max_files=0, max_fields=8)
     token, key = str(form.get("csrf", "")), str(form.get("key", "")).strip()
     if not sessions.login_token_ok(request, token):
@@ -107,13 +127,34 @@ async def login(request: Request) -> Response:
     try:
         principal = _state(request).auth.authenticate(f"Bearer {key}")
     except AuthenticationError:
+        await limiter.hit(f"address:{address}")
+        log.info("review sign-in from %s failed: no such key", address)
         return await login_form(request, "That key is not valid.", 401)
+    if wait := await limiter.retry_after(f"key:{principal.key_id}"):
+        return await _throttled(request, wait, "key", principal.key_id)
     if principal.role not in ("auditor", "admin"):
+        await limiter.hit(f"address:{address}")
+        await limiter.hit(f"key:{principal.key_id}")
+        log.info("review sign-in from %s with key %s failed: role %s", address,
+                 principal.key_id, principal.role)
         return await login_form(
             request, f"This key's role ({principal.role}) cannot open the review pages; "
                      "use an auditor key.", 403)
     response = RedirectResponse("/guard/", status_code=303)
     sessions.issue(response, request, principal)
+    return response
+
+
+async def _throttled(request: Request, wait: float, scope: str, who: str) -> Response:
+    """The 429 for a sign-in over the failure limit (`scope` address or key, `who` the address
+    or key id; never the key); logged and counted."""
+    log.warning("review sign-in refused: too many failures for %s %s", scope, who)
+    _state(request).metrics.login_throttled.labels(scope).inc()
+    minutes = math.ceil(wait / 60)
+    response = await login_form(
+        request, f"Too many failed sign-ins {'with this key' if scope == 'key' else 'from here'}."
+                 f" Try again in {minutes} minute{'s' if minutes != 1 else ''}.", 429)
+    response.headers["retry-after"] = str(math.ceil(wait))
     return response
 
 

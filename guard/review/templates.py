@@ -1,5 +1,6 @@
 """The review pages' Jinja2 templates, kept in Python so that the package needs no data files.
-Autoescaping is on for every template: prompts, thoughts and judge output are untrusted text."""
+Autoescaping is on for every template: prompts, thoughts and judge output are untrusted text.
+The one value marked `safe` is our own constant `CSS` (escaped, its quoted font names broke)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{% block title %}Audit review{% endblock %} · SafeEdit Guard</title>
-<style nonce="{{ nonce }}">{{ css }}</style></head>
+<style nonce="{{ nonce }}">{{ css | safe }}</style></head>
 <body><header><a href="/guard/">SafeEdit Guard · audit review</a>
 {% if session %}<span class="who">{{ session.principal.key_id }} · {{ session.principal.role }}
  · tenant {{ session.principal.tenant }}</span>
