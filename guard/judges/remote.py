@@ -11,6 +11,10 @@ Several proxy replicas can share one judge server this way. Options (all but `mo
 - `model`: the model name sent to the server; with `transport: litellm`, a litellm model string
   such as `openai/gpt-4o-mini`.
 - `api_base` (null): base URL ending in `/v1`; requests go to `{api_base}/chat/completions`.
+- `api_bases` (null): several such servers instead of one, a fleet (guard.judges.fleet): each
+  micro-batch goes to the server with the fewest requests in flight, a failing server leaves the
+  rotation and comes back when its health check passes; `health_interval_s` (5), `eject_after`
+  (3 failures in a row), `eject_s` (30).
 - `api_key_env` (null): name of the environment variable holding the API key (sent as a Bearer
   token; never logged, never in errors or traces). What the server says when it fails is kept
   only as the error's `detail`, redacted (guard.redact): it may echo the request.
@@ -51,6 +55,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guard.errors import ConfigError, JudgeError
+from guard.judges.fleet import Fleet, Server
 from guard.judges.profiles import (
     Message,
     Probe,
@@ -73,6 +78,10 @@ class RemoteOptions(BaseModel):
 
     model: str
     api_base: str | None = None
+    api_bases: list[str] | None = Field(None, min_length=1)
+    health_interval_s: float = Field(5.0, ge=0, le=3600)
+    eject_after: int = Field(3, ge=1, le=1000)
+    eject_s: float = Field(30.0, gt=0, le=86_400)
     api_key_env: str | None = None
     transport: Literal["auto", "http", "litellm"] = "auto"
     profile: str = "safeeditor"
@@ -103,6 +112,7 @@ class _Stats:
     asks: int = 0       # requests the judge meant to send
     requests: int = 0   # requests sent, retries included
     tokens: int = 0
+    server: str | None = None  # the fleet server that answered last
 
     @property
     def retries(self) -> int:
@@ -119,12 +129,20 @@ class RemoteJudge:
         self.options = options
         self.profile: Profile = get_profile(options.profile, options.profile_options)
         self.id = options.id or f"remote:{options.profile}:{options.model}"
+        if options.api_base and options.api_bases:
+            raise ConfigError("judge (remote): give `api_base` or `api_bases`, not both")
+        bases = options.api_bases or ([options.api_base] if options.api_base else [])
         transport = options.transport
         if transport == "auto":
-            transport = "http" if options.api_base else "litellm"
-        if transport == "http" and not options.api_base:
+            transport = "http" if bases else "litellm"
+        if transport == "http" and not bases:
             raise ConfigError("judge (remote): transport http needs `api_base`")
+        if transport == "litellm" and options.api_bases:
+            raise ConfigError("judge (remote): `api_bases` needs transport http")
         self.transport = transport
+        self.fleet = Fleet(bases, eject_after=options.eject_after, eject_s=options.eject_s) \
+            if transport == "http" else None
+        self._watch: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         policy = RetryPolicy(attempts=options.retries + 1, backoff_s=options.backoff_s,
                              max_backoff_s=MAX_BACKOFF_S)
@@ -140,7 +158,8 @@ class RemoteJudge:
             raise ConfigError.from_validation("judge (remote)", exc) from exc
 
     def __repr__(self) -> str:  # never the key
-        return f"RemoteJudge(id={self.id!r}, api_base={self.options.api_base!r})"
+        bases = [s.base for s in self.fleet.servers] if self.fleet else self.options.api_base
+        return f"RemoteJudge(id={self.id!r}, api_base={bases!r})"
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -159,29 +178,35 @@ class RemoteJudge:
                 limits=httpx.Limits(max_connections=self.options.max_concurrency))
         return self._client
 
+    async def start(self) -> None:
+        if self.fleet is not None and self.options.health_interval_s > 0:
+            self._watch = asyncio.create_task(
+                self.fleet.watch(self._http(), self.options.health_interval_s))
+
     async def ready(self) -> bool:
-        if self.transport != "http":
+        """Some server of the fleet answers its health check (always true through litellm)."""
+        if self.fleet is None:
             return True
-        try:
-            resp = await self._http().get(f"{self._base()}/models", timeout=2.0)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
+        return any(await self.fleet.check(self._http()))
 
     async def aclose(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
 
-    def _base(self) -> str:
-        return (self.options.api_base or "").rstrip("/")
-
     # --- the judge ------------------------------------------------------------------------------
 
     async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
-        return list(await asyncio.gather(*(self._one(item, policy) for item in items)))
+        if self.fleet is None:
+            return list(await asyncio.gather(*(self._one(item, policy, None) for item in items)))
+        with self.fleet.busy(self.fleet.pick(), len(items)) as server:  # one batch, one server
+            return list(await asyncio.gather(*(self._one(item, policy, server)
+                                               for item in items)))
 
-    async def _one(self, item: JudgeInput, policy: Policy) -> Verdict:
+    async def _one(self, item: JudgeInput, policy: Policy, server: Server | None) -> Verdict:
         t0 = time.perf_counter()
         stats = _Stats()
         probes = self.profile.probes(item, policy)
@@ -191,7 +216,8 @@ class RemoteJudge:
         if plan.max_tokens is not None and (not full_first or not self.profile.explains):
             max_tokens = plan.max_tokens  # the verdict alone
         stop = () if full_first else plan.stop
-        answers = await asyncio.gather(*(self._ask(p.messages, item, max_tokens, stop, stats)
+        answers = await asyncio.gather(*(self._ask(p.messages, item, max_tokens, stop, stats,
+                                                   server)
                                          for p in probes))
         texts = [a.text for a in answers]
         parsed = self.profile.parse(texts, policy)
@@ -207,7 +233,7 @@ class RemoteJudge:
             flagged = policy.decide(scores).flagged  # what the explanation starts from
             explain = self.profile.explain(item, policy, scores, flagged)
             messages = explain.messages if explain is not None else probes[0].messages
-            full = await self._ask(messages, item, self.options.max_tokens, (), stats)
+            full = await self._ask(messages, item, self.options.max_tokens, (), stats, server)
             reasons = self.profile.parse([full.text], policy)
             raw += "\n---\n" + full.text
             thought, refined = reasons.thought, reasons.refined_prompt
@@ -215,6 +241,8 @@ class RemoteJudge:
                 details["explain_parse_error"] = reasons.error
         details.update(requests=stats.requests, retries=stats.retries,
                        decoded_tokens=stats.tokens)
+        if stats.server is not None and self.fleet is not None and len(self.fleet.servers) > 1:
+            details["server"] = stats.server
         return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
                        raw=raw, latency_ms=(time.perf_counter() - t0) * 1000.0, details=details)
 
@@ -234,25 +262,38 @@ class RemoteJudge:
         return body
 
     async def _ask(self, messages: Sequence[Message], item: JudgeInput, max_tokens: int,
-                   stop: Sequence[str], stats: _Stats) -> _Answer:
+                   stop: Sequence[str], stats: _Stats, server: Server | None) -> _Answer:
         body = self._body(messages, item, max_tokens, stop)
-        post = self._post_http if self.transport == "http" else self._post_litellm
+        fleet, route = self.fleet, server
 
         async def attempt() -> dict[str, Any]:
+            nonlocal route
             stats.requests += 1
-            return await post(body)
+            if fleet is None or route is None:
+                return await self._post_litellm(body)
+            retry = stats.requests > 1  # a retry is a request of its own on its server
+            with fleet.busy(route, 1 if retry else 0) as target:
+                try:
+                    data = await self._post_http(body, target.base)
+                except _Transient:
+                    fleet.failed(target)
+                    route = fleet.pick(avoid=target)  # the next try goes elsewhere
+                    raise
+            fleet.succeeded(target)
+            stats.server = target.base
+            return data
 
         stats.asks += 1
         return _answer(await self._call(attempt), stats)
 
-    async def _post_http(self, body: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self._base()}/chat/completions"
+    async def _post_http(self, body: dict[str, Any], base: str) -> dict[str, Any]:
+        url = f"{base}/chat/completions"
         try:
             resp = await self._http().post(url, json=body)
         except httpx.TimeoutException as exc:
             raise _Transient(f"remote judge timed out after {self.options.timeout_s:g} s") from exc
         except httpx.HTTPError as exc:
-            raise _Transient(f"remote judge unreachable at {self._base()}: "
+            raise _Transient(f"remote judge unreachable at {base}: "
                              f"{type(exc).__name__}") from exc
         if resp.status_code != 200:
             error = _Transient if _transient(resp.status_code) else JudgeError
