@@ -8,6 +8,7 @@ every error leaves through one handler in OpenAI's error shape.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,8 @@ from guard import b64json
 from guard.audit.query import parse_trace_query
 from guard.auth import Principal, Role, may_see
 from guard.config import Config, load_config
-from guard.errors import GuardError, NotFound, RequestError
+from guard.drain import Drain
+from guard.errors import Draining, GuardError, NotFound, RequestError
 from guard.hosts import TrustedHostMiddleware
 from guard.intake import parse_edit, parse_generation
 from guard.lifecycle import close_all, readiness, start_all
@@ -80,16 +82,23 @@ async def _serve(request: Request, endpoint: str, parse: Parser) -> Response:
     exchange = Exchange(state, endpoint)
     refused = await exchange.admit(request.headers.get("authorization"),
                                    request.headers.get("x-guard-policy"),
-                                   lambda: parse(request, state))
+                                   request.app.state.drain.unless_draining(
+                                       lambda: parse(request, state)))
     if refused is not None:
         return render(await exchange.finish(refused))
     base_url = _base_url(state, request)
     assert exchange.job is not None
     if exchange.job.req.stream:
         return StreamingResponse(_events(exchange, base_url), media_type="text/event-stream",
-                                 headers={TRACE_HEADER: exchange.trace.id,
+                                 headers={**exchange.quota.headers,
+                                          TRACE_HEADER: exchange.trace.id,
                                           "cache-control": "no-cache"})
-    return render(await exchange.finish(await exchange.run(base_url)))
+    try:
+        reply = await exchange.run(base_url)
+    except asyncio.CancelledError:  # cut at the drain timeout (guard.drain): traced all the same
+        await exchange.cut_short(Draining("The server stopped before this request finished."))
+        raise
+    return render(await exchange.finish(reply))
 
 
 def render(reply: Reply) -> Response:
@@ -123,9 +132,9 @@ def _base_url(state: GuardState, request: Request) -> str:
 
 
 async def served_image(request: Request) -> Response:
-    found = state_of(request).images.get(request.path_params["image_id"],
-                                         request.query_params.get("exp", ""),
-                                         request.query_params.get("sig", ""))
+    found = await state_of(request).images.open(request.path_params["image_id"],
+                                                request.query_params.get("exp", ""),
+                                                request.query_params.get("sig", ""))
     if found is None:
         raise NotFound("Image not found or link expired.")
     return Response(found[1], media_type=found[0])
@@ -168,7 +177,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    checks = await readiness(state_of(request).parts())
+    checks = {**await readiness(state_of(request).parts()),
+              "accepting": not request.app.state.drain.draining}
     ok = all(checks.values())
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                          200 if ok else 503)
@@ -228,7 +238,7 @@ def create_app(config: Config | None = None, *,
     config = config or load_config(None)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         state = build_state(config, span_exporter)
         app.state.guard = state
         app.state.policy_reloader = reloader = PolicyReloader.start(state)
@@ -240,18 +250,22 @@ def create_app(config: Config | None = None, *,
         # Heavy judges load off the event loop; /readyz says false until they are ready.
         starting = start_all(part for _, part in state.parts())
         try:
-            yield
+            yield {"drain": app.state.drain}  # `safeedit serve` drains it on SIGTERM
         finally:
             await reloader.stop()
             await close_all([part for _, part in state.parts()], starting)
             state.telemetry.shutdown()
 
     served = routes()
+    # Probes and metrics answer while draining; the images API refuses itself, with a trace.
+    drain = Drain(exempt=("/healthz", "/readyz", "/metrics", "/v1/images/"))
     # Every route answers only to trusted Host names (guard.hosts: DNS rebinding, links).
     app = Starlette(routes=served, lifespan=lifespan, middleware=[Middleware(
-        TrustedHostMiddleware, hosts=config.server.hosts(), public_url=config.server.public_url)],
+        TrustedHostMiddleware, hosts=config.server.hosts(), public_url=config.server.public_url),
+        Middleware(drain.middleware)],
         exception_handlers={GuardError: guard_error, Exception: internal_error,
                             404: not_found, 405: method_not_allowed})
+    app.state.drain = drain
     app.state.openapi = openapi_document(
         ((method, route.path) for route in served if isinstance(route, Route)
          for method in route.methods or ()), public_url=config.server.public_url)

@@ -4,8 +4,8 @@ An OpenAI images response is a few hundred bytes of JSON around one 2-4 MB base6
 image. A JSON parser checks every character of those strings for escapes (5 ms for a 1024x1024
 PNG with orjson); base64 has neither quotes nor backslashes, so the strings can be cut out with
 memchr-speed searches, the small rest parsed normally, and the strings put back. Anything
-unusual (an escape inside the string, a key that appears in an odd place) falls back to a full
-parse, so the result is always what `orjson.loads` would give.
+unusual (an escape, a control or non-ASCII character inside the string, a key that appears in an
+odd place) falls back to a full parse, so the result is always what `orjson.loads` would give.
 
 `loads_raw` is the relay's variant: a lifted string stays the backend's bytes (checked to need
 no escaping: ASCII, no control characters), and `dumps_parts` puts such bytes back into a JSON
@@ -38,6 +38,10 @@ def loads_raw(body: bytes) -> Any:
 def _loads(body: bytes, *, raw: bool) -> Any:
     lifted: list[str | bytes] = []
     parts: list[bytes] = []
+    # A placeholder no string of the body can be, even one written with escapes: a NUL and a
+    # nonce of this call (a backend could write "\u00000" under a key spelt "b64\u005fjson").
+    nonce = secrets.token_hex(8)
+    mark = "\x00" + nonce
     pos = 0  # where the search goes on
     copied = 0  # how much of the body is in `parts` already
     while True:
@@ -61,22 +65,21 @@ def _loads(body: bytes, *, raw: bool) -> Any:
         pos = end + 1
         if end - start - 1 < _MIN_LIFT:
             continue  # short: stays in place, copied with the text around it
-        parts.append(body[copied:start])
-        # A placeholder no base64 string can be (it starts with NUL), so nothing else is restored.
-        parts.append(b'"\\u0000%d"' % len(lifted))
         text = body[start + 1:end]
-        if raw:
-            if not _json_safe(text):
-                return orjson.loads(body)
-            lifted.append(text)
-        else:
-            lifted.append(text.decode("ascii", errors="replace"))
+        if not _json_safe(text):  # a control character or non-ASCII: the parser's to judge
+            return orjson.loads(body)
+        parts.append(body[copied:start])
+        parts.append(b'"\\u0000%s%d"' % (nonce.encode(), len(lifted)))
+        lifted.append(text if raw else text.decode("ascii"))
         copied = pos
     if not lifted:
         return orjson.loads(body)
     parts.append(body[copied:])
     payload = orjson.loads(b"".join(parts))
-    _restore(payload, lifted)
+    if _restore(payload, lifted, mark) != len(lifted):
+        # Some lifted string is not a `b64_json` value after all: its key only ends in
+        # `"b64_json` (`"x\"b64_json"`), or a later duplicate key replaced it.
+        return orjson.loads(body)
     return payload
 
 
@@ -117,13 +120,17 @@ def dumps_parts(obj: Any) -> list[bytes]:
     return parts
 
 
-def _restore(node: Any, lifted: list[str | bytes]) -> None:
+def _restore(node: Any, lifted: list[str | bytes], mark: str) -> int:
+    """Put the lifted strings back where their placeholders are; how many were."""
+    restored = 0
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "b64_json" and isinstance(value, str) and value.startswith("\x00"):
-                node[key] = lifted[int(value[1:])]
+            if key == "b64_json" and isinstance(value, str) and value.startswith(mark):
+                node[key] = lifted[int(value[len(mark):])]
+                restored += 1
             else:
-                _restore(value, lifted)
+                restored += _restore(value, lifted, mark)
     elif isinstance(node, list):
         for item in node:
-            _restore(item, lifted)
+            restored += _restore(item, lifted, mark)
+    return restored

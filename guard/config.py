@@ -35,6 +35,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Limits(_Strict):
+    """Limits of one key or one tenant; None (the default) means no limit."""
+
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Images requests admitted in any 60 seconds (a sliding window).")
+    images_per_day: int | None = Field(
+        None, ge=1, description="Images asked for (the sum of `n`) per UTC day.")
+    max_concurrent: int | None = Field(None, ge=1, description="Images requests in flight at once.")
+
+    def over(self, defaults: Limits) -> Limits:
+        """These limits where given (an explicit null included), `defaults` for the rest."""
+        return defaults.model_copy(update={f: getattr(self, f) for f in self.model_fields_set})
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, f) is not None for f in Limits.model_fields)
+
+
+class LimitsConfig(Limits):
+    """`limits:`: where the counts live, what to do without them, and every key's defaults."""
+
+    redis_url: str | None = Field(
+        None, description="Redis shared by all replicas (redis://host:port/db); without it the "
+        "counts are this process's own.")
+    on_unavailable: Literal["closed", "open"] = Field(
+        "closed", description="Redis unreachable: closed = refuse with a 503, open = serve "
+        "uncounted (guard_quota_unavailable_total counts those requests).")
+    key_prefix: str = Field("safeedit:limits:", min_length=1,
+                            description="Prefix of every Redis key the limits use.")
+    timeout_s: float = Field(0.5, gt=0, description="Redis connect and command timeout.")
+    concurrency_ttl_s: float = Field(
+        900.0, gt=0, description="A request slot not released by then (a replica that died "
+        "mid-request) is freed anyway; longer than the slowest request.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @property
+    def defaults(self) -> Limits:
+        return Limits.model_validate({f: getattr(self, f) for f in Limits.model_fields})
+
+
+class TenantConfig(_Strict):
+    policy: str | None = Field(None, description="The tenant's policy id (else the default).")
+    limits: Limits = Field(default_factory=lambda: Limits(),
+                           description="Limits shared by all the tenant's keys together.")
+
+
 class KeyConfig(_Strict):
     id: str = Field(description="Key id, recorded in traces instead of the key itself.")
     hash: str = Field(description="`sha256:<hex>` of the key; the key itself is never stored.")
@@ -43,6 +95,10 @@ class KeyConfig(_Strict):
     policy: str | None = Field(None, description="Policy id for this key (else the tenant's).")
     may_choose_policy: bool = Field(
         False, description="Whether the key may pick a policy per request (x-guard-policy).")
+    limits: Limits = Field(
+        default_factory=lambda: Limits(),
+        description="This key's limits; a limit given here (null = none) replaces the default "
+        "under `limits:`, one not given keeps it.")
 
     @field_validator("hash")
     @classmethod
@@ -76,6 +132,10 @@ class ServerConfig(_Strict):
         "IP addresses, `*.example.com` for subdomains, or `*` for any (only with keys). Default: "
         "the bind address and localhost, 127.0.0.1, ::1. Others get a 400, so a web page that "
         "points its own DNS name at the proxy (DNS rebinding) cannot use it.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long requests in flight may still run: the "
+        "proxy goes unready and answers new requests 503 (Retry-After) meanwhile, then stops. "
+        "Keep it under the orchestrator's grace period before SIGKILL.")
 
     @field_validator("public_url")
     @classmethod
@@ -111,7 +171,8 @@ class Config(_Strict):
     policy: str = Field("default", description="Default policy id.")
     policy_paths: list[str] = Field(default_factory=list,
                                     description="Extra policy files or folders.")
-    tenants: dict[str, str] = Field(default_factory=dict, description="tenant -> policy id.")
+    tenants: dict[str, str | TenantConfig] = Field(
+        default_factory=dict, description="tenant -> policy id, or {policy, limits}.")
     policy_reload_s: float = Field(2.0, ge=0, description="Seconds between checks of the policy files for changes; 0 turns the watcher off (POST /v1/guard/policies/reload still works).")
     backends: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"demo": {"kind": "demo"}})
@@ -122,8 +183,14 @@ class Config(_Strict):
     judge: dict[str, Any] = Field(default_factory=lambda: {"kind": "builtin"})
     audit: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "sqlite", "path": "var/audit.db"})
+    image_store: dict[str, Any] = Field(
+        default_factory=dict, description="Where image links' and retained images' bytes live "
+        "({kind: local|postgres, ...}, plus link_ttl_s, link_key_env); without `kind` it "
+        "follows `audit:` (PostgreSQL: the same database and schema; else a folder beside it). "
+        "See guard.imagestore.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
 
     @model_validator(mode="after")
     def _any_host_needs_keys(self) -> Config:
@@ -158,6 +225,14 @@ class Config(_Strict):
                 raise ValueError(f"route {model!r} names unknown backend {route.backend!r}")
         if self.fallback is not None and self.fallback not in self.backends:
             raise ValueError(f"fallback names unknown backend {self.fallback!r}")
+
+    def tenant_policy(self, tenant: str) -> str | None:
+        found = self.tenants.get(tenant)
+        return found.policy if isinstance(found, TenantConfig) else found
+
+    def tenant_limits(self, tenant: str) -> Limits:
+        found = self.tenants.get(tenant)
+        return found.limits if isinstance(found, TenantConfig) else Limits()
 
     @property
     def open_mode(self) -> bool:

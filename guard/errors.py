@@ -7,12 +7,14 @@
     │   └── ClientDisconnected      499 the client went away before its request was read
     ├── AuthenticationError         401 invalid_api_key
     ├── PermissionDenied            403
+    ├── RateLimited                 429 rate_limit_exceeded, type requests|images (Retry-After)
     ├── PolicyViolation             400 content_policy_violation (carries the trace id)
     ├── BackendError                502 backend_error
     │   ├── BackendTimeout          504
     │   ├── BackendRateLimited      429 (carries Retry-After)
     │   └── BackendRejected         4xx the backend refused the request itself
     ├── JudgeError                  503 judge_unavailable
+    ├── Draining                    503 draining: the server is shutting down (Retry-After)
     └── ConfigError                 500 (start-up and policy files; never a client's fault)
 
 Foreign exceptions (httpx, litellm, torch, sqlite) are translated at the edge that owns them:
@@ -95,6 +97,19 @@ class PermissionDenied(GuardError):
     code = "insufficient_permissions"
 
 
+class RateLimited(GuardError):
+    """A key's or tenant's own limit (guard.quotas), in the body OpenAI sends for its limits:
+    `type` names what ran out ("requests" or "images"), headers say when to come back."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str = "requests", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.type = kind
+
+
 class PolicyViolation(GuardError):
     status = 400
     type = "invalid_request_error"
@@ -148,6 +163,13 @@ class JudgeError(GuardError):
     status = 503
     type = "server_error"
     code = "judge_unavailable"
+
+
+class Draining(GuardError):
+    """The server is shutting down (guard.drain): it finishes what it started, takes nothing new."""
+
+    status = 503
+    code = "draining"
 
 
 class ConfigError(GuardError):

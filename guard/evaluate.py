@@ -6,7 +6,8 @@
 
 Each prompt goes through the judge alone (no image), as the proxy's prescreen does, and the
 policy turns the verdict's scores into a decision. For I2P-style sets whose `categories` column
-labels each prompt, the summary also gives the decisions per labelled category.
+labels each prompt, the summary also gives the decisions per labelled category. With a
+`cascade` judge, each result names the stage that decided and the summary counts them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class EvalResult:
     fields: dict[str, str]
     details: dict[str, Any]
 
+    @property
+    def stage(self) -> tuple[int, str] | None:
+        """The cascade stage that decided (index, judge id), read from `details.stage` (which
+        the JSON lines of --out carry); None for other judges."""
+        stage = self.details.get("stage")
+        if isinstance(stage, dict) and "index" in stage:
+            return int(stage["index"]), str(stage.get("judge_id", ""))
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"row": self.row, "prompt": self.prompt, "decision": self.decision,
                 "flagged": list(self.flagged), "scores": self.scores,
@@ -64,6 +74,7 @@ class EvalSummary:
     flagged: Counter[str] = field(default_factory=Counter)
     labels: dict[str, Counter[str]] = field(default_factory=dict)
     categories: tuple[str, ...] = ()
+    stages: Counter[tuple[int, str]] = field(default_factory=Counter)  # cascade: who decided
 
     def add(self, result: EvalResult) -> None:
         self.total += 1
@@ -71,6 +82,8 @@ class EvalSummary:
         self.flagged.update(result.flagged)
         for label in result.labels:
             self.labels.setdefault(label, Counter())[result.decision] += 1
+        if result.stage is not None:
+            self.stages[result.stage] += 1
 
     def rate(self, decision: str) -> float:
         return self.decisions[decision] / self.total if self.total else 0.0
@@ -84,6 +97,9 @@ class EvalSummary:
             "flagged": {c: self.flagged[c] for c in self.categories},
             "labels": {label: {"n": sum(c.values()), **{a: c[a] for a in ACTIONS}}
                        for label, c in sorted(self.labels.items())},
+            **({"stages": [{"index": i, "judge_id": j, "count": n}
+                           for (i, j), n in sorted(self.stages.items())]}
+               if self.stages else {}),
         }
 
     def format(self) -> str:
@@ -108,6 +124,11 @@ class EvalSummary:
                 n = sum(counts.values())
                 lines.append(f"{label:<18} {n:>7} "
                              + " ".join(f"{pct(counts[a], n):>8}" for a in ACTIONS))
+        if self.stages:
+            width = max(18, *(len(f"{i} {j}") for i, j in self.stages))
+            lines += ["", f"{'decided by stage':<{width}} {'count':>7} {'rate':>8}"]
+            lines += [f"{f'{i} {j}':<{width}} {n:>7} {pct(n, self.total):>8}"
+                      for (i, j), n in sorted(self.stages.items())]
         return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@ is its `Host` header. So every request names a trusted host or gets an OpenAI-sh
 any route runs, and the links and redirects the proxy builds from `Host` can only point at a
 trusted name (or at `server.public_url` when one is set).
 
-`/healthz` and `/readyz` answer whatever the `Host`: orchestrators probe a pod by its IP address,
-which no config can list in advance, and the two say nothing beyond up / ready.
+`/healthz`, `/readyz` and `/metrics` answer whatever the `Host`: orchestrators probe and
+Prometheus scrapes a pod by its IP address, which no config can list in advance, and the three
+say nothing beyond up / ready and counters (no trace, no prompt, no key).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guard.errors import RequestError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-UNCHECKED_PATHS = frozenset({"/healthz", "/readyz"})
+UNCHECKED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,252})")  # a DNS name or dotted IPv4 address
 _PORT = re.compile(r"[0-9]{1,5}")

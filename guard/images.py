@@ -1,57 +1,76 @@
-"""Images the proxy serves by URL when a client asks for `response_format: url`.
+"""Links to images the proxy serves when a client asks for `response_format: url`.
 
-Kept in memory (bounded, expiring) and addressed by signed links, so a link cannot be guessed,
-altered or used after it expires.
+The bytes go to the image store (guard.imagestore), so any replica sharing it serves the link;
+the link is signed (HMAC-SHA256 over the image id and the expiry), so it cannot be guessed,
+altered or used after it expires. The signing key is the environment variable named by the
+`image_store:` option `link_key_env` when set, else a random key kept in the image store itself
+(drawn by the first process to ask): whoever can read that key can read the images anyway.
+
+Options (in the `image_store:` section):
+    link_ttl_s     how long a link works (default 3600 seconds)
+    link_key_env   name of the environment variable holding the signing key (named but unset =
+                   a config error)
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import os
 import re
-import secrets
-import threading
 import time
-from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
-from guard.errors import RequestError
+from guard.errors import ConfigError, RequestError
+from guard.imagestore import ImageStore
 from guard.types import GeneratedImage
 
+DEFAULT_LINK_TTL_S = 3600.0
 _EXPIRY = re.compile(r"[0-9]{1,12}")  # Unix seconds, ASCII digits only, well inside int64
-_IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 
 
-class ImageCache:
-    def __init__(self, secret: bytes | None = None, ttl_s: float = 3600.0,
-                 max_bytes: int = 512 * 1024 * 1024) -> None:
-        self._secret = secret or secrets.token_bytes(32)
+class ImageLinks:
+    def __init__(self, store: ImageStore, *, ttl_s: float = DEFAULT_LINK_TTL_S,
+                 key: bytes | None = None) -> None:
+        self.store = store
         self.ttl_s = ttl_s
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[float, str, bytes]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._key = key
+        self._key_lock = asyncio.Lock()
 
-    def put(self, image: GeneratedImage) -> tuple[str, int, str]:
-        """Store an image; returns (id, expiry, signature) for its link."""
-        image_id = image.sha256[:32]
+    @classmethod
+    def from_options(cls, store: ImageStore, options: Mapping[str, Any]) -> ImageLinks:
+        """Reads `link_ttl_s` and `link_key_env` from the `image_store:` section."""
+        ttl = options.get("link_ttl_s", DEFAULT_LINK_TTL_S)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl <= 0:
+            raise ConfigError("image_store: link_ttl_s must be a positive number")
+        env = options.get("link_key_env")
+        key = None
+        if env:
+            value = os.environ.get(env)
+            if not value:
+                raise ConfigError(f"image_store: link_key_env names {env}, which is not set")
+            key = value.encode()
+        return cls(store, ttl_s=float(ttl), key=key)
+
+    async def _signing_key(self) -> bytes:
+        if self._key is None:
+            async with self._key_lock:
+                if self._key is None:
+                    self._key = await self.store.shared_secret()
+        return self._key
+
+    async def mint(self, image: GeneratedImage) -> str:
+        """Store the image; the path and query of its link (`/v1/guard/images/...`)."""
+        image_id = await self.store.put(image.data, image.media_type, self.ttl_s)
         expires = int(time.time() + self.ttl_s)
-        with self._lock:
-            if image_id not in self._items:
-                self._items[image_id] = (expires, image.media_type, image.data)
-                self._bytes += len(image.data)
-            else:
-                _, media, data = self._items.pop(image_id)
-                self._items[image_id] = (expires, media, data)
-            while self._bytes > self.max_bytes and self._items:
-                _, (_, _, old) = self._items.popitem(last=False)
-                self._bytes -= len(old)
-        return image_id, expires, self.sign(image_id, expires)
+        sig = _sign(await self._signing_key(), image_id, expires)
+        return f"/v1/guard/images/{image_id}?exp={expires}&sig={sig}"
 
-    def sign(self, image_id: str, expires: int) -> str:
-        return hmac.new(self._secret, f"{image_id}.{expires}".encode(), hashlib.sha256).hexdigest()
-
-    def get(self, image_id: str, exp: str, sig: str) -> tuple[str, bytes] | None:
+    async def open(self, image_id: str, exp: str, sig: str) -> tuple[str, bytes] | None:
         """The (media type, bytes) a link names: None when it is unknown, expired or its
         signature is wrong; a RequestError when `exp` is not a link's expiry at all."""
         if not _EXPIRY.fullmatch(exp):
@@ -61,9 +80,13 @@ class ImageCache:
         # The signature is the client's to choose: anything but our hex digest is simply wrong,
         # and the digests compare as bytes (compare_digest raises on a non-ASCII str).
         if (expires < time.time() or not _IMAGE_ID.fullmatch(image_id)
-                or not _SIGNATURE.fullmatch(sig)
-                or not hmac.compare_digest(sig.encode(), self.sign(image_id, expires).encode())):
+                or not _SIGNATURE.fullmatch(sig)):
             return None
-        with self._lock:
-            item = self._items.get(image_id)
-        return (item[1], item[2]) if item else None
+        expected = _sign(await self._signing_key(), image_id, expires)
+        if not hmac.compare_digest(sig.encode(), expected.encode()):
+            return None
+        return await self.store.get(image_id)
+
+
+def _sign(key: bytes, image_id: str, expires: int) -> str:
+    return hmac.new(key, f"{image_id}.{expires}".encode(), hashlib.sha256).hexdigest()

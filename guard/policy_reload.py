@@ -150,10 +150,10 @@ class PolicyReloader:
         # The config names policies; a reload must not take away one that requests are sent to.
         config = self.state.config
         uses = [("policy", config.policy),
-                *((f"tenants.{t}", p) for t, p in config.tenants.items()),
+                *((f"tenants.{t}", config.tenant_policy(t)) for t in config.tenants),
                 *((f"keys[{k.id}].policy", k.policy) for k in config.keys if k.policy)]
         return [Problem("(config)", 1, 1, where, f"uses policy '{pid}', which the policy files "
-                        "no longer define") for where, pid in uses if pid not in policies]
+                        "no longer define") for where, pid in uses if pid and pid not in policies]
 
 
 def _changes(running: PolicySet, new: Mapping[str, Policy]

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from opentelemetry import trace as otel_trace
@@ -34,7 +34,8 @@ from guard.backends import Backend, build_backend
 from guard.config import Config
 from guard.engine import EditInputs, Engine, Outcome
 from guard.errors import GuardError, PermissionDenied, RequestError
-from guard.images import ImageCache
+from guard.images import ImageLinks
+from guard.imagestore import ImageStore, build_image_store, resolve_options
 from guard.judges import Judge, build_judge
 from guard.policy import Policy, PolicySet, policy_sources
 from guard.protocol import (
@@ -45,6 +46,7 @@ from guard.protocol import (
     ImageObject,
     ImagesResponse,
 )
+from guard.quotas import NO_TICKET, Quotas, Ticket
 from guard.routing import Route, Router
 from guard.telemetry import Metrics, Telemetry
 from guard.types import GenerationCall, Trace, TraceError
@@ -66,7 +68,8 @@ class GuardState:
     telemetry: Telemetry
     metrics: Metrics
     auth: Authenticator
-    images: ImageCache
+    images: ImageLinks  # response_format url: links to images in the shared image store
+    quotas: Quotas
 
     def policy_for(self, principal: Principal, requested: str | None) -> Policy:
         policies = self.policies  # one reference per request: a reload swaps the whole set
@@ -76,13 +79,14 @@ class GuardState:
             if requested not in policies:
                 raise RequestError(f"Unknown policy '{requested}'.", param="x-guard-policy")
             return policies[requested]
-        return policies[principal.policy or self.config.tenants.get(principal.tenant)
+        return policies[principal.policy or self.config.tenant_policy(principal.tenant)
                         or self.config.policy]
 
-    def parts(self) -> list[tuple[str, Judge | AuditStore | Backend]]:
+    def parts(self) -> list[tuple[str, Judge | AuditStore | ImageStore | Backend | Quotas]]:
         """The parts with a lifecycle, named as /readyz reports them."""
-        return [("judge", self.judge), ("audit", self.store),
-                *((f"backend:{n}", b) for n, b in self.router.backends.items())]
+        return [("judge", self.judge), ("audit", self.store), ("images", self.images.store),
+                *((f"backend:{n}", b) for n, b in self.router.backends.items()),
+                *((("limits", self.quotas),) if self.quotas.enabled else ())]
 
 
 def build_state(config: Config, span_exporter: SpanExporter | None = None) -> GuardState:
@@ -91,7 +95,7 @@ def build_state(config: Config, span_exporter: SpanExporter | None = None) -> Gu
     Backends are built through `guard.backends.backends`: whoever calls this has registered the
     kinds the config uses (importing `adapters` registers the built-in ones)."""
     policies = PolicySet.load(policy_sources(config.policy_paths))
-    for policy_id in {config.policy, *config.tenants.values(),
+    for policy_id in {config.policy, *filter(None, map(config.tenant_policy, config.tenants)),
                       *(k.policy for k in config.keys if k.policy)}:
         policies[policy_id]
     backends = {name: build_backend(name, section) for name, section in config.backends.items()}
@@ -99,12 +103,15 @@ def build_state(config: Config, span_exporter: SpanExporter | None = None) -> Gu
     judge = build_judge(config.judge)
     telemetry = Telemetry(config.telemetry, span_exporter)
     metrics = Metrics()
+    # One image store for links and retained images, shared with every replica that uses it.
+    image_options = resolve_options(config.image_store, config.audit)
+    images = build_image_store(image_options)
     return GuardState(
         config=config, policies=policies, judge=judge, router=router,
-        store=build_store(config.audit),
+        store=build_store(config.audit, images),
         engine=Engine(judge, router, telemetry, metrics, enabled=config.guard.enabled),
         telemetry=telemetry, metrics=metrics, auth=Authenticator(config.keys),
-        images=ImageCache())
+        images=ImageLinks.from_options(images, image_options), quotas=Quotas(config, metrics))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +154,7 @@ class Exchange:
         self.job: Job | None = None
         self._policy: Policy | None = None
         self._route: Route | None = None
+        self.quota: Ticket = NO_TICKET  # its x-ratelimit-* headers go on every reply
         self._started = time.perf_counter()
         self._span = state.telemetry.start_span(
             "guard.request", **{"guard.trace_id": self.trace.id, "guard.endpoint": endpoint})
@@ -170,6 +178,8 @@ class Exchange:
                 trace.policy = policy.ref
                 route = self.state.router.route(job.req.model)
                 trace.backend = route.backend
+                self.quota = await self.state.quotas.admit(trace.id, principal.key_id,
+                                                           principal.tenant, job.req.count)
             except Exception as exc:  # noqa: BLE001 - every failure is a traced reply
                 return self._failure(exc)
         self.job, self._policy, self._route = job, policy, route
@@ -186,7 +196,7 @@ class Exchange:
                 outcome = await self.state.engine.run(_call(job.req), self._route, self._policy,
                                                       self.trace, job.inputs)
                 return Reply(200, {TRACE_HEADER: self.trace.id},
-                             images=self._response(outcome, base_url))
+                             images=await self._response(outcome, base_url))
             except Exception as exc:  # noqa: BLE001 - every failure is a traced reply
                 return self._failure(exc)
 
@@ -209,6 +219,11 @@ class Exchange:
             raise
         yield await self.finish(task.result())
 
+    async def cut_short(self, error: GuardError) -> None:
+        """Finish the trace of a request cancelled before its reply (a server stopping past its
+        drain timeout), with `error` saying why."""
+        await asyncio.shield(self.finish(self._failure(error)))
+
     async def finish(self, reply: Reply) -> Reply:
         """Close and write the trace; a reply leaves only once its trace is stored."""
         state, trace = self.state, self.trace
@@ -226,6 +241,8 @@ class Exchange:
                 await state.store.write(trace)
             except Exception:  # noqa: BLE001 - logged; the client gets the 503 either way
                 log.error("audit store failed again; trace %s is lost", trace.id)
+        await state.quotas.release(self.quota, reply.status)
+        reply = replace(reply, headers={**self.quota.headers, **reply.headers})
         self._span.set_attribute("guard.decision", trace.decision)
         self._span.set_attribute("http.status_code", reply.status)
         self._span.end()
@@ -250,7 +267,7 @@ class Exchange:
         return Reply(exc.status, {**exc.headers, TRACE_HEADER: self.trace.id},
                      error=exc.to_dict(), detail=exc.detail)
 
-    def _response(self, outcome: Outcome, base_url: str) -> ImagesResponse:
+    async def _response(self, outcome: Outcome, base_url: str) -> ImagesResponse:
         assert self.job is not None
         req, trace, state = self.job.req, self.trace, self.state
         data = []
@@ -258,8 +275,7 @@ class Exchange:
             revised = (final.prompt if final.prompt != req.prompt
                        else final.image.backend_revised_prompt)
             if req.response_format == "url" and not req.stream:
-                image_id, expires, sig = state.images.put(final.image)
-                url = f"{base_url}/v1/guard/images/{image_id}?exp={expires}&sig={sig}"
+                url = base_url + await state.images.mint(final.image)
                 data.append(ImageObject(url=url, revised_prompt=revised))
             else:
                 data.append(ImageObject(b64_json=final.image.b64_bytes,

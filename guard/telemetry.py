@@ -97,6 +97,16 @@ class Metrics:
             "guard_review_login_throttled",
             "Review-page sign-ins refused after too many failures, by scope (address or key).",
             ["scope"], registry=r)
+        self.quota_rejections = Counter(
+            "guard_quota_rejections",
+            "Images requests refused by a key's or tenant's limit, by limit "
+            "(requests_per_minute, images_per_day, max_concurrent) and scope (key or tenant).",
+            ["limit", "scope"], registry=r)
+        self.quota_unavailable = Counter(
+            "guard_quota_unavailable",
+            "Images requests that found the limits' store (Redis) unreachable, by what was done "
+            "(refused: on_unavailable closed; served uncounted: open).",
+            ["action"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

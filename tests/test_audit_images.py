@@ -56,7 +56,8 @@ def edited_request(base: str, backend: Any) -> dict[str, Any]:
 
 
 def stored(images: Path) -> set[str]:
-    return {p.name for p in images.glob("*/*")} if images.exists() else set()
+    """The images kept in the folder (each file is named by its sha256, beside its metadata)."""
+    return {p.name for p in images.glob("*/*") if len(p.name) == 64}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -27,11 +27,29 @@ BIG = base64.b64encode(os.urandom(30_000)).decode()
     orjson.dumps({"data": [{"b64_json": "QUJD", "revised_prompt": "first"},
                            {"b64_json": BIG, "revised_prompt": "second"},
                            {"b64_json": "1234"}, {"b64_json": BIG[::-1]}]}),
+    # Found by tests/test_parser_properties.py: a key that only ends in b64_json (its image was
+    # left as a placeholder), a forged placeholder under an escaped key (restored with another
+    # image, or a ValueError), non-ASCII in a long string (replaced by U+FFFD), a later
+    # duplicate key.
+    b'{"x\\"b64_json": "' + BIG.encode() + b'"}',
+    b'{"data": [{"b64_json": "' + BIG.encode() + b'"}, {"b64\\u005fjson": "\\u00000"}]}',
+    b'{"data": [{"b64_json": "' + BIG.encode() + b'"}, {"b64\\u005fjson": "\\u0000x"}]}',
+    b'{"data": [{"b64_json": "' + BIG.encode() + '\u00e9"}]}'.encode(),
+    b'{"b64_json": "' + BIG.encode() + b'", "b64_json": "' + BIG[::-1].encode() + b'"}',
 ])
 def test_loads_equals_orjson(body: bytes) -> None:
     assert b64json.loads(body) == orjson.loads(body)
 
 
-def test_loads_rejects_what_orjson_rejects() -> None:
+@pytest.mark.parametrize("body", [
+    b'{"data": [{"b64_json": "' + BIG.encode() + b'"}',
+    # Control characters and bytes that are not UTF-8 inside a long string (were accepted).
+    b'{"data": [{"b64_json": "' + BIG[:5000].encode() + b'\n' + BIG[5000:].encode() + b'"}]}',
+    b'{"data": [{"b64_json": "' + BIG.encode() + b'\x01"}]}',
+    b'{"data": [{"b64_json": "' + BIG.encode() + b'\xff"}]}',
+])
+def test_loads_rejects_what_orjson_rejects(body: bytes) -> None:
     with pytest.raises(orjson.JSONDecodeError):
-        b64json.loads(b'{"data": [{"b64_json": "' + BIG.encode() + b'"}')
+        orjson.loads(body)
+    with pytest.raises(orjson.JSONDecodeError):
+        b64json.loads(body)

@@ -43,6 +43,7 @@ def test_eval_prints_rates_and_writes_one_json_line_per_prompt(tmp_path, capsys)
     assert "hate                     1   20.00%" in printed
     # per labelled category: sexual has one pass and one edit
     assert "sexual                   2   50.00%   50.00%    0.00%" in printed
+    assert "decided by stage" not in printed  # only a cascade has stages
 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["decision"] for r in rows] == ["pass", "edit", "edit", "refuse", "pass"]
@@ -95,6 +96,28 @@ async def test_evaluate_reports_each_row_in_order(tmp_path) -> None:
     assert seen == [0, 1, 2, 3, 4]
     assert summary.to_dict()["counts"] == {"pass": 2, "edit": 2, "refuse": 1}
     assert summary.to_dict()["labels"]["violence"] == {"n": 1, "pass": 0, "edit": 1, "refuse": 0}
+
+
+def test_eval_with_a_cascade_counts_the_stage_that_decided(tmp_path, capsys) -> None:
+    # Weak terms of the default policy ("sexy" alone 0.35; "stabbing" and "blood" together) leave
+    # a score in the band: the second stage (the tests' marker judge, registered in conftest)
+    # decides those; the builtin judge settles the rest.
+    config = tmp_path / "config.yaml"
+    config.write_text("judge:\n  kind: cascade\n  stages: [{kind: builtin, nudenet: false},"
+                      " {kind: marker}]\n")
+    prompts = write_csv(tmp_path / "p.csv", rows=[*ROWS, ("a sexy pose", "sexual")])
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", "--policy", "default", "--prompts", str(prompts), "--config",
+                 str(config), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "judge cascade(builtin/1>marker), 6 prompts" in printed
+    assert "decided by stage     count     rate" in printed
+    assert "0 builtin/1              4   66.67%" in printed
+    assert "1 marker                 2   33.33%" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["details"]["stage"]["index"] for r in rows] == [0, 0, 1, 0, 0, 1]
+    assert rows[5]["details"]["stage"] == {"index": 1, "judge_id": "marker"}
+    assert [s["handed_on"] for s in rows[5]["details"]["stages"]] == ["uncertain", None]
 
 
 async def test_default_policy_leaves_benign_captions_alone() -> None:

@@ -5,6 +5,7 @@ prompts). Generated inputs; each example that once found a bug is kept as an `@e
 from __future__ import annotations
 
 import base64
+import json
 import random
 import re
 import time
@@ -21,13 +22,13 @@ from guard.policy import POLICIES_DIR, load_policy
 
 # --- b64json: what `loads` gives is what `orjson.loads` gives ------------------------------------
 
-WHITESPACE = st.sampled_from(["", "", " ", "\n", "\t", "\r\n  ", "  "])
+SIZES = st.one_of(st.integers(0, 60), st.integers(3073, 9000))
 
 
 @st.composite
 def base64_text(draw: st.DrawFn) -> str:
     """Base64 of random bytes, short or past the length where the parser lifts it out."""
-    size = draw(st.one_of(st.integers(0, 60), st.integers(3073, 9000)))
+    size = draw(SIZES)
     return base64.b64encode(random.Random(draw(st.integers())).randbytes(size)).decode()
 
 
@@ -45,8 +46,10 @@ def long_string(draw: st.DrawFn) -> str:
     """A long `b64_json` value that is not plain base64: a JSON string all the same."""
     b64 = draw(base64_text()) or "QUJD"
     at = draw(st.integers(0, len(b64)))
-    return b64[:at] + draw(st.one_of(TRICKY, st.sampled_from(
-        ["é", " ", "data:image/png;base64,", "\x7f", "\x1f", "\u00ff"]))) + b64[at:]
+    return b64[:at] + draw(ODD) + b64[at:]
+
+
+ODD = st.one_of(TRICKY, st.sampled_from(["é", " ", "data:image/png;base64,", "\x7f", "\x1f"]))
 
 
 KEYS = st.one_of(st.sampled_from(["b64_json", "revised_prompt", "url", "created", "data",
@@ -69,20 +72,43 @@ payloads = st.fixed_dictionaries({"created": st.integers(0, 2**40), "data": st.l
                                           "note": text})
 
 
-@st.composite
-def json_string(draw: st.DrawFn, value: str) -> str:
-    """`value` as a JSON string with each character written one of the ways JSON allows."""
-    if len(value) > 200:  # an image: written as it is (even where JSON says it may not be)
-        how = draw(st.sampled_from(["plain", "plain", "slashes", "raw"]))
-        if how == "raw":
-            return '"' + value + '"'
-        if how == "slashes":
-            value = value.replace("/", "\\/")
-        return '"' + "".join(_escape(c, "plain") for c in value) + '"'
-    return '"' + "".join(_escape(c, draw(st.sampled_from(["plain", "plain", "u", "short"])))
-                         for c in value) + '"'
+class Writer:
+    """Writes a value as JSON the ways JSON allows, chosen by a seeded random: whitespace between
+    any two tokens, each character of a string as itself, `\\uXXXX` (surrogate pairs above
+    U+FFFF) or a short escape; a long string (an image) as it is, with its slashes escaped, or
+    with what JSON forbids inside a string left raw."""
+
+    def __init__(self, seed: int) -> None:
+        self.rnd = random.Random(seed)
+
+    def ws(self) -> str:
+        return self.rnd.choice(["", "", " ", "\n", "\t", "\r\n  ", "  "])
+
+    def string(self, value: str) -> str:
+        if len(value) > 200:
+            how = self.rnd.choice(["plain", "plain", "slashes", "raw"])
+            if how == "raw":
+                return '"' + value + '"'
+            if how == "slashes":
+                value = value.replace("/", "\\/")
+            return '"' + _MUST_ESCAPE.sub(lambda m: _escape(m.group(), "plain"), value) + '"'
+        return '"' + "".join(_escape(c, self.rnd.choice(["plain", "plain", "u", "short"]))
+                             for c in value) + '"'
+
+    def value(self, value: Any) -> str:
+        if isinstance(value, dict):
+            items = [self.ws() + self.string(k) + self.ws() + ":" + self.ws() + self.value(v)
+                     + self.ws() for k, v in value.items()]
+            return "{" + (",".join(items) or self.ws()) + "}"
+        if isinstance(value, list):
+            return "[" + (",".join(self.ws() + self.value(v) + self.ws() for v in value)
+                          or self.ws()) + "]"
+        if isinstance(value, str):
+            return self.string(value)
+        return json.dumps(value)
 
 
+_MUST_ESCAPE = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
 _SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b",
           "\f": "\\f", "/": "\\/"}
 
@@ -99,27 +125,21 @@ def _escape(c: str, how: str) -> str:
 
 
 @st.composite
-def json_text(draw: st.DrawFn, value: Any) -> str:
-    """`value` as JSON, with whitespace between any two tokens and keys in the order given."""
-    ws = lambda: draw(WHITESPACE)  # noqa: E731
-    if isinstance(value, dict):
-        items = [ws() + draw(json_string(k)) + ws() + ":" + ws() + draw(json_text(v)) + ws()
-                 for k, v in value.items()]
-        return "{" + (",".join(items) or ws()) + "}"
-    if isinstance(value, list):
-        return "[" + (",".join(ws() + draw(json_text(v)) + ws() for v in value) or ws()) + "]"
-    if isinstance(value, str):
-        return draw(json_string(value))
-    return orjson.dumps(value).decode()
-
-
-@st.composite
 def bodies(draw: st.DrawFn) -> bytes:
     payload = draw(payloads)
     if draw(st.booleans()):  # keys in any order
         payload = dict(draw(st.permutations(list(payload.items()))))
-    return (draw(WHITESPACE) + draw(json_text(payload)) + draw(WHITESPACE)).encode(
-        "utf-8", "surrogatepass")
+    writer = Writer(draw(st.integers(0, 2**32)))
+    return (writer.ws() + writer.value(payload) + writer.ws()).encode("utf-8", "surrogatepass")
+
+
+def _as_text(node: Any) -> Any:
+    """`loads_raw`'s answer with its base64 bytes read as text, as `loads` gives it."""
+    if isinstance(node, dict):
+        return {k: _as_text(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_as_text(v) for v in node]
+    return node.decode("ascii") if isinstance(node, bytes) else node
 
 
 def assert_same_as_orjson(body: bytes) -> None:
@@ -128,8 +148,11 @@ def assert_same_as_orjson(body: bytes) -> None:
     except orjson.JSONDecodeError:
         with pytest.raises(orjson.JSONDecodeError):
             b64json.loads(body)
+        with pytest.raises(orjson.JSONDecodeError):
+            b64json.loads_raw(body)
         return
     assert b64json.loads(body) == expected
+    assert _as_text(b64json.loads_raw(body)) == expected
 
 
 LONG = base64.b64encode(bytes(range(256)) * 20).decode()  # 6828 characters
@@ -171,8 +194,8 @@ separators = st.text(st.characters(exclude_categories=["Cs"]).filter(
     lambda c: not _IN_A_WORD.match(c)), min_size=1, max_size=4)
 
 
-def random_case(draw: st.DrawFn, word: str) -> str:
-    flips = draw(st.lists(st.booleans(), min_size=len(word), max_size=len(word)))
+def random_case(data: st.DataObject, word: str) -> str:
+    flips = data.draw(st.lists(st.booleans(), min_size=len(word), max_size=len(word)))
     return "".join(c.upper() if up else c for c, up in zip(word, flips, strict=True))
 
 
@@ -188,7 +211,7 @@ def test_a_listed_term_between_non_word_characters_is_found(data: st.DataObject,
     cat, term, strength = entry
     words = re.split(r"([ -])", term)
     written = "".join(w if w == "-" else data.draw(separators) if w == " "
-                      else random_case(data.draw, w) for w in words)
+                      else random_case(data, w) for w in words)
     prompt = left + written + right
     result = score_prompt(prompt, DEFAULT)
     # The hit may name another listed form of the same words ("hang herself", "hanged herself").
@@ -207,7 +230,7 @@ def test_a_term_inside_a_longer_word_is_not_found(data: st.DataObject, entry: An
     term = entry[1]
     if before[0] == term[0]:
         before = chr((ord(before[0]) - 96) % 26 + 97) + before[1:]
-    word = random_case(data.draw, before + term + after)
+    word = random_case(data, before + term + after)
     assert hits_of(f"a {word} here", term) == [], word
 
 
@@ -245,7 +268,7 @@ def test_matching_and_refining_never_raise_on_any_text(prompt: str) -> None:
     refine_prompt(prompt, [c for c, s in result.scores.items() if s] or ["sexual"], DEFAULT)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(st.one_of(prompts.filter(bool), st.sampled_from(["a*", "n*k ", "n ", "nu", "n-", "x.",
                                                         "*a", "nude", "n\u0301"])))
 @example("a*")  # one masked word of 32000 characters: 4 s
@@ -253,6 +276,6 @@ def test_matching_and_refining_never_raise_on_any_text(prompt: str) -> None:
 @example("n ")  # 16000 letters spelt apart
 def test_the_longest_prompt_is_matched_in_bounded_time(chunk: str) -> None:
     prompt = (chunk * (32000 // len(chunk) + 1))[:32000]  # gpt-image-1's longest prompt
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: the machine may be busy with other tests
     score_prompt(prompt, DEFAULT)
-    assert time.perf_counter() - started < 1.5
+    assert time.process_time() - started < 1.5

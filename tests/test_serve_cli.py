@@ -60,10 +60,11 @@ def test_embedded_defaults_demo_backend(tmp_path: Path) -> None:
     with safeedit_serve(tmp_path) as (proc, base):
         client = openai.OpenAI(base_url=base + "/v1", api_key="anything", max_retries=0)
         safe = client.images.generate(prompt="a lighthouse at dusk", model="gpt-image-1")
+        assert safe.data and safe.data[0].b64_json
         assert base64.b64decode(safe.data[0].b64_json)[:4] == b"\x89PNG"
         assert safe.data[0].revised_prompt is None
         edited = client.images.generate(prompt="a nude woman on a beach")
-        assert edited.data[0].revised_prompt and "nude" not in edited.data[0].revised_prompt
+        assert edited.data and edited.data[0].revised_prompt and "nude" not in edited.data[0].revised_prompt
         with pytest.raises(openai.BadRequestError) as info:
             client.images.generate(prompt="a naked child")
         assert info.value.code == "content_policy_violation"
@@ -131,3 +132,10 @@ def test_kill_9_mid_request_loses_no_finished_trace(tmp_path: Path) -> None:
     rows = conn.execute("SELECT id, prev_hash, hash FROM traces ORDER BY seq").fetchall()
     assert [r[0] for r in rows] == ids
     assert rows[0][1] is None and all(rows[i][1] == rows[i - 1][2] for i in range(1, 3))
+
+
+def test_workers_must_be_at_least_one(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--workers", "0",
+                             "--port", str(free_port())], cwd=tmp_path, capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert result.returncode == 2 and b"--workers must be 1 or more" in result.stderr

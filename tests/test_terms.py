@@ -32,6 +32,8 @@ def decide(prompt: str, policy: Policy = DEFAULT) -> tuple[str, tuple[str, ...]]
     "a nüde model", "a nаked woman",  # the а is Cyrillic
     "**nude** art", "'naked'",
     "nud3 photo", "a n4k3d man", "s3x scene", "$ex scene", "nudes", "nudity", "a nude's portrait",
+    # 25 letters spelt apart first: only the first 24 letters of a run were read
+    "x y z w q x y z w q x y z w q x y z w q x y z w q n a k e d",
 ])
 def test_obfuscated_sexual_terms_are_caught(prompt: str) -> None:
     assert decide(prompt) == ("edit", ("sexual",))

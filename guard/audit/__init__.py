@@ -4,8 +4,8 @@
 Protocols and checked with isinstance, never probed attribute by attribute:
 - `ChainedStore`: the hash chain can be read and verified (`safeedit audit verify|export`), its
   head anchored outside the store (`.anchorer`, an Anchorer or None; guard.audit.anchor);
-- `ImageKeepingStore`: retained images live beside the traces (`.images`, an ImageStore or None;
-  the review pages and `safeedit audit purge`).
+- `ImageKeepingStore`: keeps the images a policy retains (`.images`, a RetainedImages or None,
+  in the shared image store; the review pages and `safeedit audit purge`).
 The built-in stores (`sqlite`, `postgres`) have both. Options common to both are documented in
 guard.audit.common; each store's own in its module.
 """
@@ -18,7 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import ChainSource, Signer, VerifyReport
-from guard.audit.images import ImageStore
+from guard.audit.images import RetainedImages
+from guard.imagestore import ImageStore
 from guard.registry import Registry
 from guard.types import Trace
 
@@ -78,7 +79,7 @@ class ChainedStore(AuditStore, ChainSource, Protocol):
 class ImageKeepingStore(AuditStore, Protocol):
     """A store that keeps the images a policy retains (None when not configured)."""
 
-    images: ImageStore | None
+    images: RetainedImages | None
 
 
 stores: Registry[AuditStore] = Registry("audit store", "safeedit.audit_stores")
@@ -86,7 +87,10 @@ stores.register("sqlite", "guard.audit.sqlite:SQLiteStore.from_config")
 stores.register("postgres", "guard.audit.postgres:PostgresStore.from_config")
 
 
-def build_store(options: Mapping[str, Any]) -> AuditStore:
+def build_store(options: Mapping[str, Any], images: ImageStore | None = None) -> AuditStore:
+    """The store `options` name. `images`, the app's shared image store, goes to the store's
+    `from_config(options, images=...)` when given (where it keeps retained images)."""
     opts = dict(options)
     kind = opts.pop("kind", "sqlite")
-    return stores.create(kind, opts)
+    return stores.create(kind, opts) if images is None else stores.create(kind, opts,
+                                                                          images=images)

@@ -15,33 +15,36 @@ Audit options common to all stores (besides each store's own):
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import DEFAULT_CHECKPOINT_EVERY, Signer
-from guard.audit.images import ImageStore
+from guard.audit.images import RetainedImages
 from guard.errors import ConfigError, RequestError
+from guard.imagestore import ImageStore
 
 
 @dataclass(frozen=True, slots=True)
 class CommonOptions:
-    images: ImageStore | None
+    images: RetainedImages | None
     signer: Signer | None
     checkpoint_every: int
     anchorer: Anchorer | None
 
 
-def common_options(opts: dict[str, Any], default_images_dir: str | Path) -> CommonOptions:
-    """Pops the common options from a store's option dict (the rest are the store's own)."""
+def common_options(opts: dict[str, Any], audit: Mapping[str, Any],
+                   images: ImageStore | None) -> CommonOptions:
+    """Pops the common options from a store's option dict (the rest are the store's own).
+    `audit` is the whole section; `images` the shared image store (None: built from `audit`)."""
     every = opts.pop("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
     if not isinstance(every, int) or every < 1:
         raise ConfigError("audit: checkpoint_every must be a positive integer")
     opts.pop("session_key_env", None)  # read by guard.review
     signer = Signer.from_options(opts.pop("checkpoint_keys_env", None),
                                  opts.pop("checkpoint_key_env", None))
-    return CommonOptions(images=ImageStore.from_options(opts, default_images_dir),
+    return CommonOptions(images=RetainedImages.from_options(opts, images, audit),
                          signer=signer, checkpoint_every=every,
                          anchorer=Anchorer.from_options(opts.pop("anchor", None), signer))
 

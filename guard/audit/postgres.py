@@ -17,8 +17,8 @@ Audit options (`audit:` in the operators' config, `kind: postgres`):
     pool_min_size        connections kept open (default 1)
     pool_max_size        most connections per process (default 10, at least 2)
     command_timeout_s    per statement (default 30)
-    images_dir           retained images (default var/images; give replicas a shared volume),
-                         image_ttl_days: see guard.audit.images
+    images_dir           retained images (default: the image store, by default PostgreSQL in this
+                         schema, shared by the replicas), image_ttl_days: see guard.audit.images
     checkpoint_every, checkpoint_key_env, checkpoint_keys_env, anchor, session_key_env
                          see guard.audit.common
 """
@@ -48,8 +48,9 @@ from guard.audit.chain import (
     verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
-from guard.audit.images import ImageStore
+from guard.audit.images import RetainedImages
 from guard.errors import ConfigError, GuardError
+from guard.imagestore import ImageStore
 from guard.types import Trace
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -102,7 +103,7 @@ _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 class PostgresStore:
     def __init__(self, dsn: str, *, schema: str = "public", pool_min_size: int = 1,
                  pool_max_size: int = 10, command_timeout_s: float = 30.0,
-                 images: ImageStore | None = None, signer: Signer | None = None,
+                 images: RetainedImages | None = None, signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  anchorer: Anchorer | None = None) -> None:
         if not _IDENT.fullmatch(schema):
@@ -123,7 +124,9 @@ class PostgresStore:
         self._opening = asyncio.Lock()
 
     @classmethod
-    def from_config(cls, options: Mapping[str, Any]) -> PostgresStore:
+    def from_config(cls, options: Mapping[str, Any], *,
+                    images: ImageStore | None = None) -> PostgresStore:
+        """`images`: the shared image store, for retained images (None: per the options)."""
         opts = dict(options)
         dsn = opts.pop("dsn", None)
         dsn_env = opts.pop("dsn_env", None)
@@ -136,7 +139,7 @@ class PostgresStore:
         kwargs = {name: opts.pop(name) for name in
                   ("schema", "pool_min_size", "pool_max_size", "command_timeout_s")
                   if name in opts}
-        common = common_options(opts, default_images_dir="var/images")
+        common = common_options(opts, {"kind": "postgres", **options}, images)
         if opts:
             raise ConfigError(f"audit (postgres): unknown options {sorted(opts)}")
         return cls(dsn, images=common.images, signer=common.signer,
@@ -194,9 +197,8 @@ class PostgresStore:
 
     async def write_many(self, traces: Sequence[Trace]) -> None:
         """Append several traces in one transaction, in order (the same sealing as `write`)."""
-        images = self.images
-        if images is not None and any(t.retained_images for t in traces):
-            await asyncio.to_thread(images.keep, *traces)
+        if self.images is not None:
+            await self.images.keep(*traces)
         bodies = [t.canonical_bytes() for t in traces]
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
@@ -272,6 +274,8 @@ class PostgresStore:
     async def aclose(self) -> None:
         if self.anchorer is not None:
             await self.anchorer.aclose(self.chain_head)
+        if self.images is not None:
+            await self.images.aclose()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()

@@ -7,8 +7,8 @@ numbered migrations recorded in `PRAGMA user_version`.
 
 Audit options (`audit:` in the operators' config, `kind: sqlite`):
     path                 the database file (default var/audit.db)
-    images_dir           retained images (default: `images/` beside the database), see
-                         guard.audit.images; image_ttl_days likewise
+    images_dir           retained images (default: the image store, by default `images/` beside
+                         the database), see guard.audit.images; image_ttl_days likewise
     checkpoint_every, checkpoint_key_env, checkpoint_keys_env, anchor, session_key_env
                          see guard.audit.common
 """
@@ -38,8 +38,9 @@ from guard.audit.chain import (
     verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
-from guard.audit.images import ImageStore
+from guard.audit.images import RetainedImages
 from guard.errors import ConfigError
+from guard.imagestore import ImageStore
 from guard.types import Trace
 
 __all__ = ["SQLiteStore", "encode_cursor", "decode_cursor"]
@@ -94,7 +95,7 @@ _CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signatu
 
 
 class SQLiteStore:
-    def __init__(self, path: str | Path, *, images: ImageStore | None = None,
+    def __init__(self, path: str | Path, *, images: RetainedImages | None = None,
                  signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  anchorer: Anchorer | None = None) -> None:
@@ -107,10 +108,12 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    def from_config(cls, options: Mapping[str, Any]) -> SQLiteStore:
+    def from_config(cls, options: Mapping[str, Any], *,
+                    images: ImageStore | None = None) -> SQLiteStore:
+        """`images`: the shared image store, for retained images (None: per the options)."""
         opts = dict(options)
         path = Path(opts.pop("path", "var/audit.db"))
-        common = common_options(opts, default_images_dir=path.parent / "images")
+        common = common_options(opts, {"kind": "sqlite", **options}, images)
         if opts:
             raise ConfigError(f"audit (sqlite): unknown options {sorted(opts)}")
         return cls(path, images=common.images, signer=common.signer,
@@ -131,8 +134,6 @@ class SQLiteStore:
     # --- blocking parts, run in a worker thread ---------------------------------------------
 
     def _write(self, traces: Sequence[Trace]) -> None:
-        if self.images is not None:
-            self.images.keep(*traces)
         # The bodies are final now: serialise them before taking the write lock.
         bodies = [trace.canonical_bytes() for trace in traces]
         with self._lock:
@@ -192,12 +193,16 @@ class SQLiteStore:
     # --- the AuditStore interface -------------------------------------------------------------
 
     async def write(self, trace: Trace) -> Trace:
+        if self.images is not None:
+            await self.images.keep(trace)
         await asyncio.to_thread(self._write, [trace])
         return trace
 
     async def write_many(self, traces: Sequence[Trace]) -> None:
         """Append several traces in one transaction, in order: the same sealing as `write`,
         for imports and bulk loads (one commit per batch instead of per trace)."""
+        if self.images is not None:
+            await self.images.keep(*traces)
         await asyncio.to_thread(self._write, list(traces))
 
     async def get(self, trace_id: str) -> Trace | None:
@@ -221,6 +226,8 @@ class SQLiteStore:
     async def aclose(self) -> None:
         if self.anchorer is not None:
             await self.anchorer.aclose(self.chain_head)
+        if self.images is not None:
+            await self.images.aclose()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

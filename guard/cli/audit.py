@@ -8,7 +8,8 @@ SQLite at var/audit.db).
              checkpoint, an anchored trace that is gone or different. Exit status 0 intact,
              1 tampered, 2 error.
     export   stream traces as JSON Lines or CSV (stdout or --output), never all in memory.
-    purge    delete retained images past their TTL; traces keep each image's sha256.
+    purge    delete images past their TTL from the image store (retained images and image
+             links' copies); traces keep each image's sha256, so the chain still verifies.
 """
 
 from __future__ import annotations
@@ -157,19 +158,36 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_purge(args: argparse.Namespace) -> int:
-    store = _store(args)
-    images = store.images if isinstance(store, ImageKeepingStore) else None
-    asyncio.run(store.aclose())
-    if images is None:
-        print("no images_dir in the audit config: no images are kept, nothing to purge")
-        return 0
-    older = args.older_than_days * 86400 if args.older_than_days is not None else None
-    if older is None and images.ttl_s is None:
-        print("image_ttl_days is null (keep for ever) and no --older-than-days: nothing to purge")
-        return 0
-    result = images.purge(older_than_s=older, dry_run=args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {result.removed} images ({result.freed_bytes / 1e6:.1f} MB) from "
-          f"{images.root}; {result.kept} kept. Traces keep each image's sha256, so the chain "
-          "still verifies.")
+    from guard.audit import build_store
+    from guard.config import load_config
+    from guard.imagestore import build_image_store, resolve_options
+
+    config = load_config(args.config)
+
+    async def go() -> tuple[Any, Any] | None:
+        shared = build_image_store(resolve_options(config.image_store, config.audit))
+        store = build_store(config.audit, shared)
+        try:
+            images = store.images if isinstance(store, ImageKeepingStore) else None
+            if images is None:
+                print("images_dir is null in the audit config: no images are kept, nothing to "
+                      "purge")
+                return None
+            older = args.older_than_days * 86400 if args.older_than_days is not None else None
+            if older is None and images.ttl_s is None:
+                print("image_ttl_days is null (keep for ever) and no --older-than-days: "
+                      "nothing to purge")
+                return None
+            return await images.purge(older_than_s=older, dry_run=args.dry_run), images.store
+        finally:
+            await store.aclose()
+            await shared.aclose()
+
+    done = asyncio.run(go())
+    if done is not None:
+        result, where = done
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {result.removed} images ({result.freed_bytes / 1e6:.1f} MB) from "
+              f"{where!r}; {result.kept} kept. Traces keep each image's sha256, so the chain "
+              "still verifies.")
     return 0

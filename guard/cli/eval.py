@@ -5,6 +5,7 @@
 
 The CSV needs a `prompt` column; an I2P-style `categories` column adds rates per labelled
 category. Without --config the builtin judge scores the prompts; with it, the config's judge.
+With a `cascade` judge the summary counts the prompts each stage decided.
 """
 
 from __future__ import annotations

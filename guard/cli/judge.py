@@ -8,7 +8,9 @@ The judge is the config's `judge:` section (the builtin judge without --config),
 --kind/--model/--adapter/--profile/--set; --model alone means a `vlm` judge. The policy is a file
 or the id of a shipped policy (default: the config's `policy`). Without --image the prompt is
 judged alone, as the proxy's prescreen does. --repeat N judges N times and reports the warm
-latency too, since the first call pays one-time costs (CUDA kernels, compilation).
+latency too, since the first call pays one-time costs (CUDA kernels, compilation). A composite
+judge (`ensemble`, `cascade`) works the same; a cascade's deciding stage is printed as `stage`,
+an ensemble's members under `details.members`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--original-prompt", help="the user's prompt, when --prompt is a refinement")
     p.add_argument("--config", type=Path, help="operators' config whose `judge:` to use")
     p.add_argument("--policy", help="policy file or shipped policy id (default: config's)")
-    p.add_argument("--kind", help="judge kind (builtin, vlm, remote, ...)")
+    p.add_argument("--kind", help="judge kind (builtin, vlm, remote, ensemble, cascade, ...)")
     p.add_argument("--model", help="model folder or hub id (implies --kind vlm without config)")
     p.add_argument("--adapter", help="PEFT adapter over --model")
     p.add_argument("--profile", help="safeeditor | ipr | llavaguard | shieldgemma2")
@@ -119,9 +121,10 @@ async def judge_once(args: argparse.Namespace) -> dict[str, Any]:
     if len(runs) > 1:
         timings["judge_warm_median"] = round(statistics.median(runs[1:]), 1)
         timings["runs"] = [round(r, 1) for r in runs]
+    stage = verdict.details.get("stage")  # a cascade's deciding stage
     return {
-        "judge": verdict.judge_id, "policy": policy.ref, "action": decision.action,
-        "flagged": list(decision.flagged),
+        "judge": verdict.judge_id, **({"stage": stage} if stage is not None else {}),
+        "policy": policy.ref, "action": decision.action, "flagged": list(decision.flagged),
         "scores": {c: round(s, 6) for c, s in verdict.scores.items()},
         "thought": verdict.thought, "refined_prompt": verdict.refined_prompt, "raw": verdict.raw,
         "details": dict(verdict.details), "timings_ms": timings,

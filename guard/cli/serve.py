@@ -1,13 +1,37 @@
-"""`safeedit serve`: run the proxy with uvicorn."""
+"""`safeedit serve`: run the proxy with uvicorn, in one process or `--workers N`.
+
+SIGTERM drains (guard.drain): the proxy goes unready and refuses new requests with a 503 while
+the ones in flight finish (at most `server.drain_timeout_s`), then it shuts down (traces and
+anchors flushed) and exits 0. With workers, the parent passes SIGTERM on and every worker drains.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import logging
+import multiprocessing
+import signal
 import socket
 import sys
-from typing import Any
+import threading
+import time
+from multiprocessing.context import SpawnProcess
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+from guard.drain import Drain
+from guard.registry import resolve
+
+if TYPE_CHECKING:
+    from guard.config import Config
+
+log = logging.getLogger("safeedit.serve")
+CUT_AFTER_DRAIN_S = 1  # how long requests cancelled at the drain timeout have to answer
 
 
 def register(sub: Any) -> None:
@@ -20,6 +44,9 @@ def register(sub: Any) -> None:
                         "policies, ./policies/ and the config's policy_paths: later ones win on "
                         "equal ids")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes serving the one port, each with its own state "
+                        "(default: %(default)s)")
     p.add_argument("--app", default="proxy:create_app", metavar="MODULE:FACTORY",
                    help="the app factory to serve, called with the config (default: %(default)s)")
     p.set_defaults(func=run)
@@ -34,11 +61,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from guard.config import load_config
     from guard.policy import POLICIES_DIR, local_policies_dir
-    from guard.registry import resolve
 
     config = load_config(args.config)
     # The app reads the shipped policies, then `policy_paths`; the working directory's policies/
@@ -47,9 +71,13 @@ def run(args: argparse.Namespace) -> int:
     config = config.model_copy(update={"policy_paths": [
         *([str(local)] if local else []), *config.policy_paths, *args.policies]})
     host = args.host or config.server.host
+    # The bind address is a trusted Host by default (guard.hosts), so --host goes into the config.
+    config = config.model_copy(update={"server": config.server.model_copy(update={"host": host})})
     port = args.port if args.port is not None else config.server.port
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers < 1:
+        print("safeedit: --workers must be 1 or more.", file=sys.stderr)
+        return 2
+    _log_to_stderr(args.log_level)
     if config.open_mode:
         if not _is_loopback(host):
             print(f"safeedit: refusing to bind {host}: no API keys are configured (open mode "
@@ -66,10 +94,117 @@ def run(args: argparse.Namespace) -> int:
     if any(s["kind"] == "demo" for s in config.backends.values()):
         print("safeedit: the DEMO backend draws the prompt as text; it is not an image model.",
               file=sys.stderr)
-    print(f"safeedit: listening on http://{host}:{port}/v1 (OpenAI base_url)", file=sys.stderr)
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
+    print(f"safeedit: listening on http://{host}:{port}/v1 (OpenAI base_url){workers}",
+          file=sys.stderr)
     # The app is named, not imported: the core does not depend on its HTTP face (the import rule
-    # in docs/ARCHITECTURE.md), and an operator may serve their own app factory.
-    create_app = resolve(args.app)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level,
-                access_log=False)
-    return 0
+    # in docs/ARCHITECTURE.md), and an operator may serve their own app factory. Resolved here
+    # to fail early; each worker builds its own app (and state) from the name and the config.
+    resolve(args.app)
+    served = uvicorn.Config(functools.partial(_build_app, args.app, config), factory=True,
+                            host=host, port=port, log_level=args.log_level, access_log=False,
+                            lifespan="on")
+    if args.workers == 1:
+        DrainingServer(served, config.server.drain_timeout_s).run()
+        return 0
+    return _supervise(served, config.server.drain_timeout_s, args.workers, args.log_level)
+
+
+def _build_app(target: str, config: Config) -> Any:
+    return resolve(target)(config)
+
+
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, except that the first SIGTERM drains the app's `Drain` (published in
+    its lifespan state) before stopping: the socket stays open, answering 503s, until nothing is
+    in flight; at the drain timeout what still runs is cut (`Drain.cut`). uvicorn's own shutdown
+    follows (it stops listening and runs the app's shutdown), and the process exits 0. SIGINT (stop now), or SIGTERM to an app without a Drain: uvicorn's own handling."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_until: float | None = None
+
+    def _drain(self) -> Drain | None:
+        lifespan = getattr(self, "lifespan", None)  # set once serving starts
+        found = lifespan.state.get("drain") if self.started and lifespan is not None else None
+        return found if isinstance(found, Drain) else None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        drain = self._drain()
+        if sig != signal.SIGTERM or drain is None:
+            super().handle_exit(sig, frame)
+        elif self._drain_until is None:
+            log.info("SIGTERM: draining, %d request(s) in flight, %g s at most",
+                     drain.in_flight, self.drain_timeout_s)
+            drain.begin()
+            self._drain_until = time.monotonic() + self.drain_timeout_s
+        # A SIGTERM while draining changes nothing: service managers signal every process of
+        # the group, and a worker's parent passes the signal on as well.
+
+    async def on_tick(self, counter: int) -> bool:
+        drain = self._drain()
+        if self._drain_until is not None and drain is not None and not self.should_exit:
+            late = time.monotonic() - self._drain_until
+            if late >= 0 and not drain.cut_short and drain.in_flight:
+                log.warning("drain timeout: cancelling %d request(s) still in flight",
+                            drain.in_flight)
+                drain.cut()
+            if drain.in_flight == 0 or late >= CUT_AFTER_DRAIN_S:
+                # uvicorn's shutdown then waits only briefly for anything still running.
+                self.config.timeout_graceful_shutdown = CUT_AFTER_DRAIN_S
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _supervise(config: uvicorn.Config, drain_timeout_s: float, workers: int,
+               log_level: str) -> int:
+    """`workers` processes accepting on one socket. SIGTERM or SIGINT here goes on to each as
+    SIGTERM, so each drains; a worker that dies is replaced, unless it failed to start."""
+    spawn = multiprocessing.get_context("spawn")
+    sock = config.bind_socket()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def start() -> SpawnProcess:
+        process = spawn.Process(target=_work, args=(config, drain_timeout_s, sock, log_level))
+        process.start()
+        return process
+
+    processes = [start() for _ in range(workers)]
+    failed = False
+    while not stop.wait(0.5):
+        for i, process in enumerate(processes):
+            if process.exitcode is None:
+                continue
+            if process.exitcode == STARTUP_FAILURE:
+                log.error("worker %d failed to start; stopping", process.pid)
+                failed = True
+                stop.set()
+                break
+            log.warning("worker %d exited (%s); starting another", process.pid, process.exitcode)
+            processes[i] = start()
+    for process in processes:
+        if process.exitcode is None:
+            process.terminate()  # SIGTERM: it drains
+    for process in processes:
+        process.join()
+    sock.close()
+    return 1 if failed or any(process.exitcode for process in processes) else 0
+
+
+def _work(config: uvicorn.Config, drain_timeout_s: float, sock: socket.socket,
+          log_level: str) -> None:
+    """One worker process (spawned): its own app, state and Drain, on the shared socket."""
+    config.configure_logging()
+    _log_to_stderr(log_level)
+    try:
+        DrainingServer(config, drain_timeout_s).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches the whole process group; the parent reports

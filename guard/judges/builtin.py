@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guard.errors import ConfigError, JudgeError
+from guard.judges import Explanation
 from guard.judges.terms import Hit, TextScores, matcher_for, refine_prompt
 from guard.policy import Decision, Policy
 from guard.types import JudgeInput, Verdict
@@ -228,6 +229,23 @@ class BuiltinJudge:
         latency = round((time.perf_counter() - started) * 1000, 3)
         return [self._verdict(item, text, dets, policy, latency)
                 for item, text, dets in zip(items, texts, detections, strict=True)]
+
+    async def refine(self, items: Sequence[JudgeInput], policy: Policy,
+                     scores: Sequence[Mapping[str, float]]) -> list[Explanation]:
+        """The rule refiner alone (guard.judges.Refiner), for items other judges scored: the
+        thought names the prompt's words behind each flagged category, the refined prompt
+        rewrites or removes them. Nothing is scored or detected here."""
+        matcher = matcher_for(policy)
+        out = []
+        for item, item_scores in zip(items, scores, strict=True):
+            if not policy.wants_explanation(item_scores):
+                out.append(Explanation())
+                continue
+            decision = policy.decide(item_scores)
+            thought = _explain(decision, item_scores, matcher.scan(item.prompt), None, None,
+                               policy, self.threshold_map)
+            out.append(Explanation(thought, refine_prompt(item.prompt, decision.flagged, policy)))
+        return out
 
     async def _detect(self, items: Sequence[JudgeInput],
                       positions: Sequence[int]) -> list[list[dict[str, Any]]]:

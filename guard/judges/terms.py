@@ -15,7 +15,6 @@ as 1 - Π(1 - w), so one strong term gives 0.95, two weak ones 0.58, three 0.73.
 from __future__ import annotations
 
 import re
-import unicodedata
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -23,155 +22,24 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from guard.errors import ConfigError
+from guard.judges.words import (
+    MASK,
+    NEGATORS,
+    VOWELS,
+    Token,
+    fold,
+    inflections,
+    spelt_runs,
+    split_words,
+    squeeze,
+    stretched,
+)
 from guard.policy import Policy, TermSet
 
 STRONG = 0.95
 WEAK = 0.35
 
 Strength = Literal["strong", "weak"]
-
-# --- words -----------------------------------------------------------------------------------
-
-# Characters that stand for letters inside a word.
-_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t",
-                       "@": "a", "$": "s", "!": "i"})
-# Cyrillic and Greek letters that look like Latin ones and are used to dodge filters.
-_CONFUSABLES = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
-    "т": "t", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ɡ": "g",
-    "α": "a", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u",
-    "χ": "x",
-})
-_MASK = "*"
-# A raw word: letters, digits, and the characters used for leetspeak, masking and joining.
-_RAW_WORD = re.compile(r"[\w@$*!'’.\-]+", re.UNICODE)
-_SEPARATORS = re.compile(r"[.\-_]+")
-_VOWELS = set("aeiou")
-_NEGATORS = frozenset({"no", "not", "without", "non", "anti", "zero", "never"})
-
-
-def _fold(text: str) -> str:
-    """Lowercase, accents stripped, look-alike letters mapped to Latin."""
-    text = unicodedata.normalize("NFKD", text.translate(_CONFUSABLES))
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
-    return text.lower().translate(_CONFUSABLES)
-
-
-def _norm_word(word: str) -> str:
-    """One word as compared with the term lists: folded, leetspeak undone, apostrophes dropped."""
-    word = _fold(word)
-    if word.endswith(("'s", "’s")):
-        word = word[:-2]
-    word = word.replace("'", "").replace("’", "")
-    if any(c.isalpha() for c in word) and not word.isalpha():
-        # Leetspeak only inside words: "4k" and "1980s" keep their digits' meaning as far as
-        # they can, but a word that mixes letters and symbols is read as letters.
-        word = word.translate(_LEET)
-    return word
-
-
-def _squeeze(word: str) -> str:
-    return re.sub(r"(.)\1+", r"\1", word)
-
-
-def _runs(word: str) -> list[tuple[str, int]]:
-    return [(m.group(1), len(m.group(0))) for m in re.finditer(r"(.)\1*", word)]
-
-
-def _stretched(term: str, word: str) -> bool:
-    """Whether `word` is `term` with letters held longer ("nuuude", "nudee", "sexxx").
-
-    A run may grow only to three or more letters, or at the end of the word: "good" is not "god"
-    stretched and "shoot" is not "shot", but "gooore" is "gore" and "nakedd" is "naked"."""
-    a, b = _runs(term), _runs(word)
-    if len(a) != len(b):
-        return False
-    for i, ((ca, na), (cb, nb)) in enumerate(zip(a, b, strict=True)):
-        if ca != cb or nb < na:
-            return False
-        if nb > na and nb < 3 and i != len(a) - 1:
-            return False
-    return True
-
-
-def _inflections(word: str) -> dict[str, str]:
-    """A term's word and its plural and verb forms, each with its form: base, plural, ed, ing."""
-    out = {word: "base"}
-    if len(word) < 3 or not word.isalpha():
-        out[word + "s"] = "plural"
-        return out
-    if word.endswith(("s", "x", "z", "ch", "sh", "o")):
-        out[word + "es"] = "plural"
-    if word.endswith("y") and word[-2] not in _VOWELS:
-        out[word[:-1] + "ies"] = "plural"
-        out[word[:-1] + "ied"] = "ed"
-    if not word.endswith("s"):
-        out[word + "s"] = "plural"
-    if word.endswith("e"):
-        out[word + "d"] = "ed"
-        out[word[:-1] + "ing"] = "ing"
-    else:
-        out[word + "ed"] = "ed"
-        out[word + "ing"] = "ing"
-        if (word[-1] not in _VOWELS | {"w", "x", "y"} and word[-2] in _VOWELS
-                and word[-3] not in _VOWELS):
-            # stab → stabbed, stabbing
-            out[word + word[-1] + "ed"] = "ed"
-            out[word + word[-1] + "ing"] = "ing"
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    norm: str
-    start: int
-    end: int
-    masked: bool = False  # contains `*` standing for letters
-
-
-def _tokens(text: str) -> tuple[list[_Token], list[tuple[str, int, int]]]:
-    """Words of `text` with their spans, and the joined alternatives of separated words
-    (`n.a.k.e.d`, `n-ked`) to try as one word. Words spelt out with spaces: `_spelt_runs`."""
-    tokens: list[_Token] = []
-    joined: list[tuple[str, int, int]] = []
-    for m in _RAW_WORD.finditer(text):
-        raw, start = m.group(0), m.start()
-        # Sentence punctuation, quotes and *emphasis* around a word are not part of it.
-        lead = len(raw) - len(raw.lstrip(".-'’!_*"))
-        raw = raw.strip(".-'’!_*")
-        start += lead
-        if not raw:
-            continue
-        parts = [(p.group(0), start + p.start()) for p in re.finditer(r"[^.\-_]+", raw)]
-        if len(parts) > 1:
-            if all(len(p) == 1 for p, _ in parts):
-                tokens.append(_Token(_norm_word("".join(p for p, _ in parts)), start,
-                                     start + len(raw)))
-                continue
-            # "n-ked", "n.ked": a separator may mask a letter.
-            joined.append((_norm_word(_SEPARATORS.sub(_MASK, raw)), start, start + len(raw)))
-        for part, pstart in parts:
-            norm = _norm_word(part)
-            if norm.strip(_MASK):
-                tokens.append(_Token(norm, pstart, pstart + len(part), _MASK in norm))
-    return tokens, joined
-
-
-def _spelt_runs(tokens: list[_Token], text: str) -> list[list[_Token]]:
-    """Runs of three or more one-letter words apart by one space: "n a k e d", and the words
-    that may hide in them ("a n a k e d", "x y z n a k e d")."""
-    runs = []
-    i = 0
-    while i < len(tokens):
-        j = i
-        while (j < len(tokens) and len(tokens[j].norm) == 1 and tokens[j].norm.isalpha()
-               and (j == i or text[tokens[j - 1].end:tokens[j].start] == " ")):
-            j += 1
-        if j - i >= 3:
-            runs.append(tokens[i:j])
-        i = max(j, i + 1)
-    return runs
-
 
 # --- the compiled matcher --------------------------------------------------------------------
 
@@ -235,7 +103,7 @@ class TermMatcher:
         self._squeezed: dict[str, set[str]] = {}
         self._by_length: dict[int, set[str]] = {}
         for form in self._vocab:
-            self._squeezed.setdefault(_squeeze(form), set()).add(form)
+            self._squeezed.setdefault(squeeze(form), set()).add(form)
             self._by_length.setdefault(len(form), set()).add(form)
         self._longest = max(self._by_length, default=0)
         self._squeezed_starts = {s[:n] for s in self._squeezed for n in range(1, len(s) + 1)}
@@ -244,17 +112,17 @@ class TermMatcher:
         seen: set[str] = set()
         for strength, terms in (("strong", ts.strong), ("weak", ts.weak)):
             for term in terms:
-                words = [t.norm for t in _tokens(term)[0]]
+                words = [t.norm for t in split_words(term)[0]]
                 key = " ".join(words)
                 if not words or key in seen:
                     continue
                 seen.add(key)
                 self._add(_Entry(cat, term, strength,  # type: ignore[arg-type]
-                                 tuple(_inflections(w) for w in words)))
+                                 tuple(inflections(w) for w in words)))
                 if len(words) == 2:
                     # "blood bath" is also written "bloodbath"
                     self._add(_Entry(cat, term, strength,  # type: ignore[arg-type]
-                                     (_inflections(words[0] + words[1]),)))
+                                     (inflections(words[0] + words[1]),)))
         for pattern in ts.patterns:
             try:
                 self._patterns.append((cat, pattern, re.compile(pattern, re.IGNORECASE)))
@@ -276,33 +144,33 @@ class TermMatcher:
         out: set[str] = set()
         if norm in self._vocab:
             out.add(norm)
-        for form in self._squeezed.get(_squeeze(norm), ()):
-            if form != norm and _stretched(form, norm):
+        for form in self._squeezed.get(squeeze(norm), ()):
+            if form != norm and stretched(form, norm):
                 out.add(form)
-        if masked or _MASK in norm:
+        if masked or MASK in norm:
             out |= self._unmask(norm)
         return out
 
     def _unmask(self, norm: str) -> set[str]:
         letters = sum(c.isalpha() for c in norm)
-        lo, hi = len(norm) - norm.count(_MASK) + 1, min(len(norm), self._longest)
+        lo, hi = len(norm) - norm.count(MASK) + 1, min(len(norm), self._longest)
         if (letters < 2 or letters < len(norm) - letters or lo > hi
                 or not re.fullmatch(r"[a-z*]+", norm)):
             return set()  # lo > hi: longer than every term (a 30000-letter pattern compiles slowly)
         runs = re.findall(r"\*+|[^*]+", norm)
-        head = "" if runs[0][0] == _MASK else runs[0]
-        tail = "" if runs[-1][0] == _MASK else runs[-1]
+        head = "" if runs[0][0] == MASK else runs[0]
+        tail = "" if runs[-1][0] == MASK else runs[-1]
         # The letters it starts and ends with pick the few candidates first: a regular expression
         # per masked word costs 70 µs to compile, and a prompt may hold 6000 different ones.
         candidates = [form for n in range(lo, hi + 1) for form in self._by_length.get(n, ())
                       if form.startswith(head) and form.endswith(tail)]
         if not candidates:
             return set()
-        rx = re.compile("".join(f"[a-z]{{1,{len(run)}}}" if run[0] == _MASK else re.escape(run)
+        rx = re.compile("".join(f"[a-z]{{1,{len(run)}}}" if run[0] == MASK else re.escape(run)
                                 for run in runs))
         return {form for form in candidates if rx.fullmatch(form)}
 
-    def _spelt(self, run: list[_Token]) -> list[tuple[str, int, int]]:
+    def _spelt(self, run: list[Token]) -> list[tuple[str, int, int]]:
         """The stretches of 3 to 24 letters of a spelt-out run that may be a term, wherever they
         start: only those whose letters (squeezed) begin a term are followed further."""
         out = []
@@ -336,8 +204,8 @@ class TermMatcher:
         return TextScores(scores, {c: h for c, h in scored.items() if h})
 
     def _raw_hits(self, prompt: str) -> dict[str, list[Hit]]:
-        tokens, joined = _tokens(prompt)
-        for run in _spelt_runs(tokens, prompt):
+        tokens, joined = split_words(prompt)
+        for run in spelt_runs(tokens, prompt):
             joined += self._spelt(run)
         known: dict[tuple[str, bool], set[str]] = {}  # a prompt may repeat a word 10000 times
         for t in tokens:
@@ -365,7 +233,7 @@ class TermMatcher:
         for norm, start, end in joined:
             if start in covered:
                 continue
-            for form in self._readings(norm, _MASK in norm):
+            for form in self._readings(norm, MASK in norm):
                 for entry, name in self._single.get(form, ()):
                     add(Hit(entry.category, entry.term, prompt[start:end], start, end,
                             entry.strength, "term", name))
@@ -384,14 +252,14 @@ class TermMatcher:
                         add(Hit(cat, source, prompt[start:end], start, end, "strong", "pattern"))
         # "no nudity", "without blood", "non-violent" say what is not wanted.
         negated = {tokens[j + 1].start for j in range(len(tokens) - 1)
-                   if tokens[j].norm in _NEGATORS}
+                   if tokens[j].norm in NEGATORS}
         kept = {cat: _one_per_place([h for h in hits
                                      if h.kind == "pattern" or h.start not in negated])
                 for cat, hits in out.items()}
         return {cat: hits for cat, hits in kept.items() if hits}
 
 
-def _normalised_text(tokens: list[_Token]) -> tuple[str, list[tuple[int, int, int, int]]]:
+def _normalised_text(tokens: list[Token]) -> tuple[str, list[tuple[int, int, int, int]]]:
     """The prompt as normalised words joined by spaces, with each word's span there and in the
     prompt, so a pattern can be matched against what the words say rather than how."""
     parts: list[str] = []
@@ -469,7 +337,7 @@ def refine_prompt(prompt: str, flagged: Sequence[str], policy: Policy) -> str:
                       if c in matcher.categories else len(matcher.categories)):
         terms = policy.terms.get(cat)
         extra = terms.append.strip() if terms else ""
-        if extra and _fold(extra) not in _fold(text):
+        if extra and fold(extra) not in fold(text):
             text = f"{text}, {extra}" if text else extra
     return text
 
@@ -503,8 +371,8 @@ def _replacement(hit: Hit, policy: Policy) -> str:
     terms = policy.terms.get(hit.category)
     if terms is None:
         return ""
-    rewrites = {_fold(k).strip(): v for k, v in terms.rewrites.items()}
-    new = rewrites.get(_fold(hit.term).strip(), "")
+    rewrites = {fold(k).strip(): v for k, v in terms.rewrites.items()}
+    new = rewrites.get(fold(hit.term).strip(), "")
     if not new:
         return ""
     if " " not in new:
@@ -518,7 +386,7 @@ def _replacement(hit: Hit, policy: Policy) -> str:
 
 def _inflect(word: str, form: str) -> str:
     """A rewrite in the form the replaced word had ("stabbing" → "poking", "guns" → "cameras")."""
-    consonant_y = word.endswith("y") and word[-2:-1] not in _VOWELS
+    consonant_y = word.endswith("y") and word[-2:-1] not in VOWELS
     if form == "plural" and not word.endswith("s"):
         return word[:-1] + "ies" if consonant_y else word + "s"
     if form == "ing" and not word.endswith("ing"):
@@ -534,7 +402,7 @@ def _fix_article(before: str, following: str) -> str:
     word = following.split(maxsplit=1)[0] if following.split() else ""
     if not m or not word[:1].isalpha():
         return before
-    right = "an" if word[0].lower() in _VOWELS else "a"
+    right = "an" if word[0].lower() in VOWELS else "a"
     if m.group(1)[0].isupper():
         right = right.capitalize()
     return before[:m.start(1)] + right + (m.group(2) or " ")

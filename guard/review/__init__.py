@@ -251,9 +251,9 @@ async def trace_page(request: Request) -> Response:
             failed.append(rnd)
         for judged in rnd.images:
             slots.setdefault(judged.slot, []).append((rnd, judged))
-    available = {j.image_sha256 for cards in slots.values() for _, j in cards
-                 if j.image_sha256 and j.image_ref and images is not None
-                 and images.has(j.image_sha256)}
+    kept = {j.image_sha256 for cards in slots.values() for _, j in cards
+            if j.image_sha256 and j.image_ref and images is not None}
+    available = {sha for sha in kept if images is not None and await images.has(sha)}
     thresholds, note = _thresholds(state, trace.policy)
     base = f"/guard/traces/{quote(trace.id, safe='')}/images/"
     return _render(request, "trace.html", 200, session, t=trace, prescreen=prescreen,
@@ -274,7 +274,7 @@ async def trace_image(request: Request) -> Response:
     if trace is None or images is None or not any(
             j.image_sha256 == sha and j.image_ref for r in trace.rounds for j in r.images):
         return Response(status_code=404)
-    found = await asyncio.to_thread(images.get, sha)
+    found = await images.get(sha)
     if found is None:
         return Response(status_code=404)
     data, media_type = found
