@@ -49,7 +49,7 @@ class Limits(_Strict):
         return defaults.model_copy(update={f: getattr(self, f) for f in self.model_fields_set})
 
     @property
-    def any(self) -> bool:
+    def limited(self) -> bool:
         return any(getattr(self, f) is not None for f in Limits.model_fields)
 
 
@@ -83,7 +83,7 @@ class LimitsConfig(Limits):
 
 class TenantConfig(_Strict):
     policy: str | None = Field(None, description="The tenant's policy id (else the default).")
-    limits: Limits = Field(default_factory=lambda: Limits(),
+    limits: Limits = Field(default_factory=Limits,
                            description="Limits shared by all the tenant's keys together.")
 
 
@@ -96,7 +96,7 @@ class KeyConfig(_Strict):
     may_choose_policy: bool = Field(
         False, description="Whether the key may pick a policy per request (x-guard-policy).")
     limits: Limits = Field(
-        default_factory=lambda: Limits(),
+        default_factory=Limits,
         description="This key's limits; a limit given here (null = none) replaces the default "
         "under `limits:`, one not given keeps it.")
 
@@ -190,7 +190,7 @@ class Config(_Strict):
         "See guard.imagestore.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
-    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @model_validator(mode="after")
     def _any_host_needs_keys(self) -> Config:

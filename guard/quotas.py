@@ -177,6 +177,7 @@ class MemoryQuotas:
 # window (a sorted set of tickets by admission time), the day's images (a hash: day, used) and
 # the slots in flight (a sorted set of tickets by expiry).
 _ACQUIRE = """
+redis.replicate_commands()  -- writes after TIME (the default from Redis 5 on)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window, dayus = 60000000, 86400000000
@@ -352,8 +353,8 @@ class Quotas:
         self._defaults = section.defaults
         self._keys = {k.id: k.limits.over(self._defaults) for k in config.keys}
         self._tenants = {t: config.tenant_limits(t) for t in config.tenants}
-        self.enabled = any(lim.any for lim in (self._defaults, *self._keys.values(),
-                                                *self._tenants.values()))
+        self.enabled = any(lim.limited for lim in (self._defaults, *self._keys.values(),
+                                                   *self._tenants.values()))
         self.fail_open = section.on_unavailable == "open"
         self._metrics = metrics
         if store is None and section.redis_url and self.enabled:
@@ -366,8 +367,8 @@ class Quotas:
     def buckets(self, key_id: str, tenant: str) -> tuple[Bucket, ...]:
         mine = self._keys.get(key_id, self._defaults)  # open mode's one caller gets the defaults
         theirs = self._tenants.get(tenant)
-        return (*((Bucket(f"key:{key_id}", mine),) if mine.any else ()),
-                *((Bucket(f"tenant:{tenant}", theirs),) if theirs and theirs.any else ()))
+        return (*((Bucket(f"key:{key_id}", mine),) if mine.limited else ()),
+                *((Bucket(f"tenant:{tenant}", theirs),) if theirs and theirs.limited else ()))
 
     async def admit(self, ticket: str, key_id: str, tenant: str, images: int) -> Ticket:
         """Count the request or raise: RateLimited (429) over a limit; a GuardError (503) when
@@ -377,13 +378,13 @@ class Quotas:
             return NO_TICKET
         try:
             result = await self.store.acquire(ticket, buckets, images)
-        except GuardError:
+        except GuardError as exc:
             action = "served" if self.fail_open else "refused"
             self._metrics.quota_unavailable.labels(action).inc()
             if not self.fail_open:
                 raise
-            log.warning("limits unavailable; request %s served uncounted (on_unavailable: open)",
-                        ticket, exc_info=True)
+            log.warning("limits unavailable (%s); request %s served uncounted "
+                        "(on_unavailable: open)", exc.detail, ticket)
             return NO_TICKET
         if isinstance(result, Refused):
             self._metrics.quota_rejections.labels(result.limit, result.scope.split(":")[0]).inc()

@@ -35,7 +35,7 @@ from guard.config import Config
 from guard.engine import EditInputs, Engine, Outcome
 from guard.errors import GuardError, PermissionDenied, RequestError
 from guard.images import ImageLinks
-from guard.imagestore import ImageStore, build_image_store, resolve_options
+from guard.imagestore import build_image_store, resolve_options
 from guard.judges import Judge, build_judge
 from guard.policy import Policy, PolicySet, policy_sources
 from guard.protocol import (
@@ -82,9 +82,9 @@ class GuardState:
         return policies[principal.policy or self.config.tenant_policy(principal.tenant)
                         or self.config.policy]
 
-    def parts(self) -> list[tuple[str, Judge | AuditStore | ImageStore | Backend | Quotas]]:
+    def parts(self) -> list[tuple[str, Judge | AuditStore | ImageLinks | Backend | Quotas]]:
         """The parts with a lifecycle, named as /readyz reports them."""
-        return [("judge", self.judge), ("audit", self.store), ("images", self.images.store),
+        return [("judge", self.judge), ("audit", self.store), ("images", self.images),
                 *((f"backend:{n}", b) for n, b in self.router.backends.items()),
                 *((("limits", self.quotas),) if self.quotas.enabled else ())]
 

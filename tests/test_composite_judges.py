@@ -313,6 +313,28 @@ def test_cascade_through_the_proxy_names_the_deciding_stage_in_the_trace(
     assert first["scores"]["violence"] == 0.97 and first["action"] == "edit"
 
 
+def test_a_cascade_hands_on_an_image_its_first_stage_could_not_look_at(
+        proxy: ProxyFactory, fake_backend: tuple[FakeBackend, str], tmp_path: Path) -> None:
+    # The builtin judge sees nudity only: a violent image under a harmless prompt scores 0 for
+    # violence there, which means "not looked at". It must reach the stage that looks.
+    backend, _ = fake_backend
+    backend.plan = [["red"]]
+    write_policy(tmp_path, "id: comp\nversion: 1\nextends: default\n")
+    base = proxy(policy="comp", judge={"kind": "cascade",
+                                       "stages": [{"kind": "builtin"}, {"kind": "marker"}]})
+    revised, t = generate(base, "a quiet street")
+    assert revised == "a quiet street, calm and peaceful"
+    judged = t["rounds"][1]["images"][0]
+    first, second = judged["details"]["stages"]
+    assert first["handed_on"] == "unassessed" and first["scores"]["violence"] == 0.0
+    assert "violence" in first["details"]["unassessed"]
+    assert "sexual" not in first["details"]["unassessed"]  # NudeNet did look for that
+    assert judged["details"]["stage"] == {"index": 1, "judge_id": "marker"}
+    assert judged["action"] == "edit"
+    prescreen = t["rounds"][0]
+    assert prescreen["kind"] == "prescreen"
+
+
 def test_safeedit_eval_counts_the_deciding_stages(
         judge_server: tuple[JudgeServer, str], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -371,7 +393,9 @@ async def test_builtin_cascade_into_vlm_starts_and_closes_its_stages(half_dir: P
     assert isinstance(vlm, VLMJudge) and vlm.model is None
     await judge.start()
     assert vlm.model is not None and await judge.ready()
-    sure, unsure = await judge.judge([item("a bloodbath in town", colour_png("blue")),
+    # A prompt the term lists are sure of stops at the builtin judge; an image always goes on
+    # (the builtin judge cannot look at it for violence).
+    sure, unsure = await judge.judge([item("a bloodbath in town"),
                                       item("a sword", colour_png("blue"))], POLICY)
     assert sure.details["stage"]["index"] == 0
     assert unsure.details["stage"] == {"index": 1, "judge_id": "vlm:safeeditor:model"}

@@ -227,6 +227,21 @@ async def test_a_configured_link_key_is_used_by_every_replica(
         ImageLinks.from_options(await stores(), options)
 
 
+async def test_minting_links_purges_expired_copies_in_the_background(stores: Factory) -> None:
+    store = await stores()
+    await store.put(png("green"), "image/png", 0.05)  # a link's copy, its link long expired
+    await store.put(png("red"), "image/png", 30 * DAY)  # retained
+    await asyncio.sleep(0.1)
+    links = ImageLinks(store)
+    await links.mint(GeneratedImage(data=png("blue")))
+    deadline = time.monotonic() + 10
+    while (left := await store.purge(time.time(), dry_run=True)).removed:
+        assert time.monotonic() < deadline, "the expired copy is still stored"
+        await asyncio.sleep(0.05)
+    assert left.kept == 2  # the retained image and the new link's
+    await links.aclose()
+
+
 # --- where the store is when the config says nothing ---------------------------------------------
 
 @pytest.mark.parametrize(("section", "audit", "expected"), [

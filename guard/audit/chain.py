@@ -40,6 +40,12 @@ Anchors (guard.audit.anchor)
 
 `verify(store, signer, anchors=...)` walks the chain once, in batches (memory stays flat), and
 reports every problem it finds, resynchronising after each; `report.first` is the earliest one.
+
+Labels (guard.labels)
+    Auditors' labels are a second chain in the same store, built the same way: their own rows
+    (`labels`), chain head, checkpoints (`label_checkpoints`) and anchors, in a sink beside the
+    traces' (`label_anchor_options`). `verify(..., noun="label", columns=label_columns)` walks it;
+    the trace report carries the label report in `labels`, and is not ok unless both are.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -127,6 +133,28 @@ class ChainSource(Protocol):
     async def row_by_hash(self, hash_: str) -> ChainRow | None: ...
 
 
+class TableChain:
+    """One of a store's chains as `verify` reads it (a ChainSource), for a store that keeps
+    several (traces and labels): `tables` names the chain's tables to the store's `walk`,
+    `checkpoints_of`, `head_of` and `row_by_hash_of`."""
+
+    def __init__(self, store: Any, tables: Any) -> None:
+        self._store, self._tables = store, tables
+
+    def chain_rows(self, *, since: float | None = None, until: float | None = None,
+                   tenant: str | None = None) -> AsyncIterator[ChainRow]:
+        return self._store.walk(self._tables)  # type: ignore[no-any-return]
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return await self._store.checkpoints_of(self._tables)  # type: ignore[no-any-return]
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        return await self._store.head_of(self._tables)  # type: ignore[no-any-return]
+
+    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+        return await self._store.row_by_hash_of(self._tables, hash_)  # type: ignore[no-any-return]
+
+
 ProblemKind = Literal[
     "changed", "removed", "reordered",
     "checkpoint",           # a checkpoint's signature is invalid (forged or altered)
@@ -151,7 +179,7 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    traces: int = 0
+    traces: int = 0  # rows walked: traces, or labels when noun is "label"
     last_seq: int = 0
     checkpoints_valid: int = 0
     checkpoints_unchecked: int = 0
@@ -162,10 +190,12 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     truncated: bool = False  # stopped collecting after max_problems
     elapsed_s: float = 0.0
+    noun: str = "trace"
+    labels: VerifyReport | None = None  # the label chain's report (a store that keeps labels)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and (self.labels is None or self.labels.ok)
 
     @property
     def first(self) -> Problem | None:
@@ -179,32 +209,35 @@ class VerifyReport:
         return max(0, self.last_seq - self.last_anchor_seq)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok, "traces": self.traces, "last_seq": self.last_seq,
+        report = {
+            "ok": self.ok, f"{self.noun}s": self.traces, "last_seq": self.last_seq,
             "checkpoints_valid": self.checkpoints_valid,
             "checkpoints_unchecked": self.checkpoints_unchecked,
             "last_checkpoint_seq": self.last_checkpoint_seq,
             "anchors": self.anchors, "anchors_unchecked": self.anchors_unchecked,
             "last_anchor_seq": self.last_anchor_seq, "unanchored_rows": self.unanchored,
-            "first_problem": _problem_dict(self.first) if self.first else None,
-            "problems": [_problem_dict(p) for p in sorted(self.problems, key=lambda p: p.seq)],
+            "first_problem": self._problem_dict(self.first) if self.first else None,
+            "problems": [self._problem_dict(p)
+                         for p in sorted(self.problems, key=lambda p: p.seq)],
             "truncated": self.truncated, "elapsed_s": round(self.elapsed_s, 3),
         }
+        if self.labels is not None:
+            report["label_chain"] = self.labels.to_dict()
+        return report
+
+    def _problem_dict(self, p: Problem) -> dict[str, Any]:
+        return {"kind": p.kind, "seq": p.seq, f"{self.noun}_id": p.trace_id,
+                "message": p.message}
 
 
-def _problem_dict(p: Problem) -> dict[str, Any]:
-    return {"kind": p.kind, "seq": p.seq, "trace_id": p.trace_id, "message": p.message}
+Columns = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
-def _name(row: ChainRow) -> str:
-    return f"trace {row.id} (seq {row.seq})"
-
-
-def _column_mismatch(row: ChainRow) -> str | None:
+def _column_mismatch(row: ChainRow, columns: Columns, noun: str) -> str | None:
     try:
-        stored = index_columns(orjson.loads(row.body))
+        stored = columns(orjson.loads(row.body))
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        return f"its record is not a readable trace ({type(exc).__name__})"
+        return f"its record is not a readable {noun} ({type(exc).__name__})"
     for name, value in stored.items():
         # (column_text on the stored side too: rows written before columns were escaped)
         if column_text(row.columns.get(name)) != value:
@@ -220,11 +253,16 @@ def _when(t: float) -> str:
 async def verify(source: ChainSource, signer: Signer | None, *,
                  checkpoint_every: int | None = DEFAULT_CHECKPOINT_EVERY,
                  anchors: Sequence[Anchor] | None = None,
-                 max_problems: int = 50) -> VerifyReport:
+                 max_problems: int = 50, noun: str = "trace",
+                 columns: Columns = index_columns) -> VerifyReport:
     """Walk the whole chain and report what was changed, removed or reordered, checking it
-    against the signed checkpoints and, when given, the anchors kept outside the store."""
+    against the signed checkpoints and, when given, the anchors kept outside the store.
+    `noun` names a row in messages; `columns` gives a row's indexed columns from its body."""
     started = time.perf_counter()
-    report = VerifyReport()
+    report = VerifyReport(noun=noun)
+
+    def _name(row: ChainRow) -> str:
+        return f"{noun} {row.id} (seq {row.seq})"
 
     def add(kind: ProblemKind, seq: int, trace_id: str | None, message: str) -> None:
         if len(report.problems) < max_problems:
@@ -245,7 +283,7 @@ async def verify(source: ChainSource, signer: Signer | None, *,
         if not intact:
             add("changed", row.seq, row.id,
                 f"{_name(row)} was changed: its content no longer matches its stored hash")
-        elif (mismatch := _column_mismatch(row)) is not None:
+        elif (mismatch := _column_mismatch(row, columns, noun)) is not None:
             add("changed", row.seq, row.id, f"{_name(row)} was changed: {mismatch}")
 
         expected_seq = prev.seq + 1 if prev else 1
@@ -253,8 +291,8 @@ async def verify(source: ChainSource, signer: Signer | None, *,
         if row.seq != expected_seq:
             missing = row.seq - expected_seq
             if missing > 0:
-                what = (f"the trace at seq {expected_seq} was" if missing == 1 else
-                        f"the {missing} traces at seq {expected_seq}..{row.seq - 1} were")
+                what = (f"the {noun} at seq {expected_seq} was" if missing == 1 else
+                        f"the {missing} {noun}s at seq {expected_seq}..{row.seq - 1} were")
                 where = f"after {_name(prev)}" if prev else "at the start of the chain"
                 add("removed", expected_seq, None,
                     f"{what} removed: {where}, {_name(row)} is chained to a missing record "
@@ -263,7 +301,7 @@ async def verify(source: ChainSource, signer: Signer | None, *,
                 add("reordered", row.seq, row.id, f"{_name(row)} repeats a position in the chain")
         elif row.prev_hash != expected_prev and intact:
             # (a row whose own hash fails was changed itself, its prev_hash maybe with it)
-            await _explain_link(source, row, prev, add)
+            await _explain_link(source, row, prev, add, _name, noun)
 
         cp = checkpoints.get(row.seq)
         if cp is not None:
@@ -282,7 +320,7 @@ async def verify(source: ChainSource, signer: Signer | None, *,
             elif cp.hash != row.hash or cp.trace_id != row.id:
                 add("changed", last_cp_ok + 1, row.id,
                     f"the chain was rewritten between seq {last_cp_ok + 1} and {row.seq}: the "
-                    f"signed checkpoint at seq {row.seq} names trace {cp.trace_id} with hash "
+                    f"signed checkpoint at seq {row.seq} names {noun} {cp.trace_id} with hash "
                     f"{cp.hash}, the store has {row.id} with hash {row.hash}")
             else:
                 report.checkpoints_valid += 1
@@ -291,29 +329,29 @@ async def verify(source: ChainSource, signer: Signer | None, *,
         elif signer is not None and checkpoint_every and row.seq % checkpoint_every == 0:
             add("checkpoint_missing", row.seq, row.id,
                 f"the signed checkpoint at {_name(row)} is missing: one is due every "
-                f"{checkpoint_every} traces (deleted, or the row was written without the key)")
+                f"{checkpoint_every} {noun}s (deleted, or the row was written without the key)")
         for anchor in anchored.pop(row.seq, {}).values():
             if anchor.hash != row.hash:
                 add("anchor_mismatch", row.seq, row.id,
-                    f"{_name(row)} is not the trace anchored at seq {row.seq} on "
+                    f"{_name(row)} is not the {noun} anchored at seq {row.seq} on "
                     f"{_when(anchor.time)} (hash {anchor.hash}, the store has {row.hash}): the "
                     f"chain was rewritten or replaced at or before seq {row.seq}")
         if row.seq == head_seq and row.hash != head_hash:
             add("changed", row.seq, row.id,
                 f"{_name(row)} does not match the chain head (hash {head_hash}): the last "
-                f"trace was replaced")
+                f"{noun} was replaced")
         prev = row
 
     report.last_seq = prev.seq if prev else 0
     if head_seq > report.last_seq:
         add("removed", report.last_seq + 1, None,
-            f"{head_seq - report.last_seq} trace(s) removed at the end of the chain (seq "
+            f"{head_seq - report.last_seq} {noun}(s) removed at the end of the chain (seq "
             f"{report.last_seq + 1}..{head_seq}; the last had hash {head_hash})")
     for seq in sorted(s for s in checkpoints if s > report.last_seq):
         add("removed", seq, checkpoints[seq].trace_id,
-            f"trace {checkpoints[seq].trace_id} (seq {seq}) is gone: a signed checkpoint names "
+            f"{noun} {checkpoints[seq].trace_id} (seq {seq}) is gone: a signed checkpoint names "
             f"it but the chain ends at seq {report.last_seq}")
-    _unmatched_anchors(anchored, report.last_seq, add)
+    _unmatched_anchors(anchored, report.last_seq, add, noun)
     report.elapsed_s = time.perf_counter() - started
     return report
 
@@ -344,36 +382,54 @@ def _trusted_anchors(anchors: Sequence[Anchor] | None, signer: Signer | None,
 
 
 def _unmatched_anchors(anchored: Mapping[int, Mapping[str | None, Anchor]], last_seq: int,
-                       add: Any) -> None:
+                       add: Any, noun: str) -> None:
     """Anchors the walk did not meet: their rows are gone."""
     for seq in sorted(s for s in anchored if s <= last_seq):  # (a gap: also reported removed)
         add("anchor_missing_rows", seq, None,
-            f"the trace at seq {seq} is gone: an anchor records it with hash "
+            f"the {noun} at seq {seq} is gone: an anchor records it with hash "
             f"{next(iter(anchored[seq]))}")
     beyond = [a for s in anchored if s > last_seq for a in anchored[s].values()]
     if beyond:
         latest = max(beyond, key=lambda a: a.seq)
         add("anchor_missing_rows", last_seq + 1, None,
             f"the chain ends at seq {last_seq}, but an anchor signed on {_when(latest.time)} "
-            f"records seq {latest.seq} (hash {latest.hash}): traces {last_seq + 1}.."
+            f"records seq {latest.seq} (hash {latest.hash}): {noun}s {last_seq + 1}.."
             f"{latest.seq} are missing, the log was cut or wiped")
 
 
 async def _explain_link(source: ChainSource, row: ChainRow, prev: ChainRow | None,
-                        add: Any) -> None:
+                        add: Any, _name: Callable[[ChainRow], str], noun: str) -> None:
     """`row` is in its expected position but not chained to the row before it: find out why."""
     linked = await source.row_by_hash(row.prev_hash) if row.prev_hash else None
     if linked is not None and linked.seq != row.seq - 1:
         where = "later" if linked.seq > row.seq else "earlier"
         add("reordered", row.seq, row.id,
-            f"{_name(row)} is out of order: it was written after trace {linked.id}, which is "
-            f"stored {where} at seq {linked.seq}")
+            f"{_name(row)} is out of order: it was written after {noun} {linked.id}, which "
+            f"is stored {where} at seq {linked.seq}")
     elif prev is None:
         add("removed", row.seq, row.id,
             f"{_name(row)} starts the chain but is chained to a record with hash "
-            f"{row.prev_hash}: the traces before it were removed")
+            f"{row.prev_hash}: the rows before it were removed")
     else:
         # The row before has a hash nobody links to: its content and hash were both rewritten.
         add("changed", prev.seq, prev.id,
             f"{_name(prev)} was changed and its hash recomputed: {_name(row)} is chained to a "
             f"record with hash {row.prev_hash}, not to {prev.hash}")
+
+
+def label_anchor_options(options: Any) -> Any:
+    """The label chain's `anchor` options, from the traces' (see "Labels" above): the same kind
+    and cadence, in a sink of its own beside theirs, so that the two chain heads never mix: a
+    file or SQLite path with `.labels` appended, a PostgreSQL schema with `_labels` appended.
+    Anything but a mapping is returned as it is (None: no anchors; else the Anchorer refuses)."""
+    if not isinstance(options, Mapping):
+        return options
+    from guard.audit.anchor import DEFAULT_ANCHOR_PATH
+
+    opts = dict(options)
+    kind = opts.get("kind", "file")
+    if kind in ("file", "sqlite"):
+        opts["path"] = f"{opts.get('path', DEFAULT_ANCHOR_PATH)}.labels"
+    elif kind == "postgres":
+        opts["schema"] = f"{opts.get('schema', 'public')}_labels"
+    return opts

@@ -7,7 +7,8 @@ at start under a transaction-scoped advisory lock, so replicas starting together
 One chain per store, however many processes write: every append locks the single `chain_head`
 row (`SELECT ... FOR UPDATE`), takes its seq and hash, inserts the trace as seq + 1 and moves the
 head, all in one transaction. Writers queue on that row lock and the seq has no gaps; the lock is
-held only for the insert (bodies are serialised before it is taken).
+held only for the insert (bodies are serialised before it is taken). Labels (guard.labels) are a
+second chain, appended the same way (`labels`, `label_chain_head`, `label_checkpoints`).
 
 Audit options (`audit:` in the operators' config, `kind: postgres`):
     dsn                  postgresql://user:password@host:5432/dbname
@@ -28,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -41,16 +43,33 @@ from guard.audit.chain import (
     ChainRow,
     Checkpoint,
     Signer,
+    TableChain,
     VerifyReport,
     column_text,
     index_columns,
+    label_anchor_options,
     link_hash,
     verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
-from guard.errors import ConfigError, GuardError
+from guard.errors import ConfigError, GuardError, NotFound
 from guard.imagestore import ImageStore
+from guard.labels import (
+    LABEL_COLUMNS,
+    QUEUE_ORDER,
+    UNLABELLED,
+    Label,
+    LabelPage,
+    QueuePage,
+    QueueQuery,
+    bind_label,
+    label_chain_row,
+    label_columns,
+    label_page,
+    label_query,
+    label_row,
+)
 from guard.types import Trace
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -92,12 +111,67 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     );
     """),
     (2, "checkpoint key ids", "ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS kid text"),
+    (3, "labels, their chain head and checkpoints", """
+    CREATE TABLE labels (
+        seq        bigint PRIMARY KEY,
+        id         text NOT NULL UNIQUE,
+        trace_id   text NOT NULL,
+        slot       integer,               -- NULL: the prompt
+        round      integer NOT NULL,
+        verdict    text NOT NULL,
+        category   text,
+        key_id     text,
+        tenant     text,
+        created_at double precision NOT NULL,
+        body       text NOT NULL,         -- the label as canonical JSON, byte for byte
+        prev_hash  text,
+        hash       text NOT NULL
+    );
+    CREATE INDEX labels_item ON labels (trace_id, slot, round);
+    CREATE INDEX labels_tenant ON labels (tenant, created_at);
+    CREATE INDEX labels_hash ON labels (hash);
+    CREATE TABLE label_chain_head (
+        id   smallint PRIMARY KEY CHECK (id = 1),
+        seq  bigint NOT NULL,
+        hash text
+    );
+    INSERT INTO label_chain_head (id, seq, hash) VALUES (1, 0, NULL);
+    CREATE TABLE label_checkpoints (
+        seq             bigint PRIMARY KEY,
+        label_id        text NOT NULL,
+        hash            text NOT NULL,
+        created_at      double precision NOT NULL,
+        key_fingerprint text NOT NULL,
+        signature       text NOT NULL,
+        kid             text
+    );
+    """),
 ]
 
 _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
             " policy_version, model, body, prev_hash, hash")
 _CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# The queue's sample point of a trace id, as guard.labels.sample_point computes it.
+_SAMPLE_POINT = "('x' || substr(md5(id), 1, 8))::bit(32)::bigint / 4294967296.0"
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """The tables of one chain: traces, or labels."""
+
+    rows: str
+    head: str
+    checkpoints: str
+    columns: str
+    checkpoint_columns: str
+    load: Callable[[Any], ChainRow]
+
+
+_TRACES = _Chain("traces", "chain_head", "checkpoints", _COLUMNS, _CHECKPOINT_COLUMNS,
+                 lambda row: _chain_row(row))
+_LABELS = _Chain("labels", "label_chain_head", "label_checkpoints", LABEL_COLUMNS,
+                 _CHECKPOINT_COLUMNS.replace("trace_id", "label_id"), label_chain_row)
 
 
 class PostgresStore:
@@ -105,7 +179,8 @@ class PostgresStore:
                  pool_max_size: int = 10, command_timeout_s: float = 30.0,
                  images: RetainedImages | None = None, signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 anchorer: Anchorer | None = None) -> None:
+                 anchorer: Anchorer | None = None,
+                 label_anchorer: Anchorer | None = None) -> None:
         if not _IDENT.fullmatch(schema):
             raise ConfigError(f"audit (postgres): schema {schema!r} is not a plain identifier")
         if pool_max_size < 2 or pool_min_size < 0 or pool_min_size > pool_max_size:
@@ -120,6 +195,8 @@ class PostgresStore:
         self.signer = signer
         self.checkpoint_every = checkpoint_every
         self.anchorer = anchorer
+        self.label_anchorer = label_anchorer
+        self.label_chain = TableChain(self, _LABELS)  # what verify_labels walks
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -139,11 +216,13 @@ class PostgresStore:
         kwargs = {name: opts.pop(name) for name in
                   ("schema", "pool_min_size", "pool_max_size", "command_timeout_s")
                   if name in opts}
+        labels_anchor = label_anchor_options(opts.get("anchor"))
         common = common_options(opts, {"kind": "postgres", **options}, images)
         if opts:
             raise ConfigError(f"audit (postgres): unknown options {sorted(opts)}")
         return cls(dsn, images=common.images, signer=common.signer,
-                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer, **kwargs)
+                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer,
+                   label_anchorer=Anchorer.from_options(labels_anchor, common.signer), **kwargs)
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -199,44 +278,56 @@ class PostgresStore:
         """Append several traces in one transaction, in order (the same sealing as `write`)."""
         if self.images is not None:
             await self.images.keep(*traces)
-        bodies = [t.canonical_bytes() for t in traces]
-        pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction():
-            head = await conn.fetchrow("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE")
-            seq, prev = head["seq"], head["hash"]
-            rows, checkpoints = [], []
-            for trace, body in zip(traces, bodies, strict=True):
-                seq += 1
-                trace.prev_hash, trace.hash = prev, link_hash(prev, body)  # = Trace.seal
-                prev = trace.hash
-                c = index_columns(vars(trace))
-                rows.append((seq, c["id"], c["created_at"], c["tenant"], c["key_id"],
-                             c["decision"], c["status"], c["categories"], c["policy_id"],
-                             c["policy_version"], c["model"], body.decode(), trace.prev_hash,
-                             trace.hash))
-                if self.signer is not None and seq % self.checkpoint_every == 0:
-                    cp = self.signer.sign(seq, trace.id, trace.hash)
-                    checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
-                                        cp.key_fingerprint, cp.signature, cp.kid))
-            await conn.executemany(f"INSERT INTO traces ({_COLUMNS}) VALUES ($1, $2, $3, $4,"
-                                   " $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)", rows)
-            if checkpoints:
-                await conn.executemany(f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS})"
-                                       " VALUES ($1, $2, $3, $4, $5, $6, $7)", checkpoints)
-            await conn.execute("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
-                               seq, prev)
+        bodies = [(t.id, t.canonical_bytes()) for t in traces]
+
+        def row(i: int, seq: int, prev: str | None, hash_: str) -> tuple[Any, ...]:
+            trace = traces[i]
+            trace.prev_hash, trace.hash = prev, hash_  # = Trace.seal
+            c = index_columns(vars(trace))
+            return (seq, c["id"], c["created_at"], c["tenant"], c["key_id"], c["decision"],
+                    c["status"], c["categories"], c["policy_id"], c["policy_version"],
+                    c["model"], bodies[i][1].decode(), prev, hash_)
+
+        await self._append(_TRACES, bodies, row)
         if self.anchorer is not None:
             self.anchorer.note_write()
+
+    async def _append(self, chain: _Chain, bodies: Sequence[tuple[str, bytes]],
+                      row: Callable[[int, int, str | None, str], tuple[Any, ...]]) -> None:
+        """Append (id, canonical body) pairs to `chain` in one transaction: `row(i, seq,
+        prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due."""
+        if not bodies:
+            return
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            head = await conn.fetchrow(f"SELECT seq, hash FROM {chain.head} WHERE id = 1"
+                                       " FOR UPDATE")
+            seq, prev = head["seq"], head["hash"]
+            rows, checkpoints = [], []
+            for i, (id_, body) in enumerate(bodies):
+                seq += 1
+                hash_ = link_hash(prev, body)
+                rows.append(row(i, seq, prev, hash_))
+                prev = hash_
+                if self.signer is not None and seq % self.checkpoint_every == 0:
+                    cp = self.signer.sign(seq, id_, hash_)
+                    checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
+                                        cp.key_fingerprint, cp.signature, cp.kid))
+            marks = ", ".join(f"${n}" for n in range(1, len(rows[0]) + 1))
+            await conn.executemany(f"INSERT INTO {chain.rows} ({chain.columns})"
+                                   f" VALUES ({marks})", rows)
+            if checkpoints:
+                await conn.executemany(f"INSERT INTO {chain.checkpoints}"
+                                       f" ({chain.checkpoint_columns})"
+                                       " VALUES ($1, $2, $3, $4, $5, $6, $7)", checkpoints)
+            await conn.execute(f"UPDATE {chain.head} SET seq = $1, hash = $2 WHERE id = 1",
+                               seq, prev)
 
     async def get(self, trace_id: str) -> Trace | None:
         pool = await self._get_pool()
         row = await pool.fetchrow("SELECT body, prev_hash, hash FROM traces WHERE id = $1",
                                   column_text(trace_id))
-        if row is None:
-            return None
-        trace = Trace.model_validate(orjson.loads(row["body"]))
-        trace.prev_hash, trace.hash = row["prev_hash"], row["hash"]
-        return trace
+        return _load(row) if row is not None else None
 
     async def query(self, q: TraceQuery) -> TracePage:
         where, args = _where(q)
@@ -251,12 +342,59 @@ class PostgresStore:
         rows = await pool.fetch(sql, *args)
         more = len(rows) > q.limit
         rows = rows[: q.limit]
-        items = []
-        for r in rows:
-            trace = Trace.model_validate(orjson.loads(r["body"]))
-            trace.prev_hash, trace.hash = r["prev_hash"], r["hash"]
-            items.append(trace.summary())
+        items = [_load(r).summary() for r in rows]
         return TracePage(items, encode_cursor(rows[-1]["seq"]) if more and rows else None)
+
+    # --- labels (guard.labels.LabelStore) -------------------------------------------------------
+
+    async def add_label(self, label: Label) -> Label:
+        trace = await self.get(label.trace_id)
+        if trace is None:
+            raise NotFound("No such trace.")
+        label = bind_label(label, trace)
+        body = label.canonical_bytes()
+        sealed: list[Label] = []
+
+        def row(i: int, seq: int, prev: str | None, hash_: str) -> tuple[Any, ...]:
+            sealed.append(label.sealed(prev, body))
+            return label_row(seq, sealed[0], body)
+
+        await self._append(_LABELS, [(label.id, body)], row)
+        if self.label_anchorer is not None:
+            self.label_anchorer.note_write()
+        return sealed[0]
+
+    async def labels(self, *, trace_id: str | None = None, tenant: str | None = None,
+                     verdict: str | None = None, category: str | None = None,
+                     since: float | None = None, until: float | None = None,
+                     latest_only: bool = True, limit: int = 50,
+                     cursor: str | None = None) -> LabelPage:
+        sql, args = label_query(trace_id=trace_id, tenant=tenant, verdict=verdict,
+                                category=category, since=since, until=until,
+                                latest_only=latest_only, limit=limit, cursor=cursor)
+        numbers = iter(range(1, len(args) + 1))
+        pool = await self._get_pool()
+        rows = await pool.fetch(re.sub(r"\?", lambda _: f"${next(numbers)}", sql), *args)
+        return label_page(rows, limit)
+
+    async def review_queue(self, q: QueueQuery) -> QueuePage:
+        where, args = _where(TraceQuery(tenant=q.tenant, category=q.category,
+                                        policy_id=q.policy_id, policy_version=q.policy_version))
+        args.append(q.sample)
+        where += [UNLABELLED, "(decision IN ('refused', 'edited')"
+                  f" OR (decision = 'passed' AND {_SAMPLE_POINT} < ${len(args)}))"]
+        sql = " FROM traces WHERE " + " AND ".join(where)
+        pool = await self._get_pool()
+        rows = await pool.fetch(f"SELECT body, prev_hash, hash{sql} ORDER BY {QUEUE_ORDER}"
+                                f" LIMIT ${len(args) + 1}", *args, q.limit)
+        left = await pool.fetch(f"SELECT decision, count(*){sql} GROUP BY decision", *args)
+        return QueuePage([_load(r).summary() for r in rows], {r[0]: r[1] for r in left})
+
+    async def verify_labels(self) -> VerifyReport:
+        anchors = (await self.label_anchorer.sink.read() if self.label_anchorer is not None
+                   else None)
+        return await verify(self.label_chain, self.signer, anchors=anchors, noun="label",
+                            checkpoint_every=self.checkpoint_every, columns=label_columns)
 
     async def ready(self) -> bool:
         try:
@@ -270,10 +408,14 @@ class PostgresStore:
         """Start anchoring the chain head (when configured), off the request path."""
         if self.anchorer is not None:
             self.anchorer.start(self.chain_head)
+        if self.label_anchorer is not None:
+            self.label_anchorer.start(self.label_chain.chain_head)
 
     async def aclose(self) -> None:
         if self.anchorer is not None:
             await self.anchorer.aclose(self.chain_head)
+        if self.label_anchorer is not None:
+            await self.label_anchorer.aclose(self.label_chain.chain_head)
         if self.images is not None:
             await self.images.aclose()
         if self._pool is not None:
@@ -288,34 +430,59 @@ class PostgresStore:
         """Rows in chain order from one snapshot, through a server-side cursor: memory stays flat
         however long the chain."""
         where, args = _where(TraceQuery(since=since, until=until, tenant=tenant))
-        sql = (f"SELECT {_COLUMNS} FROM traces"
+        async for row in self.walk(_TRACES, where, args, batch):
+            yield row
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return await self.checkpoints_of(_TRACES)
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        return await self.head_of(_TRACES)
+
+    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+        return await self.row_by_hash_of(_TRACES, hash_)
+
+    async def walk(self, chain: _Chain, where: Sequence[str] = (),
+                   args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
+        """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
+        sql = (f"SELECT {chain.columns} FROM {chain.rows}"
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq")
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                             readonly=True):
             async for row in conn.cursor(sql, *args, prefetch=batch):
-                yield _chain_row(row)
+                yield chain.load(row)
 
-    async def checkpoints(self) -> list[Checkpoint]:
+    async def checkpoints_of(self, chain: _Chain) -> list[Checkpoint]:
         pool = await self._get_pool()
-        rows = await pool.fetch(f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq")
+        rows = await pool.fetch(f"SELECT {chain.checkpoint_columns} FROM {chain.checkpoints}"
+                                " ORDER BY seq")
         return [Checkpoint(*row) for row in rows]
 
-    async def chain_head(self) -> tuple[int, str | None]:
+    async def head_of(self, chain: _Chain) -> tuple[int, str | None]:
         pool = await self._get_pool()
-        row = await pool.fetchrow("SELECT seq, hash FROM chain_head WHERE id = 1")
+        row = await pool.fetchrow(f"SELECT seq, hash FROM {chain.head} WHERE id = 1")
         return (row["seq"], row["hash"]) if row else (0, None)
 
-    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+    async def row_by_hash_of(self, chain: _Chain, hash_: str) -> ChainRow | None:
         pool = await self._get_pool()
-        row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM traces WHERE hash = $1 LIMIT 1",
-                                  hash_)
-        return _chain_row(row) if row else None
+        row = await pool.fetchrow(f"SELECT {chain.columns} FROM {chain.rows} WHERE hash = $1"
+                                  " LIMIT 1", hash_)
+        return chain.load(row) if row else None
 
     async def verify(self) -> VerifyReport:
         anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
-        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
-                            anchors=anchors)
+        report = await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
+                              anchors=anchors)
+        report.labels = await self.verify_labels()
+        return report
+
+
+
+def _load(row: asyncpg.Record) -> Trace:
+    trace = Trace.model_validate(orjson.loads(row["body"]))
+    trace.prev_hash, trace.hash = row["prev_hash"], row["hash"]
+    return trace
 
 
 def _chain_row(row: asyncpg.Record) -> ChainRow:

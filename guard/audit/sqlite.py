@@ -2,7 +2,8 @@
 
 Each write is its own committed transaction, taken with BEGIN IMMEDIATE so that the chain head is
 read and the new row appended under one write lock, also across processes sharing the file: the
-chain never forks. WAL keeps a committed trace across a killed process. Schema changes are
+chain never forks. Labels (guard.labels) are a second chain in the same file, appended the same
+way (`labels`, `label_chain_head`, `label_checkpoints`). WAL keeps a committed trace across a killed process. Schema changes are
 numbered migrations recorded in `PRAGMA user_version`.
 
 Audit options (`audit:` in the operators' config, `kind: sqlite`):
@@ -18,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +33,34 @@ from guard.audit.chain import (
     ChainRow,
     Checkpoint,
     Signer,
+    TableChain,
     VerifyReport,
     column_text,
     index_columns,
+    label_anchor_options,
     link_hash,
     verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
-from guard.errors import ConfigError
+from guard.errors import ConfigError, NotFound
 from guard.imagestore import ImageStore
+from guard.labels import (
+    LABEL_COLUMNS,
+    QUEUE_ORDER,
+    UNLABELLED,
+    Label,
+    LabelPage,
+    QueuePage,
+    QueueQuery,
+    bind_label,
+    label_chain_row,
+    label_columns,
+    label_page,
+    label_query,
+    label_row,
+    sample_point,
+)
 from guard.types import Trace
 
 __all__ = ["SQLiteStore", "encode_cursor", "decode_cursor"]
@@ -87,6 +107,41 @@ _MIGRATIONS = [
     );
     """,
     "ALTER TABLE checkpoints ADD COLUMN kid TEXT",  # NULL: signed before key ids
+    """
+    CREATE TABLE IF NOT EXISTS labels (
+        seq        INTEGER PRIMARY KEY,
+        id         TEXT NOT NULL UNIQUE,
+        trace_id   TEXT NOT NULL,
+        slot       INTEGER,                    -- NULL: the prompt
+        round      INTEGER NOT NULL,
+        verdict    TEXT NOT NULL,
+        category   TEXT,
+        key_id     TEXT,
+        tenant     TEXT,
+        created_at REAL NOT NULL,
+        body       TEXT NOT NULL,              -- the label as canonical JSON
+        prev_hash  TEXT,
+        hash       TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS labels_item ON labels(trace_id, slot, round);
+    CREATE INDEX IF NOT EXISTS labels_tenant ON labels(tenant, created_at);
+    CREATE INDEX IF NOT EXISTS labels_hash ON labels(hash);
+    CREATE TABLE IF NOT EXISTS label_chain_head (
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        seq  INTEGER NOT NULL,
+        hash TEXT
+    );
+    INSERT OR IGNORE INTO label_chain_head (id, seq, hash) VALUES (1, 0, NULL);
+    CREATE TABLE IF NOT EXISTS label_checkpoints (
+        seq             INTEGER PRIMARY KEY,
+        label_id        TEXT NOT NULL,
+        hash            TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        key_fingerprint TEXT NOT NULL,
+        signature       TEXT NOT NULL,
+        kid             TEXT
+    );
+    """,
 ]
 
 _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
@@ -94,16 +149,37 @@ _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, 
 _CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
 
 
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """The tables of one chain: traces, or labels."""
+
+    rows: str
+    head: str
+    checkpoints: str
+    columns: str
+    checkpoint_columns: str
+    load: Callable[[Sequence[Any]], ChainRow]
+
+
+_TRACES = _Chain("traces", "chain_head", "checkpoints", _COLUMNS, _CHECKPOINT_COLUMNS,
+                 lambda row: _chain_row(row))
+_LABELS = _Chain("labels", "label_chain_head", "label_checkpoints", LABEL_COLUMNS,
+                 _CHECKPOINT_COLUMNS.replace("trace_id", "label_id"), label_chain_row)
+
+
 class SQLiteStore:
     def __init__(self, path: str | Path, *, images: RetainedImages | None = None,
                  signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 anchorer: Anchorer | None = None) -> None:
+                 anchorer: Anchorer | None = None,
+                 label_anchorer: Anchorer | None = None) -> None:
         self.path = Path(path)
         self.images = images
         self.signer = signer
         self.checkpoint_every = checkpoint_every
         self.anchorer = anchorer
+        self.label_anchorer = label_anchorer
+        self.label_chain = TableChain(self, _LABELS)  # what verify_labels walks
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
 
@@ -113,11 +189,13 @@ class SQLiteStore:
         """`images`: the shared image store, for retained images (None: per the options)."""
         opts = dict(options)
         path = Path(opts.pop("path", "var/audit.db"))
+        labels_anchor = label_anchor_options(opts.get("anchor"))
         common = common_options(opts, {"kind": "sqlite", **options}, images)
         if opts:
             raise ConfigError(f"audit (sqlite): unknown options {sorted(opts)}")
         return cls(path, images=common.images, signer=common.signer,
-                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer)
+                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer,
+                   label_anchorer=Anchorer.from_options(labels_anchor, common.signer))
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -127,6 +205,7 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: index pages of large logs
+            conn.create_function("sample_point", 1, sample_point, deterministic=True)
             _migrate(conn)
             self._conn = conn
         return self._conn
@@ -135,34 +214,63 @@ class SQLiteStore:
 
     def _write(self, traces: Sequence[Trace]) -> None:
         # The bodies are final now: serialise them before taking the write lock.
-        bodies = [trace.canonical_bytes() for trace in traces]
+        bodies = [(trace.id, trace.canonical_bytes()) for trace in traces]
+
+        def row(i: int, seq: int, prev: str | None, hash_: str) -> tuple[Any, ...]:
+            trace = traces[i]
+            trace.prev_hash, trace.hash = prev, hash_  # = Trace.seal
+            c = index_columns(vars(trace))
+            return (seq, c["id"], c["created_at"], c["tenant"], c["key_id"], c["decision"],
+                    c["status"], "," + ",".join(c["categories"]) + ",", c["policy_id"],
+                    c["policy_version"], c["model"], bodies[i][1].decode(), prev, hash_)
+
+        self._append(_TRACES, bodies, row)
+        if self.anchorer is not None:
+            self.anchorer.note_write()
+
+    def _write_label(self, label: Label) -> Label:
+        body = label.canonical_bytes()
+        sealed: list[Label] = []
+
+        def row(i: int, seq: int, prev: str | None, hash_: str) -> tuple[Any, ...]:
+            sealed.append(label.sealed(prev, body))
+            return label_row(seq, sealed[0], body)
+
+        self._append(_LABELS, [(label.id, body)], row)
+        if self.label_anchorer is not None:
+            self.label_anchorer.note_write()
+        return sealed[0]
+
+    def _append(self, chain: _Chain, bodies: Sequence[tuple[str, bytes]],
+                row: Callable[[int, int, str | None, str], tuple[Any, ...]]) -> None:
+        """Append (id, canonical body) pairs to `chain` in one transaction: `row(i, seq,
+        prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due."""
+        if not bodies:
+            return
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                seq, prev = conn.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+                seq, prev = conn.execute(f"SELECT seq, hash FROM {chain.head} WHERE id = 1"
+                                         ).fetchone()
                 rows, checkpoints = [], []
-                for trace, body in zip(traces, bodies, strict=True):
+                for i, (id_, body) in enumerate(bodies):
                     seq += 1
-                    trace.prev_hash, trace.hash = prev, link_hash(prev, body)  # = Trace.seal
-                    prev = trace.hash
-                    c = index_columns(vars(trace))
-                    rows.append((seq, c["id"], c["created_at"], c["tenant"], c["key_id"],
-                                 c["decision"], c["status"], "," + ",".join(c["categories"]) + ",",
-                                 c["policy_id"], c["policy_version"], c["model"], body.decode(),
-                                 trace.prev_hash, trace.hash))
+                    hash_ = link_hash(prev, body)
+                    rows.append(row(i, seq, prev, hash_))
+                    prev = hash_
                     if self.signer is not None and seq % self.checkpoint_every == 0:
-                        cp = self.signer.sign(seq, trace.id, trace.hash)
+                        cp = self.signer.sign(seq, id_, hash_)
                         checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
                                             cp.key_fingerprint, cp.signature, cp.kid))
-                conn.executemany(f"INSERT INTO traces ({_COLUMNS}) VALUES"
-                                 " (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                conn.executemany(f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS})"
+                marks = ",".join("?" * len(rows[0]))
+                conn.executemany(f"INSERT INTO {chain.rows} ({chain.columns}) VALUES ({marks})",
+                                 rows)
+                conn.executemany(f"INSERT INTO {chain.checkpoints} ({chain.checkpoint_columns})"
                                  " VALUES (?,?,?,?,?,?,?)", checkpoints)
-                conn.execute("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+                conn.execute(f"UPDATE {chain.head} SET seq = ?, hash = ? WHERE id = 1",
+                             (seq, prev))
                 conn.execute("COMMIT")
-                if self.anchorer is not None:
-                    self.anchorer.note_write()
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -190,6 +298,18 @@ class SQLiteStore:
         items = [_load(r[1:]).summary() for r in rows]
         return TracePage(items, encode_cursor(rows[-1][0]) if more and rows else None)
 
+    def _queue(self, q: QueueQuery) -> QueuePage:
+        where, args = _where(TraceQuery(tenant=q.tenant, category=q.category,
+                                        policy_id=q.policy_id, policy_version=q.policy_version))
+        where += [UNLABELLED, "(decision IN ('refused', 'edited')"
+                  " OR (decision = 'passed' AND sample_point(id) < ?))"]
+        args.append(q.sample)
+        sql = " FROM traces WHERE " + " AND ".join(where)
+        rows = self._fetch(f"SELECT body, prev_hash, hash{sql} ORDER BY {QUEUE_ORDER} LIMIT ?",
+                           [*args, q.limit])
+        left = self._fetch(f"SELECT decision, count(*){sql} GROUP BY decision", args)
+        return QueuePage([_load(r).summary() for r in rows], dict(left))
+
     # --- the AuditStore interface -------------------------------------------------------------
 
     async def write(self, trace: Trace) -> Trace:
@@ -211,6 +331,33 @@ class SQLiteStore:
     async def query(self, q: TraceQuery) -> TracePage:
         return await asyncio.to_thread(self._query, q)
 
+    # --- labels (guard.labels.LabelStore) -------------------------------------------------------
+
+    async def add_label(self, label: Label) -> Label:
+        trace = await self.get(label.trace_id)
+        if trace is None:
+            raise NotFound("No such trace.")
+        return await asyncio.to_thread(self._write_label, bind_label(label, trace))
+
+    async def labels(self, *, trace_id: str | None = None, tenant: str | None = None,
+                     verdict: str | None = None, category: str | None = None,
+                     since: float | None = None, until: float | None = None,
+                     latest_only: bool = True, limit: int = 50,
+                     cursor: str | None = None) -> LabelPage:
+        sql, args = label_query(trace_id=trace_id, tenant=tenant, verdict=verdict,
+                                category=category, since=since, until=until,
+                                latest_only=latest_only, limit=limit, cursor=cursor)
+        return label_page(await asyncio.to_thread(self._fetch, sql, args), limit)
+
+    async def review_queue(self, q: QueueQuery) -> QueuePage:
+        return await asyncio.to_thread(self._queue, q)
+
+    async def verify_labels(self) -> VerifyReport:
+        anchors = (await self.label_anchorer.sink.read() if self.label_anchorer is not None
+                   else None)
+        return await verify(self.label_chain, self.signer, anchors=anchors, noun="label",
+                            checkpoint_every=self.checkpoint_every, columns=label_columns)
+
     async def ready(self) -> bool:
         try:
             await asyncio.to_thread(self._fetch, "SELECT 1")
@@ -222,10 +369,14 @@ class SQLiteStore:
         """Start anchoring the chain head (when configured), off the request path."""
         if self.anchorer is not None:
             self.anchorer.start(self.chain_head)
+        if self.label_anchorer is not None:
+            self.label_anchorer.start(self.label_chain.chain_head)
 
     async def aclose(self) -> None:
         if self.anchorer is not None:
             await self.anchorer.aclose(self.chain_head)
+        if self.label_anchorer is not None:
+            await self.label_anchorer.aclose(self.label_chain.chain_head)
         if self.images is not None:
             await self.images.aclose()
         with self._lock:
@@ -240,7 +391,22 @@ class SQLiteStore:
                          ) -> AsyncIterator[ChainRow]:
         """Rows in chain order, optionally filtered, read in batches (memory stays flat)."""
         where, args = _where(TraceQuery(since=since, until=until, tenant=tenant))
-        sql = (f"SELECT {_COLUMNS} FROM traces WHERE seq > ?"
+        async for row in self.walk(_TRACES, where, args, batch):
+            yield row
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return await self.checkpoints_of(_TRACES)
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        return await self.head_of(_TRACES)
+
+    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+        return await self.row_by_hash_of(_TRACES, hash_)
+
+    async def walk(self, chain: _Chain, where: Sequence[str] = (),
+                   args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
+        """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
+        sql = (f"SELECT {chain.columns} FROM {chain.rows} WHERE seq > ?"
                + "".join(f" AND {w}" for w in where) + " ORDER BY seq LIMIT ?")
         last = 0
         while True:
@@ -248,27 +414,30 @@ class SQLiteStore:
             if not rows:
                 return
             for row in rows:
-                yield _chain_row(row)
+                yield chain.load(row)
             last = rows[-1][0]
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        rows = await asyncio.to_thread(
-            self._fetch, f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq")
+    async def checkpoints_of(self, chain: _Chain) -> list[Checkpoint]:
+        rows = await asyncio.to_thread(self._fetch, f"SELECT {chain.checkpoint_columns}"
+                                                    f" FROM {chain.checkpoints} ORDER BY seq")
         return [Checkpoint(*row) for row in rows]
 
-    async def chain_head(self) -> tuple[int, str | None]:
-        rows = await asyncio.to_thread(self._fetch, "SELECT seq, hash FROM chain_head")
+    async def head_of(self, chain: _Chain) -> tuple[int, str | None]:
+        rows = await asyncio.to_thread(self._fetch, f"SELECT seq, hash FROM {chain.head}")
         return (rows[0][0], rows[0][1]) if rows else (0, None)
 
-    async def row_by_hash(self, hash_: str) -> ChainRow | None:
-        rows = await asyncio.to_thread(
-            self._fetch, f"SELECT {_COLUMNS} FROM traces WHERE hash = ? LIMIT 1", (hash_,))
-        return _chain_row(rows[0]) if rows else None
+    async def row_by_hash_of(self, chain: _Chain, hash_: str) -> ChainRow | None:
+        rows = await asyncio.to_thread(self._fetch, f"SELECT {chain.columns} FROM {chain.rows}"
+                                                    " WHERE hash = ? LIMIT 1", (hash_,))
+        return chain.load(rows[0]) if rows else None
 
     async def verify(self) -> VerifyReport:
         anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
-        return await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
-                            anchors=anchors)
+        report = await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
+                              anchors=anchors)
+        report.labels = await self.verify_labels()
+        return report
+
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -4,6 +4,8 @@
     safeedit policy explain FILE                what the policy does, `extends` resolved
     safeedit policy diff OLD NEW                the effective differences, in words
     safeedit policy replay --candidate FILE     re-decide stored traces under a candidate
+    safeedit policy calibrate --policy FILE --labels store|CSV --target-precision P --out DIR
+                                                thresholds from labelled items, with a report
     safeedit policy schema [--check]            regenerate policies/schema.json
 """
 
@@ -61,6 +63,29 @@ def register(sub: Any) -> None:
                    help="CSV of every replayed trace (default: replay-<id>-v<version>.csv)")
     r.add_argument("--all", action="store_true", help="list unchanged traces too")
     r.set_defaults(func=replay)
+
+    c = cmds.add_parser("calibrate", help="thresholds that meet a target precision or "
+                                          "false-positive rate, from labelled items")
+    c.add_argument("--policy", required=True, type=Path, help="the policy file to calibrate")
+    c.add_argument("--labels", required=True,
+                   help="`store` (the labels kept beside the audit store of --config) or a "
+                        "labels CSV: trace_id, slot, round, verdict, category, and optionally "
+                        "flagged, prompt and score_<category> columns (self-contained)")
+    goal = c.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-precision", type=_share, metavar="P",
+                      help="of the items flagged, at least this share unsafe (0-1)")
+    goal.add_argument("--max-false-positive-rate", type=_share, metavar="R",
+                      help="of the safe items, at most this share flagged (0-1)")
+    c.add_argument("--out", required=True, type=Path,
+                   help="folder for proposed.yaml and report.html")
+    c.add_argument("--config", help="operators' config naming the audit store (labels looked "
+                                    "up by trace id; stored requests replayed)")
+    c.add_argument("--tenant", help="only this tenant's labels and traces")
+    c.add_argument("--since", type=time_option("since"), help="labels and traces from this "
+                                                              "time (2025-06-01, 7d, ...)")
+    c.add_argument("--min-labels", type=int, default=None,
+                   help="unsafe and safe labelled items needed per category (default 10)")
+    c.set_defaults(func=calibrate)
 
     s = cmds.add_parser("schema", help="write the policy JSON Schema (policies/schema.json)")
     s.add_argument("--check", action="store_true",
@@ -171,6 +196,88 @@ def replay(args: argparse.Namespace) -> int:
     out.write_text(to_csv(report.rows))
     print(f"\nCSV of all {len(report.rows)} replayed trace(s): {out}")
     return 0
+
+
+# --- calibrate ----------------------------------------------------------------------------------
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, not {text!r}")
+    return value
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from guard.policytools.calibrate import MIN_LABELS, Target, proposed_yaml, report_html, table
+
+    loaded = _load_or_report(args.policy)
+    if loaded is None:
+        return 1
+    policy = next(iter(loaded.policies.values()))
+    target = (Target("precision", args.target_precision) if args.target_precision is not None
+              else Target("fpr", args.max_false_positive_rate))
+    min_labels = MIN_LABELS if args.min_labels is None else max(1, args.min_labels)
+    calibration, skipped = asyncio.run(_calibrate(args, policy, target, min_labels))
+    args.out.mkdir(parents=True, exist_ok=True)
+    proposed = args.out / "proposed.yaml"
+    proposed.write_text(proposed_yaml(calibration, str(args.policy)))
+    check = load_file(proposed)
+    if check.errors:  # a bug, never the user's: say so plainly
+        for problem in check.errors:
+            print(problem, file=sys.stderr)
+        return 1
+    replayed = ""
+    if args.config or args.labels == "store":
+        replayed = asyncio.run(_replay(args, policy, next(iter(check.policies.values()))))
+    report = args.out / "report.html"
+    report.write_text(report_html(calibration, skipped=skipped, replayed=replayed))
+    print(table(calibration), end="")
+    for why, n in sorted(skipped.items()):
+        print(f"  {n} label(s) skipped: {why}")
+    if replayed:
+        print("\n" + replayed, end="")
+    print(f"\nproposed policy: {proposed} (v{policy.version + 1})\nreport: {report}")
+    return 0
+
+
+async def _calibrate(args: argparse.Namespace, policy: Any, target: Any,
+                     min_labels: int) -> tuple[Any, dict[str, int]]:
+    from guard.audit import build_store
+    from guard.config import load_config
+    from guard.policytools.calibrate import calibrate as run_calibrate
+    from guard.policytools.labelled import read_labels_csv, resolve, store_labels
+
+    from_store = args.labels == "store"
+    labels: list[Any] = [] if from_store else read_labels_csv(args.labels)
+    needs_store = from_store or args.config or any(not label.scores for label in labels)
+    store = build_store(load_config(args.config).audit) if needs_store else None
+    try:
+        if from_store:
+            labels = await store_labels(store, tenant=args.tenant, since=args.since)
+        resolved = await resolve(labels, policy, store)
+    finally:
+        if store is not None:
+            await store.aclose()
+    return run_calibrate(policy, resolved.items, target, min_labels), dict(resolved.skipped)
+
+
+async def _replay(args: argparse.Namespace, policy: Any, candidate: Any) -> str:
+    """What the proposal would change on the stored requests of the calibrated policy."""
+    from guard.audit import TraceQuery, build_store
+    from guard.config import load_config
+    from guard.policytools.replay import render
+    from guard.policytools.replay import replay as run_replay
+
+    store = build_store(load_config(args.config).audit)
+    try:
+        report = await run_replay(store, candidate, TraceQuery(
+            since=args.since, tenant=args.tenant, policy_id=policy.id))
+    finally:
+        await store.aclose()
+    return render(report).split("\n\n")[0] + "\n"
 
 
 # --- schema -------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
     stored_image_chunks    (sha256, n) -> bytea, `chunk_bytes` each; deleted with their image
     image_store_secrets    the shared secret (link signing), drawn once by whoever comes first
 
-The tables are created if missing, in the audit store's schema by default, under an advisory
-lock (replicas starting together create them once). A put inserts the image row and its chunks
+The tables are created if missing, in the audit store's schema by default, under the audit
+store's advisory lock for that schema (replicas starting together create them once; the schema
+itself is created by whichever comes first). A put inserts the image row and its chunks
 in one transaction; a concurrent put of the same bytes waits on that row, then only moves its
 expiry (never earlier) and its stored_at. A read takes the row and its chunks from one snapshot
 and checks the sha256 of what it joined. Time is the writer's clock (Unix seconds); an expiry
@@ -122,8 +123,9 @@ class PostgresImageStore:
                                          status=503, code="image_store_unavailable") from exc
                     try:
                         async with pool.acquire() as conn, conn.transaction():
+                            # The audit store's lock: both may create this schema at once.
                             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
-                                               f"safeedit-images:{self.schema}")
+                                               f"safeedit-migrations:{self.schema}")
                             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                             await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
                             await conn.execute(_SCHEMA)

@@ -151,6 +151,9 @@ class NudityDetector:
                  "box": [int(v) for v in xywh[i]]} for i in np.asarray(picked).reshape(-1)]
 
 
+IMAGE_CATEGORIES = ("sexual",)  # what the image check (NudeNet) can see
+
+
 class BuiltinJudge:
     """Term lists and patterns on prompts, NudeNet on images, the rule-based refiner."""
 
@@ -288,6 +291,11 @@ class BuiltinJudge:
             details["image_scores"] = {"sexual": image_score}
         elif item.image is not None:
             details["image_checked"] = False
+        if item.image is not None:
+            # What the image itself was not checked for (NudeNet sees nudity only): a low score
+            # there is "not looked at", never "clean"; a cascade hands such items on.
+            seen = IMAGE_CATEGORIES if detections is not None else ()
+            details["unassessed"] = [c for c in policy.categories if c not in seen]
         thought, refined = "", None
         if policy.wants_explanation(scores):
             decision = policy.decide(scores)  # which categories to explain and refine

@@ -21,7 +21,10 @@ fails). `details.members` lists each member's judge id, scores, time and error.
 `cascade`: the first stage judges every item; an item moves on to the next stage while it is
 uncertain, i.e. while some policy category's score s lies in the band `low <= s < high` (a score
 under `low` is surely safe, one at or over `high` surely unsafe; a category the stage did not
-score counts as 0). An item a stage flags (`policy.wants_explanation`) without a refined prompt
+score counts as 0). An item is handed on too while the stage says it could not assess some
+policy category for it (`details.unassessed`: the builtin judge's image check sees nudity only,
+a hosted service may not apply a category to images), so a low score there is never read as
+safe. An item a stage flags (`policy.wants_explanation`) without a refined prompt
 is handed on as well, so that a later stage that can refine writes it; the verdict is then the
 later stage's, scores included, as it saw more (when no later stage refines, the engine's rule
 refiner does). The last stage decides whatever it says. `details.stage` names the deciding stage
@@ -301,6 +304,9 @@ class CascadeJudge(_Parts):
     def _hand_on(self, verdict: Verdict, policy: Policy) -> str | None:
         if self.uncertain(verdict.scores, policy):
             return "uncertain"
+        unassessed = verdict.details.get("unassessed") or ()
+        if any(cat in policy.categories for cat in unassessed):
+            return "unassessed"
         if policy.wants_explanation(verdict.scores) and not (verdict.refined_prompt or "").strip():
             return "refine"
         return None

@@ -7,6 +7,8 @@
                                     image (thumbnail where retained), prompt, scores against the
                                     policy's thresholds, thought, refined prompt, timings
     /guard/traces/{id}/images/{sha} a retained image (?size=thumb for a thumbnail)
+    /guard/dashboard                charts of a window (?since=, ?until=, default the last 7
+                                    days; ?tenant= for admins): guard.review.dashboard
 
 An auditor sees only their tenant's traces, as on the JSON API. Pages send a strict CSP (no
 scripts at all), no-store caching and frame denial; sessions and CSRF are in `session`.
@@ -33,6 +35,7 @@ from guard.audit.query import TEXT_FILTERS, parse_trace_query
 from guard.auth import Principal, may_see
 from guard.errors import AuthenticationError, GuardError
 from guard.ratelimit import Limiter, MemoryLimiter
+from guard.review import dashboard
 from guard.review.session import Session, Sessions
 from guard.review.templates import environment
 from guard.types import JudgedImage, RoundRecord, Trace
@@ -50,6 +53,7 @@ def routes() -> list[BaseRoute]:
         Route("/guard/login", login, methods=["POST"]),
         Route("/guard/logout", logout, methods=["POST"]),
         Route("/guard/traces/{trace_id}", trace_page, methods=["GET"]),
+        Route("/guard/dashboard", dashboard_page, methods=["GET"]),
         Route("/guard/traces/{trace_id}/images/{sha256}", trace_image, methods=["GET"]),
     ]
 
@@ -206,6 +210,25 @@ class _Filters(dict[str, str]):
 
     def __getattr__(self, name: str) -> str:
         return self.get(name, "")
+
+
+# --- the dashboard --------------------------------------------------------------------------
+
+async def dashboard_page(request: Request) -> Response:
+    session = _sessions(request).current(request)
+    if session is None:
+        return _to_login()
+    typed = {name: str(request.query_params.get(name, "")).strip()
+             for name in ("since", "until", "tenant")}
+    try:
+        query = parse_trace_query(typed, session.principal)
+        figures = await dashboard.figures(_state(request).store, query)
+    except GuardError as exc:
+        return _render(request, "dashboard.html", exc.status, session, f=_Filters(typed),
+                       fig=None, charts={}, message=exc.message)
+    charts = await asyncio.to_thread(dashboard.charts, figures) if figures.total else {}
+    return _render(request, "dashboard.html", 200, session, f=_Filters(typed), fig=figures,
+                   charts=charts, message="")
 
 
 # --- one trace ------------------------------------------------------------------------------

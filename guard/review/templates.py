@@ -64,6 +64,13 @@ meter { width:4.5rem; }
          border:1px solid var(--line); border-radius:6px; }
 .login input { width:100%; font:inherit; padding:.4rem; margin:.3rem 0 .8rem; }
 .login button, .filters button { font:inherit; padding:.35rem .9rem; cursor:pointer; }
+.charts { display:grid; grid-template-columns:repeat(auto-fit, minmax(34rem, 1fr)); gap:1rem; }
+.charts figure { margin:0; background:var(--card); border:1px solid var(--line);
+                 border-radius:6px; padding:.6rem; }
+.charts figcaption { font-size:12px; color:var(--muted); margin-top:.3rem; }
+svg.chart { width:100%; height:auto; display:block; }
+.totals { display:flex; gap:1.4rem; flex-wrap:wrap; margin:0 0 1rem; }
+.totals b { font-size:1.4rem; display:block; }
 """
 
 BASE = """<!doctype html>
@@ -72,6 +79,7 @@ BASE = """<!doctype html>
 <title>{% block title %}Audit review{% endblock %} · SafeEdit Guard</title>
 <style nonce="{{ nonce }}">{{ css | safe }}</style></head>
 <body><header><a href="/guard/">SafeEdit Guard · audit review</a>
+{% if session %}<a href="/guard/dashboard">Dashboard</a>{% endif %}
 {% if session %}<span class="who">{{ session.principal.key_id }} · {{ session.principal.role }}
  · tenant {{ session.principal.tenant }}</span>
 <form class="inline" method="post" action="/guard/logout">
@@ -185,9 +193,47 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 {% for r in failed_rounds %}<p class="error">Round {{ r.index }}: {{ r.error }}</p>{% endfor %}
 {% endblock %}"""
 
+DASHBOARD = """{% extends "base.html" %}{% block title %}Dashboard{% endblock %}
+{% block main %}<h1>Dashboard{% if session.principal.role != 'admin' %} · tenant
+ {{ session.principal.tenant }}{% elif f.tenant %} · tenant {{ f.tenant }}{% endif %}</h1>
+<form class="filters" method="get" action="/guard/dashboard">
+<label>From (UTC; default 7 days ago)<input type="datetime-local" step="1" name="since" value="{{ f.since }}"></label>
+<label>Until (UTC)<input type="datetime-local" step="1" name="until" value="{{ f.until }}"></label>
+{% if session.principal.role == 'admin' %}<label>Tenant (all when empty)<input name="tenant" value="{{ f.tenant }}"></label>{% endif %}
+<button type="submit">Show</button> <a href="/guard/dashboard">Last 7 days</a>
+</form>
+{% if message %}<p class="error" role="alert">{{ message }}</p>{% endif %}
+{% if fig %}<p id="window">From {{ fig.since | utc }} to {{ fig.until | utc }} (UTC){% if fig.truncated %}:
+ the newest {{ fig.total }} requests of this window only; choose a shorter window for all of them{% endif %}.</p>
+{% if fig.total %}<div class="totals" id="totals"><div><b>{{ fig.total }}</b>requests</div>
+{% for d in ("passed", "edited", "refused", "failed") %}<div><b class="badge {{ d }}">{{ fig.decisions[d] }}</b>{{ d }}</div>{% endfor %}
+<div><b>{{ fig.labelled }}</b>labelled items</div></div>
+<div class="charts">
+{% for name, caption in captions %}{% if name in charts %}<figure id="chart-{{ name }}">{{ charts[name] | safe }}
+<figcaption>{{ caption }}</figcaption></figure>{% endif %}{% endfor %}
+</div>
+{% if "labels" not in charts %}<p id="no-labels">No labelled items in this window: the false-positive and miss rates appear once reviewers label traces.</p>{% endif %}
+{% else %}<p>No requests in this window.</p>{% endif %}{% endif %}
+{% endblock %}"""
+
 MESSAGE = """{% extends "base.html" %}{% block title %}{{ title }}{% endblock %}
 {% block main %}<h1>{{ title }}</h1><p>{{ message }}</p><p><a href="/guard/">Back to the traces</a></p>
 {% endblock %}"""
+
+
+CAPTIONS = (
+    ("over_time", "Every request of the window by its decision: passed untouched, edited (made "
+                  "again from a safer prompt), refused, or failed (an error)."),
+    ("flags", "Each time a prompt or an image crossed a category's threshold, and what the "
+              "guard did with that item."),
+    ("rounds", "How many images the guard had made before it could answer: 1 is the first "
+               "image, more means it was made again; none: refused from the prompt alone."),
+    ("latency", "Half, nine in ten, and 99 in 100 of the calls finish within these times."),
+    ("policies", "For each policy version in use: the share of its requests refused and "
+                 "edited, with the counts."),
+    ("labels", "From reviewers' labels: of the flagged items they looked at, how many were in "
+               "fact fine (false positives); of the unsafe ones, how many passed (misses)."),
+)
 
 
 def _utc(ts: float) -> str:
@@ -197,9 +243,11 @@ def _utc(ts: float) -> str:
 def environment() -> Environment:
     env = Environment(
         loader=DictLoader({"base.html": BASE, "login.html": LOGIN, "list.html": LIST,
-                           "trace.html": TRACE, "message.html": MESSAGE}),
+                           "trace.html": TRACE, "message.html": MESSAGE,
+                           "dashboard.html": DASHBOARD}),
         autoescape=select_autoescape(default=True, default_for_string=True),
         trim_blocks=True, lstrip_blocks=True)
     env.filters["utc"] = _utc
     env.globals["css"] = CSS
+    env.globals["captions"] = CAPTIONS
     return env

@@ -74,15 +74,12 @@ def load(opts: VLMOptions, judge_id: str, given: tuple[Any, Any] | None = None) 
     if given is not None:
         model, processor = given
     else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         common = {"trust_remote_code": opts.trust_remote_code,
                   "local_files_only": opts.local_files_only}
-        processor = AutoProcessor.from_pretrained(opts.model, **common)
+        processor = _load_processor(opts.model, common)
         extra = {"attn_implementation": opts.attn_implementation} \
             if opts.attn_implementation else {}
-        model = AutoModelForImageTextToText.from_pretrained(
-            opts.model, dtype=dtype, **common, **extra)
+        model = _load_model(opts.model, dtype=dtype, **common, **extra)
         if opts.adapter:
             from peft import PeftModel
 
@@ -119,3 +116,66 @@ def _usable_processor(processor: Any) -> Any:
                                chat_template=processor.chat_template,
                                image_seq_length=processor.image_seq_length)
     return processor
+
+
+def _load_processor(model: str, common: dict[str, Any]) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model, **common)
+    except ImportError as exc:
+        # transformers 5 builds the Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision processors
+        # with a video processor that needs torchvision, even for images only. The judge never
+        # sends video: build the checkpoint's own processor class without it.
+        if "torchvision" not in str(exc).lower():
+            raise
+        log.info("vlm judge: %s; building the image and text processor without video", exc)
+        return image_text_processor(model, common)
+
+
+def image_text_processor(model: str, common: dict[str, Any]) -> Any:
+    """The checkpoint's processor class made of its tokenizer, its image processor (the PIL
+    backend where torchvision is missing), its chat template and its processor options, without
+    the video processor: the same image-token expansion and model inputs as the full one."""
+    import inspect
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    config = AutoConfig.from_pretrained(model, **common)
+    base = PROCESSOR_MAPPING[type(config)]
+    settings, _ = base.get_processor_dict(model, **common)
+    named = settings.get("processor_class")
+    if isinstance(named, str) and isinstance(getattr(transformers, named, None), type):
+        base = getattr(transformers, named)
+    params = set(inspect.signature(base.__init__).parameters)
+    accepted = params - {"self", "image_processor", "tokenizer", "video_processor", "kwargs"}
+    none = {"video_processor": None} if "video_processor" in params else {}
+
+    def init(self: Any, image_processor: Any, tokenizer: Any, **options: Any) -> None:
+        # ProcessorMixin takes its sub-processors from this signature: image and text only.
+        base.__init__(self, image_processor, tokenizer, **none, **options)
+
+    image_only = type(base.__name__, (base,), {"__init__": init})
+    return image_only(AutoImageProcessor.from_pretrained(model, **common),
+                      AutoTokenizer.from_pretrained(model, **common),
+                      **{k: v for k, v in settings.items() if k in accepted})
+
+
+# Checkpoints whose architecture wraps an image-text-to-text model as `.model`: loading them as
+# that inner model directly would not find its weights under the wrapper's names.
+_WRAPPERS = {"ShieldGemma2ForImageClassification"}
+
+
+def _load_model(model: str, **kwargs: Any) -> Any:
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=kwargs["trust_remote_code"],
+                                        local_files_only=kwargs["local_files_only"])
+    wrapper = next((a for a in getattr(config, "architectures", None) or () if a in _WRAPPERS),
+                   None)
+    if wrapper is not None:
+        return getattr(transformers, wrapper).from_pretrained(model, **kwargs).model
+    return AutoModelForImageTextToText.from_pretrained(model, **kwargs)
