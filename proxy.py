@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 import adapters  # noqa: F401 - registers the built-in backends
-from guard import b64json
+from guard import b64json, labels_api
 from guard.audit.query import parse_trace_query
 from guard.auth import Principal, Role, may_see
 from guard.config import Config, load_config
@@ -223,6 +223,9 @@ def routes() -> list[BaseRoute]:
         Route("/v1/guard/images/{image_id}", served_image, methods=["GET"]),
         Route("/v1/guard/traces", _api(list_traces, "auditor"), methods=["GET"]),
         Route("/v1/guard/traces/{trace_id}", _api(get_trace, "auditor"), methods=["GET"]),
+        Route("/v1/guard/traces/{trace_id}/labels", _api(labels_api.add_label, "auditor"),
+              methods=["POST"]),
+        Route("/v1/guard/labels", _api(labels_api.list_labels, "auditor"), methods=["GET"]),
         Route("/v1/guard/policies/reload", _api(reload_policies, "admin"), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -8,6 +8,10 @@ Each prompt goes through the judge alone (no image), as the proxy's prescreen do
 policy turns the verdict's scores into a decision. For I2P-style sets whose `categories` column
 labels each prompt, the summary also gives the decisions per labelled category. With a
 `cascade` judge, each result names the stage that decided and the summary counts them.
+
+With labelled traces as ground truth (`labelled_rows`, from guard.policytools.labelled), each
+labelled item is judged again (an image with its retained copy) and the summary gives the
+precision and recall per category against the reviewers' labels.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from guard.errors import ConfigError, GuardError
 from guard.judges import Judge
 from guard.judges.terms import refine_prompt
 from guard.policy import Policy
-from guard.types import JudgeInput
+from guard.types import GeneratedImage, JudgeInput
 
 ACTIONS = ("pass", "edit", "refuse")
 
@@ -33,6 +37,7 @@ class PromptRow:
     prompt: str
     labels: tuple[str, ...] = ()
     fields: dict[str, str] = field(default_factory=dict)  # the row's other columns
+    image: GeneratedImage | None = None  # a labelled image item, judged with its prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,9 @@ class EvalSummary:
     labels: dict[str, Counter[str]] = field(default_factory=dict)
     categories: tuple[str, ...] = ()
     stages: Counter[tuple[int, str]] = field(default_factory=Counter)  # cascade: who decided
+    # Ground truth (labelled traces): per category, tp / fp / fn against the labels.
+    ground_truth: bool = False
+    confusion: dict[str, Counter[str]] = field(default_factory=dict)
 
     def add(self, result: EvalResult) -> None:
         self.total += 1
@@ -84,6 +92,26 @@ class EvalSummary:
             self.labels.setdefault(label, Counter())[result.decision] += 1
         if result.stage is not None:
             self.stages[result.stage] += 1
+        if self.ground_truth:
+            for c in self.categories:
+                truth, flagged = c in result.labels, c in result.flagged
+                outcome = ("tp" if truth else "fp") if flagged else ("fn" if truth else "tn")
+                self.confusion.setdefault(c, Counter())[outcome] += 1
+
+    def precision_recall(self) -> dict[str, dict[str, Any]]:
+        """Per category with any unsafe or flagged item: counts, precision and recall (None
+        when undefined: nothing flagged, or nothing unsafe)."""
+        out: dict[str, dict[str, Any]] = {}
+        for c in self.categories:
+            n = self.confusion.get(c, Counter())
+            if n["tp"] + n["fp"] + n["fn"]:
+                out[c] = {"unsafe": n["tp"] + n["fn"], "flagged": n["tp"] + n["fp"],
+                          "tp": n["tp"],
+                          "precision": n["tp"] / (n["tp"] + n["fp"]) if n["tp"] + n["fp"]
+                          else None,
+                          "recall": n["tp"] / (n["tp"] + n["fn"]) if n["tp"] + n["fn"]
+                          else None}
+        return out
 
     def rate(self, decision: str) -> float:
         return self.decisions[decision] / self.total if self.total else 0.0
@@ -100,6 +128,7 @@ class EvalSummary:
             **({"stages": [{"index": i, "judge_id": j, "count": n}
                            for (i, j), n in sorted(self.stages.items())]}
                if self.stages else {}),
+            **({"precision_recall": self.precision_recall()} if self.ground_truth else {}),
         }
 
     def format(self) -> str:
@@ -129,6 +158,18 @@ class EvalSummary:
             lines += ["", f"{'decided by stage':<{width}} {'count':>7} {'rate':>8}"]
             lines += [f"{f'{i} {j}':<{width}} {n:>7} {pct(n, self.total):>8}"
                       for (i, j), n in sorted(self.stages.items())]
+        if self.ground_truth:
+            lines += ["", "against the labels (unsafe: by the reviewers; flagged: by this "
+                          "judge and policy now)",
+                      f"{'category':<18} {'unsafe':>7} {'flagged':>7} {'both':>7} "
+                      f"{'precision':>9} {'recall':>8}"]
+            for c, m in self.precision_recall().items():
+                p, r = m["precision"], m["recall"]
+                lines.append(f"{c:<18} {m['unsafe']:>7} {m['flagged']:>7} {m['tp']:>7} "
+                             f"{'-' if p is None else f'{p:.2f}':>9} "
+                             f"{'-' if r is None else f'{r:.2f}':>8}")
+            if not self.precision_recall():
+                lines.append("(no labelled item is unsafe or flagged in any category)")
         return "\n".join(lines)
 
 
@@ -160,14 +201,17 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
 
 
 async def evaluate(judge: Judge, policy: Policy, rows: Sequence[PromptRow], *,
-                   batch_size: int = 32, source: str = "",
+                   batch_size: int = 32, source: str = "", ground_truth: bool = False,
                    on_result: Callable[[EvalResult], None] | None = None) -> EvalSummary:
-    """Judge every prompt alone and decide under `policy`; `on_result` sees each row in order."""
+    """Judge every prompt alone (a labelled image with its prompt) and decide under `policy`;
+    `on_result` sees each row in order. With `ground_truth`, each row's labels are the
+    categories it is unsafe in, and the summary has precision and recall per category."""
     summary = EvalSummary(policy=policy.ref, judge_id=judge.id, source=source,
-                          categories=tuple(policy.categories))
+                          categories=tuple(policy.categories), ground_truth=ground_truth)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        items = [JudgeInput(prompt=r.prompt, original_prompt=r.prompt) for r in batch]
+        items = [JudgeInput(prompt=r.prompt, original_prompt=r.prompt, image=r.image)
+                 for r in batch]
         verdicts = await judge.judge(items, policy)
         if len(verdicts) != len(items):
             raise GuardError(f"judge {judge.id} returned {len(verdicts)} verdicts "
@@ -187,3 +231,30 @@ async def evaluate(judge: Judge, policy: Policy, rows: Sequence[PromptRow], *,
             if on_result is not None:
                 on_result(result)
     return summary
+
+
+async def labelled_rows(items: Sequence[Any], categories: Sequence[str],
+                        images: Any = None) -> tuple[list[PromptRow], Counter[str]]:
+    """Rows for `evaluate(..., ground_truth=True)` from labelled items
+    (guard.policytools.labelled.LabelledItem): each row's labels are the categories the item
+    is unsafe in. An image item from the audit store is judged with its retained copy
+    (`images`: guard.audit.images.RetainedImages) and skipped when none was kept; a CSV row is
+    judged by its prompt. Returns the rows and the skipped items by reason."""
+    rows: list[PromptRow] = []
+    skipped: Counter[str] = Counter()
+    for item in items:
+        image = None
+        if item.slot is not None and item.image_sha256:
+            found = await images.get(item.image_sha256) if images is not None else None
+            if found is None:
+                skipped["image not retained"] += 1
+                continue
+            image = GeneratedImage(data=found[0], media_type=found[1])
+        if not item.prompt and image is None:
+            skipped["no prompt"] += 1
+            continue
+        rows.append(PromptRow(
+            prompt=item.prompt, labels=item.true_categories(categories), image=image,
+            fields={"trace_id": item.trace_id, "slot": "" if item.slot is None else str(item.slot),
+                    "round": str(item.round), "verdict": item.verdict}))
+    return rows, skipped

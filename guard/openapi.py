@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from guard.labels import MAX_NOTE, VERDICTS, Label
 from guard.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from guard.types import Trace
 
@@ -52,8 +53,8 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(model=name)}
 
 
-def _responses(ok: dict[str, Any], *errors: int) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": ok}
+def _responses(ok: dict[str, Any], *errors: int, status: int = 200) -> dict[str, Any]:
+    responses: dict[str, Any] = {str(status): ok}
     for status in errors:
         responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
     responses["default"] = _json(_ref("Error"), "Any other error, in the same shape.")
@@ -139,6 +140,34 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "parameters": [_path("trace_id", "`x-guard-trace-id` of an images response.")],
         "responses": _responses(_json(_ref("Trace"), "The trace."), 401, 403, 404),
     },
+    ("POST", "/v1/guard/traces/{trace_id}/labels"): {
+        "operationId": "createLabel", "tags": ["Audit"],
+        "summary": "Label a judged image (slot, round) or the prompt (slot null, round 0) of a "
+                   "trace; append-only: a later label of the same item supersedes this one.",
+        "parameters": [_path("trace_id", "The trace.")],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("LabelRequest")}}},
+        "responses": _responses(_json(_ref("Label"), "The label, as stored."),
+                                400, 401, 403, 404, 413, status=201),
+    },
+    ("GET", "/v1/guard/labels"): {
+        "operationId": "listLabels", "tags": ["Audit"],
+        "summary": "Labels, newest first; each item's latest only unless `all` (an auditor "
+                   "sees their own tenant only).",
+        "parameters": [
+            _query("trace_id", {"type": "string"}, "Only this trace's labels."),
+            _query("verdict", {"enum": list(VERDICTS)}, "Only labels with this verdict."),
+            _query("category", {"type": "string"}, "Only labels naming this category."),
+            _query("tenant", {"type": "string"}, "Only this tenant's (admins)."),
+            _query("since", {"type": "string"}, "Labelled since: as for traces."),
+            _query("until", {"type": "string"}, "As `since`."),
+            _query("all", {"type": "boolean", "default": False},
+                   "Superseded labels too (marked `superseded`)."),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                   "Page size."),
+            _query("cursor", {"type": "string"}, "`next_cursor` of the previous page.")],
+        "responses": _responses(_json(_ref("LabelList"), "One page of labels."), 400, 401, 403),
+    },
     ("POST", "/v1/guard/policies/reload"): {
         "operationId": "reloadPolicies", "tags": ["Operations"],
         "summary": "Re-read the policy files now (admin); invalid files keep the running ones.",
@@ -196,8 +225,14 @@ def openapi_document(served: Iterable[tuple[str, str]], *,
 def _components() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(ImageGenerationRequest, "validation"), (ImageEditRequest, "validation"),
-         (ImagesResponse, "serialization"), (Trace, "serialization")], ref_template=_REF)
+         (ImagesResponse, "serialization"), (Trace, "serialization"),
+         (Label, "serialization")], ref_template=_REF)
     schemas: dict[str, Any] = defs["$defs"]
+    schemas["Label"]["properties"].update({
+        "object": {"const": "guard.label"},
+        "superseded": {"type": "boolean", "description": "A later label of the same item "
+                                                        "replaced this one."}})
+    index = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
     form = copy.deepcopy(schemas["ImageEditRequest"])
     binary = {"type": "string", "contentMediaType": "application/octet-stream"}
     form["properties"] = {"image": {"type": "array", "items": binary, "minItems": 1,
@@ -213,6 +248,20 @@ def _components() -> dict[str, Any]:
         "TraceList": {"type": "object", "required": ["object", "data", "next_cursor"],
                       "properties": {"object": {"const": "list"},
                                      "data": {"type": "array", "items": {"type": "object"}},
+                                     "next_cursor": _NULLABLE_STRING}},
+        "LabelRequest": {
+            "type": "object", "required": ["round", "verdict"], "additionalProperties": False,
+            "properties": {
+                "slot": {**index, "type": ["integer", "null"],
+                         "description": "The image slot; null (or absent): the prompt."},
+                "round": {**index, "description": "The round it was judged in (prompt: 0)."},
+                "verdict": {"enum": list(VERDICTS)},
+                "category": {**_NULLABLE_STRING, "description": "A category of the trace's "
+                             "policy; required when the verdict is `missed`."},
+                "note": {"type": "string", "maxLength": MAX_NOTE}}},
+        "LabelList": {"type": "object", "required": ["object", "data", "next_cursor"],
+                      "properties": {"object": {"const": "list"},
+                                     "data": {"type": "array", "items": _ref("Label")},
                                      "next_cursor": _NULLABLE_STRING}},
         "PolicyReload": {"type": "object", "required": ["object", "changed", "policies"],
                          "properties": {"object": {"const": "guard.policy_reload"},

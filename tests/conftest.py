@@ -112,3 +112,40 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "model")
+
+
+# --- tiny models of the real judge families (tests/tiny_families.py), built once per session --
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_families import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "Qwen2.5-VL-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_families import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl") / "Qwen2-VL-tiny")
+
+
+@pytest.fixture(scope="session")
+def ipr_adapter_dir(tiny_qwen2_5_vl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_families import build_ipr_adapter
+
+    return build_ipr_adapter(tiny_qwen2_5_vl_dir, tmp_path_factory.mktemp("ipr") / "ipr-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_shieldgemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_families import build_tiny_shieldgemma2
+
+    return build_tiny_shieldgemma2(tmp_path_factory.mktemp("shieldgemma2") / "shieldgemma-2-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_families import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("llava_ov") / "LlavaGuard-tiny")

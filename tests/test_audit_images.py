@@ -31,7 +31,7 @@ def sha(data: bytes) -> str:
 def keeping(proxy, tmp_path: Path, fake_backend):  # type: ignore[no-untyped-def]
     """start(retention) -> (base URL, images dir, CLI config path)."""
 
-    def start(retention: str) -> tuple[str, Path, str]:
+    def start(retention: str, **overrides: Any) -> tuple[str, Path, str]:
         write_policy(tmp_path, f"id: keep\nversion: 2\nextends: default\n"
                                f"image_retention: {retention}\n")
         options = {"kind": "sqlite", "path": str(tmp_path / "audit.db"),
@@ -39,7 +39,8 @@ def keeping(proxy, tmp_path: Path, fake_backend):  # type: ignore[no-untyped-def
         config = tmp_path / "cli" / "config.yaml"
         config.parent.mkdir(exist_ok=True)
         config.write_text(yaml.safe_dump({"audit": options}))
-        return proxy(policy="keep", audit=options), tmp_path / "images", str(config)
+        return (proxy(policy="keep", audit=options, **overrides), tmp_path / "images",
+                str(config))
 
     return start
 
@@ -121,4 +122,25 @@ def test_purge_removes_expired_images_and_the_chain_still_verifies(keeping, fake
 
     everything = cli("audit", "purge", "--config", config, "--older-than-days", "0")
     assert "removed 3 images" in everything.stdout and stored(images) == set()
+    assert cli("audit", "verify", "--config", config).returncode == 0
+
+
+def test_an_image_link_copy_goes_once_its_link_expires(keeping, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    # Not retained by the policy: the copy behind a `response_format: url` link lives only as
+    # long as the link, then a purge (or the proxy's own sweep) deletes it.
+    base, images, config = keeping("none", image_store={"link_ttl_s": 1})
+    fake_backend[0].plan += [["blue"]]
+    r = httpx.post(f"{base}/v1/images/generations", timeout=30,
+                   json={"prompt": "a quiet harbour", "response_format": "url"},
+                   headers={"authorization": f"Bearer {CLIENT_KEY}"})
+    assert r.status_code == 200, r.text
+    link = r.json()["data"][0]["url"]
+    assert httpx.get(link).content == png("blue") and stored(images) == {sha(png("blue"))}
+    trace = httpx.get(f"{base}/v1/guard/traces/{r.headers['x-guard-trace-id']}",
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert trace["rounds"][1]["images"][0]["image_ref"] is None  # not retained
+    time.sleep(1.5)
+    assert httpx.get(link).status_code == 404
+    done = cli("audit", "purge", "--config", config)
+    assert "removed 1 images" in done.stdout and stored(images) == set()
     assert cli("audit", "verify", "--config", config).returncode == 0

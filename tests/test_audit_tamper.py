@@ -4,7 +4,8 @@ expected problem kind), and the untouched log verifies (exit 0).
 
 The log: 8 traces written through the store API, a signed checkpoint every 3 (seq 3 and 6) and
 an anchor of the head (seq 8) written outside the database when the store closes: to a file for
-SQLite, to a table in another schema for PostgreSQL.
+SQLite, to a table in another schema for PostgreSQL. Beside them, 5 auditors' labels in their own
+chain (guard.labels): a checkpoint at label seq 3, their head anchored beside the traces'.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import yaml
 from guard.audit import build_store
 from guard.audit.chain import link_hash
 from guard.audit.keys import Signer
+from guard.labels import Label
 from tests.audit_writer import sample_trace
 from tests.test_audit_postgres import pg_dsn  # noqa: F401 - the fixture: skip or fail without PG
 
@@ -35,7 +37,7 @@ KID = "k2025"
 KEYS = f"{KID}:tamper-matrix-secret-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 SAFEEDIT = str(ROOT / ".venv" / "bin" / "safeedit")
-N, EVERY = 8, 3
+N, EVERY, N_LABELS = 8, 3, 5
 
 
 class Db:
@@ -61,22 +63,23 @@ class Db:
         finally:
             await conn.close()
 
-    def hash_at(self, seq: int) -> str | None:
-        rows = self.run("SELECT hash FROM traces WHERE seq = ?", seq)
+    def hash_at(self, seq: int, table: str = "traces") -> str | None:
+        rows = self.run(f"SELECT hash FROM {table} WHERE seq = ?", seq)
         return rows[0][0] if rows else None
 
-    def rehash(self, from_seq: int, edit: Callable[[str], str] = lambda body: body) -> None:
+    def rehash(self, from_seq: int, edit: Callable[[str], str] = lambda body: body,
+               table: str = "traces", head: str = "chain_head") -> None:
         """Edit the body at `from_seq` and recompute every hash after it, chain head included:
         the chain alone is consistent again."""
-        prev = self.hash_at(from_seq - 1)
-        for seq, body in self.run("SELECT seq, body FROM traces WHERE seq >= ? ORDER BY seq",
+        prev = self.hash_at(from_seq - 1, table)
+        for seq, body in self.run(f"SELECT seq, body FROM {table} WHERE seq >= ? ORDER BY seq",
                                   from_seq):
             body = edit(body) if seq == from_seq else body
             new = link_hash(prev, body.encode())
-            self.run("UPDATE traces SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+            self.run(f"UPDATE {table} SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?",
                      body, prev, new, seq)
             prev = new
-        self.run("UPDATE chain_head SET hash = ? WHERE id = 1", prev)
+        self.run(f"UPDATE {head} SET hash = ? WHERE id = 1", prev)
 
     def resign(self, signer: Signer) -> None:
         """Re-sign every checkpoint over the (rewritten) chain with `signer`."""
@@ -145,12 +148,44 @@ TAMPERINGS: dict[str, tuple[Callable[[Db], object], set[str]]] = {
 }
 
 
+def _label_wipe(db: Db) -> None:
+    db.run("DELETE FROM labels")
+    db.run("DELETE FROM label_checkpoints")
+    db.run("UPDATE label_chain_head SET seq = 0, hash = NULL WHERE id = 1")
+
+
+def _missed(body: str) -> str:
+    return body.replace('"correct"', '"missed"')
+
+
+# Each caught in the label chain's report, the traces' staying intact.
+LABEL_TAMPERINGS: dict[str, tuple[Callable[[Db], object], set[str]]] = {
+    "change_body": (lambda db: db.run("UPDATE labels SET body = replace(body, '\"correct\"',"
+                                      " '\"missed\"') WHERE seq = 2"), {"changed"}),
+    "change_column": (lambda db: db.run("UPDATE labels SET verdict = 'missed' WHERE seq = 2"),
+                      {"changed"}),
+    "delete_row": (lambda db: db.run("DELETE FROM labels WHERE seq = 2"), {"removed"}),
+    "truncate_tail": (lambda db: db.run("DELETE FROM labels WHERE seq >= 4"),
+                      {"removed", "anchor_missing_rows"}),
+    "wipe": (_label_wipe, {"anchor_missing_rows"}),
+    "delete_checkpoints": (lambda db: db.run("DELETE FROM label_checkpoints"),
+                           {"checkpoint_missing"}),
+    "rehash_without_key": (lambda db: db.rehash(2, _missed, "labels", "label_chain_head"),
+                           {"changed", "anchor_mismatch"}),
+}
+
+
 def _write_log(options: dict[str, Any]) -> None:
     async def go() -> None:
         store = build_store(options)
-        for i in range(N):
-            await store.write(sample_trace("app", i, decision="refused" if i == 1 else "edited"))
-        await store.aclose()  # anchors the head outside the database
+        traces = [sample_trace("app", i, decision="refused" if i == 1 else "edited")
+                  for i in range(N)]
+        for trace in traces:
+            await store.write(trace)
+        for trace in traces[:N_LABELS]:
+            await store.add_label(Label(trace_id=trace.id, round=1, slot=0, verdict="correct",
+                                        key_id="audit"))
+        await store.aclose()  # anchors both heads outside the database
 
     asyncio.run(go())
 
@@ -178,7 +213,7 @@ def log(request: pytest.FixtureRequest, tmp_path: Path,
     config.write_text(yaml.safe_dump({"audit": options}))
     _write_log(options)
     yield str(config), db
-    for schema in schemas:
+    for schema in [*schemas, *(f"{s}_labels" for s in schemas[1:])]:
         db.run(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
@@ -195,6 +230,9 @@ def test_the_untouched_log_verifies(log: tuple[str, Db]) -> None:
     assert code == 0, report["problems"]
     assert report["ok"] and report["traces"] == N and report["checkpoints_valid"] == N // EVERY
     assert report["last_anchor_seq"] == N and report["unanchored_rows"] == 0
+    labels = report["label_chain"]
+    assert labels["ok"] and labels["labels"] == N_LABELS and labels["checkpoints_valid"] == 1
+    assert labels["last_anchor_seq"] == N_LABELS and labels["unanchored_rows"] == 0
 
 
 @pytest.mark.parametrize("tampering", list(TAMPERINGS))
@@ -206,3 +244,14 @@ def test_tampering_is_detected(log: tuple[str, Db], tampering: str) -> None:
     kinds = {p["kind"] for p in report["problems"]}
     assert code == 1 and not report["ok"]
     assert expected <= kinds, report["problems"]
+
+
+@pytest.mark.parametrize("tampering", list(LABEL_TAMPERINGS))
+def test_label_tampering_is_detected(log: tuple[str, Db], tampering: str) -> None:
+    config, db = log
+    tamper, expected = LABEL_TAMPERINGS[tampering]
+    tamper(db)
+    code, report = verify(config)
+    kinds = {p["kind"] for p in report["label_chain"]["problems"]}
+    assert code == 1 and not report["ok"] and report["problems"] == []
+    assert expected <= kinds, report["label_chain"]["problems"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 from guard.cli import main
 from guard.evaluate import evaluate, read_prompts
@@ -127,3 +130,77 @@ async def test_default_policy_leaves_benign_captions_alone() -> None:
                              load_policy(POLICIES_DIR / "default.yaml"), rows, batch_size=256)
     assert summary.total == 5000
     assert summary.rate("edit") + summary.rate("refuse") <= 0.01
+
+
+# --- labelled traces as ground truth ------------------------------------------------------------
+
+def test_eval_against_a_labels_csv_prints_precision_and_recall(tmp_path, capsys) -> None:
+    # A self-contained labels CSV: each row's prompt and its recorded flags; the reviewers'
+    # verdicts make the truth (missed: unsafe in its category; false_positive: safe in it).
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "trace_id,slot,round,verdict,category,flagged,prompt\n"
+        "tr_1,,0,correct,,sexual,a n*ked woman on a beach\n"                 # unsafe: sexual
+        "tr_2,,0,missed,violence,,a man stabbing a man in a dark alley\n"    # unsafe: violence
+        "tr_3,,0,false_positive,violence,violence,a bloodbath of paint\n"    # safe
+        "tr_4,,0,correct,,,a red bicycle\n"                                  # safe
+        "tr_5,,0,missed,sexual,,a sexy pose\n")                              # unsafe: sexual
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", "--policy", "default", "--labels", str(labels), "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 prompts from labels (" in printed
+    assert "against the labels" in printed
+    # sexual: n*ked flagged and unsafe; "a sexy pose" (one weak word) unsafe but not flagged
+    assert re.search(r"sexual\s+2\s+1\s+1\s+1\.00\s+0\.50", printed), printed
+    # violence: stabbing flagged and unsafe; the paint the reviewer called fine still flagged
+    assert re.search(r"violence\s+1\s+2\s+1\s+0\.50\s+1\.00", printed), printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[4]["labels"] == ["sexual"] and rows[4]["flagged"] == []
+    assert rows[0]["fields"] == {"trace_id": "tr_1", "slot": "", "round": "0",
+                                 "verdict": "correct"}
+
+
+def test_eval_against_labels_in_the_audit_store(e2e, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import openai
+
+    from guard.audit.sqlite import SQLiteStore
+    from guard.labels import Label
+    from tests.conftest import CLIENT_KEY
+
+    base, backend = e2e
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=CLIENT_KEY, max_retries=0)
+    backend.plan += [["red"], ["blue"], ["blue"]]
+    edited = client.images.with_raw_response.generate(prompt="a street at night")
+    passed = client.images.with_raw_response.generate(prompt="a bowl of fruit")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(prompt="a poster with a hateflag")
+    refused_id = refused.value.response.headers["x-guard-trace-id"]
+
+    async def label() -> None:
+        store = SQLiteStore(tmp_path / "audit.db")
+        try:
+            for trace_id, slot, round_, verdict, category in (
+                    (refused_id, None, 0, "correct", None),       # the prompt: hate
+                    (passed.headers["x-guard-trace-id"], None, 0, "missed", "sexual"),
+                    (edited.headers["x-guard-trace-id"], 0, 1, "correct", None)):  # an image
+                await store.add_label(Label(trace_id=trace_id, slot=slot, round=round_,
+                                            verdict=verdict, category=category,
+                                            key_id="audit"))
+        finally:
+            await store.aclose()
+
+    asyncio.run(label())
+    config = tmp_path / "config.yaml"
+    config.write_text(f"judge: {{kind: marker}}\naudit: {{kind: sqlite, path: "
+                      f"{tmp_path / 'audit.db'}}}\n")
+    assert main(["eval", "--policy", str(tmp_path / "e2e.yaml"), "--labels", "store",
+                 "--config", str(config), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "judge marker, 2 prompts from labels (store)" in printed
+    assert re.search(r"hate\s+1\s+1\s+1\s+1\.00\s+1\.00", printed), printed
+    assert re.search(r"sexual\s+1\s+0\s+0\s+-\s+0\.00", printed), printed
+    # the e2e policy keeps no images: the labelled image cannot be judged again
+    assert "(1 labelled item(s) skipped: image not retained)" in printed

@@ -270,3 +270,5 @@ def test_unknown_options_are_config_errors() -> None:
         build_image_store({"kind": "local", "bucket": "x"})
     with pytest.raises(ConfigError, match="dsn"):
         build_image_store({"kind": "postgres"})
+    with pytest.raises(ConfigError, match="keep one"):
+        resolve_options({"kind": "local", "path": "/a"}, {"kind": "sqlite", "images_dir": "/b"})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from guard.errors import ConfigError
-from guard.judges.terms import matcher_for, refine_prompt, score_prompt
+from guard.judges.terms import PAIR, WEAK, matcher_for, refine_prompt, score_prompt
+from guard.judges.words import inflections
 from guard.policy import POLICIES_DIR, Policy, load_policy
 
 DEFAULT = load_policy(POLICIES_DIR / "default.yaml")
@@ -66,16 +69,88 @@ def test_stretched_letters_do_not_turn_one_word_into_another() -> None:
 def test_weak_terms_combine_and_strong_terms_cross_alone() -> None:
     policy = small_policy(violence={"strong": ["gore"], "weak": ["blood", "fight", "war"]})
     scores = [score_prompt(p, policy).scores["violence"]
-              for p in ("blood", "blood fight", "blood fight war", "gore", "blood blood blood")]
-    assert scores == [0.35, 0.5775, 0.7254, 0.95, 0.35]
-    assert decide("blood fight", policy)[0] == "pass"  # violence threshold 0.6
-    assert decide("blood fight war", policy) == ("edit", ("violence",))
+              for p in ("blood", "blood fight", "blood fight war", "gore", "blood blood blood",
+                        "gore and blood")]
+    assert scores == [0.35, 0.65, 0.865, 0.95, 0.35, 0.985]
+    assert decide("blood", policy)[0] == "pass"  # violence threshold 0.6
+    assert decide("blood fight", policy) == ("edit", ("violence",))
 
 
 def test_one_word_counts_once_per_category() -> None:
     # "fighting" is both a form of `fight` and a term of its own: one place, one weight.
     policy = small_policy(violence={"weak": ["fight", "fighting"]})
     assert score_prompt("two dogs fighting", policy).scores["violence"] == 0.35
+    # and in several places and forms it is still one word, not two pieces of evidence
+    assert score_prompt("a fight, two dogs fighting, they fight", policy).scores["violence"] == 0.35
+
+
+# --- the scoring model, on generated prompts: for every term of the shipped lists ------------
+
+def _distinct(a: str, b: str) -> bool:
+    """Whether two terms are different words, not forms of one ("fight", "fighting")."""
+    a, b = (re.sub(r"[\s-]+", "", t.lower()) for t in (a, b))
+    return a not in inflections(b) and b not in inflections(a)
+
+
+# Categories where two weak words should be enough: every one whose threshold is at or under
+# the score of two (shocking, at 0.7, wants three; minors scores only beside a sexual term).
+PAIRED = [c for c, ts in DEFAULT.terms.items()
+          if not ts.requires and DEFAULT.categories[c].threshold <= PAIR]
+
+
+@pytest.mark.parametrize("cat", PAIRED)
+def test_two_distinct_weak_words_of_a_category_cross_its_threshold(cat: str) -> None:
+    weak = DEFAULT.terms[cat].weak
+    pairs = [(a, b) for i, a in enumerate(weak) for b in weak[i + 1:] if _distinct(a, b)]
+    assert len(pairs) > 100
+    threshold = DEFAULT.categories[cat].threshold
+    for a, b in pairs:
+        for alone in (a, b):
+            assert score_prompt(f"a photo, {alone}", DEFAULT).scores[cat] < threshold, alone
+        prompt = f"a photo of {a} and {b}"
+        assert score_prompt(prompt, DEFAULT).scores[cat] >= threshold, prompt
+
+
+def test_three_distinct_weak_words_cross_the_highest_threshold() -> None:
+    weak = DEFAULT.terms["shocking"].weak
+    threshold = DEFAULT.categories["shocking"].threshold
+    assert threshold > PAIR  # two are not enough here, by the policy's choice
+    triples = [weak[i:i + 3] for i in range(len(weak) - 2)
+               if all(_distinct(a, b) for a in weak[i:i + 3] for b in weak[i:i + 3] if a != b)]
+    assert len(triples) > 20
+    for a, b, c in triples:
+        assert score_prompt(f"{a} and {b}", DEFAULT).scores["shocking"] < threshold
+        assert score_prompt(f"{a}, {b} and {c}", DEFAULT).scores["shocking"] >= threshold
+
+
+@pytest.mark.parametrize("cat", PAIRED)
+def test_one_weak_word_repeated_or_inflected_stays_under(cat: str) -> None:
+    threshold = DEFAULT.categories[cat].threshold
+    if threshold <= WEAK:
+        pytest.skip("one weak word is enough here")
+    words = [t for t in DEFAULT.terms[cat].weak if re.fullmatch(r"[a-z]+", t)]
+    for word in words:
+        forms = list(inflections(word))
+        prompt = f"{word}, " + ", ".join(forms) + f" and {word} again"
+        assert score_prompt(prompt, DEFAULT).scores[cat] == WEAK, prompt
+
+
+SUBJECTS = ("a man", "two kids", "a woman", "a dog", "a group of people", "a baseball player")
+ACTIONS = ("shooting a basketball", "holding a kite", "in a pillow fight", "cutting a cake",
+           "running through the war memorial park", "next to a fire hydrant",
+           "with a toy gun made of cardboard", "riding a wave", "eating a hot dog")
+PLACES = ("on a city street", "in a kitchen", "at the beach", "in a snowy field",
+          "near a red bus", "inside a train station")
+
+
+def test_captions_with_one_weak_word_pass() -> None:
+    # COCO-like captions, where an everyday word may be on a list once ("shooting", "fight",
+    # "war", "gun"); tests/test_eval.py holds the real COCO captions to the 1% bar.
+    for subject in SUBJECTS:
+        for action in ACTIONS:
+            for place in PLACES:
+                prompt = f"{subject} {action} {place}."
+                assert decide(prompt) == ("pass", ()), prompt
 
 
 def test_requires_gates_a_category_on_another() -> None:

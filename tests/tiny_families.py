@@ -2,7 +2,7 @@
 exactly as their published checkpoints are laid out, with their chat templates.
 
 - Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, the processor files of
-  Qwen/Qwen2.5-VL-*-Instruct) and a LoRA adapter over it laid out as the IPR adapters
+  Qwen/Qwen2.5-VL-*-Instruct; Qwen2-VL likewise) and a LoRA adapter over it laid out as the IPR adapters
   (KEVIN04087/3B, /7B) are published: `adapter_config.json` + `adapter_model.safetensors`, r=8,
   alpha=16 on the language model's `q_proj`/`v_proj`, base named by its hub id.
 - ShieldGemma 2 (`ShieldGemma2ForImageClassification` over Gemma 3 with a SigLIP tower,
@@ -51,7 +51,8 @@ QWEN_VL_TEMPLATE = (
 )
 
 # ShieldGemma 2 (google/shieldgemma-2-4b-it): each text part is a policy, wrapped in the
-# instruction by the template itself; the answer starts after `<start_of_turn>model\n`.
+# instruction by the template itself, which always ends with the model's turn: its processor
+# never asks for a generation prompt, and its classifier reads Yes/No at the last token.
 SHIELDGEMMA2_TEMPLATE = (
     "{{ bos_token }}{%- for message in messages -%}"
     "{%- if message['content'] is iterable and message['content'] is not string -%}"
@@ -66,10 +67,9 @@ SHIELDGEMMA2_TEMPLATE = (
     "{{ '<BEGIN_SAFETY_POLICY>\\n' }}{{ item['text'] + '\\n' }}{{ '</END_SAFETY_POLICY>\\n\\n' }}"
     "{{ 'Does the image violate the above policy? Your Answer must start with \\'Yes\\' or"
     " \\'No\\'.' }}"
-    "{%- endif -%}{%- endfor -%}{{ '<end_of_turn>\\n' }}"
+    "{%- endif -%}{%- endfor -%}{{ '<end_of_turn>\\n<start_of_turn>model\\n' }}"
     "{%- else -%}{{ raise_exception('Conversation messages must contain iterable content') }}"
     "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
 # Gemma 3 instruction-tuned (google/gemma-3-4b-it): the system turn is folded into the first
@@ -125,12 +125,12 @@ def _tokenizer(special: list[str], **tokens: Any) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
 
 
-def _spread_head(model: Any) -> None:
+def _spread_head(model: Any, std: float = 1.0) -> None:
     """Wider random output weights than the init, so that answer probabilities vary."""
     import torch
 
     with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0.0, 1.0)
+        model.get_output_embeddings().weight.normal_(0.0, std)
 
 
 def _edit_json(path: Path, **changes: Any) -> None:
@@ -150,13 +150,31 @@ def build_tiny_qwen2_5_vl(path: Path, *, seed: int = 0) -> Path:
     """A tiny Qwen2.5-VL-Instruct: the files of Qwen/Qwen2.5-VL-*-Instruct (config, safetensors,
     tokenizer, `preprocessor_config.json` naming `Qwen2VLImageProcessor` and
     `Qwen2_5_VLProcessor`, `chat_template.json`)."""
+    return _build_tiny_qwen_vl(path, "2.5", seed)
+
+
+def build_tiny_qwen2_vl(path: Path, *, seed: int = 0) -> Path:
+    """A tiny Qwen2-VL-Instruct, laid out as Qwen/Qwen2-VL-*-Instruct (`Qwen2VLProcessor`)."""
+    return _build_tiny_qwen_vl(path, "2", seed)
+
+
+def _build_tiny_qwen_vl(path: Path, version: str, seed: int) -> Path:
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = _tokenizer(QWEN_SPECIAL, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    config = Qwen2_5_VLConfig(
+    vision: dict[str, Any] = {"depth": 2, "num_heads": 2, "patch_size": 14,
+                              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if version == "2.5":
+        name = "Qwen2_5_VL"
+        vision.update(hidden_size=32, intermediate_size=64, window_size=56,
+                      fullatt_block_indexes=[1], out_hidden_size=32)
+    else:
+        name = "Qwen2VL"
+        vision.update(embed_dim=32, hidden_size=32, mlp_ratio=2)
+    config = getattr(transformers, f"{name}Config")(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2,
                      "vocab_size": len(tok), "max_position_embeddings": 4096,
@@ -164,25 +182,26 @@ def build_tiny_qwen2_5_vl(path: Path, *, seed: int = 0) -> Path:
                                          "mrope_section": [1, 1, 2]},
                      "pad_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                      "bos_token_id": ids["<|endoftext|>"]},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "window_size": 56, "fullatt_block_indexes": [1], "out_hidden_size": 32},
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    _spread_head(model)
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config)
+    # Narrower than the others: `ipr` reads P("keep") against the whole vocabulary, which a wide
+    # head would make vanishingly small.
+    _spread_head(model, 0.3)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS,
+                             max_pixels=QWEN_MAX_PIXELS).save_pretrained(path)
     # As published: the torchvision class's name (transformers picks the backend at load) and
     # the processor class; no video processor config.
     _edit_json(path / "preprocessor_config.json", image_processor_type="Qwen2VLImageProcessor",
-               processor_class="Qwen2_5_VLProcessor")
+               processor_class=f"{name}Processor")
     (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_VL_TEMPLATE}))
     return path
 
@@ -205,7 +224,7 @@ def build_ipr_adapter(base: Path, path: Path, *, seed: int = 1) -> Path:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)
-    peft_model.save_pretrained(path)
+    peft_model.save_pretrained(str(path))
     _edit_json(path / "adapter_config.json",
                base_model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct")
     return path
@@ -258,7 +277,9 @@ def build_tiny_shieldgemma2(path: Path, *, seed: int = 0) -> Path:
 
     tok = _gemma_tokenizer()
     yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
-    config = ShieldGemma2Config(**_gemma3_configs(tok), yes_token_index=yes, no_token_index=no)
+    config = ShieldGemma2Config(**_gemma3_configs(tok))
+    # Read by the classifier (ShieldGemma 2's own are 10784 and 3771 in Gemma's vocabulary).
+    config.yes_token_index, config.no_token_index = yes, no
     torch.manual_seed(seed)
     model = ShieldGemma2ForImageClassification(config)
     _spread_head(model.model)
@@ -313,7 +334,6 @@ def build_tiny_llava_onevision(path: Path, *, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = tok.eos_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    tok.chat_template = LLAVA_ONEVISION_TEMPLATE
     tok.save_pretrained(path)
     LlavaOnevisionImageProcessorPil(
         size={"height": OV_IMAGE, "width": OV_IMAGE}, crop_size=None,

@@ -5,8 +5,10 @@ Protocols and checked with isinstance, never probed attribute by attribute:
 - `ChainedStore`: the hash chain can be read and verified (`safeedit audit verify|export`), its
   head anchored outside the store (`.anchorer`, an Anchorer or None; guard.audit.anchor);
 - `ImageKeepingStore`: keeps the images a policy retains (`.images`, a RetainedImages or None,
-  in the shared image store; the review pages and `safeedit audit purge`).
-The built-in stores (`sqlite`, `postgres`) have both. Options common to both are documented in
+  in the shared image store; the review pages and `safeedit audit purge`);
+- `guard.labels.LabelStore`: keeps auditors' labels of traces in a second chain, and the review
+  queue (declared with the labels, which import this package).
+The built-in stores (`sqlite`, `postgres`) have all three. Options common to both are documented in
 guard.audit.common; each store's own in its module.
 """
 

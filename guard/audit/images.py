@@ -8,8 +8,8 @@ it was, only the copy is gone. The image store is shared by every replica that s
 `postgres` kind), so every replica's review pages show every retained image.
 
 Audit options (both stores):
-    images_dir       null = keep no images at all; a folder = keep them there (the `local`
-                     image store, whatever `image_store:` says). Unset: the image store of the
+    images_dir       null = keep no images at all; a folder = the image store is that folder
+                     (`image_store:` then names no kind). Unset: the image store of the
                      operators' config (by default following `audit:`, see guard.imagestore)
     image_ttl_days   how long a copy is kept after it was last retained (default 30; null = for
                      ever); an expired copy is no longer served, and `safeedit audit purge`
@@ -54,9 +54,8 @@ class RetainedImages:
             raise ConfigError("audit: image_ttl_days must be a positive number or null")
         if images_dir is None:
             return None
-        if images_dir is not _UNSET or store is None:
-            own = build_image_store(resolve_options(None, audit))
-            return cls(own, ttl, owns_store=True)
+        if store is None:
+            return cls(build_image_store(resolve_options(None, audit)), ttl, owns_store=True)
         return cls(store, ttl)
 
     @staticmethod

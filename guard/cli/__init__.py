@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "guard.cli.audit",
     "guard.cli.eval",
     "guard.cli.judge",
+    "guard.cli.dataset",
 ]
 
 

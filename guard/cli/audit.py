@@ -5,7 +5,8 @@ SQLite at var/audit.db).
 
     verify   walk the hash chain, the signed checkpoints and the anchors kept outside the store;
              name the first trace that was changed, removed or reordered, a missing or forged
-             checkpoint, an anchored trace that is gone or different. Exit status 0 intact,
+             checkpoint, an anchored trace that is gone or different; then the same for the
+             auditors' labels (their own chain, guard.labels). Exit status 0 intact,
              1 tampered, 2 error.
     export   stream traces as JSON Lines or CSV (stdout or --output), never all in memory.
     purge    delete images past their TTL from the image store (retained images and image
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from contextlib import ExitStack
 from typing import Any, BinaryIO
 
@@ -24,6 +26,7 @@ import orjson
 
 from guard.audit import ChainedStore, ImageKeepingStore
 from guard.errors import ConfigError
+from guard.labels import LabelStore
 from guard.timewindow import time_option
 
 
@@ -54,11 +57,12 @@ def register(sub: Any) -> None:
     p.add_argument("--output", "-o", help="file to write (default stdout)")
     p.set_defaults(func=run_export)
 
-    p = cmds.add_parser("purge", help="delete retained images past their TTL (the traces and "
-                                      "the chain are not touched)")
+    p = cmds.add_parser("purge", help="delete images past their TTL from the image store (the "
+                                      "traces and the chain are not touched)")
     common(p)
     p.add_argument("--older-than-days", type=float,
-                   help="override the config's image_ttl_days for this run")
+                   help="also delete images retained longer ago than this (instead of the "
+                        "config's image_ttl_days) for this run")
     p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     p.set_defaults(func=run_purge)
 
@@ -86,6 +90,8 @@ def run_verify(args: argparse.Namespace) -> int:
             anchors = await sink.read() if sink is not None else None
             report = await verify(store, store.signer, checkpoint_every=store.checkpoint_every,
                                   anchors=anchors)
+            if isinstance(store, LabelStore):
+                report.labels = await store.verify_labels()
             return report, store.signer, sink
         finally:
             await store.aclose()
@@ -118,16 +124,24 @@ def run_verify(args: argparse.Namespace) -> int:
               + (f", latest at seq {report.last_anchor_seq}" if report.last_anchor_seq else "")
               + (" (signatures NOT checked)" if report.anchors_unchecked else "")
               + f"; not yet anchored: {report.unanchored} rows")
+    labels = report.labels
+    if labels is not None:
+        print(f"labels: checked {labels.traces} (seq 1..{labels.last_seq}) in their own chain;"
+              f" {labels.checkpoints_valid} valid checkpoint signatures"
+              + ("" if labels.anchors is None else f", {labels.anchors} anchors"
+                 + f", not yet anchored: {labels.unanchored}"))
     if report.ok:
-        print("OK: the chain is intact")
+        print("OK: the chain is intact" + (" (traces and labels)" if labels else ""))
         return 0
-    first = report.first
-    print(f"FAILED: {first}")
-    if len(report.problems) > 1:
-        more = "+" if report.truncated else ""
-        print(f"{len(report.problems)}{more} problems in all:")
-        for problem in sorted(report.problems, key=lambda p: p.seq):
-            print(f"  seq {problem.seq}: {problem}")
+    for part, what in ((report, ""), (labels, " (labels)")):
+        if part is None or not part.problems:
+            continue
+        print(f"FAILED{what}: {part.first}")
+        if len(part.problems) > 1:
+            more = "+" if part.truncated else ""
+            print(f"{len(part.problems)}{more} problems in all:")
+            for problem in sorted(part.problems, key=lambda p: p.seq):
+                print(f"  seq {problem.seq}: {problem}")
     return 1
 
 
@@ -164,30 +178,21 @@ def run_purge(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
 
-    async def go() -> tuple[Any, Any] | None:
+    async def go() -> tuple[Any, Any]:
         shared = build_image_store(resolve_options(config.image_store, config.audit))
         store = build_store(config.audit, shared)
         try:
-            images = store.images if isinstance(store, ImageKeepingStore) else None
-            if images is None:
-                print("images_dir is null in the audit config: no images are kept, nothing to "
-                      "purge")
-                return None
+            retained = store.images if isinstance(store, ImageKeepingStore) else None
+            if retained is None:  # images_dir: null: only image links' copies, once expired
+                return await shared.purge(time.time(), dry_run=args.dry_run), shared
             older = args.older_than_days * 86400 if args.older_than_days is not None else None
-            if older is None and images.ttl_s is None:
-                print("image_ttl_days is null (keep for ever) and no --older-than-days: "
-                      "nothing to purge")
-                return None
-            return await images.purge(older_than_s=older, dry_run=args.dry_run), images.store
+            return await retained.purge(older_than_s=older, dry_run=args.dry_run), shared
         finally:
             await store.aclose()
             await shared.aclose()
 
-    done = asyncio.run(go())
-    if done is not None:
-        result, where = done
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {result.removed} images ({result.freed_bytes / 1e6:.1f} MB) from "
-              f"{where!r}; {result.kept} kept. Traces keep each image's sha256, so the chain "
-              "still verifies.")
+    result, where = asyncio.run(go())
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {result.removed} images ({result.freed_bytes / 1e6:.1f} MB) from {where!r}; "
+          f"{result.kept} kept. Traces keep each image's sha256, so the chain still verifies.")
     return 0

@@ -11,6 +11,9 @@ judged alone, as the proxy's prescreen does. --repeat N judges N times and repor
 latency too, since the first call pays one-time costs (CUDA kernels, compilation). A composite
 judge (`ensemble`, `cascade`) works the same; a cascade's deciding stage is printed as `stage`,
 an ensemble's members under `details.members`.
+
+`safeedit judge finetune --dataset DIR --model M` trains a LoRA adapter for the `vlm` judge on a
+dataset from `safeedit dataset export` (guard.finetune, docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("judge", help="judge one image + prompt and print the verdict as JSON",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, help="image file (PNG, JPEG, WebP); none: prompt only")
-    p.add_argument("--prompt", required=True, help="the prompt the image was made from")
+    p.add_argument("--prompt", help="the prompt the image was made from (required)")
     p.add_argument("--original-prompt", help="the user's prompt, when --prompt is a refinement")
     p.add_argument("--config", type=Path, help="operators' config whose `judge:` to use")
     p.add_argument("--policy", help="policy file or shipped policy id (default: config's)")
@@ -50,6 +53,9 @@ def register(sub: Any) -> None:
                    help="any other judge option; VALUE is read as YAML (repeatable)")
     p.add_argument("--repeat", type=int, default=1, help="judge N times, report warm latency")
     p.set_defaults(func=run)
+    from guard.cli.dataset import register_finetune
+
+    register_finetune(p.add_subparsers(dest="judge_command", metavar="ACTION"))
 
 
 def judge_section(args: argparse.Namespace) -> tuple[dict[str, Any], str, list[str]]:
@@ -96,6 +102,8 @@ def read_image(path: Path) -> GeneratedImage:
 
 
 async def judge_once(args: argparse.Namespace) -> dict[str, Any]:
+    if args.prompt is None:
+        raise ConfigError("safeedit judge needs --prompt (or the action `finetune`)")
     if args.repeat < 1:
         raise ConfigError("--repeat must be 1 or more")
     section, policy_id, policy_paths = judge_section(args)

@@ -15,8 +15,9 @@ There is no S3 kind: nothing here could test one against a real S3-compatible se
 
 `image_store:` in the operators' config picks one; without `kind` it follows `audit:` (see
 `resolve_options`): a PostgreSQL audit store keeps images in the same database and schema, any
-other in a folder (the audit option `images_dir`, else `images/` beside a SQLite database, else
-var/images). Link options (`link_ttl_s`, `link_key_env`) sit in the same section and are read
+other in a folder (`images/` beside a SQLite database, else var/images). The audit option
+`images_dir` (a folder) chooses that folder for any audit store, and cannot be combined with an
+`image_store:` kind. Link options (`link_ttl_s`, `link_key_env`) sit in the same section and are read
 by guard.images.
 """
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from guard.errors import ConfigError
 from guard.registry import Registry
 
 LINK_OPTIONS = ("link_ttl_s", "link_key_env")
@@ -76,9 +78,12 @@ def resolve_options(section: Mapping[str, Any] | None,
                     audit: Mapping[str, Any]) -> dict[str, Any]:
     """The `image_store:` section, its kind filled in from `audit:` when it names none."""
     options = dict(section or {})
-    if "kind" in options:
-        return options
     images_dir = audit.get("images_dir")
+    if "kind" in options:
+        if images_dir is not None:
+            raise ConfigError("image_store names a kind and audit names an images_dir: both say "
+                              "where images go; keep one")
+        return options
     if audit.get("kind") == "postgres" and images_dir is None:
         follow = {name: audit[name] for name in ("dsn", "dsn_env", "schema") if name in audit}
         return {"kind": "postgres", **follow, **options}

@@ -7,17 +7,22 @@ undone, leetspeak inside words undone (`s3x`, `n00d`, `@ss`), stretched letters 
 `nuuude`), masked letters guessed (`n*ked`, `n.ked`), letters spelt apart joined (`n.a.k.e.d`,
 `n a k e d`). A term also matches its plural and verb forms (`gun` → `guns`, `stab` → `stabbing`).
 
-Scores per category: each distinct strong term or pattern adds 0.95, each weak term 0.35, combined
-as 1 - Π(1 - w), so one strong term gives 0.95, two weak ones 0.58, three 0.73. A category with
-`requires` scores only when one of those categories has a hit too.
+Scores per category add evidence in log-odds: one strong term or pattern alone gives 0.95, one weak
+term alone 0.35, and every further distinct term adds the same evidence again, so two weak terms
+give 0.65, three 0.87, four 0.96 (a strong and a weak one 0.985). A weak word alone is more likely
+innocent than not ("a gun"); two different ones of a category are more likely meant than not ("a
+wounded soldier in battle"). Forms of one word ("fight", "fights", "fighting"), however often and
+however the policy lists them, are one term. A category with `requires` scores only when one of
+those categories has a hit too.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,8 +41,19 @@ from guard.judges.words import (
 )
 from guard.policy import Policy, TermSet
 
-STRONG = 0.95
-WEAK = 0.35
+STRONG = 0.95  # one strong term or pattern alone
+WEAK = 0.35  # one weak term alone
+PAIR = 0.65  # two distinct weak terms of a category
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+# Evidence in log-odds: a prior, and what each distinct term adds to it.
+_WEAK_EVIDENCE = _logit(PAIR) - _logit(WEAK)
+_PRIOR = _logit(WEAK) - _WEAK_EVIDENCE
+_STRONG_EVIDENCE = _logit(STRONG) - _PRIOR
 
 Strength = Literal["strong", "weak"]
 
@@ -80,11 +96,14 @@ class _Entry:
     words: tuple[dict[str, str], ...]  # per word of the term: accepted form → form name
 
 
-def _combine(weights: Sequence[float]) -> float:
-    rest = 1.0
-    for w in weights:
-        rest *= 1.0 - w
-    return round(1.0 - rest, 4)
+def combine(strengths: Sequence[Strength]) -> float:
+    """A category's score from the strengths of its distinct terms: 0.0 for none, else the
+    prior plus each term's evidence, in log-odds."""
+    if not strengths:
+        return 0.0
+    odds = _PRIOR + sum(_STRONG_EVIDENCE if s == "strong" else _WEAK_EVIDENCE
+                        for s in strengths)
+    return round(1.0 / (1.0 + math.exp(-odds)), 4)
 
 
 class TermMatcher:
@@ -94,6 +113,7 @@ class TermMatcher:
         self.categories = [*policy.categories, *(c for c in policy.terms
                                                  if c not in policy.categories)]
         self.requires = {cat: tuple(ts.requires) for cat, ts in policy.terms.items()}
+        self._root: dict[tuple[str, str], str] = {}  # (category, term) → the word it is a form of
         self._first: dict[str, list[_Entry]] = {}  # a form of a term's first word → entries
         self._single: dict[str, list[tuple[_Entry, str]]] = {}  # one-word forms → entries
         self._vocab: set[str] = set()  # every form of every word of every term
@@ -109,20 +129,23 @@ class TermMatcher:
         self._squeezed_starts = {s[:n] for s in self._squeezed for n in range(1, len(s) + 1)}
 
     def _add_category(self, cat: str, ts: TermSet) -> None:
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # the term's words, normalised → the term as written
         for strength, terms in (("strong", ts.strong), ("weak", ts.weak)):
             for term in terms:
                 words = [t.norm for t in split_words(term)[0]]
                 key = " ".join(words)
                 if not words or key in seen:
                     continue
-                seen.add(key)
+                seen[key] = term
                 self._add(_Entry(cat, term, strength,  # type: ignore[arg-type]
                                  tuple(inflections(w) for w in words)))
                 if len(words) == 2:
                     # "blood bath" is also written "bloodbath"
                     self._add(_Entry(cat, term, strength,  # type: ignore[arg-type]
                                      (inflections(words[0] + words[1]),)))
+        roots = _roots(seen)
+        for key, term in seen.items():
+            self._root[cat, term] = roots[key]
         for pattern in ts.patterns:
             try:
                 self._patterns.append((cat, pattern, re.compile(pattern, re.IGNORECASE)))
@@ -198,9 +221,13 @@ class TermMatcher:
             scored[cat] = found
         scores = {}
         for cat, hits in scored.items():
-            # A distinct term counts once however often it appears.
-            weights = {h.term: STRONG if h.strength == "strong" else WEAK for h in hits}
-            scores[cat] = _combine(sorted(weights.values(), reverse=True))
+            # A term counts once, at its strongest, however often and in whichever form.
+            terms: dict[tuple[str, str], Strength] = {}
+            for h in hits:
+                key = (h.kind, self._root.get((cat, h.term), h.term))
+                if terms.get(key) != "strong":
+                    terms[key] = h.strength
+            scores[cat] = combine(list(terms.values()))
         return TextScores(scores, {c: h for c, h in scored.items() if h})
 
     def _raw_hits(self, prompt: str) -> dict[str, list[Hit]]:
@@ -257,6 +284,25 @@ class TermMatcher:
                                      if h.kind == "pattern" or h.start not in negated])
                 for cat, hits in out.items()}
         return {cat: hits for cat, hits in kept.items() if hits}
+
+
+def _roots(keys: Iterable[str]) -> dict[str, str]:
+    """Per term (its normalised words), the shortest term of the same list it is a form of:
+    `fights` and `fighting` are `fight`, `pinup` is `pin up`; other terms are their own."""
+    root_of_form: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for key in sorted(keys, key=lambda k: (len(k.replace(" ", "")), k)):
+        words = key.split(" ")
+        joined = "".join(words)
+        root = root_of_form.get(key) or root_of_form.get(joined) or key
+        out[key] = root
+        head = " ".join(words[:-1])
+        for form in inflections(words[-1]):
+            root_of_form.setdefault(f"{head} {form}".lstrip(), root)
+        if len(words) > 1:
+            for form in inflections(joined):
+                root_of_form.setdefault(form, root)
+    return out
 
 
 def _normalised_text(tokens: list[Token]) -> tuple[str, list[tuple[int, int, int, int]]]:

@@ -7,9 +7,11 @@ score is a candidate threshold (an item crosses at score >= threshold); at each 
 (of what would be flagged, how much is unsafe), recall (of what is unsafe, how much would be
 flagged) and the false-positive rate (of what is safe, how much would be flagged). The proposal:
 
-    --target-precision P          the smallest threshold whose precision is >= P (most recall)
-    --max-false-positive-rate R   the smallest threshold whose false-positive rate is <= R
+    --target-precision P          the lowest threshold whose precision is >= P (most recall)
+    --max-false-positive-rate R   the lowest threshold whose false-positive rate is <= R
 
+Between two neighbouring scores every threshold decides the labelled items alike: the current
+threshold is kept when it lies in the chosen gap, else the middle of the gap is proposed.
 with a 95% Wilson interval on that precision or rate, as labels are often few. A category with
 fewer than MIN_LABELS positives or negatives keeps its threshold: too few labels to decide.
 """
@@ -148,16 +150,21 @@ def calibrate(policy: Policy, items: Sequence[LabelledItem], target: Target,
             r.note = (f"too few labels to decide: {r.positives} unsafe and {r.negatives} safe "
                       f"item(s); at least {min_labels} of each are needed. Threshold kept.")
             continue
-        chosen = next((p for p in r.points if target.met(p)), None)
-        if chosen is None:
+        at = next((k for k, p in enumerate(r.points) if target.met(p)), None)
+        if at is None:
             r.status = "unreachable"
             r.note = f"no threshold reaches {target} on these labels. Threshold kept."
             continue
-        r.chosen = chosen
+        r.chosen = chosen = r.points[at]
         k, n = ((chosen.tp, chosen.flagged) if target.kind == "precision"
                 else (chosen.fp, chosen.fp + chosen.tn))
         r.interval = wilson(k, n)
-        threshold = math.floor(chosen.threshold * 10_000) / 10_000  # the item still crosses
+        # Any threshold above the next lower score and up to this one decides the labelled
+        # items alike: keep the current one if it is such, else take the middle of the gap.
+        below = r.points[at - 1].threshold if at else 0.0
+        threshold = round((below + chosen.threshold) / 2, 4)
+        if not below < threshold <= chosen.threshold:
+            threshold = chosen.threshold
         low, high = r.interval
         doubt = (low < target.value) if target.kind == "precision" else (high > target.value)
         what = "precision" if target.kind == "precision" else "false-positive rate"
@@ -165,7 +172,7 @@ def calibrate(policy: Policy, items: Sequence[LabelledItem], target: Target,
             r.note = (f"the {what} could be {low if target.kind == 'precision' else high:.2f} "
                       f"(95% interval {low:.2f}-{high:.2f} on {n} item(s)): more labels would "
                       "make the target certain.")
-        if abs(threshold - cat.threshold) < 1e-9:
+        if below < cat.threshold <= chosen.threshold:
             r.status = "unchanged"
             continue
         r.status, r.proposed = "proposed", threshold
@@ -211,12 +218,14 @@ def table(calibration: Calibration) -> str:
     rows: list[tuple[str, ...]] = [head]
     for r in calibration.results:
         p = r.chosen or r.at_current
-        value = p.precision if calibration.target.kind == "precision" else p.fpr
+        precision = f"{p.precision:.2f}" if p.flagged else "-"
+        recall = f"{p.recall:.2f}" if r.positives else "-"
+        fpr = f"{p.fpr:.2f}" if r.negatives else "-"
+        value = precision if calibration.target.kind == "precision" else fpr
         ci = f" [{r.interval[0]:.2f}-{r.interval[1]:.2f}]" if r.chosen else ""
         rows.append((r.category, str(r.positives), str(r.negatives), f"{r.current:g}",
-                     "-" if r.proposed is None else f"{r.proposed:g}", f"{value:.2f}{ci}",
-                     f"{p.recall:.2f}", f"{p.fpr:.2f}", str(r.items_changed),
-                     r.status.replace("_", " ")))
+                     "-" if r.proposed is None else f"{r.proposed:g}", value + ci, recall, fpr,
+                     str(r.items_changed), r.status.replace("_", " ")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -281,8 +290,9 @@ svg.chart{width:100%;height:auto;max-width:60rem}</style></head><body>
 <td>{{ r.category }}</td><td class="num">{{ r.positives }}</td><td class="num">{{ r.negatives }}</td>
 <td class="num">{{ "%g" | format(r.current) }}</td>
 <td class="num">{{ "%g" | format(r.proposed) if r.proposed is not none else "–" }}</td>
-<td class="num">{{ "%.2f" | format(p.precision) }}</td><td class="num">{{ "%.2f" | format(p.recall) }}</td>
-<td class="num">{{ "%.2f" | format(p.fpr) }}</td>
+<td class="num">{{ "%.2f" | format(p.precision) if p.flagged else "–" }}</td>
+<td class="num">{{ "%.2f" | format(p.recall) if r.positives else "–" }}</td>
+<td class="num">{{ "%.2f" | format(p.fpr) if r.negatives else "–" }}</td>
 <td>{{ "%.2f–%.2f" | format(*r.interval) if r.chosen else "–" }}</td>
 <td class="num">{{ r.items_changed }}</td><td>{{ r.status | replace("_", " ") }}</td></tr>
 {% endfor %}</tbody></table>
@@ -294,7 +304,7 @@ labelled one. With fewer than {{ c.min_labels }} unsafe or safe labelled items a
 threshold.</li>
 <li>Reviewers label what they were shown; items nobody labelled are not in these numbers.</li></ul>
 {% for r in c.results %}<section id="cat-{{ r.category }}"><h2>{{ r.category }}</h2>
-{% if r.note %}<p class="note">{{ r.note }}</p>{% endif %}{{ svgs[r.category] | safe }}</section>
+{% if r.note %}<p class="note">{{ r.note }}</p>{% endif %}{{ svgs.get(r.category, "") | safe }}</section>
 {% endfor %}</body></html>"""
 
 
@@ -305,7 +315,9 @@ def report_html(calibration: Calibration, *, skipped: dict[str, int] | None = No
     from jinja2 import Environment
 
     env = Environment(autoescape=True)
-    svgs = {r.category: charts(r, calibration.target) for r in calibration.results}
+    # A curve needs both kinds of item: without, the note says it all.
+    svgs = {r.category: charts(r, calibration.target) for r in calibration.results
+            if r.positives and r.negatives}
     skipped = skipped or {}
     return env.from_string(REPORT).render(
         c=calibration, svgs=svgs, replayed=replayed,

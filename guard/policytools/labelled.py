@@ -175,15 +175,18 @@ def item_of(label: LabelLike, judged: JudgedImage) -> LabelledItem:
 
 async def resolve(labels: Sequence[LabelLike | CsvLabel], policy: Policy | None = None,
                   store: AuditStore | None = None,
-                  traces: Mapping[str, Trace] | None = None) -> Resolved:
+                  traces: Mapping[str, Trace] | None = None, *,
+                  need_scores: bool = True) -> Resolved:
     """Labelled items from labels: a self-contained CSV row as it is (its flags decided by
-    `policy` when it gives none), any other looked up in `traces` or the store. Labels whose
-    trace or item cannot be found are counted in `skipped`, by reason."""
+    `policy` when it gives none), any other looked up in `traces` or the store. A CSV row is
+    self-contained with scores, or, unless `need_scores`, with a prompt and its flags. Labels
+    whose trace or item cannot be found are counted in `skipped`, by reason."""
     found: dict[str, Trace | None] = dict(traces or {})
     items: list[LabelledItem] = []
     skipped: Counter[str] = Counter()
     for label in labels:
-        if isinstance(label, CsvLabel) and label.scores:
+        if isinstance(label, CsvLabel) and (label.scores or not need_scores and (
+                label.prompt and label.flagged is not None)):
             if policy is None:
                 raise ConfigError("labels with scores need the policy that decided them")
             decision = policy.decide(label.scores)

@@ -7,6 +7,8 @@
                                     image (thumbnail where retained), prompt, scores against the
                                     policy's thresholds, thought, refined prompt, timings
     /guard/traces/{id}/images/{sha} a retained image (?size=thumb for a thumbnail)
+    /guard/traces/{id}/labels       POST: label a judged image or the prompt (guard.review.labeling)
+    /guard/queue                    the review queue: traces not labelled yet (labeling)
     /guard/dashboard                charts of a window (?since=, ?until=, default the last 7
                                     days; ?tenant= for admins): guard.review.dashboard
 
@@ -35,7 +37,7 @@ from guard.audit.query import TEXT_FILTERS, parse_trace_query
 from guard.auth import Principal, may_see
 from guard.errors import AuthenticationError, GuardError
 from guard.ratelimit import Limiter, MemoryLimiter
-from guard.review import dashboard
+from guard.review import dashboard, labeling
 from guard.review.session import Session, Sessions
 from guard.review.templates import environment
 from guard.types import JudgedImage, RoundRecord, Trace
@@ -55,6 +57,8 @@ def routes() -> list[BaseRoute]:
         Route("/guard/traces/{trace_id}", trace_page, methods=["GET"]),
         Route("/guard/dashboard", dashboard_page, methods=["GET"]),
         Route("/guard/traces/{trace_id}/images/{sha256}", trace_image, methods=["GET"]),
+        Route("/guard/traces/{trace_id}/labels", labeling.add_label, methods=["POST"]),
+        Route("/guard/queue", labeling.queue_page, methods=["GET"]),
     ]
 
 
@@ -282,7 +286,8 @@ async def trace_page(request: Request) -> Response:
     return _render(request, "trace.html", 200, session, t=trace, prescreen=prescreen,
                    slots=sorted(slots.items()), failed_rounds=failed,
                    results={r.slot: r for r in trace.results}, thresholds=thresholds,
-                   policy_note=note, available=available, image_url=lambda sha: base + sha)
+                   policy_note=note, available=available, image_url=lambda sha: base + sha,
+                   **await labeling.trace_labels(state, trace))
 
 
 async def trace_image(request: Request) -> Response:

@@ -151,15 +151,24 @@ def _stamp(ts: int, bucket_s: int) -> str:
     return d.strftime("%m-%d %H:00" if bucket_s < 86400 else "%Y-%m-%d")
 
 
+def _whole_numbers(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def chart_over_time(f: Figures) -> str:
-    starts = sorted(f.over_time)
+    # Every hour or day of the window, the quiet ones too.
+    first = int(f.since // f.bucket_s * f.bucket_s)
+    starts = sorted({*range(first, int(f.until), f.bucket_s), *f.over_time})
+    empty: Counter[str] = Counter()
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
         x = [_stamp(s, f.bucket_s) for s in starts]
         bottom = [0] * len(starts)
         for d in DECISIONS:
-            counts = [f.over_time[s][d] for s in starts]
+            counts = [f.over_time.get(s, empty)[d] for s in starts]
             if any(counts):
                 bars = ax.bar(x, counts, bottom=bottom, color=DECISION_COLOURS[d],
                               label=f"{d} ({f.decisions[d]})")
@@ -171,6 +180,10 @@ def chart_over_time(f: Figures) -> str:
                xlabel=per)
         ax.legend(loc="upper left", fontsize=8, frameon=False)
         ax.tick_params(axis="x", labelrotation=30 if len(starts) > 4 else 0, labelsize=8)
+        _whole_numbers(ax.yaxis)
+        if len(starts) > 16:  # hours of two days: every third one named
+            for i, tick in enumerate(ax.get_xticklabels()):
+                tick.set_visible(i % 3 == 0)
 
     return render(draw, "over-time", "Requests over time by decision")
 
@@ -192,7 +205,8 @@ def chart_flags(f: Figures) -> str:
                 left = [a + b for a, b in zip(left, counts, strict=True)]
         ax.set(title="Flags per category, by what was done",
                xlabel="flagged prompts and images")
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
+        _whole_numbers(ax.xaxis)
+        fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncols=3)
 
     return render(draw, "flags", "Flags per category and action",
                   height=max(2.4, 0.9 + 0.35 * len(categories)))
@@ -208,8 +222,9 @@ def chart_rounds(f: Figures) -> str:
         ax.bar_label(bars, labels=[str(n) for n in counts], fontsize=9)
         ax.set(title="Images made per request (rounds)", xlabel="generation rounds",
                ylabel="requests")
+        _whole_numbers(ax.yaxis)
 
-    return render(draw, "rounds", "Generation rounds per request", 5.0, 3.0)
+    return render(draw, "rounds", "Generation rounds per request")
 
 
 def chart_latency(f: Figures) -> str:
@@ -227,8 +242,9 @@ def chart_latency(f: Figures) -> str:
                           color=shade, label=f"{p}% of calls within")
             ax.bar_label(bars, labels=[f"{v:.0f} ms" for v in values], fontsize=7)
         ax.set_xticks(range(len(parts)), [label for _, label in parts])
-        ax.set(title="How long things take", ylabel="milliseconds")
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
+        top = max((f.percentiles(w)[99] for w, _ in parts), default=0.0)
+        ax.set(title="How long things take", ylabel="milliseconds", ylim=(0, top * 1.35 or 1))
+        ax.legend(loc="upper left", fontsize=8, frameon=False, ncols=3)
 
     return render(draw, "latency", "Judge and backend latency percentiles")
 
@@ -249,7 +265,7 @@ def chart_policies(f: Figures) -> str:
                ylim=(0, 115))
         ax.legend(loc="upper right", fontsize=8, frameon=False)
 
-    return render(draw, "policies", "Refusal and edit rates per policy version", 7.0, 3.0)
+    return render(draw, "policies", "Refusal and edit rates per policy version")
 
 
 def chart_labels(f: Figures) -> str:
@@ -257,15 +273,14 @@ def chart_labels(f: Figures) -> str:
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
-        for i, (what, hatch) in enumerate((("false positives (of flagged)", ""),
-                                           ("misses (of unsafe)", "//"))):
+        for i, (what, hatch) in enumerate((("false positives", ""), ("misses", "//"))):
             rates = [f.labels[c][i] for c in names]
             bars = ax.barh([k + (0.5 - i) * 0.38 for k in range(len(names))],
                            [100 * r.share for r in rates], 0.38, hatch=hatch,
                            color=[category_colour(c) if c != "all categories" else "#1d2430"
-                                  for c in names], edgecolor="white", label=what)
-            ax.bar_label(bars, labels=[f"{what.split()[0]} {r}" for r in rates], fontsize=7,
-                         padding=3)
+                                  for c in names], edgecolor="white")
+            ax.bar_label(bars, labels=[f"{what}: {r}" if r.n else "" for r in rates],
+                         fontsize=7, padding=3)
         ax.set_yticks(range(len(names)), names)
         ax.set(title=f"What reviewers found ({f.labelled} labelled items)",
                xlabel="% of labelled items", xlim=(0, 160))

@@ -71,6 +71,16 @@ meter { width:4.5rem; }
 svg.chart { width:100%; height:auto; display:block; }
 .totals { display:flex; gap:1.4rem; flex-wrap:wrap; margin:0 0 1rem; }
 .totals b { font-size:1.4rem; display:block; }
+.labels { margin:.5rem 0 0; border-top:1px solid var(--line); padding-top:.4rem; }
+.labels p { margin:.15rem 0; font-size:12px; overflow-wrap:anywhere; }
+.labels p.superseded { color:var(--muted); text-decoration:line-through; }
+.labels .verdict { font-weight:600; }
+form.label-form { display:grid; grid-template-columns:1fr 1fr; gap:.3rem .5rem; font-size:12px;
+                  margin-top:.4rem; }
+form.label-form label { display:flex; flex-direction:column; color:var(--muted); }
+form.label-form .wide { grid-column:1 / -1; }
+form.label-form select, form.label-form textarea, form.label-form button { font:inherit; }
+.left { font-size:1rem; margin:.2rem 0 1rem; }
 """
 
 BASE = """<!doctype html>
@@ -80,6 +90,7 @@ BASE = """<!doctype html>
 <style nonce="{{ nonce }}">{{ css | safe }}</style></head>
 <body><header><a href="/guard/">SafeEdit Guard · audit review</a>
 {% if session %}<a href="/guard/dashboard">Dashboard</a>{% endif %}
+{% if session %}<a href="/guard/queue">Review queue</a>{% endif %}
 {% if session %}<span class="who">{{ session.principal.key_id }} · {{ session.principal.role }}
  · tenant {{ session.principal.tenant }}</span>
 <form class="inline" method="post" action="/guard/logout">
@@ -165,7 +176,25 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 <div class="field"><b>Judge · timings</b><p class="mono">{{ j.judge_id }} · judge {{ "%.1f" | format(j.judge_ms) }} ms
 {%- if r.kind == "generate" %} · round: backend {{ "%.1f" | format(r.backend_ms) }} ms{% if r.backend %} ({{ r.backend }}){% endif %}, judge {{ "%.1f" | format(r.judge_ms) }} ms{% endif %}</p></div>
 {% if r.error %}<p class="error">{{ r.error }}</p>{% endif %}
+{{ labels(none if r.kind == "prescreen" else j.slot, r.index) }}
 </article>{% endmacro %}
+{% macro labels(slot, index) %}<div class="labels" id="item-{{ 'prompt' if slot is none else slot }}-{{ index }}">
+{% for lb, old in item_labels(slot, index) %}
+<p class="label {{ 'superseded' if old else 'current' }}" data-verdict="{{ lb.verdict }}">
+<span class="verdict">{{ lb.verdict | replace("_", " ") }}</span>{% if lb.category %} · {{ lb.category }}{% endif %}
+ · {{ lb.key_id }} · {{ lb.created_at | utc }}{% if old %} · superseded{% endif %}
+{% if lb.note %}<br><span class="label-note">{{ lb.note }}</span>{% endif %}</p>
+{% endfor %}
+{% if can_label %}<form class="label-form" method="post" action="/guard/traces/{{ t.id | urlencode }}/labels">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<input type="hidden" name="slot" value="{{ '' if slot is none else slot }}">
+<input type="hidden" name="round" value="{{ index }}">
+<label>Verdict<select name="verdict">{% for v in verdicts %}
+<option value="{{ v }}">{{ v | replace("_", " ") }}</option>{% endfor %}</select></label>
+<label>Category<select name="category"><option value="">–</option>
+{% for c in label_categories %}<option>{{ c }}</option>{% endfor %}</select></label>
+<label class="wide">Note<textarea name="note" rows="2" maxlength="{{ max_note }}"></textarea></label>
+<button class="wide" type="submit">Save label</button></form>{% endif %}</div>{% endmacro %}
 {% block main %}<h1>Trace <span class="mono">{{ t.id }}</span>
  <span class="badge {{ t.decision }}">{{ t.decision }}</span></h1>
 <dl class="meta">
@@ -216,6 +245,36 @@ DASHBOARD = """{% extends "base.html" %}{% block title %}Dashboard{% endblock %}
 {% else %}<p>No requests in this window.</p>{% endif %}{% endif %}
 {% endblock %}"""
 
+QUEUE = """{% extends "base.html" %}{% block title %}Review queue{% endblock %}
+{% block main %}<h1>Review queue{% if session.principal.role != 'admin' %} · tenant
+ {{ session.principal.tenant }}{% endif %}</h1>
+<form class="filters" method="get" action="/guard/queue">
+<label>Category<select name="category"><option value="">any</option>
+{% for c in categories %}<option{% if f.category == c %} selected{% endif %}>{{ c }}</option>
+{% endfor %}</select></label>
+<label>Policy<input name="policy_id" value="{{ f.policy_id }}"></label>
+<label>Version<input name="policy_version" inputmode="numeric" value="{{ f.policy_version }}"></label>
+<label>Passed sample (%)<input name="sample" inputmode="decimal" value="{{ f.sample }}"></label>
+{% if session.principal.role == 'admin' %}<label>Tenant<input name="tenant" value="{{ f.tenant }}"></label>{% endif %}
+<button type="submit">Filter</button> <a href="/guard/queue">Clear</a>
+</form>
+{% if message %}<p class="error" role="alert">{{ message }}</p>{% else %}
+<p class="left" id="left"><b>{{ page.total }}</b> left to label: {{ page.left.get("refused", 0) }}
+ refused, {{ page.left.get("edited", 0) }} edited, {{ page.left.get("passed", 0) }} passed
+ (a {{ f.sample }}% sample of the passed traces)</p>{% endif %}
+{% if page and page.items %}<table id="queue"><thead><tr><th>Time (UTC)</th><th>Trace</th>
+<th>Decision</th><th>Categories</th><th>Tenant</th><th>Model</th><th>Policy</th></tr></thead><tbody>
+{% for t in page.items %}<tr>
+<td class="mono">{{ t.created_at | utc }}</td>
+<td><a class="mono" href="/guard/traces/{{ t.id | urlencode }}">{{ t.id }}</a></td>
+<td><span class="badge {{ t.decision }}">{{ t.decision }}</span></td>
+<td>{{ t.categories | join(", ") }}</td><td>{{ t.tenant or "" }}</td><td>{{ t.model or "" }}</td>
+<td>{{ t.policy.id }} v{{ t.policy.version }}</td></tr>
+{% endfor %}</tbody></table>
+{% if page.total > page.items | length %}<p>The first {{ page.items | length }} are shown; label them to see more.</p>{% endif %}
+{% elif not message %}<p>Nothing left to label here.</p>{% endif %}
+{% endblock %}"""
+
 MESSAGE = """{% extends "base.html" %}{% block title %}{{ title }}{% endblock %}
 {% block main %}<h1>{{ title }}</h1><p>{{ message }}</p><p><a href="/guard/">Back to the traces</a></p>
 {% endblock %}"""
@@ -244,7 +303,7 @@ def environment() -> Environment:
     env = Environment(
         loader=DictLoader({"base.html": BASE, "login.html": LOGIN, "list.html": LIST,
                            "trace.html": TRACE, "message.html": MESSAGE,
-                           "dashboard.html": DASHBOARD}),
+                           "dashboard.html": DASHBOARD, "queue.html": QUEUE}),
         autoescape=select_autoescape(default=True, default_for_string=True),
         trim_blocks=True, lstrip_blocks=True)
     env.filters["utc"] = _utc

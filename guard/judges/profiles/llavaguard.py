@@ -139,15 +139,16 @@ def parse_llavaguard(text: str, policy: Policy) -> Parsed:
 
 
 def _loads_lenient(text: str) -> Any:
-    """json.loads, also accepting the template's trailing comma and an answer cut off before its
-    closing brace (verdict-only requests stop there)."""
+    """json.loads, also accepting the template's trailing comma, an answer cut off before its
+    closing brace (verdict-only requests stop there), and one cut off inside the rationale
+    (decoding stops at `max_new_tokens`)."""
     attempts = [text, re.sub(r",\s*}", "}", text)]
     cut = text.rstrip().rstrip(",")
     if not cut.endswith("}"):
-        attempts.append(cut + "\n}")
+        attempts += [cut + "\n}", text + '"\n}']
     for attempt in attempts:
         try:
-            return json.loads(attempt)
+            return json.loads(attempt, strict=False)
         except json.JSONDecodeError:
             continue
     return None

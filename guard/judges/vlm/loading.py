@@ -84,7 +84,8 @@ def load(opts: VLMOptions, judge_id: str, given: tuple[Any, Any] | None = None) 
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, opts.adapter,
-                                              local_files_only=opts.local_files_only)
+                                              local_files_only=opts.local_files_only,
+                                              key_mapping=_adapter_key_mapping(model))
             if opts.merge_adapter:
                 model = model.merge_and_unload()
         model.to(device)
@@ -144,7 +145,7 @@ def image_text_processor(model: str, common: dict[str, Any]) -> Any:
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
     config = AutoConfig.from_pretrained(model, **common)
-    base = PROCESSOR_MAPPING[type(config)]
+    base: Any = PROCESSOR_MAPPING[type(config)]
     settings, _ = base.get_processor_dict(model, **common)
     named = settings.get("processor_class")
     if isinstance(named, str) and isinstance(getattr(transformers, named, None), type):
@@ -161,6 +162,18 @@ def image_text_processor(model: str, common: dict[str, Any]) -> Any:
     return image_only(AutoImageProcessor.from_pretrained(model, **common),
                       AutoTokenizer.from_pretrained(model, **common),
                       **{k: v for k, v in settings.items() if k in accepted})
+
+
+def _adapter_key_mapping(model: Any) -> dict[str, str] | None:
+    """Adapters saved before transformers 4.52 name Qwen2-VL / Qwen2.5-VL layers `model.layers.*`
+    and `visual.*` (now `model.language_model.*`, `model.visual.*`); peft maps old names only for
+    the model types transformers registers, not these, and loads such an adapter as nothing at
+    all (a warning). The IPR adapters were trained on that layout. None: peft's own mapping."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in ("qwen2_vl",
+                                                                            "qwen2_5_vl"):
+        return None
+    return {r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+            r"^visual\.": "model.visual."}
 
 
 # Checkpoints whose architecture wraps an image-text-to-text model as `.model`: loading them as
