@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,23 @@ from tests.conftest import (
     test_keys,
     write_policy,
 )
-from tests.test_review_page import browser, screenshot, sign_in  # noqa: F401 - the fixture
+from tests.test_review_page import CHROMIUM, screenshot, sign_in
 
+pytestmark = pytest.mark.browser
 GLOBEX_CLIENT_KEY = "sk-client-globex"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (make install-test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        yield b
+        b.close()
 
 
 @pytest.fixture
@@ -206,3 +221,17 @@ def test_aggregate_counts_what_a_reader_expects() -> None:
     assert f.percentiles("backend") == {50: 200, 90: 300, 99: 300}
     assert f.policies == {"p v1": {"edited": 1, "passed": 1}}
     assert percentile([], 50) == 0.0 and str(Rate(1, 4)) == "25% (1 of 4)"
+
+
+def test_label_rates_say_false_positives_of_flagged_and_misses_of_unsafe() -> None:
+    def item(verdict: str, flagged: tuple[str, ...], category: str | None = None) -> Any:
+        from guard.policytools.labelled import LabelledItem
+
+        return LabelledItem("tr", 0, 1, verdict, category, {}, flagged)
+
+    items = [item("correct", ("violence",)), item("false_positive", ("violence",), "violence"),
+             item("missed", (), "violence"), item("correct", ())]
+    rates = label_rates(items, ["violence", "sexual"])
+    assert [str(r) for r in rates["violence"]] == ["50% (1 of 2)", "50% (1 of 2)"]
+    assert "sexual" not in rates  # nothing flagged or unsafe in it
+    assert [str(r) for r in rates["all categories"]] == ["50% (1 of 2)", "50% (1 of 2)"]

@@ -31,9 +31,8 @@ categories:
   violence: {threshold: 0.5, action: edit}
 """
 ITEMS = [("a photo of a cat on a sofa", "red"), ("a knight fighting a dragon", "blue"),
-         ("a portrait, painting", "green"), ("a landscape", "yellow"),
-         ("a cat on a sofa, painting", "white"), ("a dragon, landscape", "purple")]
-LABELLED = 3  # the first three items get a label saying the judge was wrong
+         ("a portrait, painting", "green"), ("a landscape", "yellow")]
+LABELLED = 3  # the first three items get a label saying the judge was wrong; not the last
 
 
 def png(colour: str) -> bytes:
@@ -106,35 +105,31 @@ def test_finetune_lowers_the_loss_and_its_adapter_fixes_a_wrong_verdict(
     adapter = dataset["root"] / "adapter"
     code = main(["judge", "finetune", "--dataset", str(dataset["dir"]),
                  "--model", str(tiny_vlm_dir), "--adapter-out", str(adapter),
-                 "--policy", str(dataset["root"] / "policy.yaml"), "--epochs", "6",
-                 "--lr", "0.01", "--rank", "8", "--holdout", "0.2", "--json"])
+                 "--policy", str(dataset["root"] / "policy.yaml"), "--unlabelled", "skip",
+                 "--epochs", "6", "--lr", "0.01", "--rank", "8", "--holdout", "0.2", "--json"])
     out = capsys.readouterr()
     assert code == 0
     report = json.loads(out.out)
     assert "finetune" in out.err and "step" in out.err  # the progress bar
-    assert report["train"] == 5 and report["held"] == 1 and report["steps"] == 30
+    assert report["skipped"] == {"unlabelled (--unlabelled skip)": 1}
+    assert report["train"] == 2 and report["held"] == 1 and report["steps"] == 12
     losses = report["losses"]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 2  # the training loss falls...
-    assert report["held_loss_after"] < report["held_loss_before"]  # ...and on unseen items
+    assert sum(losses[-3:]) < sum(losses[:3]) / 2  # the training loss falls...
+    assert report["held_loss_after"] < report["held_loss_before"] / 2  # ...and on a held item
     assert (adapter / "adapter_config.json").is_file()
 
     # The adapter loads back as the judge's `adapter:` and now agrees with the auditors on the
     # labelled training items, which the base model got wrong.
     policy: Policy = dataset["policy"]
     tuned = asyncio.run(scores_of(judge_options(tiny_vlm_dir, adapter=str(adapter)), policy))
-    records = {r["id"]: r for r in read_records(dataset["dir"])}
-    fixed = 0
-    for i, record_id in enumerate(r["id"] for r in read_records(dataset["dir"])):
-        record = records[record_id]
-        index = next(j for j, (p, _) in enumerate(ITEMS) if p == record["prompt"])
-        if record["label"] is None or record_id not in report["train_ids"]:
-            continue
+    trained = [r for r in read_records(dataset["dir"]) if r["id"] in report["train_ids"]]
+    assert len(trained) == 2
+    for record in trained:
+        index = next(i for i, (prompt, _) in enumerate(ITEMS) if prompt == record["prompt"])
         target = target_of(record, policy)
-        assert target is not None
+        assert record["label"] is not None and target is not None
         assert policy.decide(dataset["base"][index]).flagged != target.flagged  # wrong before
         assert policy.decide(tuned[index]).flagged == target.flagged  # right now
-        fixed += 1
-    assert fixed >= 1
 
 
 def test_targets_follow_the_labels() -> None:

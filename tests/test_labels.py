@@ -5,6 +5,7 @@ superseding an earlier one while both stay, labels leaving the trace untouched, 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -19,6 +20,9 @@ import orjson
 import pytest
 import yaml
 
+from guard.audit import build_store
+from guard.labels import Label, LabelStore, QueueQuery, sample_point
+from tests.audit_writer import sample_trace
 from tests.conftest import (
     ADMIN_KEY,
     AUDITOR_KEY,
@@ -84,8 +88,6 @@ def site(request: pytest.FixtureRequest, proxy: Any, tmp_path: Path,
 
 
 def _pg(dsn: str, sql: str, *args: Any) -> None:
-    import asyncio
-
     async def go() -> None:
         conn = await asyncpg.connect(dsn)
         try:
@@ -247,3 +249,40 @@ def _verify(audit: dict[str, Any], tmp_path: Path) -> tuple[int, dict[str, Any]]
                             text=True, timeout=60, env=dict(os.environ))
     assert result.returncode in (0, 1), result.stderr
     return result.returncode, orjson.loads(result.stdout)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_sample_is_the_same_in_both_stores(kind: str, request: pytest.FixtureRequest,
+                                                tmp_path: Path) -> None:
+    """The queue's sample of passed traces is `sample_point(id) < rate` in SQL too: stable per
+    trace, the same on SQLite and PostgreSQL; labelled traces leave the queue."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    options: dict[str, Any] = (
+        {"kind": "sqlite", "path": str(tmp_path / "audit.db")} if kind == "sqlite" else
+        {"kind": "postgres", "dsn": request.getfixturevalue("pg_dsn"), "schema": schema,
+         "images_dir": str(tmp_path / "images")})
+
+    async def go() -> None:
+        store = build_store(options)
+        assert isinstance(store, LabelStore)
+        traces = [sample_trace("app", i, decision="passed") for i in range(60)]
+        await store.write_many(traces)  # type: ignore[attr-defined]
+        try:
+            for rate in (0.0, 0.25, 0.5, 1.0):
+                page = await store.review_queue(QueueQuery(sample=rate, limit=100))
+                expected = [t.id for t in reversed(traces) if sample_point(t.id) < rate]
+                assert [item["id"] for item in page.items] == expected
+                assert page.left == ({"passed": len(expected)} if expected else {})
+            await store.add_label(Label(trace_id=traces[0].id, slot=0, round=1,
+                                        verdict="correct", key_id="audit"))
+            page = await store.review_queue(QueueQuery(sample=1.0, limit=100))
+            assert traces[0].id not in [item["id"] for item in page.items]
+            assert page.total == 59
+        finally:
+            await store.aclose()
+            if kind == "postgres":
+                conn = await asyncpg.connect(options["dsn"])
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                await conn.close()
+
+    asyncio.run(go())

@@ -177,7 +177,7 @@ async def test_the_ipr_adapter_is_applied_whichever_layout_it_was_saved_in(
     import torch
     from safetensors.torch import load_file, save_file
 
-    # Adapters saved before transformers 4.52 (as IPR's were trained) name the language model's
+    # Adapters saved before transformers 4.52 (IPR's possibly among them) name the language model's
     # layers `model.layers.*`; peft alone would load such an adapter as nothing at all.
     old = tmp_path / "ipr-old-layout"
     shutil.copytree(ipr_adapter_dir, old)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import pytest
 
@@ -86,10 +87,15 @@ def test_one_word_counts_once_per_category() -> None:
 
 # --- the scoring model, on generated prompts: for every term of the shipped lists ------------
 
-def _distinct(a: str, b: str) -> bool:
-    """Whether two terms are different words, not forms of one ("fight", "fighting")."""
-    a, b = (re.sub(r"[\s-]+", "", t.lower()) for t in (a, b))
-    return a not in inflections(b) and b not in inflections(a)
+def _distinct(a: str, b: str, terms: Sequence[str]) -> bool:
+    """Whether two terms are different words, not forms of one ("killed", "killing") that one
+    of the `terms` (or either) is the plain form of."""
+    def squash(t: str) -> str:
+        return re.sub(r"[\s-]+", "", t.lower())
+
+    a, b = squash(a), squash(b)
+    return not any(a in inflections(t) and b in inflections(t)
+                   for t in {a, b, *map(squash, terms)})
 
 
 # Categories where two weak words should be enough: every one whose threshold is at or under
@@ -100,13 +106,13 @@ PAIRED = [c for c, ts in DEFAULT.terms.items()
 
 @pytest.mark.parametrize("cat", PAIRED)
 def test_two_distinct_weak_words_of_a_category_cross_its_threshold(cat: str) -> None:
-    weak = DEFAULT.terms[cat].weak
-    pairs = [(a, b) for i, a in enumerate(weak) for b in weak[i + 1:] if _distinct(a, b)]
+    # the weak words that score as one weak word alone (not also a pattern's words)
+    weak = [t for t in DEFAULT.terms[cat].weak if score_prompt(t, DEFAULT).scores[cat] == WEAK]
+    pairs = [(a, b) for i, a in enumerate(weak) for b in weak[i + 1:]
+             if _distinct(a, b, [*DEFAULT.terms[cat].strong, *weak])]
     assert len(pairs) > 100
     threshold = DEFAULT.categories[cat].threshold
     for a, b in pairs:
-        for alone in (a, b):
-            assert score_prompt(f"a photo, {alone}", DEFAULT).scores[cat] < threshold, alone
         prompt = f"a photo of {a} and {b}"
         assert score_prompt(prompt, DEFAULT).scores[cat] >= threshold, prompt
 
@@ -116,7 +122,8 @@ def test_three_distinct_weak_words_cross_the_highest_threshold() -> None:
     threshold = DEFAULT.categories["shocking"].threshold
     assert threshold > PAIR  # two are not enough here, by the policy's choice
     triples = [weak[i:i + 3] for i in range(len(weak) - 2)
-               if all(_distinct(a, b) for a in weak[i:i + 3] for b in weak[i:i + 3] if a != b)]
+               if all(_distinct(a, b, weak) for a in weak[i:i + 3] for b in weak[i:i + 3]
+                      if a != b)]
     assert len(triples) > 20
     for a, b, c in triples:
         assert score_prompt(f"{a} and {b}", DEFAULT).scores["shocking"] < threshold
@@ -130,7 +137,8 @@ def test_one_weak_word_repeated_or_inflected_stays_under(cat: str) -> None:
         pytest.skip("one weak word is enough here")
     words = [t for t in DEFAULT.terms[cat].weak if re.fullmatch(r"[a-z]+", t)]
     for word in words:
-        forms = list(inflections(word))
+        # its forms that the list counts as weak (`bullying` is a strong term of its own)
+        forms = [f for f in inflections(word) if score_prompt(f, DEFAULT).scores[cat] == WEAK]
         prompt = f"{word}, " + ", ".join(forms) + f" and {word} again"
         assert score_prompt(prompt, DEFAULT).scores[cat] == WEAK, prompt
 

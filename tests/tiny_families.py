@@ -2,9 +2,10 @@
 exactly as their published checkpoints are laid out, with their chat templates.
 
 - Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, the processor files of
-  Qwen/Qwen2.5-VL-*-Instruct; Qwen2-VL likewise) and a LoRA adapter over it laid out as the IPR adapters
-  (KEVIN04087/3B, /7B) are published: `adapter_config.json` + `adapter_model.safetensors`, r=8,
-  alpha=16 on the language model's `q_proj`/`v_proj`, base named by its hub id.
+  Qwen/Qwen2.5-VL-*-Instruct; Qwen2-VL likewise) and a LoRA adapter over it laid out as the
+  IPR adapters (KEVIN04087/3B, /7B) are published: `adapter_config.json` +
+  `adapter_model.safetensors`, r=8, alpha=16 on the language model's `q_proj`/`v_proj`, base
+  named by its hub id.
 - ShieldGemma 2 (`ShieldGemma2ForImageClassification` over Gemma 3 with a SigLIP tower,
   `ShieldGemma2Processor` with its policy-wrapping chat template and `<start_of_image>` /
   `<image_soft_token>`).
@@ -342,7 +343,9 @@ def build_tiny_llava_onevision(path: Path, *, seed: int = 0) -> Path:
                image_processor_type="LlavaOnevisionImageProcessor",
                processor_class="LlavaOnevisionProcessor")
     (path / "processor_config.json").write_text(json.dumps({
-        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (OV_IMAGE // OV_PATCH) ** 2,
+        "processor_class": "LlavaOnevisionProcessor",
+        "num_image_tokens": (OV_IMAGE // OV_PATCH) ** 2,
         "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}))
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_ONEVISION_TEMPLATE}))
+    (path / "chat_template.json").write_text(
+        json.dumps({"chat_template": LLAVA_ONEVISION_TEMPLATE}))
     return path

@@ -168,7 +168,8 @@ def _adapter_key_mapping(model: Any) -> dict[str, str] | None:
     """Adapters saved before transformers 4.52 name Qwen2-VL / Qwen2.5-VL layers `model.layers.*`
     and `visual.*` (now `model.language_model.*`, `model.visual.*`); peft maps old names only for
     the model types transformers registers, not these, and loads such an adapter as nothing at
-    all (a warning). The IPR adapters were trained on that layout. None: peft's own mapping."""
+    all (a warning). Adapters trained before mid-2025, IPR's possibly among them, have that
+    layout. None: peft's own mapping."""
     if getattr(getattr(model, "config", None), "model_type", None) not in ("qwen2_vl",
                                                                             "qwen2_5_vl"):
         return None
