@@ -2,15 +2,16 @@
 
 `safeedit dataset export --out DIR` writes, from the audit store of the operators' config:
 
-    DIR/README.md              the dataset card: what is inside, counts, policy versions, how
-                               keys and tenants were pseudonymised (YAML header: `configs`)
-    DIR/data/train.jsonl       every record, one JSON object a line (config `default`)
-    DIR/images/<sha256>.<ext>  the images the policy retained, each once
-    DIR/images/metadata.jsonl  the records that have an image, with `file_name` relative to
-                               images/ (config `images`: Hugging Face's imagefolder layout)
+    DIR/README.md                          the dataset card: what is inside, counts, policy
+                                           versions, how keys and tenants were pseudonymised
+    DIR/data/train/metadata.jsonl          every record, one JSON object a line
+    DIR/data/train/images/<sha256>.<ext>   the images the policy retained, each once
 
-`datasets.load_dataset(DIR)` loads the records (JSON), `load_dataset(DIR, "images")` the records
-with their images decoded. Imagefolder cannot hold rows without an image, hence the two.
+This is Hugging Face's imagefolder layout: `datasets.load_dataset(DIR, split="train")` gives the
+records with an `image` column (the image decoded, or None), from the records' `file_name` (the
+image's path relative to data/train/, or null). Rows without an image need a recent `datasets`
+(5.x: older ones fail on a null `file_name`); an export with no image at all loads as plain
+JSON Lines, `file_name` staying a column. Any JSON Lines reader reads metadata.jsonl as it is.
 
 One record per judged item: the prompt of a prescreen round (`slot` null) or an image of a
 generation round. Fields: `id` (`<trace>/<slot or "prompt">/<round>`), `trace_id`,
@@ -19,8 +20,8 @@ generation round. Fields: `id` (`<trace>/<slot or "prompt">/<round>`), `trace_id
 earlier rounds as the judge saw them), `judge_id`, `scores`, `flagged`, `decision` (the policy's
 action: pass, edit, refuse), `thought`, `refined_prompt` (the judge's), `next_prompt` (the prompt
 judged in the slot's next round, when it differs), `request_decision`, `image_sha256`,
-`image_status` (`exported`, `not_retained`, `unavailable`; null for a prompt), `image_file`
-(relative to DIR, or null) and `label` (the item's latest label: verdict, category, note,
+`image_status` (`exported`, `not_retained`, `unavailable`; null for a prompt), `file_name`
+(relative to data/train/, or null) and `label` (the item's latest label: verdict, category, note,
 created_at, labelled_by; or null).
 
 Images: only an image the trace itself retained (`image_ref`, set when the policy's
@@ -44,13 +45,14 @@ import hashlib
 import hmac
 import os
 import secrets
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -60,9 +62,9 @@ from guard.errors import ConfigError
 from guard.labels import Label, LabelStore
 from guard.types import JudgedImage, Trace
 
-DATA_FILE = "data/train.jsonl"
-IMAGES_DIR = "images"
-METADATA_FILE = "images/metadata.jsonl"
+SPLIT_DIR = "data/train"
+DATA_FILE = "data/train/metadata.jsonl"
+IMAGES_DIR = "images"  # in SPLIT_DIR
 KEY_ENV = "SAFEEDIT_DATASET_KEY"
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 SKIP_REASONS = {
@@ -132,7 +134,7 @@ class ExportReport:
 
     def count(self, record: Mapping[str, Any], trace: Trace) -> None:
         self.records += 1
-        self.with_image += record["image_file"] is not None
+        self.with_image += record["file_name"] is not None
         self.decisions[record["decision"]] += 1
         if record["label"] is not None:
             self.labels[record["label"]["verdict"]] += 1
@@ -161,57 +163,45 @@ async def export_dataset(store: AuditStore, out: Path, flt: ExportFilter = Expor
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder")
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / SPLIT_DIR).mkdir(parents=True, exist_ok=True)
     pseudo = pseudonyms or Pseudonyms.from_env()
     report = ExportReport(out, keyed=pseudo.keyed, filter=flt)
     labels = await latest_labels(store, flt.tenant)
     images = store.images if isinstance(store, ImageKeepingStore) else None
     written: set[str] = set()
-    with _Files(out) as files:
+    rest = out / SPLIT_DIR / "rest.tmp"
+    with _open(out / DATA_FILE) as data, _open(rest) as others:
         async for trace in _traces(store, flt):
             counted = False
             for record, judged in records_of(trace, labels, pseudo):
-                if judged.judge_id.startswith("(judge failed"):
+                if judged.judge_id.startswith("(judge failed"):  # guard.engine._judged
                     report.skipped["judge_failed"] += 1
                     continue
                 if flt.labelled_only and record["label"] is None:
                     continue
                 await _attach_image(record, judged, images, out, written, report)
-                files.write(record)
+                line = orjson.dumps(record) + b"\n"
+                (data if record["file_name"] else others).write(line)
                 report.count(record, trace)
                 counted = True
             report.traces += counted
+    # Records with an image first: `datasets` takes the columns' types from the file's first
+    # block, and `file_name` must be text there, not only nulls.
+    _append(out / DATA_FILE, rest)
     (out / "README.md").write_text(dataset_card(report))
     return report
 
 
-class _Files:
-    """The dataset's JSON Lines files: every record, and those with an image as imagefolder
-    metadata (`file_name` relative to images/; the file is dropped when no record has one)."""
+def _open(path: Path) -> BinaryIO:
+    # Blocking writes of a line at a time from the export's coroutine, as `safeedit audit
+    # export` does: the command has nothing else to serve meanwhile.
+    return open(path, "wb")
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.data = open(out / DATA_FILE, "wb")  # noqa: SIM115 - closed in __exit__
-        self.meta = open(out / "metadata.tmp", "wb")  # noqa: SIM115
-        self.images = 0
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        self.data.write(orjson.dumps(record) + b"\n")
-        if record["image_file"] is not None:
-            name = record["image_file"].removeprefix(IMAGES_DIR + "/")
-            self.meta.write(orjson.dumps({"file_name": name, **record}) + b"\n")
-            self.images += 1
-
-    def __enter__(self) -> _Files:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.data.close()
-        self.meta.close()
-        if self.images:
-            (self.out / "metadata.tmp").replace(self.out / METADATA_FILE)
-        else:
-            (self.out / "metadata.tmp").unlink()
+def _append(path: Path, part: Path) -> None:
+    with open(path, "ab") as out, open(part, "rb") as src:
+        shutil.copyfileobj(src, out)
+    part.unlink()
 
 
 async def latest_labels(store: AuditStore, tenant: str | None = None
@@ -272,7 +262,7 @@ def records_of(trace: Trace, labels: Mapping[tuple[str, int | None, int], Label]
                 "decision": judged.action, "thought": judged.thought,
                 "refined_prompt": judged.refined_prompt, "next_prompt": next_prompt,
                 "request_decision": trace.decision, "image_sha256": judged.image_sha256,
-                "image_status": None, "image_file": None,
+                "image_status": None, "file_name": None,
                 "label": None if label is None else {
                     "verdict": label.verdict, "category": label.category, "note": label.note,
                     "created_at": label.created_at,
@@ -296,17 +286,17 @@ async def _attach_image(record: dict[str, Any], judged: JudgedImage,
             data, media_type = found
             name = f"{IMAGES_DIR}/{sha}.{_EXTENSIONS.get(media_type, 'bin')}"
             if sha not in written:
-                (out / IMAGES_DIR).mkdir(exist_ok=True)
-                (out / name).write_bytes(data)
+                (out / SPLIT_DIR / IMAGES_DIR).mkdir(exist_ok=True)
+                (out / SPLIT_DIR / name).write_bytes(data)
                 written.add(sha)
                 report.images += 1
-            record["image_status"], record["image_file"] = "exported", name
+            record["image_status"], record["file_name"] = "exported", name
             return
     report.skipped[record["image_status"]] += 1
 
 
 def read_records(directory: Path) -> list[dict[str, Any]]:
-    """The records of an exported dataset (`data/train.jsonl`)."""
+    """The records of an exported dataset (DATA_FILE)."""
     path = Path(directory) / DATA_FILE
     try:
         lines = path.read_bytes().splitlines()
@@ -319,11 +309,6 @@ def read_records(directory: Path) -> list[dict[str, Any]]:
 
 def dataset_card(report: ExportReport) -> str:
     flt = report.filter
-    configs = ["- config_name: default", "  data_files:", "  - split: train",
-               f"    path: {DATA_FILE}"]
-    if report.with_image:
-        configs += ["- config_name: images", "  data_files:", "  - split: train",
-                    f"    path: {IMAGES_DIR}/*"]
     policies = "\n".join(f"| {pid} | {version} | `{sha[:12]}` | {count} |"
                          for (pid, version, sha), count in sorted(report.policies.items()))
     window = ", ".join(f"{name} {_when(value)}" for name, value in
@@ -348,7 +333,10 @@ tags:
 - safety
 - image-moderation
 configs:
-{chr(10).join(configs)}
+- config_name: default
+  data_files:
+  - split: train
+    path: {SPLIT_DIR}/**
 ---
 
 # SafeEdit Guard judged items
@@ -376,10 +364,13 @@ Not exported:
 
 ## Layout
 
-- `{DATA_FILE}`: every record (`load_dataset(DIR)`); `image_file` is the image's path
-  relative to this folder, or null
-- `{IMAGES_DIR}/`: the images the policy retained, named by sha256, and `metadata.jsonl` with
-  the records that have one (`load_dataset(DIR, "images")`, Hugging Face's imagefolder layout)
+Hugging Face's imagefolder layout: `datasets.load_dataset(DIR, split="train")` gives every
+record with its image decoded in `image` (None where there is none; rows without an image need
+`datasets` 5 or later).
+
+- `{DATA_FILE}`: every record, one JSON object a line; `file_name` is the image's path
+  relative to `{SPLIT_DIR}/`, or null
+- `{SPLIT_DIR}/{IMAGES_DIR}/`: the images the policy retained, named by sha256
 
 An image is exported only when the trace's policy retained it and its copy is still kept; any
 other record keeps the image's sha256 and says why in `image_status` (`not_retained`,

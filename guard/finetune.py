@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guard.dataset import read_records
+from guard.dataset import SPLIT_DIR, read_records
 from guard.errors import ConfigError
 from guard.judges.profiles import Message, Profile, get_profile
 from guard.judges.profiles.safeeditor import judgement_lines
@@ -173,10 +173,10 @@ def build_examples(records: Sequence[Mapping[str, Any]], directory: Path, profil
             continue
         image = None
         if record.get("image_sha256"):
-            if not record.get("image_file"):
+            if not record.get("file_name"):
                 skipped["image not in the dataset"] += 1
                 continue
-            image = (Path(directory) / record["image_file"]).read_bytes()
+            image = (Path(directory) / SPLIT_DIR / record["file_name"]).read_bytes()
         target = target_of(record, policy, unlabelled)
         if target is None:
             skipped["unlabelled (--unlabelled skip)"] += 1

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from guard.audit.chain import ChainRow, VerifyReport, column_text, link_hash
+from guard.audit.chain import ChainRow, ChainTables, VerifyReport, column_text, link_hash
 from guard.audit.common import decode_cursor, encode_cursor
 from guard.auth import Principal, tenant_scope
 from guard.errors import RequestError
@@ -231,7 +231,8 @@ def parse_label_filters(params: Mapping[str, str], principal: Principal) -> dict
                 raise RequestError("Invalid 'all': true or false.", param="all")
             args["latest_only"] = value in ("false", "0")
         elif name == "limit":
-            if not (value.isascii() and value.isdigit() and 1 <= int(value[:5]) <= 1000):
+            if not (value.isascii() and value.isdigit() and len(value) <= 4
+                    and 1 <= int(value) <= 1000):
                 raise RequestError("Invalid 'limit': between 1 and 1000.", param="limit")
             args["limit"] = int(value)
         elif name == "verdict" and value not in VERDICTS:
@@ -276,6 +277,12 @@ def label_chain_row(row: Sequence[Any]) -> ChainRow:
              "created_at")
     return ChainRow(row[0], row[10].encode(), row[11], row[12], dict(zip(names, row[1:10],
                                                                         strict=True)))
+
+
+# Where both stores keep the label chain.
+LABEL_TABLES = ChainTables(
+    "labels", "label_chain_head", "label_checkpoints", LABEL_COLUMNS,
+    "seq, label_id, hash, created_at, key_fingerprint, signature, kid", label_chain_row)
 
 
 def load_label(row: Sequence[Any]) -> Label:

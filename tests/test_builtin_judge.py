@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from guard.errors import ConfigError, JudgeError
 from guard.judges import Judge, build_judge
@@ -199,3 +199,71 @@ async def test_base64_images_are_judged_like_bytes(judge: BuiltinJudge) -> None:
                           image=GeneratedImage(b64=base64.b64encode(data).decode()))
     a, b = await judge.judge([from_b64, item("a house", data)], POLICY)
     assert a.details["detections"] == b.details["detections"]
+
+
+# --- the detector against NudeNet's own pipeline -------------------------------------------------
+
+def figure(width: int, height: int, seed: int, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    """A blurred drawing of a skin-coloured figure on a coloured ground: NudeNet finds exposed
+    parts in some of them, so the comparison below has detections to compare."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(img)
+    w = h = max(width, height)  # drawn as on a square, cut to the canvas
+    cx = w // 2 + int(rng.integers(-20, 20))
+    skin = tuple(int(v) for v in rng.integers([200, 150, 120], [240, 190, 160]))
+    draw.ellipse([cx - w // 10, h // 10, cx + w // 10, h // 10 + h // 5], fill=skin)
+    draw.ellipse([cx - w // 6, h // 3, cx + w // 6, h * 3 // 4], fill=skin)
+    for dx in (-w // 14, w // 14):
+        draw.ellipse([cx + dx - w // 30, h // 2 - h // 30, cx + dx + w // 30, h // 2 + h // 30],
+                     fill=(190, 120, 100))
+    img = img.filter(ImageFilter.GaussianBlur(w // 170)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _reference(data: bytes, session) -> list[dict]:  # type: ignore[no-untyped-def]
+    """NudeNet 3.4.2's own preprocessing, session and postprocessing, image by image."""
+    import cv2
+    import nudenet.nudenet as nn
+
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None
+    # NudeNet converts with COLOR_RGBA2BGR, which on three channels swaps red and blue, and
+    # then swaps again in blobFromImage; given RGB pixels, the model gets RGB, as in the judge.
+    blob, x_ratio, y_ratio, x_pad, y_pad, w, h = nn._read_image(
+        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), 320)
+    output = session.run(None, {session.get_inputs()[0].name: blob})
+    return nn._postprocess(output, x_pad, y_pad, x_ratio, y_ratio, w, h, 320, 320)
+
+
+async def test_detections_agree_with_nudenets_own_pipeline(judge: BuiltinJudge) -> None:
+    from nudenet import NudeDetector
+
+    images = [figure(512, 512, 0), figure(640, 480, 0), figure(480, 640, 7),
+              figure(1024, 1024, 0), figure(768, 512, 5, fmt="JPEG"),
+              figure(512, 512, 5, mode="RGBA"), figure(600, 600, 6, mode="L"),
+              png(1024, 1024), png(333, 517, seed=30)]
+    reference = NudeDetector().onnx_session  # ONNX Runtime's defaults: all threads
+    verdicts = await judge.judge([item("a figure", data) for data in images], POLICY)
+    exposed = 0
+    for data, verdict in zip(images, verdicts, strict=True):
+        ours, theirs = verdict.details["detections"], _reference(data, reference)
+        assert [d["class"] for d in ours] == [d["class"] for d in theirs]
+        for a, b in zip(ours, theirs, strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=2e-3)
+            assert all(abs(p - q) <= 2 for p, q in zip(a["box"], b["box"], strict=True))
+        exposed += verdict.details["image_scores"]["sexual"] > 0
+    assert exposed >= 5  # the comparison covers detections that count as sexual
+
+
+async def test_a_batch_detects_what_single_images_do(judge: BuiltinJudge) -> None:
+    images = [figure(512, 512, i) for i in range(4)]
+    batch = await judge.judge([item("a", data) for data in images], POLICY)
+    for data, together in zip(images, batch, strict=True):
+        [alone] = await judge.judge([item("a", data)], POLICY)
+        assert [(d["class"], d["box"]) for d in alone.details["detections"]] == \
+            [(d["class"], d["box"]) for d in together.details["detections"]]
+        for a, b in zip(alone.details["detections"], together.details["detections"], strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-3)

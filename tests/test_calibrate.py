@@ -50,6 +50,24 @@ def test_wilson_interval_and_curve_by_hand() -> None:
         Point(0.2, 2, 1, 1, 0), Point(0.7, 2, 0, 1, 1), Point(0.9, 1, 0, 2, 1)]
 
 
+def test_a_precision_measured_on_few_flagged_items_decides_nothing() -> None:
+    from guard.policytools.calibrate import Target, calibrate
+    from guard.policytools.labelled import LabelledItem
+
+    def item(score: float, unsafe: bool) -> LabelledItem:
+        return LabelledItem("tr", 0, 1, "missed" if unsafe else "correct",
+                            "violence" if unsafe else None, {"violence": score}, ())
+
+    # 20 unsafe and 20 safe items mixed at 0.5; only the two scored 0.99 are all unsafe
+    items = [item(0.5, k % 2 == 0) for k in range(38)] + [item(0.99, True), item(0.99, True)]
+    (violence,) = [r for r in calibrate(load_policy(DEFAULT), items, Target("precision", 0.9))
+                   .results if r.category == "violence"]
+    assert violence.status == "too_few" and violence.proposed is None
+    assert violence.note == ("precision >= 0.90 is reached only where fewer than 10 labelled "
+                             "items are flagged (2 at threshold 0.99): too few labels to "
+                             "decide. Threshold kept.")
+
+
 def test_target_precision_from_a_self_contained_csv(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
     code = main(["policy", "calibrate", "--policy", DEFAULT, "--labels",

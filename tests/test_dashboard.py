@@ -182,7 +182,7 @@ def test_other_tenant_and_admin_see_their_own_numbers(browser, seeded) -> None: 
 
 def test_window_and_errors_are_said_in_words(seeded) -> None:  # type: ignore[no-untyped-def]
     base = seeded["base"]
-    with httpx.Client(base_url=base) as client:
+    with httpx.Client(base_url=base, timeout=60) as client:
         assert client.get("/guard/dashboard").headers["location"] == "/guard/login"
         form = client.get("/guard/login")
         token = re.search(r'name="csrf" value="([^"]+)"', form.text)[1]  # type: ignore[index]

@@ -49,7 +49,7 @@ def export(served: dict[str, Any], out: Path, *args: str,
            capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[dict[str, Any]]]:
     code = main(["dataset", "export", "--config", served["config"], "--out", str(out), *args])
     printed = capsys.readouterr()
-    data = out / "data" / "train.jsonl"
+    data = out / "data" / "train" / "metadata.jsonl"
     records = [json.loads(line) for line in data.read_text().splitlines()] if data.exists() else []
     return code, printed.out + printed.err, records
 
@@ -95,26 +95,22 @@ def test_export_writes_one_record_per_judged_item_and_only_retained_images(
     # Only the red image was retained (flagged); the blue ones are refused, and the records say so.
     red_sha = hashlib.sha256(png("red")).hexdigest()
     assert red["image_status"] == "exported" and red["image_sha256"] == red_sha
-    assert (out / red["image_file"]).read_bytes() == png("red")
-    assert {p.name for p in (out / "images").iterdir()} == {"metadata.jsonl", f"{red_sha}.png"}
+    split = out / "data" / "train"
+    assert red["file_name"] == f"images/{red_sha}.png"
+    assert (split / red["file_name"]).read_bytes() == png("red")
+    assert [p.name for p in (split / "images").iterdir()] == [f"{red_sha}.png"]
+    assert records[0] == red  # records with an image first: their `file_name` types the column
     for r in (blue, rec[f"{passed}/0/1"]):
-        assert r["image_status"] == "not_retained" and r["image_file"] is None
+        assert r["image_status"] == "not_retained" and r["file_name"] is None
         assert r["image_sha256"] == hashlib.sha256(png("blue")).hexdigest()
     assert rec[f"{passed}/prompt/0"]["image_status"] is None  # a prompt has no image
     assert "exported 5 records (0 labelled) from 2 traces" in printed
     assert "refused: 2 image not retained by the policy (image_retention)" in printed
 
-    # The imagefolder half of the layout: every metadata row names a file beside it.
-    meta = [json.loads(line) for line in (out / "images/metadata.jsonl").read_text().splitlines()]
-    assert [(m["id"], m["file_name"]) for m in meta] == [(red["id"], f"{red_sha}.png")]
-    assert all((out / "images" / m["file_name"]).is_file() for m in meta)
-
     card = (out / "README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
-    assert header["configs"] == [
-        {"config_name": "default", "data_files": [{"split": "train",
-                                                   "path": "data/train.jsonl"}]},
-        {"config_name": "images", "data_files": [{"split": "train", "path": "images/*"}]}]
+    assert header["configs"] == [{"config_name": "default", "data_files": [
+        {"split": "train", "path": "data/train/**"}]}]
     assert "5 records from 2 traces" in card and "| keep | 2 |" in card
     assert "2 image not retained by the policy" in card
 
@@ -130,7 +126,7 @@ def test_key_ids_and_tenants_are_pseudonymised(served: dict[str, Any], tmp_path:
     assert len(keys) == 1 and keys.pop().startswith("k_")
     tenants = {r["tenant"] for r in first}
     assert len(tenants) == 1 and tenants.pop().startswith("t_")
-    text = (tmp_path / "a" / "data" / "train.jsonl").read_text()
+    text = (tmp_path / "a" / "data" / "train" / "metadata.jsonl").read_text()
     assert '"app"' not in text and '"acme"' not in text
     # Without a key, two exports cannot be joined on their pseudonyms...
     assert first[0]["key_id"] != second[0]["key_id"]
@@ -162,10 +158,9 @@ def test_labels_go_with_their_items_and_labelled_only_keeps_those(
     code, printed, only = export(served, tmp_path / "only", "--labelled-only", capsys=capsys)
     assert code == 0
     assert sorted(r["id"] for r in only) == sorted([f"{passed}/0/1", f"{edited}/prompt/0"])
-    assert not (tmp_path / "only" / "images").exists()  # neither labelled item kept an image
+    assert not (tmp_path / "only" / "data" / "train" / "images").exists()  # none retained
     card = (tmp_path / "only" / "README.md").read_text()
     assert "labelled items only" in card and "missed 1" in card
-    assert "config_name: images" not in card
 
 
 def test_policy_and_time_filters(served: dict[str, Any], tmp_path: Path,
@@ -183,10 +178,10 @@ def test_a_purged_copy_is_refused_and_reported(served: dict[str, Any], tmp_path:
     assert main(["audit", "purge", "--config", served["config"], "--older-than-days", "0"]) == 0
     _, printed, records = export(served, tmp_path / "ds", capsys=capsys)
     red = by_id(records)[f"{served['edited']}/0/1"]
-    assert red["image_status"] == "unavailable" and red["image_file"] is None
+    assert red["image_status"] == "unavailable" and red["file_name"] is None
     assert red["image_sha256"] == hashlib.sha256(png("red")).hexdigest()
     assert "refused: 1 retained copy no longer in the image store" in printed
-    assert not (tmp_path / "ds" / "images").exists()
+    assert not (tmp_path / "ds" / "data" / "train" / "images").exists()
 
 
 def test_hugging_face_datasets_loads_the_export(served: dict[str, Any], tmp_path: Path,
@@ -196,5 +191,5 @@ def test_hugging_face_datasets_loads_the_export(served: dict[str, Any], tmp_path
     export(served, out, capsys=capsys)
     records = datasets.load_dataset(str(out), split="train")
     assert len(records) == 5 and "prompt" in records.column_names
-    with_images = datasets.load_dataset(str(out), "images", split="train")
-    assert len(with_images) == 1 and with_images[0]["image"].size == (64, 64)
+    images = [r["image"] for r in records]
+    assert images[0].size == (64, 64) and images[1:] == [None] * 4

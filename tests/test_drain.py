@@ -41,6 +41,13 @@ class SlowBackend(FakeBackend):
         return response
 
 
+def reached_backend(backend: FakeBackend, client: threading.Thread, count: int = 1) -> None:
+    deadline = time.monotonic() + 60
+    while len(backend.requests) < count:
+        assert client.is_alive() and time.monotonic() < deadline, "never reached the backend"
+        time.sleep(0.01)
+
+
 def proxy_config(tmp_path: Path, backend_url: str, **server: Any) -> Path:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -58,7 +65,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
     with serve(backend.app()) as backend_url:
         config = proxy_config(tmp_path, backend_url, drain_timeout_s=30)
         with safeedit_serve(tmp_path, "--config", str(config)) as (proc, base):
-            client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=60)
             done: dict[str, Any] = {}
 
             def in_flight() -> None:
@@ -68,8 +75,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
 
             thread = threading.Thread(target=in_flight, daemon=True)
             thread.start()
-            while not backend.requests:  # the request is inside the backend call now
-                time.sleep(0.01)
+            reached_backend(backend, thread)  # the request is inside the backend call now
             sigterm = time.monotonic()
             os.kill(proc.pid, signal.SIGTERM)
 
@@ -123,7 +129,7 @@ def test_drain_timeout_cuts_what_still_runs_with_a_traced_503(tmp_path: Path) ->
     with serve(backend.app()) as backend_url:
         config = proxy_config(tmp_path, backend_url, drain_timeout_s=0.5)
         with safeedit_serve(tmp_path, "--config", str(config)) as (proc, base):
-            client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=60)
             cut: dict[str, Any] = {}
 
             def in_flight() -> None:
@@ -134,8 +140,7 @@ def test_drain_timeout_cuts_what_still_runs_with_a_traced_503(tmp_path: Path) ->
 
             thread = threading.Thread(target=in_flight, daemon=True)
             thread.start()
-            while not backend.requests:
-                time.sleep(0.01)
+            reached_backend(backend, thread)
             sigterm = time.monotonic()
             os.kill(proc.pid, signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
@@ -173,7 +178,7 @@ def test_workers_share_one_port_and_every_worker_drains(tmp_path: Path) -> None:
         with safeedit_serve(tmp_path, "--config", str(config),
                             "--workers", "2") as (proc, base):
             assert len(worker_pids(proc.pid)) == 2
-            client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=60)
             with ThreadPoolExecutor(20) as pool:
                 calls = [pool.submit(client.images.with_raw_response.generate,
                                      prompt=f"a lighthouse, view {i}") for i in range(20)]

@@ -112,7 +112,7 @@ def test_two_distinct_weak_words_of_a_category_cross_its_threshold(cat: str) -> 
              if _distinct(a, b, [*DEFAULT.terms[cat].strong, *weak])]
     assert len(pairs) > 100
     threshold = DEFAULT.categories[cat].threshold
-    for a, b in pairs:
+    for a, b in pairs[::max(1, len(pairs) // 300)]:  # every word, with many partners
         prompt = f"a photo of {a} and {b}"
         assert score_prompt(prompt, DEFAULT).scores[cat] >= threshold, prompt
 
@@ -132,15 +132,13 @@ def test_three_distinct_weak_words_cross_the_highest_threshold() -> None:
 
 @pytest.mark.parametrize("cat", PAIRED)
 def test_one_weak_word_repeated_or_inflected_stays_under(cat: str) -> None:
-    threshold = DEFAULT.categories[cat].threshold
-    if threshold <= WEAK:
-        pytest.skip("one weak word is enough here")
     words = [t for t in DEFAULT.terms[cat].weak if re.fullmatch(r"[a-z]+", t)]
     for word in words:
         # its forms that the list counts as weak (`bullying` is a strong term of its own)
         forms = [f for f in inflections(word) if score_prompt(f, DEFAULT).scores[cat] == WEAK]
         prompt = f"{word}, " + ", ".join(forms) + f" and {word} again"
         assert score_prompt(prompt, DEFAULT).scores[cat] == WEAK, prompt
+        assert DEFAULT.categories[cat].threshold > WEAK
 
 
 SUBJECTS = ("a man", "two kids", "a woman", "a dog", "a group of people", "a baseball player")

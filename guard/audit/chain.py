@@ -133,6 +133,19 @@ class ChainSource(Protocol):
     async def row_by_hash(self, hash_: str) -> ChainRow | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ChainTables:
+    """Where a store keeps one chain: its rows, chain head and checkpoints tables, the rows'
+    columns (seq first), the checkpoints' columns, and how a stored row becomes a ChainRow."""
+
+    rows: str
+    head: str
+    checkpoints: str
+    columns: str
+    checkpoint_columns: str
+    load: Callable[[Any], ChainRow]
+
+
 class TableChain:
     """One of a store's chains as `verify` reads it (a ChainSource), for a store that keeps
     several (traces and labels): `tables` names the chain's tables to the store's `walk`,

@@ -30,7 +30,6 @@ import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -41,6 +40,7 @@ from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
     ChainRow,
+    ChainTables,
     Checkpoint,
     Signer,
     TableChain,
@@ -56,7 +56,7 @@ from guard.audit.images import RetainedImages
 from guard.errors import ConfigError, GuardError, NotFound
 from guard.imagestore import ImageStore
 from guard.labels import (
-    LABEL_COLUMNS,
+    LABEL_TABLES,
     QUEUE_ORDER,
     UNLABELLED,
     Label,
@@ -64,7 +64,6 @@ from guard.labels import (
     QueuePage,
     QueueQuery,
     bind_label,
-    label_chain_row,
     label_columns,
     label_page,
     label_query,
@@ -156,22 +155,8 @@ _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SAMPLE_POINT = "('x' || substr(md5(id), 1, 8))::bit(32)::bigint / 4294967296.0"
 
 
-@dataclass(frozen=True, slots=True)
-class _Chain:
-    """The tables of one chain: traces, or labels."""
-
-    rows: str
-    head: str
-    checkpoints: str
-    columns: str
-    checkpoint_columns: str
-    load: Callable[[Any], ChainRow]
-
-
-_TRACES = _Chain("traces", "chain_head", "checkpoints", _COLUMNS, _CHECKPOINT_COLUMNS,
-                 lambda row: _chain_row(row))
-_LABELS = _Chain("labels", "label_chain_head", "label_checkpoints", LABEL_COLUMNS,
-                 _CHECKPOINT_COLUMNS.replace("trace_id", "label_id"), label_chain_row)
+_TRACES = ChainTables("traces", "chain_head", "checkpoints", _COLUMNS,
+                      _CHECKPOINT_COLUMNS, lambda row: _chain_row(row))
 
 
 class PostgresStore:
@@ -196,7 +181,7 @@ class PostgresStore:
         self.checkpoint_every = checkpoint_every
         self.anchorer = anchorer
         self.label_anchorer = label_anchorer
-        self.label_chain = TableChain(self, _LABELS)  # what verify_labels walks
+        self.label_chain = TableChain(self, LABEL_TABLES)  # what verify_labels walks
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
 
@@ -292,7 +277,7 @@ class PostgresStore:
         if self.anchorer is not None:
             self.anchorer.note_write()
 
-    async def _append(self, chain: _Chain, bodies: Sequence[tuple[str, bytes]],
+    async def _append(self, chain: ChainTables, bodies: Sequence[tuple[str, bytes]],
                       row: Callable[[int, int, str | None, str], tuple[Any, ...]]) -> None:
         """Append (id, canonical body) pairs to `chain` in one transaction: `row(i, seq,
         prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due."""
@@ -359,7 +344,7 @@ class PostgresStore:
             sealed.append(label.sealed(prev, body))
             return label_row(seq, sealed[0], body)
 
-        await self._append(_LABELS, [(label.id, body)], row)
+        await self._append(LABEL_TABLES, [(label.id, body)], row)
         if self.label_anchorer is not None:
             self.label_anchorer.note_write()
         return sealed[0]
@@ -442,7 +427,7 @@ class PostgresStore:
     async def row_by_hash(self, hash_: str) -> ChainRow | None:
         return await self.row_by_hash_of(_TRACES, hash_)
 
-    async def walk(self, chain: _Chain, where: Sequence[str] = (),
+    async def walk(self, chain: ChainTables, where: Sequence[str] = (),
                    args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
         """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
         sql = (f"SELECT {chain.columns} FROM {chain.rows}"
@@ -453,18 +438,18 @@ class PostgresStore:
             async for row in conn.cursor(sql, *args, prefetch=batch):
                 yield chain.load(row)
 
-    async def checkpoints_of(self, chain: _Chain) -> list[Checkpoint]:
+    async def checkpoints_of(self, chain: ChainTables) -> list[Checkpoint]:
         pool = await self._get_pool()
         rows = await pool.fetch(f"SELECT {chain.checkpoint_columns} FROM {chain.checkpoints}"
                                 " ORDER BY seq")
         return [Checkpoint(*row) for row in rows]
 
-    async def head_of(self, chain: _Chain) -> tuple[int, str | None]:
+    async def head_of(self, chain: ChainTables) -> tuple[int, str | None]:
         pool = await self._get_pool()
         row = await pool.fetchrow(f"SELECT seq, hash FROM {chain.head} WHERE id = 1")
         return (row["seq"], row["hash"]) if row else (0, None)
 
-    async def row_by_hash_of(self, chain: _Chain, hash_: str) -> ChainRow | None:
+    async def row_by_hash_of(self, chain: ChainTables, hash_: str) -> ChainRow | None:
         pool = await self._get_pool()
         row = await pool.fetchrow(f"SELECT {chain.columns} FROM {chain.rows} WHERE hash = $1"
                                   " LIMIT 1", hash_)
@@ -476,7 +461,6 @@ class PostgresStore:
                               anchors=anchors)
         report.labels = await self.verify_labels()
         return report
-
 
 
 def _load(row: asyncpg.Record) -> Trace:

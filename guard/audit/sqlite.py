@@ -2,9 +2,9 @@
 
 Each write is its own committed transaction, taken with BEGIN IMMEDIATE so that the chain head is
 read and the new row appended under one write lock, also across processes sharing the file: the
-chain never forks. Labels (guard.labels) are a second chain in the same file, appended the same
-way (`labels`, `label_chain_head`, `label_checkpoints`). WAL keeps a committed trace across a killed process. Schema changes are
-numbered migrations recorded in `PRAGMA user_version`.
+chain never forks. WAL keeps a committed trace across a killed process. Schema changes are
+numbered migrations recorded in `PRAGMA user_version`. Labels (guard.labels) are a second chain
+in the same file, appended the same way (`labels`, `label_chain_head`, `label_checkpoints`).
 
 Audit options (`audit:` in the operators' config, `kind: sqlite`):
     path                 the database file (default var/audit.db)
@@ -20,7 +20,6 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
     ChainRow,
+    ChainTables,
     Checkpoint,
     Signer,
     TableChain,
@@ -46,7 +46,7 @@ from guard.audit.images import RetainedImages
 from guard.errors import ConfigError, NotFound
 from guard.imagestore import ImageStore
 from guard.labels import (
-    LABEL_COLUMNS,
+    LABEL_TABLES,
     QUEUE_ORDER,
     UNLABELLED,
     Label,
@@ -54,7 +54,6 @@ from guard.labels import (
     QueuePage,
     QueueQuery,
     bind_label,
-    label_chain_row,
     label_columns,
     label_page,
     label_query,
@@ -149,22 +148,8 @@ _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, 
 _CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
 
 
-@dataclass(frozen=True, slots=True)
-class _Chain:
-    """The tables of one chain: traces, or labels."""
-
-    rows: str
-    head: str
-    checkpoints: str
-    columns: str
-    checkpoint_columns: str
-    load: Callable[[Sequence[Any]], ChainRow]
-
-
-_TRACES = _Chain("traces", "chain_head", "checkpoints", _COLUMNS, _CHECKPOINT_COLUMNS,
-                 lambda row: _chain_row(row))
-_LABELS = _Chain("labels", "label_chain_head", "label_checkpoints", LABEL_COLUMNS,
-                 _CHECKPOINT_COLUMNS.replace("trace_id", "label_id"), label_chain_row)
+_TRACES = ChainTables("traces", "chain_head", "checkpoints", _COLUMNS,
+                      _CHECKPOINT_COLUMNS, lambda row: _chain_row(row))
 
 
 class SQLiteStore:
@@ -179,7 +164,7 @@ class SQLiteStore:
         self.checkpoint_every = checkpoint_every
         self.anchorer = anchorer
         self.label_anchorer = label_anchorer
-        self.label_chain = TableChain(self, _LABELS)  # what verify_labels walks
+        self.label_chain = TableChain(self, LABEL_TABLES)  # what verify_labels walks
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
 
@@ -236,12 +221,12 @@ class SQLiteStore:
             sealed.append(label.sealed(prev, body))
             return label_row(seq, sealed[0], body)
 
-        self._append(_LABELS, [(label.id, body)], row)
+        self._append(LABEL_TABLES, [(label.id, body)], row)
         if self.label_anchorer is not None:
             self.label_anchorer.note_write()
         return sealed[0]
 
-    def _append(self, chain: _Chain, bodies: Sequence[tuple[str, bytes]],
+    def _append(self, chain: ChainTables, bodies: Sequence[tuple[str, bytes]],
                 row: Callable[[int, int, str | None, str], tuple[Any, ...]]) -> None:
         """Append (id, canonical body) pairs to `chain` in one transaction: `row(i, seq,
         prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due."""
@@ -403,7 +388,7 @@ class SQLiteStore:
     async def row_by_hash(self, hash_: str) -> ChainRow | None:
         return await self.row_by_hash_of(_TRACES, hash_)
 
-    async def walk(self, chain: _Chain, where: Sequence[str] = (),
+    async def walk(self, chain: ChainTables, where: Sequence[str] = (),
                    args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
         """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
         sql = (f"SELECT {chain.columns} FROM {chain.rows} WHERE seq > ?"
@@ -417,16 +402,16 @@ class SQLiteStore:
                 yield chain.load(row)
             last = rows[-1][0]
 
-    async def checkpoints_of(self, chain: _Chain) -> list[Checkpoint]:
+    async def checkpoints_of(self, chain: ChainTables) -> list[Checkpoint]:
         rows = await asyncio.to_thread(self._fetch, f"SELECT {chain.checkpoint_columns}"
                                                     f" FROM {chain.checkpoints} ORDER BY seq")
         return [Checkpoint(*row) for row in rows]
 
-    async def head_of(self, chain: _Chain) -> tuple[int, str | None]:
+    async def head_of(self, chain: ChainTables) -> tuple[int, str | None]:
         rows = await asyncio.to_thread(self._fetch, f"SELECT seq, hash FROM {chain.head}")
         return (rows[0][0], rows[0][1]) if rows else (0, None)
 
-    async def row_by_hash_of(self, chain: _Chain, hash_: str) -> ChainRow | None:
+    async def row_by_hash_of(self, chain: ChainTables, hash_: str) -> ChainRow | None:
         rows = await asyncio.to_thread(self._fetch, f"SELECT {chain.columns} FROM {chain.rows}"
                                                     " WHERE hash = ? LIMIT 1", (hash_,))
         return chain.load(rows[0]) if rows else None
@@ -437,7 +422,6 @@ class SQLiteStore:
                               anchors=anchors)
         report.labels = await self.verify_labels()
         return report
-
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

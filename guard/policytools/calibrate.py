@@ -13,7 +13,8 @@ flagged) and the false-positive rate (of what is safe, how much would be flagged
 Between two neighbouring scores every threshold decides the labelled items alike: the current
 threshold is kept when it lies in the chosen gap, else the middle of the gap is proposed.
 with a 95% Wilson interval on that precision or rate, as labels are often few. A category with
-fewer than MIN_LABELS positives or negatives keeps its threshold: too few labels to decide.
+fewer than MIN_LABELS positives or negatives keeps its threshold: too few labels to decide; so
+does one whose precision meets the target only where fewer than MIN_LABELS items are flagged.
 """
 
 from __future__ import annotations
@@ -150,10 +151,17 @@ def calibrate(policy: Policy, items: Sequence[LabelledItem], target: Target,
             r.note = (f"too few labels to decide: {r.positives} unsafe and {r.negatives} safe "
                       f"item(s); at least {min_labels} of each are needed. Threshold kept.")
             continue
-        at = next((k for k, p in enumerate(r.points) if target.met(p)), None)
+        met = [k for k, p in enumerate(r.points) if target.met(p)]
+        # A precision is only worth as much as the flagged items it is measured on.
+        at = next((k for k in met if target.kind == "fpr"
+                   or r.points[k].flagged >= min_labels), None)
         if at is None:
-            r.status = "unreachable"
-            r.note = f"no threshold reaches {target} on these labels. Threshold kept."
+            r.status = "too_few" if met else "unreachable"
+            r.note = (f"{target} is reached only where fewer than {min_labels} labelled items "
+                      f"are flagged ({r.points[met[0]].flagged} at threshold "
+                      f"{r.points[met[0]].threshold:g}): too few labels to decide."
+                      if met else f"no threshold reaches {target} on these labels.")
+            r.note += " Threshold kept."
             continue
         r.chosen = chosen = r.points[at]
         k, n = ((chosen.tp, chosen.flagged) if target.kind == "precision"
@@ -216,13 +224,14 @@ def table(calibration: Calibration) -> str:
     head = ("category", "unsafe", "safe", "now", "proposed", f"{what} [95%]", "recall",
             "FP rate", "changes", "status")
     rows: list[tuple[str, ...]] = [head]
+    digits = 2 if calibration.target.kind == "precision" else 3  # small rates need a third
     for r in calibration.results:
         p = r.chosen or r.at_current
         precision = f"{p.precision:.2f}" if p.flagged else "-"
         recall = f"{p.recall:.2f}" if r.positives else "-"
-        fpr = f"{p.fpr:.2f}" if r.negatives else "-"
+        fpr = f"{p.fpr:.{digits}f}" if r.negatives else "-"
         value = precision if calibration.target.kind == "precision" else fpr
-        ci = f" [{r.interval[0]:.2f}-{r.interval[1]:.2f}]" if r.chosen else ""
+        ci = f" [{r.interval[0]:.{digits}f}-{r.interval[1]:.{digits}f}]" if r.chosen else ""
         rows.append((r.category, str(r.positives), str(r.negatives), f"{r.current:g}",
                      "-" if r.proposed is None else f"{r.proposed:g}", value + ci, recall, fpr,
                      str(r.items_changed), r.status.replace("_", " ")))
