@@ -49,7 +49,7 @@ async def test_plain_image_passes_with_low_sexual_score(judge: BuiltinJudge) -> 
     assert verdict.scores["sexual"] < POLICY.categories["sexual"].threshold
     assert POLICY.decide(verdict.scores).action == "pass"
     assert verdict.refined_prompt is None and verdict.thought == ""
-    assert verdict.judge_id == "builtin/1"
+    assert verdict.judge_id == "builtin/2"
     assert isinstance(verdict.details["detections"], list)
     assert set(verdict.scores) == set(POLICY.categories)
 

@@ -117,21 +117,21 @@ async def test_ensemble_takes_the_highest_score_per_category_and_lists_its_membe
         judge_server: tuple[JudgeServer, str], built: Any) -> None:
     state, url = judge_server
     judge = built({"kind": "ensemble", "members": [BUILTIN, remote(url)]})
-    assert judge.id == "ensemble(builtin/1+remote:safeeditor:judge)"
+    assert judge.id == "ensemble(builtin/2+remote:safeeditor:judge)"
     # The server reads the image (14 of 20 rows red: violence 0.7); the builtin judge reads the
     # prompt ("lingerie": sexual 0.35). Each sees only its half.
     [verdict] = await judge.judge([item("a lingerie model", png(red_rows=14))], POLICY)
     assert verdict.scores == pytest.approx({"sexual": 0.35, "violence": 0.7, "minors": 0.01})
     assert POLICY.decide(verdict.scores).flagged == ("violence",)
     builtin, server = verdict.details["members"]
-    assert builtin["judge_id"] == "builtin/1" and builtin["scores"]["sexual"] == 0.35
+    assert builtin["judge_id"] == "builtin/2" and builtin["scores"]["sexual"] == 0.35
     assert server["judge_id"] == "remote:safeeditor:judge"
     assert server["scores"]["violence"] == pytest.approx(0.7)
     assert server["details"]["requests"] == 2  # the server's own verdict, then its explanation
     assert builtin["latency_ms"] >= 0 and server["latency_ms"] > 0 and "error" not in server
     # The refined prompt and thought come from the refiner (the builtin rule refiner), which saw
     # the combined scores: violence at 0.70 is what it explains, not the server's words.
-    assert verdict.details["refiner"] == "builtin/1"
+    assert verdict.details["refiner"] == "builtin/2"
     assert verdict.thought.startswith("violence scored 0.70, at or over its threshold 0.60")
     assert verdict.refined_prompt == "a lingerie model"
     assert "[remote:safeeditor:judge]" in verdict.raw  # the server's own text is kept
@@ -156,7 +156,7 @@ async def test_a_category_can_trust_one_member(judge_server: tuple[JudgeServer, 
                                                built: Any) -> None:
     _, url = judge_server
     image = png(red_rows=14)
-    for choice in (0, "builtin/1"):  # by index or by judge id
+    for choice in (0, "builtin/2"):  # by index or by judge id
         judge = built({"kind": "ensemble", "members": [BUILTIN, remote(url)],
                        "choose": {"violence": choice}})
         [verdict] = await judge.judge([item("a lingerie model", image)], POLICY)
@@ -217,13 +217,13 @@ def test_ensemble_through_the_proxy_keeps_every_members_scores_and_time_in_the_t
     assert revised == "a knight at dawn, peaceful, unharmed"  # the rule refiner's words
     assert t["decision"] == "edited"
     first = t["rounds"][1]["images"][0]
-    assert first["judge_id"] == "ensemble(marker+builtin/1)"
+    assert first["judge_id"] == "ensemble(marker+builtin/2)"
     assert first["flagged"] == ["violence"] and first["action"] == "edit"
     members = first["details"]["members"]
-    assert [m["judge_id"] for m in members] == ["marker", "builtin/1"]
+    assert [m["judge_id"] for m in members] == ["marker", "builtin/2"]
     assert members[0]["scores"]["violence"] == 0.97 and members[1]["scores"]["violence"] == 0.0
     assert all(isinstance(m["latency_ms"], float) for m in members)
-    assert first["details"]["refiner"] == "builtin/1"
+    assert first["details"]["refiner"] == "builtin/2"
     assert first["thought"].startswith("violence scored 0.97")
     assert t["rounds"][2]["images"][0]["action"] == "pass"
 
@@ -247,13 +247,13 @@ async def test_cascade_sends_only_uncertain_items_on(judge_server: tuple[JudgeSe
     state, url = judge_server
     judge = built({"kind": "cascade", "stages": [BUILTIN, remote(url)],
                    "escalate": {"low": 0.2, "high": 0.8}})
-    assert judge.id == "cascade(builtin/1>remote:safeeditor:judge)"
+    assert judge.id == "cascade(builtin/2>remote:safeeditor:judge)"
     bloodbath, cat, lingerie = await judge.judge(
         [item("a bloodbath in town"), item("a cat"), item("a lingerie model")], POLICY)
     # Surely unsafe (0.95) and surely safe (all 0) stop at the builtin judge; only 0.35 goes on.
     assert len(state.requests) == 1
     assert state.requests[0]["messages"][-1]["content"] == "Prompt: a lingerie model"
-    assert bloodbath.details["stage"] == {"index": 0, "judge_id": "builtin/1"}
+    assert bloodbath.details["stage"] == {"index": 0, "judge_id": "builtin/2"}
     assert bloodbath.refined_prompt == "a water balloon party in town"
     assert cat.details["stage"]["index"] == 0 and cat.scores["violence"] == 0.0
     assert lingerie.details["stage"] == {"index": 1, "judge_id": "remote:safeeditor:judge"}
@@ -306,7 +306,7 @@ def test_cascade_through_the_proxy_names_the_deciding_stage_in_the_trace(
     revised, t = generate(base, "a sword on a table")
     assert revised == "a sword on a table, calm and peaceful"  # the marker judge's words
     first = t["rounds"][1]["images"][0]
-    assert first["judge_id"] == "cascade(builtin/1>marker)"
+    assert first["judge_id"] == "cascade(builtin/2>marker)"
     assert first["details"]["stage"] == {"index": 1, "judge_id": "marker"}
     assert [s["handed_on"] for s in first["details"]["stages"]] == ["uncertain", None]
     assert first["details"]["stages"][0]["scores"]["violence"] == 0.35
@@ -350,7 +350,7 @@ def test_safeedit_eval_counts_the_deciding_stages(
                  "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"decided by stage\s+count\s+rate", printed)
-    assert re.search(r"0 builtin/1\s+3\s+75\.00%", printed)
+    assert re.search(r"0 builtin/2\s+3\s+75\.00%", printed)
     assert re.search(r"1 remote:safeeditor:judge\s+1\s+25\.00%", printed)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["details"]["stage"]["index"] for r in rows] == [0, 0, 1, 0]
@@ -369,7 +369,7 @@ def test_safeedit_judge_prints_the_deciding_stage(
     assert main(["judge", "--config", str(config), "--policy", str(policy),
                  "--prompt", "a lingerie model"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["judge"] == "cascade(builtin/1>remote:safeeditor:judge)"
+    assert printed["judge"] == "cascade(builtin/2>remote:safeeditor:judge)"
     assert printed["stage"] == {"index": 1, "judge_id": "remote:safeeditor:judge"}
     assert printed["action"] == "pass"
 
@@ -429,10 +429,10 @@ async def test_an_ensemble_is_ready_only_when_every_member_is(
     ({"kind": "ensemble", "members": []}, r"`members` needs at least one judge"),
     ({"kind": "ensemble"}, r"judge \(ensemble\): members: Field required"),
     ({"kind": "ensemble", "members": [BUILTIN], "choose": {"sexual": 3}},
-     r"choose.sexual: no member 3; members: 0 \(builtin/1\)"),
+     r"choose.sexual: no member 3; members: 0 \(builtin/2\)"),
     ({"kind": "ensemble", "members": [BUILTIN], "choose": {"sexual": "vlm"}},
      r"choose.sexual: no member 'vlm'"),
-    ({"kind": "ensemble", "members": [BUILTIN, BUILTIN], "choose": {"sexual": "builtin/1"}},
+    ({"kind": "ensemble", "members": [BUILTIN, BUILTIN], "choose": {"sexual": "builtin/2"}},
      r"names several members; give its index"),
     ({"kind": "ensemble", "members": [BUILTIN], "on_member_error": "ignore"},
      r"on_member_error: Input should be 'fail' or 'skip'"),
@@ -473,9 +473,9 @@ def test_the_documented_recipes_build(monkeypatch: pytest.MonkeyPatch) -> None:
     built = {name: build_judge(section) for name, section in found.items()}
     assert isinstance(built["one GPU"], CascadeJudge)
     assert [s.id for s in built["one GPU"].stages] == [
-        "builtin/1", "vlm:safeeditor:Qwen2.5-VL-7B-Instruct"]
+        "builtin/2", "vlm:safeeditor:Qwen2.5-VL-7B-Instruct"]
     assert isinstance(built["no GPU"], EnsembleJudge)
-    assert built["no GPU"].id == "ensemble(builtin/1+openai-moderation:omni-moderation-latest)"
+    assert built["no GPU"].id == "ensemble(builtin/2+openai-moderation:omni-moderation-latest)"
     fleet = built["a judge fleet"]
     assert isinstance(fleet, EnsembleJudge) and fleet.choose == {"sexual": 0}
     assert isinstance(fleet.members[0], RemoteJudge) and fleet.on_member_error == "skip"

@@ -113,9 +113,9 @@ def test_eval_with_a_cascade_counts_the_stage_that_decided(tmp_path, capsys) -> 
     assert main(["eval", "--policy", "default", "--prompts", str(prompts), "--config",
                  str(config), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "judge cascade(builtin/1>marker), 6 prompts" in printed
+    assert "judge cascade(builtin/2>marker), 6 prompts" in printed
     assert "decided by stage     count     rate" in printed
-    assert "0 builtin/1              4   66.67%" in printed
+    assert "0 builtin/2              4   66.67%" in printed
     assert "1 marker                 2   33.33%" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["details"]["stage"]["index"] for r in rows] == [0, 0, 1, 0, 0, 1]

@@ -29,7 +29,9 @@ from guard.judges.terms import Hit, TextScores, matcher_for, refine_prompt
 from guard.policy import Decision, Policy
 from guard.types import JudgeInput, Verdict
 
-VERSION = "1"
+# Raised whenever the same input can score differently (recorded in every trace as the judge id):
+# 2 = weak hits add up in log-odds, forms of one word count once.
+VERSION = "2"
 
 # The detector's output classes, in the order of the model's outputs (nudenet 3.4.2, 320n.onnx).
 LABELS: tuple[str, ...] = (
