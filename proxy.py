@@ -43,7 +43,8 @@ log = logging.getLogger("safeedit.proxy")
 
 class JSONResponse(Response):
     """JSON sent in parts (`b64json.dumps_parts`): a relayed image's base64 goes to the socket
-    as the backend sent it, never joined into one more multi-megabyte copy of the body."""
+    as the backend sent it, never joined into one more multi-megabyte copy of the body. A part
+    may be a memoryview of the backend's body: uvicorn writes any bytes-like body as it is."""
 
     media_type = "application/json"
 

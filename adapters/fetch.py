@@ -38,7 +38,7 @@ from pydantic import Field, IPvAnyNetwork
 from adapters.options import Options
 from guard.errors import BackendError, RequestError
 from guard.inputs import MAX_PIXELS, validate_image
-from guard.types import GeneratedImage
+from guard.types import Base64, GeneratedImage
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -235,7 +235,7 @@ class ImageFetcher:
         await self._client.aclose()
 
 
-def image_from_b64(b64: str | bytes, backend: str, policy: UrlPolicy, *,
+def image_from_b64(b64: Base64, backend: str, policy: UrlPolicy, *,
                    revised_prompt: str | None = None) -> GeneratedImage:
     """A backend's base64 image, kept as received; decoded and checked at its first look (the
     judge's), so a passthrough relays it untouched. A bad image is then a 502 of this backend."""

@@ -150,7 +150,7 @@ class OpenAICompatBackend:
             raise BackendError(f"backend {self.name!r} returned an image without data",
                                code="backend_bad_response")
         revised = item.get("revised_prompt")
-        if isinstance(item.get("b64_json"), str | bytes):
+        if isinstance(item.get("b64_json"), str | memoryview):
             return image_from_b64(item["b64_json"], self.name, self.options.image_urls,
                                   revised_prompt=revised)
         if isinstance(item.get("url"), str):

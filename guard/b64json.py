@@ -7,10 +7,10 @@ memchr-speed searches, the small rest parsed normally, and the strings put back.
 unusual (an escape, a control or non-ASCII character inside the string, a key that appears in an
 odd place) falls back to a full parse, so the result is always what `orjson.loads` would give.
 
-`loads_raw` is the relay's variant: a lifted string stays the backend's bytes (checked to need
-no escaping: ASCII, no control characters), and `dumps_parts` puts such bytes back into a JSON
-body without passing them through a serializer, as separate parts that the server writes one
-after the other: a passthrough sends the backend's base64 as received, copied once.
+`loads_raw` is the relay's variant: a lifted string stays a memoryview of the backend's body
+(checked to need no escaping: ASCII, no control characters), and `dumps_parts` puts such bytes
+back into a JSON body without passing them through a serializer, as separate parts the server
+writes one after the other: a passthrough sends the backend's base64 as received, not copied.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ def loads(body: bytes) -> Any:
 
 
 def loads_raw(body: bytes) -> Any:
-    """As `loads`, but each long `b64_json` string is the body's `bytes` (JSON-safe as they are;
-    whether they are an image is the judge's first look to find out)."""
+    """As `loads`, but each long `b64_json` string is a memoryview of `body` (JSON-safe as it
+    is; whether it is an image is the judge's first look to find out)."""
     return _loads(body, raw=True)
 
 
 def _loads(body: bytes, *, raw: bool) -> Any:
-    lifted: list[str | bytes] = []
+    lifted: list[str | memoryview] = []
     parts: list[bytes] = []
+    view = memoryview(body)
     # A placeholder no string of the body can be, even one written with escapes: a NUL and a
     # nonce of this call (a backend could write "\u00000" under a key spelt "b64\u005fjson").
     nonce = secrets.token_hex(8)
@@ -65,12 +66,12 @@ def _loads(body: bytes, *, raw: bool) -> Any:
         pos = end + 1
         if end - start - 1 < _MIN_LIFT:
             continue  # short: stays in place, copied with the text around it
-        text = body[start + 1:end]
+        text = view[start + 1:end]  # no copy: a relay writes these very bytes back out
         if not _json_safe(text):  # a control character or non-ASCII: the parser's to judge
             return orjson.loads(body)
         parts.append(body[copied:start])
         parts.append(b'"\\u0000%s%d"' % (nonce.encode(), len(lifted)))
-        lifted.append(text if raw else text.decode("ascii"))
+        lifted.append(text if raw else str(text, "ascii"))
         copied = pos
     if not lifted:
         return orjson.loads(body)
@@ -83,25 +84,26 @@ def _loads(body: bytes, *, raw: bool) -> Any:
     return payload
 
 
-def _json_safe(text: bytes) -> bool:
+def _json_safe(text: memoryview) -> bool:
     """Whether `text` (already free of quotes and backslashes) is a JSON string's content as
     it stands: ASCII without control characters. Two vectorised passes, no copy."""
-    return text.isascii() and int(np.frombuffer(text, np.uint8).min()) >= 0x20
+    codes = np.frombuffer(text, np.uint8)
+    return int(codes.min()) >= 0x20 and int(codes.max()) < 0x80
 
 
 def dumps(obj: Any) -> bytes:
     return b"".join(dumps_parts(obj))
 
 
-def dumps_parts(obj: Any) -> list[bytes]:
-    """`orjson.dumps(obj)` as a list of parts that concatenate to the body, where a `bytes`
-    value (base64 from `loads_raw`, or encoded by us) is its own part, written without passing
-    through the serializer. Only JSON-safe text (base64) may be given as bytes."""
+def dumps_parts(obj: Any) -> list[bytes | memoryview]:
+    """`orjson.dumps(obj)` as a list of parts that concatenate to the body, where a bytes or
+    memoryview value (base64 from `loads_raw`, or encoded by us) is its own part, written
+    without passing through the serializer. Only JSON-safe text (base64) may be given so."""
     nonce = secrets.token_hex(8)  # a client's string can never fake a placeholder
-    kept: list[bytes] = []
+    kept: list[bytes | memoryview] = []
 
     def keep(value: Any) -> str:
-        if isinstance(value, bytes):
+        if isinstance(value, bytes | memoryview):
             kept.append(value)
             return f"\x00{nonce}{len(kept) - 1}"
         raise TypeError(f"cannot serialize {type(value).__name__}")
@@ -109,7 +111,7 @@ def dumps_parts(obj: Any) -> list[bytes]:
     out = orjson.dumps(obj, default=keep)
     if not kept:
         return [out]
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     pos = 0
     for i, value in enumerate(kept):
         marker = b'"\\u0000%s%d"' % (nonce.encode(), i)
@@ -120,7 +122,7 @@ def dumps_parts(obj: Any) -> list[bytes]:
     return parts
 
 
-def _restore(node: Any, lifted: list[str | bytes], mark: str) -> int:
+def _restore(node: Any, lifted: list[str | memoryview], mark: str) -> int:
     """Put the lifted strings back where their placeholders are; how many were."""
     restored = 0
     if isinstance(node, dict):

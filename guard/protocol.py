@@ -8,9 +8,10 @@ extensions sit in one marked block at the end.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,6 +19,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -146,11 +148,22 @@ def _to_request_error(exc: ValidationError) -> RequestError:
                         code="invalid_type" if "type" in err["type"] else "invalid_value")
 
 
-class ImageObject(BaseModel):
-    """One entry of ImagesResponse.data: the image (base64 or a link) and its revised prompt.
-    `b64_json` may hold the base64 as ASCII bytes, written verbatim by `guard.b64json.dumps`."""
+def _base64_text(value: Any) -> str | bytes | memoryview:
+    if not isinstance(value, str | bytes | memoryview):
+        raise ValueError("base64 text expected")
+    return value
 
-    b64_json: bytes | str | None = None  # bytes first: `str | bytes` decodes them (2 ms)
+
+# Base64 as text, or as ASCII bytes: a relayed image's are a memoryview of the backend's own
+# response body, written into ours as received (`guard.b64json.dumps_parts`), never copied.
+Base64Text = Annotated[Any, AfterValidator(_base64_text),
+                       WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+
+
+class ImageObject(BaseModel):
+    """One entry of ImagesResponse.data: the image (base64 or a link) and its revised prompt."""
+
+    b64_json: Base64Text | None = None
     url: str | None = None
     revised_prompt: str | None = None
 

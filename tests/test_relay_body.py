@@ -1,5 +1,5 @@
-"""A relayed image travels as the backend sent it: `b64json.loads_raw` keeps its base64 as the
-body's bytes and `b64json.dumps_parts` writes them back without a serializer pass. What a client
+"""A relayed image travels as the backend sent it: `b64json.loads_raw` keeps its base64 as a view
+of the body and `b64json.dumps_parts` writes it back without a serializer pass or a copy. What a client
 reads must still be exactly what `orjson` would have written."""
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def test_loads_raw_keeps_long_base64_as_the_bodys_bytes() -> None:
         {"b64_json": LONG.decode(), "revised_prompt": "caf\u00e9 \"quoted\""},
         {"b64_json": "QUJD", "revised_prompt": "short"}]})
     parsed = b64json.loads_raw(body)
-    assert parsed["data"][0]["b64_json"] == LONG  # bytes, equal to what was sent
+    lifted = parsed["data"][0]["b64_json"]
+    assert isinstance(lifted, memoryview) and lifted.obj is body  # the body itself, not a copy
+    assert lifted == LONG
     assert parsed["data"][0]["revised_prompt"] == "caf\u00e9 \"quoted\""
     assert parsed["data"][1] == {"b64_json": "QUJD", "revised_prompt": "short"}
 
@@ -48,11 +50,11 @@ def test_loads_raw_falls_back_to_a_full_parse_for_text_that_is_not_json_safe(bad
 
 def test_dumps_parts_writes_bytes_verbatim_and_the_rest_as_orjson_does() -> None:
     # A client's own string shaped like a placeholder stays the client's string.
-    obj = {"created": 1, "prompt": "\x000", "data": [{"b64_json": LONG, "revised_prompt": "\x001"},
+    view = memoryview(b"  " + LONG)[2:]
+    obj = {"created": 1, "prompt": "\x000", "data": [{"b64_json": view, "revised_prompt": "\x001"},
                                                       {"b64_json": b"QUJD"}]}
     parts = b64json.dumps_parts(obj)
-    assert LONG in parts  # the very object, not a copy joined into the body
-    assert any(part is LONG for part in parts)
+    assert any(part is view for part in parts)  # the very view, not a copy joined into the body
     same = {**obj, "data": [{"b64_json": LONG.decode(), "revised_prompt": "\x001"},
                             {"b64_json": "QUJD"}]}
     assert b"".join(parts) == orjson.dumps(same)
