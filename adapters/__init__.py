@@ -9,6 +9,7 @@ them. Each adapter validates its own options in its `from_config`.
 from __future__ import annotations
 
 from guard.backends import Backend, EditingBackend, backends, build_backend
+from guard.imagestore import image_stores
 from guard.judges import judges
 
 backends.register("demo", "adapters.demo:DemoBackend.from_config")
@@ -25,5 +26,8 @@ judges.register("google-safesearch",
                 "adapters.moderation.google_safesearch:GoogleSafeSearchJudge.from_config")
 judges.register("aws-rekognition",
                 "adapters.moderation.aws_rekognition:AwsRekognitionJudge.from_config")
+
+# The S3-compatible image store; also an entry point in pyproject.toml, for the CLI
+image_stores.register("s3", "adapters.imagestore_s3:S3ImageStore.from_config")
 
 __all__ = ["Backend", "EditingBackend", "backends", "build_backend"]

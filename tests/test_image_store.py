@@ -1,12 +1,14 @@
-"""The image store (guard.imagestore), each kind through the same interface: the local folder
-and PostgreSQL (the real server on 127.0.0.1:5432, a fresh schema per test; skipped without one
-unless SAFEEDIT_REQUIRE_POSTGRES=1). Then the signed links on top of it, and where the store is
-when the config names none."""
+"""The image store (guard.imagestore), each kind through the same interface: the local folder,
+PostgreSQL (the real server on 127.0.0.1:5432, a fresh schema per test; skipped without one
+unless SAFEEDIT_REQUIRE_POSTGRES=1) and S3 (adapters.imagestore_s3, against moto's S3-compatible
+HTTP server on 127.0.0.1, a bucket per test). Then the signed links on top of it, where the store
+is when the config names none, and the S3 kind's own behaviour, through the proxy too."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -15,19 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import boto3
+import httpx
 import pytest
 
+from adapters.imagestore_s3 import S3ImageStore
 from guard.errors import ConfigError, GuardError, RequestError
 from guard.images import ImageLinks
 from guard.imagestore import ImageStore, build_image_store, resolve_options
 from guard.imagestore.local import LocalImageStore
 from guard.imagestore.postgres import CHUNK_BYTES, PostgresImageStore
 from guard.types import GeneratedImage
+from tests.conftest import CLIENT_KEY, ProxyFactory
 from tests.fake_backend import png
 from tests.test_audit_postgres import DSN
 
 HOUR, DAY = 3600.0, 86400.0
 Factory = Callable[[], Awaitable[ImageStore]]
+# Credentials the store reads from the environment (moto takes any); shaped like real ones, so a
+# leak would be caught by the checks below, not only by redact's patterns.
+S3_ENV = {"SAFEEDIT_TEST_S3_ACCESS": "AKIAEXAMPLETESTKEY42",
+          "SAFEEDIT_TEST_S3_SECRET": "s3cr3t/Example+Value0123456789abcdefghij"}
 
 
 @pytest.fixture
@@ -58,10 +68,43 @@ def pg_schema() -> Iterator[tuple[str, str]]:
     asyncio.run(drop())
 
 
-@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3-compatible server on 127.0.0.1, one per module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`image_store:` options for a fresh bucket on the moto server, credentials in the env."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    client.close()
+    return {"kind": "s3", "bucket": bucket, "endpoint_url": s3_endpoint, "region": "us-east-1",
+            "access_key_env": "SAFEEDIT_TEST_S3_ACCESS",
+            "secret_key_env": "SAFEEDIT_TEST_S3_SECRET"}
+
+
+def s3_client(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="test", aws_secret_access_key="test")
+
+
+@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.postgres), "s3"])
 def store_options(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     if request.param == "local":
         return {"kind": "local", "path": str(tmp_path / "images")}
+    if request.param == "s3":
+        return dict(request.getfixturevalue("s3_options"))
     dsn, schema = request.getfixturevalue("pg_schema")
     return {"kind": "postgres", "dsn": dsn, "schema": schema}
 
@@ -170,6 +213,10 @@ async def test_a_copy_that_no_longer_matches_its_hash_is_not_served(stores: Fact
     image_id = await store.put(data, "image/png", HOUR)
     if isinstance(store, LocalImageStore):
         (store.root / image_id[:2] / image_id).write_bytes(png("green"))
+    elif isinstance(store, S3ImageStore):  # rewritten behind the store's back, metadata kept
+        head = store._client.head_object(Bucket=store.bucket, Key=store.prefix + image_id)
+        store._client.put_object(Bucket=store.bucket, Key=store.prefix + image_id,
+                                 Body=png("green"), Metadata=head["Metadata"])
     else:
         await rows(store, "UPDATE stored_image_chunks SET data = 'x' RETURNING n")
     assert await store.get(image_id) is None
@@ -264,11 +311,97 @@ def test_the_image_store_follows_the_audit_store(section: dict[str, Any] | None,
 
 
 def test_unknown_options_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="unknown image store kind 's3'"):
-        build_image_store({"kind": "s3"})
+    with pytest.raises(ConfigError, match="unknown image store kind 'ftp'"):
+        build_image_store({"kind": "ftp"})
     with pytest.raises(ConfigError, match="unknown options"):
         build_image_store({"kind": "local", "bucket": "x"})
     with pytest.raises(ConfigError, match="dsn"):
         build_image_store({"kind": "postgres"})
     with pytest.raises(ConfigError, match="keep one"):
         resolve_options({"kind": "local", "path": "/a"}, {"kind": "sqlite", "images_dir": "/b"})
+
+
+# --- the S3 kind's own behaviour -----------------------------------------------------------------
+
+def test_s3_options_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="bucket"):
+        build_image_store({"kind": "s3"})
+    with pytest.raises(ConfigError, match="unknown options"):
+        build_image_store({"kind": "s3", "bucket": "b", "path": "/x"})
+    monkeypatch.delenv("SAFEEDIT_TEST_S3_NOT_SET", raising=False)
+    with pytest.raises(ConfigError, match="SAFEEDIT_TEST_S3_NOT_SET"):
+        build_image_store({"kind": "s3", "bucket": "b", "access_key_env": "SAFEEDIT_TEST_S3_NOT_SET",
+                           "secret_key_env": "SAFEEDIT_TEST_S3_NOT_SET"})
+
+
+async def test_s3_objects_are_named_by_sha256_and_carry_type_and_expiry(
+        s3_options: dict[str, Any], s3_endpoint: str) -> None:
+    store = build_image_store({**s3_options, "prefix": "tenant-a/"})
+    data = png("red")
+    before = time.time()
+    image_id = await store.put(data, "image/png", HOUR)
+    await store.shared_secret()
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_options["bucket"],
+                                              Key=f"tenant-a/{image_id}")
+    assert head["ContentType"] == "image/png"
+    assert before + HOUR <= float(head["Metadata"]["expires-at"]) <= time.time() + HOUR
+    listed = s3_client(s3_endpoint).list_objects_v2(Bucket=s3_options["bucket"])
+    assert {o["Key"] for o in listed["Contents"]} == {"tenant-a/link.key",
+                                                      f"tenant-a/{image_id}"}
+    # Another prefix in the same bucket is another store: it neither sees nor purges these.
+    other = build_image_store(s3_options)
+    assert await other.get(image_id) is None
+    assert (await other.purge(time.time() + 2 * HOUR, stored_before=time.time() + 1)).removed == 0
+    assert await store.get(image_id) == ("image/png", data)
+    await store.aclose()
+    await other.aclose()
+
+
+async def test_a_missing_bucket_is_not_ready_and_fails_closed_without_credentials(
+        s3_options: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    store = build_image_store({**s3_options, "bucket": "no-such-bucket", "max_attempts": 1})
+    assert not await store.ready()
+    for call in (store.put(png("red"), "image/png", HOUR), store.shared_secret(),
+                 store.purge(time.time())):
+        with pytest.raises(GuardError) as info:
+            await call
+        assert (info.value.status, info.value.code) == (503, "image_store_unavailable")
+        assert "NoSuchBucket" in info.value.message
+        text = str(info.value.to_dict()) + repr(info.value.__cause__)
+        assert not any(secret in text for secret in S3_ENV.values())
+    assert caplog.records and not any(secret in caplog.text for secret in S3_ENV.values())
+    await store.aclose()
+
+
+async def test_an_unreachable_s3_endpoint_is_not_ready_and_fails_closed(
+        s3_options: dict[str, Any]) -> None:
+    store = build_image_store({**s3_options, "endpoint_url": "http://127.0.0.1:1",
+                               "connect_timeout_s": 1, "max_attempts": 1})
+    assert not await store.ready()
+    with pytest.raises(GuardError) as info:
+        await store.get(hashlib.sha256(b"x").hexdigest())
+    assert (info.value.status, info.value.code) == (503, "image_store_unavailable")
+    assert not any(secret in info.value.message for secret in S3_ENV.values())
+    await store.aclose()
+
+
+def test_a_link_from_the_proxy_is_served_from_s3(proxy: ProxyFactory, s3_options: dict[str, Any],
+                                                 s3_endpoint: str) -> None:
+    import openai
+
+
+    base = proxy(image_store={**s3_options, "link_ttl_s": 600})
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=CLIENT_KEY, max_retries=0)
+    url = client.images.generate(prompt="a lighthouse", response_format="url").data[0].url
+    assert url and url.startswith(base + "/v1/guard/images/")
+    image_id = url.split("?")[0].rsplit("/", 1)[1]
+    s3 = s3_client(s3_endpoint)
+    stored = s3.get_object(Bucket=s3_options["bucket"], Key=f"safeedit/images/{image_id}")
+    served = httpx.get(url)
+    assert served.status_code == 200 and served.content[:4] == b"\x89PNG"
+    assert served.content == stored["Body"].read()
+    assert served.headers["content-type"] == stored["ContentType"] == "image/png"
+    # Gone from the bucket, gone from the link.
+    s3.delete_object(Bucket=s3_options["bucket"], Key=f"safeedit/images/{image_id}")
+    assert httpx.get(url).status_code == 404

@@ -11,7 +11,8 @@ One small interface (`ImageStore`), content-addressed by sha256, each copy with 
 Kinds (registry `image_stores`, entry-point group `safeedit.image_stores`):
     local      a folder (guard.imagestore.local): one host; several processes may share it
     postgres   chunked rows in PostgreSQL (guard.imagestore.postgres): replicas share it
-There is no S3 kind: nothing here could test one against a real S3-compatible server.
+    s3         objects in an S3-compatible bucket (adapters.imagestore_s3, a vendor adapter that
+               registers itself from `adapters` and by entry point): replicas share it
 
 `image_store:` in the operators' config picks one; without `kind` it follows `audit:` (see
 `resolve_options`): a PostgreSQL audit store keeps images in the same database and schema, any
