@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -128,7 +129,9 @@ def test_purge_removes_expired_images_and_the_chain_still_verifies(keeping, fake
 def test_an_image_link_copy_goes_once_its_link_expires(keeping, fake_backend) -> None:  # type: ignore[no-untyped-def]
     # Not retained by the policy: the copy behind a `response_format: url` link lives only as
     # long as the link, then a purge (or the proxy's own sweep) deletes it.
-    base, images, config = keeping("none", image_store={"link_ttl_s": 1})
+    # Long enough that a loaded machine still fetches the link in time; the test then waits
+    # for the expiry the link itself states.
+    base, images, config = keeping("none", image_store={"link_ttl_s": 4})
     fake_backend[0].plan += [["blue"]]
     r = httpx.post(f"{base}/v1/images/generations", timeout=30,
                    json={"prompt": "a quiet harbour", "response_format": "url"},
@@ -139,7 +142,8 @@ def test_an_image_link_copy_goes_once_its_link_expires(keeping, fake_backend) ->
     trace = httpx.get(f"{base}/v1/guard/traces/{r.headers['x-guard-trace-id']}",
                       headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert trace["rounds"][1]["images"][0]["image_ref"] is None  # not retained
-    time.sleep(1.5)
+    expires = int(parse_qs(urlsplit(link).query)["exp"][0])
+    time.sleep(max(0.0, expires - time.time()) + 1.1)
     assert httpx.get(link).status_code == 404
     done = cli("audit", "purge", "--config", config)
     assert "removed 1 images" in done.stdout and stored(images) == set()
