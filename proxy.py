@@ -90,16 +90,26 @@ async def _serve(request: Request, endpoint: str, parse: Parser) -> Response:
     base_url = _base_url(state, request)
     assert exchange.job is not None
     if exchange.job.req.stream:
-        return StreamingResponse(_events(exchange, base_url), media_type="text/event-stream",
+        drain: Drain = request.app.state.drain
+
+        def cut() -> Draining | None:  # cancelled by the drain timeout, not by the client
+            return _cut() if drain.cut_short else None
+
+        return StreamingResponse(_events(exchange, base_url, cut),
+                                 media_type="text/event-stream",
                                  headers={**exchange.quota.headers,
                                           TRACE_HEADER: exchange.trace.id,
                                           "cache-control": "no-cache"})
     try:
         reply = await exchange.run(base_url)
     except asyncio.CancelledError:  # cut at the drain timeout (guard.drain): traced all the same
-        await exchange.cut_short(Draining("The server stopped before this request finished."))
+        await exchange.cut_short(_cut())
         raise
     return render(await exchange.finish(reply))
+
+
+def _cut() -> Draining:
+    return Draining("The server stopped before this request finished.")
 
 
 def render(reply: Reply) -> Response:
@@ -107,12 +117,13 @@ def render(reply: Reply) -> Response:
     return JSONResponse(body, reply.status, reply.headers)
 
 
-async def _events(exchange: Exchange, base_url: str) -> AsyncIterator[bytes]:
+async def _events(exchange: Exchange, base_url: str,
+                  cut: Callable[[], Draining | None]) -> AsyncIterator[bytes]:
     """Server-sent events. No unjudged image leaves the proxy: partial images are withheld, a
     keep-alive comment goes out while the loop runs, then one completed event per judged image
     (or one error event), each sent only after the trace is written."""
     assert exchange.job is not None
-    async for reply in exchange.stream(base_url):
+    async for reply in exchange.stream(base_url, cut=cut):
         if reply is None:
             yield b": judging\n\n"
         elif reply.images is None:

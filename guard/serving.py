@@ -200,9 +200,11 @@ class Exchange:
             except Exception as exc:  # noqa: BLE001 - every failure is a traced reply
                 return self._failure(exc)
 
-    async def stream(self, base_url: str) -> AsyncIterator[Reply | None]:
+    async def stream(self, base_url: str, *, cut: Callable[[], GuardError | None] = lambda: None
+                     ) -> AsyncIterator[Reply | None]:
         """`run` for a stream: None every keep-alive interval while the loop runs, then the
-        finished reply. If the client goes away the loop is cancelled and the trace says 499."""
+        finished reply. If the client goes away the loop is cancelled and the trace says 499;
+        if the server cut it (`cut()` gives the reason: a drain timeout), the trace says that."""
         task = asyncio.create_task(self.run(base_url))
         try:
             while True:
@@ -212,7 +214,7 @@ class Exchange:
                 yield None
         except BaseException:
             task.cancel()
-            gone = self._failure(RequestError(
+            gone = self._failure(cut() or RequestError(
                 "The client closed the stream before the images were judged.", status=499,
                 code="client_closed_request"))
             await asyncio.shield(self.finish(gone))

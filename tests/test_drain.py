@@ -156,6 +156,38 @@ def test_drain_timeout_cuts_what_still_runs_with_a_traced_503(tmp_path: Path) ->
         (503, "draining")]
 
 
+def test_a_stream_cut_at_the_drain_timeout_is_traced_as_the_drain_not_as_the_client(
+        tmp_path: Path) -> None:
+    backend = SlowBackend()
+    backend.delay_s = 6
+    with serve(backend.app()) as backend_url:
+        config = proxy_config(tmp_path, backend_url, drain_timeout_s=0.5)
+        with safeedit_serve(tmp_path, "--config", str(config)) as (proc, base):
+            seen: list[bytes] = []
+
+            def in_flight() -> None:
+                try:
+                    with httpx.stream("POST", base + "/v1/images/generations", timeout=60,
+                                      json={"prompt": "a lighthouse at dusk", "stream": True},
+                                      headers={"authorization": "Bearer k"}) as r:
+                        seen.extend(r.iter_bytes())
+                except httpx.HTTPError:
+                    pass  # the server ends the stream as it stops
+
+            thread = threading.Thread(target=in_flight, daemon=True)
+            thread.start()
+            reached_backend(backend, thread)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            thread.join(timeout=5)
+
+    assert b"data:" not in b"".join(seen)  # no image, judged or not, left the proxy
+    rows = sqlite3.connect(tmp_path / "audit.db").execute(
+        "SELECT status, body FROM traces").fetchall()
+    assert [(status, json.loads(body)["error"]["code"]) for status, body in rows] == [
+        (503, "draining")]
+
+
 def worker_pids(parent: int) -> list[int]:
     """The worker processes `parent` spawned (not multiprocessing's resource tracker)."""
     pids = []
