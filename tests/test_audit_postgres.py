@@ -27,33 +27,19 @@ from guard.audit import TraceQuery, build_store
 from guard.audit.postgres import MIGRATIONS
 from tests.audit_writer import sample_trace
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY, OTHER_AUDITOR_KEY, write_policy
+from tests.services import PG_DSN, require_postgres
 
 pytestmark = pytest.mark.postgres
 
-DSN = os.environ.get("SAFEEDIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+DSN = PG_DSN
 KEY_ENV = "SAFEEDIT_TEST_CHECKPOINT_KEY"
 KEY = "test-checkpoint-key-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _server_answers() -> str | None:
-    try:
-        conn = await asyncpg.connect(DSN, timeout=3)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
 @pytest.fixture(scope="module")
 def pg_dsn() -> str:
-    problem = asyncio.run(_server_answers())
-    if problem is not None:
-        message = f"no PostgreSQL server answers at {DSN} ({problem})"
-        if os.environ.get("SAFEEDIT_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{message}; SAFEEDIT_REQUIRE_POSTGRES=1 makes this an error")
-        pytest.skip(f"{message}; set SAFEEDIT_REQUIRE_POSTGRES=1 (as .ci/run does) to fail")
-    return DSN
+    return require_postgres(DSN)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import os
 import re
 import shlex
 import subprocess
@@ -41,6 +40,7 @@ from guard.policy import POLICIES_DIR
 from guard.policytools.loader import load, read_files
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY
 from tests.servers import serve
+from tests.services import PG_DSN, REDIS_URL, require_postgres, require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -487,43 +487,12 @@ def test_the_guide_is_linked_and_its_vllm_command_fits_the_remote_judge() -> Non
 
 # --- the compose config, served ---------------------------------------------------------------
 
-PG_DSN = os.environ.get("SAFEEDIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("SAFEEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _require(service: str, problem: str | None, variable: str) -> None:
-    if problem is None:
-        return
-    message = f"no {service} answers ({problem})"
-    if os.environ.get(variable) == "1":
-        pytest.fail(f"{message}; {variable}=1 makes this an error")
-    pytest.skip(f"{message}; set {variable}=1 (as .ci/run does) to fail")
-
-
-async def _pg_problem() -> str | None:
-    try:
-        conn = await asyncpg.connect(PG_DSN, timeout=3)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    await conn.close()
-    return None
-
-
-def _redis_problem() -> str | None:
-    try:
-        with redis.Redis.from_url(REDIS_URL, socket_timeout=2) as client:
-            client.ping()
-    except (redis.RedisError, OSError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 @pytest.fixture
 def replicas_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """deploy/compose/config.yaml as an operator fills it in, pointed at this machine's
     PostgreSQL (fresh schemas) and Redis (a prefix of its own) instead of the compose services."""
-    _require("PostgreSQL", asyncio.run(_pg_problem()), "SAFEEDIT_REQUIRE_POSTGRES")
-    _require("Redis", _redis_problem(), "SAFEEDIT_REQUIRE_REDIS")
+    require_postgres(PG_DSN)
+    require_redis(REDIS_URL)
     schema = f"t_{uuid.uuid4().hex[:12]}"
     prefix = f"safeedit-test:{uuid.uuid4().hex[:12]}:"
     for name, value in {"SAFEEDIT_AUDIT_DSN": PG_DSN, "SAFEEDIT_ANCHOR_DSN": PG_DSN,

@@ -30,6 +30,7 @@ from guard.imagestore.postgres import CHUNK_BYTES, PostgresImageStore
 from guard.types import GeneratedImage
 from tests.conftest import CLIENT_KEY, ProxyFactory
 from tests.fake_backend import png
+from tests.services import require_postgres
 from tests.test_audit_postgres import DSN
 
 HOUR, DAY = 3600.0, 86400.0
@@ -47,16 +48,7 @@ def pg_schema() -> Iterator[tuple[str, str]]:
     async def connect() -> asyncpg.Connection:
         return await asyncpg.connect(DSN, timeout=3)
 
-    async def answers() -> None:
-        await (await connect()).close()
-
-    try:
-        asyncio.run(answers())
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        message = f"no PostgreSQL server answers at {DSN} ({type(exc).__name__}: {exc})"
-        if os.environ.get("SAFEEDIT_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{message}; SAFEEDIT_REQUIRE_POSTGRES=1 makes this an error")
-        pytest.skip(message)
+    require_postgres(DSN)
     schema = f"t_{uuid.uuid4().hex[:12]}"
     yield DSN, schema
 

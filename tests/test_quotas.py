@@ -34,9 +34,9 @@ from guard.quotas import Bucket, MemoryQuotas, Refused, duration
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, ProxyFactory, test_keys
 from tests.fake_backend import FakeBackend
 from tests.servers import free_port, serve
+from tests.services import REDIS_URL, require_redis
 from tests.test_serve_cli import safeedit_serve
 
-REDIS_URL = os.environ.get("SAFEEDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
 SECOND_KEY, GLOBEX_KEY = "sk-client-second", "sk-client-globex"
 
@@ -77,15 +77,7 @@ def fake_backend() -> Iterator[tuple[GatedBackend, str]]:
 
 @pytest.fixture(scope="module")
 def redis_url() -> str:
-    try:
-        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
-            client.ping()
-    except (redis.RedisError, OSError) as exc:
-        message = f"no Redis answers at {REDIS_URL} ({type(exc).__name__}: {exc})"
-        if os.environ.get("SAFEEDIT_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{message}; SAFEEDIT_REQUIRE_REDIS=1 makes this an error")
-        pytest.skip(f"{message}; set SAFEEDIT_REQUIRE_REDIS=1 (as .ci/run does) to fail")
-    return REDIS_URL
+    return require_redis(REDIS_URL)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ import yaml
 
 from tests.conftest import ADMIN_KEY, AUDITOR_KEY, CLIENT_KEY
 from tests.conftest import test_keys as configured_keys
+from tests.services import require_postgres
 from tests.test_audit_postgres import DSN
 from tests.test_serve_cli import safeedit_serve
 
@@ -41,21 +42,14 @@ POLICY = "id: shared\nversion: {version}\nextends: default\nimage_retention: all
 
 @pytest.fixture
 def schema() -> Iterator[str]:
-    async def run(statement: str | None) -> None:
+    async def run(statement: str) -> None:
         conn = await asyncpg.connect(DSN, timeout=3)
         try:
-            if statement:
-                await conn.execute(statement)
+            await conn.execute(statement)
         finally:
             await conn.close()
 
-    try:
-        asyncio.run(run(None))
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        message = f"no PostgreSQL server answers at {DSN} ({type(exc).__name__}: {exc})"
-        if os.environ.get("SAFEEDIT_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{message}; SAFEEDIT_REQUIRE_POSTGRES=1 makes this an error")
-        pytest.skip(message)
+    require_postgres(DSN)
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     asyncio.run(run(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
