@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.overhead import free_port, pct, wait_up  # noqa: E402
-from benchmarks.soak import PROMPTS  # noqa: E402
+from benchmarks.soak import PROMPTS, post_one  # noqa: E402
 
 
 async def drive(bases: list[str], clients: int, seconds: float) -> dict[str, object]:
@@ -49,17 +49,7 @@ async def drive(bases: list[str], clients: int, seconds: float) -> dict[str, obj
             body = {"prompt": PROMPTS[i % len(PROMPTS)], "size": "256x256"}
             i += 1
             sent += 1
-            t0 = time.perf_counter()
-            try:
-                r = await http.post(next(turn) + "/v1/images/generations", json=body)
-            except httpx.HTTPError as exc:
-                errors.append(type(exc).__name__)
-                continue
-            latencies.append(time.perf_counter() - t0)
-            refused = r.status_code == 400 and \
-                r.json().get("error", {}).get("code") == "content_policy_violation"
-            if r.status_code != 200 and not refused:
-                errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
+            await post_one(http, next(turn) + "/v1/images/generations", body, latencies, errors)
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=120) as http:

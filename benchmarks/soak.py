@@ -38,6 +38,23 @@ PROMPTS = ["a quiet harbour at dawn, boats and gulls", "a bloodbath in a medieva
 KEY_ENV = "SAFEEDIT_SOAK_CHECKPOINT_KEY"
 
 
+async def post_one(http: httpx.AsyncClient, url: str, body: dict[str, object],
+                   latencies: list[float], errors: list[str]) -> None:
+    """One generation: its latency, or an error for anything but a 200 or the policy's own
+    refusal (and for a connection failure)."""
+    t0 = time.perf_counter()
+    try:
+        r = await http.post(url, json=body)
+    except httpx.HTTPError as exc:
+        errors.append(type(exc).__name__)
+        return
+    latencies.append(time.perf_counter() - t0)
+    refused = r.status_code == 400 and \
+        r.json().get("error", {}).get("code") == "content_policy_violation"
+    if r.status_code != 200 and not refused:
+        errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
+
+
 async def client(base: str, deadline: float, latencies: list[float], errors: list[str],
                  counter: list[int], index: int) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=120) as http:
@@ -46,18 +63,8 @@ async def client(base: str, deadline: float, latencies: list[float], errors: lis
             body = {"prompt": PROMPTS[i % len(PROMPTS)], "n": 1 + (i % 2),
                     "size": "256x256", "response_format": "b64_json"}
             i += 1
-            t0 = time.perf_counter()
             counter[0] += 1
-            try:
-                r = await http.post("/v1/images/generations", json=body)
-            except httpx.HTTPError as exc:
-                errors.append(type(exc).__name__)
-                continue
-            latencies.append(time.perf_counter() - t0)
-            refused = r.status_code == 400 and \
-                r.json().get("error", {}).get("code") == "content_policy_violation"
-            if r.status_code != 200 and not refused:
-                errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
+            await post_one(http, "/v1/images/generations", body, latencies, errors)
 
 
 def main() -> int:
