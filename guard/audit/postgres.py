@@ -44,15 +44,14 @@ from guard.audit.chain import (
     Checkpoint,
     Signer,
     TableChain,
-    VerifyReport,
     column_text,
     index_columns,
     label_anchor_options,
     link_hash,
-    verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
+from guard.audit.twochain import TwoChainStore
 from guard.errors import ConfigError, GuardError, NotFound
 from guard.imagestore import ImageStore
 from guard.labels import (
@@ -64,7 +63,6 @@ from guard.labels import (
     QueuePage,
     QueueQuery,
     bind_label,
-    label_columns,
     label_page,
     label_query,
     label_row,
@@ -159,7 +157,9 @@ _TRACES = ChainTables("traces", "chain_head", "checkpoints", _COLUMNS,
                       _CHECKPOINT_COLUMNS, lambda row: _chain_row(row))
 
 
-class PostgresStore:
+class PostgresStore(TwoChainStore):
+    traces_tables = _TRACES
+
     def __init__(self, dsn: str, *, schema: str = "public", pool_min_size: int = 1,
                  pool_max_size: int = 10, command_timeout_s: float = 30.0,
                  images: RetainedImages | None = None, signer: Signer | None = None,
@@ -375,12 +375,6 @@ class PostgresStore:
         left = await pool.fetch(f"SELECT decision, count(*){sql} GROUP BY decision", *args)
         return QueuePage([_load(r).summary() for r in rows], {r[0]: r[1] for r in left})
 
-    async def verify_labels(self) -> VerifyReport:
-        anchors = (await self.label_anchorer.sink.read() if self.label_anchorer is not None
-                   else None)
-        return await verify(self.label_chain, self.signer, anchors=anchors, noun="label",
-                            checkpoint_every=self.checkpoint_every, columns=label_columns)
-
     async def ready(self) -> bool:
         try:
             pool = await self._get_pool()
@@ -418,15 +412,6 @@ class PostgresStore:
         async for row in self.walk(_TRACES, where, args, batch):
             yield row
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        return await self.checkpoints_of(_TRACES)
-
-    async def chain_head(self) -> tuple[int, str | None]:
-        return await self.head_of(_TRACES)
-
-    async def row_by_hash(self, hash_: str) -> ChainRow | None:
-        return await self.row_by_hash_of(_TRACES, hash_)
-
     async def walk(self, chain: ChainTables, where: Sequence[str] = (),
                    args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
         """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
@@ -455,12 +440,6 @@ class PostgresStore:
                                   " LIMIT 1", hash_)
         return chain.load(row) if row else None
 
-    async def verify(self) -> VerifyReport:
-        anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
-        report = await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
-                              anchors=anchors)
-        report.labels = await self.verify_labels()
-        return report
 
 
 def _load(row: asyncpg.Record) -> Trace:

@@ -34,15 +34,14 @@ from guard.audit.chain import (
     Checkpoint,
     Signer,
     TableChain,
-    VerifyReport,
     column_text,
     index_columns,
     label_anchor_options,
     link_hash,
-    verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
+from guard.audit.twochain import TwoChainStore
 from guard.errors import ConfigError, NotFound
 from guard.imagestore import ImageStore
 from guard.labels import (
@@ -54,7 +53,6 @@ from guard.labels import (
     QueuePage,
     QueueQuery,
     bind_label,
-    label_columns,
     label_page,
     label_query,
     label_row,
@@ -152,7 +150,9 @@ _TRACES = ChainTables("traces", "chain_head", "checkpoints", _COLUMNS,
                       _CHECKPOINT_COLUMNS, lambda row: _chain_row(row))
 
 
-class SQLiteStore:
+class SQLiteStore(TwoChainStore):
+    traces_tables = _TRACES
+
     def __init__(self, path: str | Path, *, images: RetainedImages | None = None,
                  signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -337,12 +337,6 @@ class SQLiteStore:
     async def review_queue(self, q: QueueQuery) -> QueuePage:
         return await asyncio.to_thread(self._queue, q)
 
-    async def verify_labels(self) -> VerifyReport:
-        anchors = (await self.label_anchorer.sink.read() if self.label_anchorer is not None
-                   else None)
-        return await verify(self.label_chain, self.signer, anchors=anchors, noun="label",
-                            checkpoint_every=self.checkpoint_every, columns=label_columns)
-
     async def ready(self) -> bool:
         try:
             await asyncio.to_thread(self._fetch, "SELECT 1")
@@ -379,15 +373,6 @@ class SQLiteStore:
         async for row in self.walk(_TRACES, where, args, batch):
             yield row
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        return await self.checkpoints_of(_TRACES)
-
-    async def chain_head(self) -> tuple[int, str | None]:
-        return await self.head_of(_TRACES)
-
-    async def row_by_hash(self, hash_: str) -> ChainRow | None:
-        return await self.row_by_hash_of(_TRACES, hash_)
-
     async def walk(self, chain: ChainTables, where: Sequence[str] = (),
                    args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
         """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
@@ -416,12 +401,6 @@ class SQLiteStore:
                                                     " WHERE hash = ? LIMIT 1", (hash_,))
         return chain.load(rows[0]) if rows else None
 
-    async def verify(self) -> VerifyReport:
-        anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
-        report = await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
-                              anchors=anchors)
-        report.labels = await self.verify_labels()
-        return report
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
