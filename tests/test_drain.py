@@ -21,12 +21,13 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import yaml
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.fake_backend import FakeBackend
-from tests.servers import serve
+from tests.servers import free_port, serve
 from tests.test_serve_cli import ROOT, safeedit_serve
 
 
@@ -226,7 +227,8 @@ def test_workers_share_one_port_and_every_worker_drains(tmp_path: Path) -> None:
                         for _ in range(8)} == {503}
                 responses = [call.result() for call in calls]
             assert [r.http_response.status_code for r in responses] == [200] * 20
-            assert proc.wait(timeout=60) == 0
+            code = proc.wait(timeout=60)
+            assert code == 0, proc.stderr.read().decode() if proc.stderr else code
 
     ids = {row[0] for row in sqlite3.connect(tmp_path / "audit.db").execute(
         "SELECT id FROM traces")}
@@ -236,3 +238,42 @@ def test_workers_share_one_port_and_every_worker_drains(tmp_path: Path) -> None:
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "checked 20 traces" in verified.stdout
+
+
+SLOW_START = '''
+import os, time
+from pathlib import Path
+
+def create(config):
+    Path(os.environ["STARTING_DIR"], str(os.getpid())).touch()
+    time.sleep(4)  # a worker still loading its judge
+    from proxy import create_app
+    return create_app(config)
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_still_starting_stops_clean(tmp_path: Path, workers: int) -> None:
+    """A SIGTERM that reaches a worker before it serves (a rollout that changes its mind, or a
+    replacement worker just spawned) stops it with exit 0: nothing was in flight."""
+    (tmp_path / "slowstart.py").write_text(SLOW_START)
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    config = proxy_config(tmp_path, "http://127.0.0.1:9")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}",
+           "STARTING_DIR": str(starting)}
+    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--port",
+                             str(free_port()), "--config", str(config), "--app",
+                             "slowstart:create", "--workers", str(workers)],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(starting.iterdir())) < workers:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else code

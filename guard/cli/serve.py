@@ -137,7 +137,11 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         drain = self._drain()
-        if sig != signal.SIGTERM or drain is None:
+        if sig == signal.SIGTERM and not self.started:
+            # Still starting (a worker spawned a moment ago): nothing is in flight, so stop as
+            # soon as startup ends and exit 0, instead of uvicorn's re-raise of the signal.
+            self.should_exit = True
+        elif sig != signal.SIGTERM or drain is None:
             super().handle_exit(sig, frame)
         elif self._drain_until is None:
             log.info("SIGTERM: draining, %d request(s) in flight, %g s at most",
@@ -196,7 +200,10 @@ def _supervise(config: uvicorn.Config, drain_timeout_s: float, workers: int,
     for process in processes:
         process.join()
     sock.close()
-    return 1 if failed or any(process.exitcode for process in processes) else 0
+    # A worker our SIGTERM reached before it set up its handlers dies of the signal; it served
+    # nothing yet, so that is a clean stop too.
+    return 1 if failed or any(process.exitcode not in (0, -signal.SIGTERM)
+                              for process in processes) else 0
 
 
 def _work(config: uvicorn.Config, drain_timeout_s: float, sock: socket.socket,
