@@ -31,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 import onnxruntime as ort
+import openvino
 from fake_image_server import make_png  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
@@ -70,11 +71,12 @@ def images() -> dict[str, bytes]:
     return {"PNG": png, "JPEG": buf.getvalue()}
 
 
-def stages(det: NudityDetector, data: dict[str, bytes], rounds: int) -> None:
+def stages(runtime: str, precision: str, data: dict[str, bytes], rounds: int) -> None:
     policy = load_policy(POLICIES_DIR / "default.yaml")
     matcher = matcher_for(policy)
     loop = asyncio.new_event_loop()
-    judge = BuiltinJudge()
+    det = NudityDetector(runtime=runtime, precision=precision)  # type: ignore[arg-type]
+    judge = BuiltinJudge(runtime=runtime, precision=precision)  # type: ignore[arg-type]
     loop.run_until_complete(judge.start())
 
     def judged(items: list[JudgeInput]) -> Any:
@@ -100,6 +102,7 @@ def stages(det: NudityDetector, data: dict[str, bytes], rounds: int) -> None:
     loop.run_until_complete(judge.aclose())
     loop.close()
     cols = [(fmt, n) for fmt in data for n in (1, 4)]
+    print(f"\nNudeNet on {det.name} (runtime: {runtime}, precision: {precision})")
     print(f"{'CPU ms per image':<24}" + "".join(f"{f'{fmt} batch {n}':>14}" for fmt, n in cols))
     rows = [("decode", "decode"), ("preprocessing", "prep"), ("NudeNet inference", "infer"),
             ("postprocess", "post"), ("prompt scoring", None)]
@@ -184,7 +187,7 @@ def variants(det: NudityDetector, data: dict[str, bytes], rounds: int) -> None:
     }
     level = ort.GraphOptimizationLevel
     sessions = {
-        "ORT all optimisations, 1 thread (used)": _session(),
+        "ORT all optimisations, 1 thread": _session(),
         "ORT basic optimisations": _session(level=level.ORT_ENABLE_BASIC),
         "ORT extended optimisations": _session(level=level.ORT_ENABLE_EXTENDED),
         "ORT 2 intra-op threads": _session(threads=2),
@@ -195,10 +198,19 @@ def variants(det: NudityDetector, data: dict[str, bytes], rounds: int) -> None:
     blob = _blob(mat)
     infer: dict[str, Callable[[], Any]] = {
         name: partial(s.run, None, {"images": blob}) for name, s in sessions.items()}
+    for precision in ("f32", "bf16"):
+        try:
+            vino = NudityDetector(runtime="openvino", precision=precision)  # type: ignore[arg-type]
+        except Exception as exc:  # bf16 needs a CPU that has it
+            print(f"OpenVINO {precision}: {exc}")
+            continue
+        infer[f"OpenVINO {precision}"] = partial(vino.infer, blob)
+        notes[f"OpenVINO {precision}"] = "class scores move up to " + (
+            f"{np.abs(vino.infer(blob)[0, 4:] - ref).max():.3f}")
     per = {}
     for n in (2, 4, 8):
-        infer[f"ORT (used) at batch {n}, per image"] = partial(det.infer, np.vstack([blob] * n))
-        per[f"ORT (used) at batch {n}, per image"] = n
+        infer[f"ORT at batch {n}, per image"] = partial(det.infer, np.vstack([blob] * n))
+        per[f"ORT at batch {n}, per image"] = n
     for title, cases, counts in (("decode", decoders, None), ("preprocessing", prep, None),
                                  ("NudeNet inference", infer, per)):
         got = measure(cases, rounds, counts)
@@ -215,12 +227,15 @@ def main() -> None:
     args = ap.parse_args()
     data = images()
     print(f"1024x1024: PNG {len(data['PNG']) / 1e6:.2f} MB, JPEG {len(data['JPEG']) / 1e6:.2f} MB;"
-          f" median of {args.rounds} rounds; onnxruntime {ort.__version__}, opencv "
+          f" median of {args.rounds} rounds; onnxruntime {ort.__version__}, openvino "
+          f"{openvino.__version__.split('-')[0]}, opencv "
           f"{cv2.__version__}, {os.cpu_count()} CPUs\n")
-    det = NudityDetector()
-    stages(det, data, args.rounds)
+    # The judge's default (OpenVINO, bfloat16 where the CPU has it), then ONNX Runtime in f32,
+    # the runtime NudeNet itself uses and the judge's default before OpenVINO.
+    for runtime, precision in (("auto", "auto"), ("onnxruntime", "f32")):
+        stages(runtime, precision, data, args.rounds)
     if args.variants:
-        variants(det, data, args.rounds)
+        variants(NudityDetector(runtime="onnxruntime"), data, args.rounds)
 
 
 if __name__ == "__main__":
