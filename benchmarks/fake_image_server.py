@@ -1,6 +1,6 @@
 """An OpenAI-compatible image server that answers every request with the same 1024x1024 PNG.
 
-Run: python benchmarks/fake_image_server.py PORT. The PNG is made once at start (smooth colour
+Run: python benchmarks/fake_image_server.py PORT [SIDE] (default 1024). The PNG is made once at start (smooth colour
 with noise, ~2 MB, like a photo), so the server's own cost per request is small and constant.
 """
 
@@ -30,8 +30,8 @@ def make_png(side: int = 1024, seed: int = 0) -> bytes:
     return out.getvalue()
 
 
-def app() -> Starlette:
-    b64 = base64.b64encode(make_png()).decode()
+def app(side: int = 1024) -> Starlette:
+    b64 = base64.b64encode(make_png(side)).decode()
 
     async def generate(request: Request) -> Response:
         body = orjson.loads(await request.body())
@@ -43,5 +43,5 @@ def app() -> Starlette:
 
 
 if __name__ == "__main__":
-    uvicorn.run(app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+    uvicorn.run(app(int(sys.argv[2]) if len(sys.argv) > 2 else 1024), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
                 access_log=False)

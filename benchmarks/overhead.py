@@ -10,7 +10,10 @@ at concurrency 1 and 16. Prints p50/p99 latency, added latency over direct, and 
 CPU ms per request (from the proxy process's own CPU times). Each process is separate, so the
 proxy's CPU is its own; the machine is shared, so compare the rows of one run, not across runs.
 
-Run: .venv/bin/python benchmarks/overhead.py [--requests 200] [--json out.json] [--baseline DIR]
+The targets take turns in `--rounds` rounds, so the machine's noise weighs on all alike.
+
+Run: .venv/bin/python benchmarks/overhead.py [--requests 200] [--rounds 5] [--json out.json]
+     [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -74,7 +77,14 @@ def start_proxy(backend_url: str, tmp: Path, enabled: bool, source: Path = ROOT
     return proc, url + "/v1"
 
 
-async def load(base: str, requests: int, concurrency: int) -> list[float]:
+def cpu_s(proc: psutil.Process | None) -> float:
+    return sum(proc.cpu_times()[:2]) if proc else 0.0
+
+
+async def load(base: str, requests: int, concurrency: int,
+               proc: psutil.Process | None = None) -> tuple[list[float], float]:
+    """Latencies of `requests` requests, `concurrency` at a time, after a warm-up; and the CPU
+    seconds `proc` spent on them (not on the warm-up)."""
     latencies: list[float] = []
     body = {"prompt": "a quiet harbour at dawn, boats and gulls", "n": 1,
             "response_format": "b64_json"}
@@ -95,8 +105,9 @@ async def load(base: str, requests: int, concurrency: int) -> list[float]:
         for _ in range(min(5, requests)):  # warm-up: connections, first-request paths
             await client.post("/images/generations", json=body)
         latencies.clear()
+        cpu0 = cpu_s(proc)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
+        return latencies, cpu_s(proc) - cpu0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -107,6 +118,8 @@ def pct(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds in which the targets take turns (default 5)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--baseline", type=Path,
                         help="another checkout of the proxy (e.g. `git worktree add /tmp/base "
@@ -137,15 +150,24 @@ def main() -> int:
                 targets[prefix + name] = (url, psutil.Process(proc.pid))
 
         rows = []
+        per_round = max(1, args.requests // args.rounds)
         for concurrency in (1, 16):
-            for name, (url, proc) in targets.items():
-                cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
-                lat = asyncio.run(load(url, args.requests, concurrency))
-                cpu = (sum(proc.cpu_times()[:2]) - cpu0) if proc else 0.0
+            lats: dict[str, list[float]] = {name: [] for name in targets}
+            cpus: dict[str, list[float]] = {name: [] for name in targets}
+            # The targets take turns, round by round, so that the machine's noise weighs on all
+            # of them alike; CPU per request is the median of the rounds.
+            for _ in range(args.rounds):
+                for name, (url, proc) in targets.items():
+                    lat, cpu = asyncio.run(load(url, per_round, concurrency, proc))
+                    lats[name] += lat
+                    cpus[name].append(cpu * 1000 / len(lat))
+            for name, (_, proc) in targets.items():
+                lat = lats[name]
                 rows.append({"mode": name, "concurrency": concurrency, "requests": len(lat),
                              "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
                              "mean_ms": statistics.fmean(lat) * 1000,
-                             "proxy_cpu_ms_per_req": cpu * 1000 / len(lat) if proc else None})
+                             "proxy_cpu_ms_per_req": statistics.median(cpus[name]) if proc
+                             else None})
         direct = {r["concurrency"]: r for r in rows if r["mode"] == "direct"}
         print(f"\n{'mode':<17} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
               f"{'+p99 ms':>8} {'proxy CPU ms/req':>17}")
@@ -156,7 +178,8 @@ def main() -> int:
             cpu = "-" if r["proxy_cpu_ms_per_req"] is None else f"{r['proxy_cpu_ms_per_req']:.1f}"
             print(f"{r['mode']:<17} {r['concurrency']:>4} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
                   f"{r['added_p50_ms']:>8.1f} {r['added_p99_ms']:>8.1f} {cpu:>17}")
-        print(f"\n{args.requests} requests per row; 1024x1024 PNG; {os.cpu_count()} CPUs; "
+        print(f"\n{args.requests} requests per row in {args.rounds} rounds (CPU: the rounds' "
+              f"median); 1024x1024 PNG; {os.cpu_count()} CPUs; "
               "builtin = prescreen + NudeNet per image + SQLite trace.")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
