@@ -445,8 +445,20 @@ async def test_qwen_style_model_batched_vision_windows_and_padding_change_nothin
         await judge.start()
         expected_impl = "flash_padded_sdpa" if mode == "auto" else "sdpa"
         assert model.config.vision_config._attn_implementation == expected_impl
+        windows: list[int] = []
+        if mode == "auto":  # the vision tower really goes through the batched windows
+            from transformers import AttentionInterface
+
+            from guard.judges.vlm.attention import padded_varlen_sdpa
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                windows.append(len(kwargs["cu_seq_lens_q"]) - 1)
+                return padded_varlen_sdpa(*args, **kwargs)
+
+            AttentionInterface.register(expected_impl, counted)
         together = await judge.judge(items, pol)
         alone = [(await judge.judge([it], pol))[0] for it in items]
+        assert bool(windows) == (mode == "auto") and all(n >= 1 for n in windows)
         for a, b in zip(together, alone, strict=True):  # left padding, 3D rope: no effect
             assert a.scores == pytest.approx(b.scores, abs=1e-5)
         results[mode] = [v.scores for v in together]

@@ -27,7 +27,10 @@ def batch_vision_windows(model: Any) -> None:
         from transformers import AttentionInterface
 
         AttentionInterface.register(_BATCHED_WINDOWS, padded_varlen_sdpa)
-        base.set_attn_implementation({"vision_config": _BATCHED_WINDOWS})
+        # Set on the vision config directly: `set_attn_implementation` takes any name with
+        # "flash" in it for a kernel to fetch from the hub (transformers 5.2x), and this one is
+        # registered here, not fetched.
+        vision._attn_implementation = _BATCHED_WINDOWS
     except Exception as exc:  # noqa: BLE001 - an optimisation; the model works without it
         log.warning("vlm judge: keeping the vision tower's own attention (%s)", exc)
 
