@@ -117,11 +117,8 @@ async def stores(store_options: dict[str, Any]) -> AsyncIterator[Factory]:
 
 async def rows(store: ImageStore, sql: str) -> list[Any]:
     assert isinstance(store, PostgresImageStore)
-    conn = await asyncpg.connect(store._dsn, server_settings={"search_path": store.schema})
-    try:
-        return list(await conn.fetch(sql))
-    finally:
-        await conn.close()
+    pool = await store._pg.get()  # the store's own connections, on its schema
+    return list(await pool.fetch(sql))
 
 
 async def test_an_image_stored_by_one_is_read_by_another(stores: Factory) -> None:

@@ -451,7 +451,7 @@ async def test_qwen_style_model_batched_vision_windows_and_padding_change_nothin
 
             from guard.judges.vlm.attention import padded_varlen_sdpa
 
-            def counted(*args: Any, **kwargs: Any) -> Any:
+            def counted(*args: Any, windows: list[int] = windows, **kwargs: Any) -> Any:
                 windows.append(len(kwargs["cu_seq_lens_q"]) - 1)
                 return padded_varlen_sdpa(*args, **kwargs)
 

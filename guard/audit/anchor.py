@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,6 +36,7 @@ import orjson
 
 from guard.audit.chain import Signer
 from guard.errors import ConfigError
+from guard.pg import dsn_from, plain_schema
 
 log = logging.getLogger("safeedit.audit.anchor")
 DEFAULT_ANCHOR_PATH = "var/audit.anchors"
@@ -158,18 +158,13 @@ class SQLiteAnchorSink:
         return None
 
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
 class PostgresAnchorSink:
     """A table `anchors` in a PostgreSQL database that is not the audit store's; one short
     connection per anchor (a few a minute)."""
 
     def __init__(self, dsn: str, schema: str = "public") -> None:
-        if not _IDENT.match(schema):
-            raise ConfigError(f"anchor (postgres): schema {schema!r} is not a plain identifier")
         self._dsn = dsn
-        self.schema = schema
+        self.schema = plain_schema(schema, "anchor (postgres)")
         self.location = f"postgres schema {schema}"
 
     async def _run(self, sql: str, *args: Any) -> list[Any]:
@@ -207,11 +202,8 @@ def build_sink(options: Mapping[str, Any]) -> AnchorSink:
         path = opts.pop("path", DEFAULT_ANCHOR_PATH)
         sink = FileAnchorSink(path) if kind == "file" else SQLiteAnchorSink(path)
     elif kind == "postgres":
-        dsn, dsn_env = opts.pop("dsn", None), opts.pop("dsn_env", None)
-        dsn = dsn or (os.environ.get(dsn_env) if dsn_env else None)
-        if not dsn:
-            raise ConfigError("anchor (postgres): `dsn` (or a set `dsn_env`) is required")
-        sink = PostgresAnchorSink(dsn, opts.pop("schema", "public"))
+        sink = PostgresAnchorSink(dsn_from(opts, "anchor (postgres)"),
+                                  opts.pop("schema", "public"))
     else:
         raise ConfigError(f"audit: anchor kind {kind!r} is not file, sqlite or postgres")
     if opts:

@@ -26,8 +26,6 @@ Audit options (`audit:` in the operators' config, `kind: postgres`):
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -52,7 +50,7 @@ from guard.audit.chain import (
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
 from guard.audit.twochain import TwoChainStore
-from guard.errors import ConfigError, GuardError, NotFound
+from guard.errors import ConfigError, NotFound
 from guard.imagestore import ImageStore
 from guard.labels import (
     LABEL_TABLES,
@@ -67,6 +65,7 @@ from guard.labels import (
     label_query,
     label_row,
 )
+from guard.pg import LazyPool, dsn_from
 from guard.types import Trace
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -148,7 +147,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
             " policy_version, model, body, prev_hash, hash")
 _CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
-_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # The queue's sample point of a trace id, as guard.labels.sample_point computes it.
 _SAMPLE_POINT = "('x' || substr(md5(id), 1, 8))::bit(32)::bigint / 4294967296.0"
 
@@ -166,38 +164,28 @@ class PostgresStore(TwoChainStore):
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  anchorer: Anchorer | None = None,
                  label_anchorer: Anchorer | None = None) -> None:
-        if not _IDENT.fullmatch(schema):
-            raise ConfigError(f"audit (postgres): schema {schema!r} is not a plain identifier")
         if pool_max_size < 2 or pool_min_size < 0 or pool_min_size > pool_max_size:
             # verify reads the chain on one connection and looks rows up on another
             raise ConfigError("audit (postgres): need 0 <= pool_min_size <= pool_max_size, "
                               "pool_max_size >= 2")
-        self._dsn = dsn
+        self._pg = LazyPool(dsn, schema=schema, section="audit (postgres)",
+                            code="audit_unavailable", application_name="safeedit-guard",
+                            min_size=pool_min_size, max_size=pool_max_size,
+                            timeout_s=command_timeout_s, migrate=_migrate)
         self.schema = schema
-        self._pool_sizes = (pool_min_size, pool_max_size)
-        self._timeout = command_timeout_s
         self.images = images
         self.signer = signer
         self.checkpoint_every = checkpoint_every
         self.anchorer = anchorer
         self.label_anchorer = label_anchorer
         self.label_chain = TableChain(self, LABEL_TABLES)  # what verify_labels walks
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *,
                     images: ImageStore | None = None) -> PostgresStore:
         """`images`: the shared image store, for retained images (None: per the options)."""
         opts = dict(options)
-        dsn = opts.pop("dsn", None)
-        dsn_env = opts.pop("dsn_env", None)
-        if dsn_env:
-            dsn = dsn or os.environ.get(dsn_env)
-            if not dsn:
-                raise ConfigError(f"audit (postgres): dsn_env names {dsn_env}, which is not set")
-        if not dsn:
-            raise ConfigError("audit (postgres): `dsn` (or `dsn_env`) is required")
+        dsn = dsn_from(opts, "audit (postgres)")
         kwargs = {name: opts.pop(name) for name in
                   ("schema", "pool_min_size", "pool_max_size", "command_timeout_s")
                   if name in opts}
@@ -210,42 +198,7 @@ class PostgresStore(TwoChainStore):
                    label_anchorer=Anchorer.from_options(labels_anchor, common.signer), **kwargs)
 
     async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            async with self._opening:
-                if self._pool is None:
-                    try:
-                        pool = await asyncpg.create_pool(
-                            self._dsn, min_size=self._pool_sizes[0],
-                            max_size=self._pool_sizes[1], command_timeout=self._timeout,
-                            server_settings={"search_path": self.schema,
-                                             "application_name": "safeedit-guard"})
-                    except (OSError, asyncpg.PostgresError) as exc:
-                        raise GuardError(f"audit (postgres): cannot connect: {exc}", status=503,
-                                         code="audit_unavailable") from exc
-                    try:
-                        await self._migrate(pool)
-                    except BaseException:
-                        await pool.close()
-                        raise
-                    self._pool = pool
-        return self._pool
-
-    async def _migrate(self, pool: asyncpg.Pool) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
-                               f"safeedit-migrations:{self.schema}")
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
-            await conn.execute("CREATE TABLE IF NOT EXISTS safeedit_migrations ("
-                               " version integer PRIMARY KEY, name text NOT NULL,"
-                               " applied_at timestamptz NOT NULL DEFAULT now())")
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM "
-                                                           "safeedit_migrations")}
-            for version, name, script in MIGRATIONS:
-                if version not in done:
-                    await conn.execute(script)
-                    await conn.execute("INSERT INTO safeedit_migrations (version, name)"
-                                       " VALUES ($1, $2)", version, name)
+        return await self._pg.get()
 
     async def migrations(self) -> list[tuple[int, str]]:
         """Applied migrations, oldest first."""
@@ -376,12 +329,7 @@ class PostgresStore(TwoChainStore):
         return QueuePage([_load(r).summary() for r in rows], {r[0]: r[1] for r in left})
 
     async def ready(self) -> bool:
-        try:
-            pool = await self._get_pool()
-            await pool.fetchval("SELECT 1")
-        except (GuardError, OSError, asyncpg.PostgresError):
-            return False
-        return True
+        return await self._pg.ready()
 
     async def start(self) -> None:
         """Start anchoring the chain head (when configured), off the request path."""
@@ -397,9 +345,7 @@ class PostgresStore(TwoChainStore):
             await self.label_anchorer.aclose(self.label_chain.chain_head)
         if self.images is not None:
             await self.images.aclose()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        await self._pg.close()
 
     # --- the chain (guard.audit.chain.ChainSource) ----------------------------------------------
 
@@ -475,3 +421,16 @@ def _where(q: TraceQuery) -> tuple[list[str], list[Any]]:
     if q.until is not None:
         add("created_at < {}", q.until)
     return where, args
+
+
+async def _migrate(conn: asyncpg.Connection) -> None:
+    """The schema's migrations not yet applied, in order (guard.pg.LazyPool holds the lock)."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS safeedit_migrations ("
+                       " version integer PRIMARY KEY, name text NOT NULL,"
+                       " applied_at timestamptz NOT NULL DEFAULT now())")
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM safeedit_migrations")}
+    for version, name, script in MIGRATIONS:
+        if version not in done:
+            await conn.execute(script)
+            await conn.execute("INSERT INTO safeedit_migrations (version, name)"
+                               " VALUES ($1, $2)", version, name)

@@ -22,12 +22,10 @@ Options (`image_store:` with `kind: postgres`; without them it follows `audit:`)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
 import math
-import os
 import re
 import secrets
 import time
@@ -38,10 +36,10 @@ import asyncpg
 
 from guard.errors import ConfigError, GuardError
 from guard.imagestore import PurgeResult
+from guard.pg import LazyPool, dsn_from
 
 log = logging.getLogger("safeedit.imagestore")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 CHUNK_BYTES = 1024 * 1024
 
 _SCHEMA = """
@@ -72,33 +70,22 @@ CREATE TABLE IF NOT EXISTS image_store_secrets (
 class PostgresImageStore:
     def __init__(self, dsn: str, *, schema: str = "public", chunk_bytes: int = CHUNK_BYTES,
                  pool_max_size: int = 4, command_timeout_s: float = 30.0) -> None:
-        if not _IDENT.fullmatch(schema):
-            raise ConfigError(f"image_store (postgres): schema {schema!r} is not a plain "
-                              "identifier")
         if not isinstance(chunk_bytes, int) or chunk_bytes < 1024:
             raise ConfigError("image_store (postgres): chunk_bytes must be an integer >= 1024")
         if not isinstance(pool_max_size, int) or pool_max_size < 1:
             raise ConfigError("image_store (postgres): pool_max_size must be a positive integer")
-        self._dsn = dsn
+        self._pg = LazyPool(dsn, schema=schema, section="image_store (postgres)",
+                            code="image_store_unavailable",
+                            application_name="safeedit-guard-images", min_size=0,
+                            max_size=pool_max_size, timeout_s=command_timeout_s,
+                            migrate=_migrate)
         self.schema = schema
         self.chunk_bytes = chunk_bytes
-        self._pool_max = pool_max_size
-        self._timeout = command_timeout_s
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> PostgresImageStore:
         opts = dict(options)
-        dsn = opts.pop("dsn", None)
-        dsn_env = opts.pop("dsn_env", None)
-        if dsn_env:
-            dsn = dsn or os.environ.get(dsn_env)
-            if not dsn:
-                raise ConfigError(f"image_store (postgres): dsn_env names {dsn_env}, which is "
-                                  "not set")
-        if not dsn:
-            raise ConfigError("image_store (postgres): `dsn` (or `dsn_env`) is required")
+        dsn = dsn_from(opts, "image_store (postgres)")
         kwargs = {name: opts.pop(name) for name in
                   ("schema", "chunk_bytes", "pool_max_size", "command_timeout_s") if name in opts}
         if opts:
@@ -109,31 +96,7 @@ class PostgresImageStore:
         return f"PostgreSQL (schema {self.schema})"
 
     async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            async with self._opening:
-                if self._pool is None:
-                    try:
-                        pool = await asyncpg.create_pool(
-                            self._dsn, min_size=0, max_size=self._pool_max,
-                            command_timeout=self._timeout,
-                            server_settings={"search_path": self.schema,
-                                             "application_name": "safeedit-guard-images"})
-                    except (OSError, asyncpg.PostgresError) as exc:
-                        raise GuardError(f"image store (postgres): cannot connect: {exc}",
-                                         status=503, code="image_store_unavailable") from exc
-                    try:
-                        async with pool.acquire() as conn, conn.transaction():
-                            # The audit store's lock: both may create this schema at once.
-                            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
-                                               f"safeedit-migrations:{self.schema}")
-                            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                            await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
-                            await conn.execute(_SCHEMA)
-                    except BaseException:
-                        await pool.close()
-                        raise
-                    self._pool = pool
-        return self._pool
+        return await self._pg.get()
 
     @contextlib.asynccontextmanager
     async def _connection(self, transaction: bool = True, **options: Any
@@ -223,14 +186,11 @@ class PostgresImageStore:
         return secret
 
     async def ready(self) -> bool:
-        try:
-            pool = await self._get_pool()
-            await pool.fetchval("SELECT 1")
-        except (GuardError, OSError, asyncpg.PostgresError):
-            return False
-        return True
+        return await self._pg.ready()
 
     async def aclose(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        await self._pg.close()
+
+
+async def _migrate(conn: asyncpg.Connection) -> None:
+    await conn.execute(_SCHEMA)
