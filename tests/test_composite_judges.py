@@ -31,8 +31,8 @@ from guard.policy import Policy
 from guard.types import GeneratedImage, JudgeInput
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, ProxyFactory, write_policy
 from tests.fake_backend import FakeBackend
-from tests.servers import free_port, serve
-from tests.test_remote_judge import KEY, JudgeServer, png
+from tests.judge_server import JudgeServer, png
+from tests.servers import free_port
 from tests.tiny_vlm import tie_answer_tokens
 
 DOCS = Path(__file__).parent.parent / "docs" / "judges.md"
@@ -61,22 +61,6 @@ def colour_png(colour: str) -> GeneratedImage:
     return GeneratedImage(data=buf.getvalue())
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[JudgeServer, str]]:
-    state = JudgeServer()
-    with serve(state.app()) as url:
-        yield state, url + "/v1"
-
-
-@pytest.fixture
-def judge_server(server: tuple[JudgeServer, str],
-                 monkeypatch: pytest.MonkeyPatch) -> tuple[JudgeServer, str]:
-    state, url = server
-    fresh = JudgeServer()
-    for name in fresh.__dataclass_fields__:
-        setattr(state, name, getattr(fresh, name))
-    monkeypatch.setenv("JUDGE_KEY", KEY)
-    return state, url
 
 
 def remote(url: str, **options: Any) -> dict[str, Any]:

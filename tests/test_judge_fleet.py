@@ -18,8 +18,9 @@ from starlette.responses import JSONResponse
 from guard.judges import build_judge
 from guard.judges.remote import RemoteJudge
 from tests.conftest import CLIENT_KEY, write_policy
+from tests.judge_server import KEY, POLICY, JudgeServer, png
 from tests.servers import free_port, serve
-from tests.test_remote_judge import KEY, POLICY, JudgeServer, item, png
+from tests.test_remote_judge import item
 
 
 @dataclass
