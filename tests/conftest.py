@@ -15,10 +15,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from guard.config import Config, hash_key, load_config  # noqa: E402
 from guard.judges import judges  # noqa: E402
 from tests.fake_backend import FakeBackend  # noqa: E402
-# The judge server's fixtures, for every test module that drives a `remote` judge.
 from tests.judge_server import judge_server, judge_server_process  # noqa: E402, F401
 from tests.servers import serve  # noqa: E402
 
+# judge_server(_process) above are fixtures, for the tests that drive a `remote` judge.
 judges.register("marker", "tests.marker_judge:MarkerJudge.from_config")
 
 ADMIN_KEY, CLIENT_KEY, AUDITOR_KEY, OTHER_AUDITOR_KEY = (
