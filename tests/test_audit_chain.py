@@ -230,7 +230,9 @@ def test_two_processes_writing_at_once_keep_one_chain(audit, tmp_path: Path) -> 
                             strict=True)
     assert list(seqs) == list(range(1, 2 * n + 1))
     switches = sum(a != b for a, b in zip(writers, writers[1:], strict=False))
-    assert switches > 10, "the two writers did not overlap; the test proves nothing"
+    # A..B..A..B at least: the writers really interleaved. (SQLite's busy handler backs off, so
+    # on a loaded machine one writer can hold the lock for long runs: seen 7 hand-overs in 600.)
+    assert switches >= 3, "the two writers did not overlap; the test proves nothing"
     code, out = verify(audit["config"])
     assert code == 0, out
     assert f"checked {2 * n} traces" in out and f"{2 * n // 5} valid signatures" in out
