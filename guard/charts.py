@@ -19,12 +19,10 @@ import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402 - after choosing the backend
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SVG_NS, XLINK_NS = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
 ET.register_namespace("", SVG_NS)
@@ -63,6 +61,11 @@ def render(draw: Callable[[Figure], Any], prefix: str, title: str, width: float 
     """Draw with `draw(figure)` under the charts' settings (size in inches, 72 points each) and
     return the figure as inline SVG, safe under a CSP without scripts or style attributes."""
     out = io.StringIO()
+    # matplotlib is imported on the first chart, not when the proxy starts (it is large, and
+    # only the dashboard and calibration reports draw); Figure needs no GUI backend.
+    import matplotlib
+    from matplotlib.figure import Figure
+
     with _lock, matplotlib.rc_context(_RC):  # type: ignore[arg-type]
         fig = Figure(figsize=(width, height), layout="constrained")
         draw(fig)
