@@ -17,7 +17,9 @@ FLOP is real) and runs the judge's own code (guard.judges.vlm.VLMJudge, profile 
   the design notes (7B on one H100: prefill 0.19 s, +128 tokens 4.3 s).
 
 Targets (real sizes): safe path <= 0.25 s per image at batch 1 and <= 0.1 s per image at batch 4;
-refine path <= 1.0 s per image. Each row is the median of `--repeats` timed calls after warm-up
+refine path <= 0.6 s at batch 1 (the explanation continues from the scoring pass's prefill; the
+`refine(...,prefill)` row prefills a second time, as before) and <= 1.0 s per image at batch 4.
+Each row is the median of `--repeats` timed calls after warm-up
 calls (the first refine call with the static cache compiles the decoding step; its time is shown
 as `warmup_s`). Images are processed as Qwen2.5-VL-7B-Instruct's preprocessor does (1024 px ->
 37x37 = 1,369 image tokens); the processor here is a stand-in built from the real image processor
@@ -228,7 +230,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-TARGETS = {("safe", 1): 0.25, ("safe", 4): 0.1, ("refine", 1): 1.0, ("refine", 4): 1.0}
+TARGETS = {("safe", 1): 0.25, ("safe", 4): 0.1, ("refine", 1): 0.6, ("refine", 4): 1.0}
 
 
 async def run_size(size: str, args: argparse.Namespace, device: str, dtype: Any,
@@ -250,29 +252,34 @@ async def run_size(size: str, args: argparse.Namespace, device: str, dtype: Any,
               "generate: " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()
                                        if k != "image_tokens"), flush=True)
     caches = [args.cache]
-    plan = [("safe", 1.0, args.max_image_side), ("refine", 0.0, args.max_image_side)]
-    plan += [("safe", 1.0, side) for side in args.extra_sides]
-    for path, threshold, side in plan:
-        for batch in args.batches:
+    # refine: alone, the explanation continues from the scoring pass's prefill; "prefill" is the
+    # same with a second prefill of the prompt (reuse_prefill: false), for comparison.
+    plan = [("safe", 1.0, args.max_image_side, True), ("refine", 0.0, args.max_image_side, True),
+            ("refine", 0.0, args.max_image_side, False)]
+    plan += [("safe", 1.0, side, True) for side in args.extra_sides]
+    for path, threshold, side, reuse in plan:
+        for batch in args.batches if reuse else args.batches[:1]:
             for cache in caches:
                 options = VLMOptions(model=f"qwen2.5-vl-{size}-random", profile="safeeditor",
                                      max_batch=max(args.batches), max_wait_ms=0,
                                      max_new_tokens=args.refine_tokens,
                                      cache_implementation=cache, device=device,
                                      max_image_side=side,
-                                     vision_attention=args.vision_attention)
+                                     vision_attention=args.vision_attention,
+                                     reuse_prefill=reuse)
                 judge = VLMJudge(options, model=model, processor=processor)
                 await judge.start()
                 label = path
                 if path == "refine":
-                    label += f"({judge._loaded().cache_implementation or 'dynamic'})"
+                    label += f"({judge._loaded().cache_implementation or 'dynamic'}"
+                    label += ")" if reuse else ",prefill)"
                 if side:
                     label += f"@{side}px"
                 try:
                     result = await measure(judge, images, batch, policy(threshold),
                                            args.warmups, args.repeats)
                 except Exception as exc:  # noqa: BLE001 - a failed configuration is a result
-                    print(f"{size:>5} {label:<16} b={batch}: FAILED {type(exc).__name__}: "
+                    print(f"{size:>5} {label:<24} b={batch}: FAILED {type(exc).__name__}: "
                           f"{str(exc)[:300]}", flush=True)
                     if path == "refine" and cache != "dynamic":
                         caches = ["dynamic"]  # fall back for the remaining rows
@@ -292,14 +299,14 @@ async def run_size(size: str, args: argparse.Namespace, device: str, dtype: Any,
         torch.cuda.empty_cache()
 
 
-HEADER = (f"{'size':>5} {'path':<16} {'batch':>5} {'s/call':>8} {'s/image':>8} {'fwd ms':>8} "
+HEADER = (f"{'size':>5} {'path':<24} {'batch':>5} {'s/call':>8} {'s/image':>8} {'fwd ms':>8} "
           f"{'tokens':>6} {'warmup s':>8} {'target':>7}  ok")
 
 
 def fmt(row: dict[str, Any]) -> str:
     target = f"{row['target']:.2f}" if row.get("target") is not None else "-"
     ok = {True: "yes", False: "NO", None: "-"}[row.get("ok")]
-    return (f"{row['size']:>5} {row['path']:<16} {row['batch']:>5} {row['s_per_call']:>8.3f} "
+    return (f"{row['size']:>5} {row['path']:<24} {row['batch']:>5} {row['s_per_call']:>8.3f} "
             f"{row['s_per_image']:>8.3f} {row['forward_ms']:>8.1f} {row['decoded_tokens']:>6} "
             f"{row['warmup_s']:>8.2f} {target:>7}  {ok}")
 

@@ -169,7 +169,9 @@ async def test_a_failing_static_cache_falls_back_to_the_dynamic_cache(
         half_dir: Path, make_judge: Any) -> None:
     # On an H100 (torch 2.11) the compiled static-cache path raised inside generate for a new
     # batch size; here the real model's generate fails the same way whenever it is asked for it.
-    judge = await make_judge(half_dir, max_new_tokens=4, cache_implementation="static")
+    # (Alone, an explanation continues from the scoring pass instead: tests/test_prefill_reuse.)
+    judge = await make_judge(half_dir, max_new_tokens=4, cache_implementation="static",
+                             reuse_prefill=False)
     model = judge.model
     real_generate = model.generate
     caches: list[str | None] = []

@@ -8,16 +8,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from guard.judges.vlm.loading import Loaded
+from guard.judges.vlm.prefix import PromptKV, continuation
 
 log = logging.getLogger("guard.judges.vlm")
 
 
 def decode(loaded: Loaded, inputs: dict[str, Any], *, max_new_tokens: int,
-           max_cache_len: int | None, stops: Sequence[str],
-           banned: list[list[int]]) -> list[list[int]]:
-    """Greedy decoding after the left-padded batch `inputs`; the new token ids of each row.
-    `stops`: texts after which a row may stop; `banned`: per row, tokens it may not start with."""
-    import torch
+           max_cache_len: int | None, stops: Sequence[str], banned: list[list[int]],
+           prompt_kv: PromptKV | None = None) -> tuple[list[list[int]], bool]:
+    """Greedy decoding after the left-padded batch `inputs`; the new token ids of each row, and
+    whether the prompt's prefill was reused. `stops`: texts after which a row may stop;
+    `banned`: per row, tokens it may not start with; `prompt_kv`: the scoring pass's cache of
+    a single row's prompt (guard.judges.vlm.prefix), continued from instead of a prefill."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     prompt_len = inputs["input_ids"].shape[1]
@@ -25,18 +27,28 @@ def decode(loaded: Loaded, inputs: dict[str, Any], *, max_new_tokens: int,
         "max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1,
         "pad_token_id": loaded.pad_id,
     }
-    if loaded.cache_implementation:
-        kwargs["cache_implementation"] = loaded.cache_implementation
-        if max_cache_len:
-            kwargs["max_cache_len"] = max_cache_len
     if stops:
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             [StopOnText(loaded.tokenizer, stops, prompt_len)])
     if any(banned):
         kwargs["logits_processor"] = LogitsProcessorList([BanFirst(banned, prompt_len)])
+    if prompt_kv is not None and loaded.reuse_prefill:
+        try:
+            size = max(max_cache_len or 0, prompt_len + max_new_tokens)
+            out = _generate(loaded, continuation(
+                loaded.model, inputs, prompt_kv,
+                static=loaded.cache_implementation == "static", max_cache_len=size), kwargs)
+            return out[:, prompt_len:].tolist(), True
+        except Exception as exc:  # noqa: BLE001 - an optimisation: prefill as before
+            log.warning("continuing from the scoring pass's prefill failed (%s: %s); "
+                        "explanations prefill their prompt from now on", type(exc).__name__, exc)
+            loaded.reuse_prefill = False
+    if loaded.cache_implementation:
+        kwargs["cache_implementation"] = loaded.cache_implementation
+        if max_cache_len:
+            kwargs["max_cache_len"] = max_cache_len
     try:
-        with torch.inference_mode():
-            out = loaded.model.generate(**inputs, **kwargs)
+        out = _generate(loaded, inputs, kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of the compiled path
         if "cache_implementation" not in kwargs:
             raise
@@ -49,9 +61,15 @@ def decode(loaded: Loaded, inputs: dict[str, Any], *, max_new_tokens: int,
         loaded.cache_implementation = None
         kwargs.pop("cache_implementation")
         kwargs.pop("max_cache_len", None)
-        with torch.inference_mode():
-            out = loaded.model.generate(**inputs, **kwargs)
-    return out[:, prompt_len:].tolist()
+        out = _generate(loaded, inputs, kwargs)
+    return out[:, prompt_len:].tolist(), False
+
+
+def _generate(loaded: Loaded, inputs: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return loaded.model.generate(**inputs, **kwargs)
 
 
 class StopOnText:

@@ -21,6 +21,7 @@ from guard.judges.vlm.collate import Encoded, collate, encode_prompt
 from guard.judges.vlm.generation import decode
 from guard.judges.vlm.loading import Loaded, load
 from guard.judges.vlm.options import VLMOptions
+from guard.judges.vlm.prefix import PromptKV
 from guard.judges.vlm.scoring import Row, read_slots
 from guard.policy import Policy
 from guard.types import JudgeInput, Verdict
@@ -38,6 +39,7 @@ class _Scored:
     scores: dict[str, float]
     batch_size: int
     forward_ms: float
+    prompts: list[PromptKV | None]  # per probe row: its prompt's KV cache, where kept
 
 
 @dataclass(slots=True)
@@ -46,6 +48,7 @@ class _ExplainJob:
     encoded: Encoded
     prefix: list[int]
     banned: list[int]
+    kv: PromptKV | None = None  # the scoring pass's cache of `encoded`, where kept
 
 
 @dataclass(slots=True)
@@ -54,6 +57,7 @@ class _Explained:
     tokens: int
     batch_size: int
     decode_ms: float
+    reused_prefill: bool
 
 
 class VLMJudge:
@@ -172,7 +176,7 @@ class VLMJudge:
                            details=details)
         parsed = self.profile.parse([ex.text], prep.policy)
         details.update(decoded_tokens=ex.tokens, decode_ms=round(ex.decode_ms, 3),
-                       explain_batch_size=ex.batch_size)
+                       explain_batch_size=ex.batch_size, reused_prefill=ex.reused_prefill)
         if not parsed.ok:
             details["parse_error"] = parsed.error
         return Verdict(scores=sc.scores, judge_id=self.id, thought=parsed.thought,
@@ -183,7 +187,7 @@ class VLMJudge:
                            flagged: Sequence[str]) -> _ExplainJob:
         explain = self.profile.explain(prep.item, prep.policy, sc.scores, flagged)
         assert explain is not None
-        return await asyncio.to_thread(self._prepare_explain, prep, explain)
+        return await asyncio.to_thread(self._prepare_explain, prep, explain, sc.prompts)
 
     # --- preprocessing (default thread pool) ---------------------------------------------------
 
@@ -225,39 +229,46 @@ class VLMJudge:
             rows.append((probe, Row(encoded, answer, slots)))
         return _Prepared(item, policy, rows)
 
-    def _prepare_explain(self, prep: _Prepared, explain: Explain) -> _ExplainJob:
+    def _prepare_explain(self, prep: _Prepared, explain: Explain,
+                         prompts: list[PromptKV | None]) -> _ExplainJob:
         loaded = self._loaded()
-        encoded = next((row.encoded for probe, row in prep.rows
-                        if probe.messages == explain.messages), None)
-        if encoded is None:
-            encoded = encode_prompt(loaded, explain.messages, self._image(prep.item))
+        j = next((j for j, (probe, _) in enumerate(prep.rows)
+                  if probe.messages == explain.messages), None)
+        # The same prompt was scored: its encoding, and its KV cache where the pass kept it.
+        encoded = prep.rows[j][1].encoded if j is not None else encode_prompt(
+            loaded, explain.messages, self._image(prep.item))
+        kv = prompts[j] if j is not None else None
         banned = [loaded.option_id(explain.prefix, word) for word in explain.banned_first]
-        return _ExplainJob(explain, encoded, loaded.piece_ids(explain.prefix), banned)
+        return _ExplainJob(explain, encoded, loaded.piece_ids(explain.prefix), banned, kv)
 
     # --- model work (the judge's thread) --------------------------------------------------------
 
     def _score_batch(self, batch: list[_Prepared]) -> list[_Scored | BaseException]:
         t0 = time.perf_counter()
-        per_row = read_slots(self._loaded(), [row for prep in batch for _, row in prep.rows])
+        loaded = self._loaded()
+        per_row, kvs = read_slots(loaded, [row for prep in batch for _, row in prep.rows],
+                                  keep_prompts=loaded.reuse_prefill and self.profile.explains)
         forward_ms = (time.perf_counter() - t0) * 1000.0
         out: list[_Scored | BaseException] = []
         r = 0
         for prep in batch:
             n = len(prep.rows)
             combined = self.profile.combine(per_row[r:r + n], prep.policy)
-            r += n
             scores = {c: float(v) if v is not None else 1.0 for c, v in combined.items()}
-            out.append(_Scored(scores, len(batch), forward_ms))
+            out.append(_Scored(scores, len(batch), forward_ms, kvs[r:r + n]))
+            r += n
         return out
 
     def _explain_batch(self, batch: list[_ExplainJob]) -> list[_Explained | BaseException]:
         loaded = self._loaded()
         t0 = time.perf_counter()
         inputs, _ = collate([(job.encoded, job.prefix) for job in batch], loaded)
-        new = decode(loaded, inputs, max_new_tokens=self.options.max_new_tokens,
-                     max_cache_len=self.options.max_cache_len,
-                     stops=sorted({s for job in batch for s in job.explain.stop}),
-                     banned=[job.banned for job in batch])
+        # Alone, an explanation continues from its scoring pass's prefill where it was kept.
+        kv = batch[0].kv if len(batch) == 1 and loaded.reuse_prefill else None
+        new, reused = decode(loaded, inputs, max_new_tokens=self.options.max_new_tokens,
+                             max_cache_len=self.options.max_cache_len,
+                             stops=sorted({s for job in batch for s in job.explain.stop}),
+                             banned=[job.banned for job in batch], prompt_kv=kv)
         decode_ms = (time.perf_counter() - t0) * 1000.0
         eos = loaded.eos_ids()
         results: list[_Explained | BaseException] = []
@@ -265,5 +276,5 @@ class VLMJudge:
             n = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
             text = job.explain.prefix + loaded.tokenizer.decode(tokens[:n],
                                                                 skip_special_tokens=True)
-            results.append(_Explained(text, n, len(batch), decode_ms))
+            results.append(_Explained(text, n, len(batch), decode_ms, reused))
         return results

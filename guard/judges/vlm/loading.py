@@ -26,6 +26,7 @@ class Loaded:
     device: Any
     dtype: Any
     cache_implementation: str | None
+    reuse_prefill: bool = True  # switched off for good by the first failed continuation
     token_cache: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
@@ -103,7 +104,7 @@ def load(opts: VLMOptions, judge_id: str, given: tuple[Any, Any] | None = None) 
     log.info("vlm judge %s loaded on %s (%s) in %.1f s", judge_id, where, dtype,
              time.perf_counter() - t0)
     return Loaded(model, processor, tokenizer, where, dtype,
-                  None if cache == "dynamic" else cache)
+                  None if cache == "dynamic" else cache, opts.reuse_prefill)
 
 
 def _usable_processor(processor: Any) -> Any:

@@ -25,6 +25,9 @@ Options (all but `model` optional):
   the default dynamic cache elsewhere; `dynamic` or `static` to choose.
 - `max_cache_len` (null): with the static cache, size it for at least this many tokens so that
   longer prompts later do not reallocate it (and recompile).
+- `reuse_prefill` (true): an explanation that runs alone continues from the scoring pass's KV
+  cache of its prompt instead of prefilling the prompt (image included) a second time
+  (guard.judges.vlm.prefix); false always prefills.
 - `attn_implementation` (null): e.g. `sdpa`, `flash_attention_2`; null lets transformers choose.
 - `vision_attention` (auto): for Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers without
   flash-attn, run each layer's attention windows as one padded SDPA call instead of one call per
@@ -57,6 +60,7 @@ class VLMOptions(BaseModel):
     max_image_side: int | None = Field(None, ge=16)
     cache_implementation: Literal["auto", "dynamic", "static"] = "auto"
     max_cache_len: int | None = Field(None, ge=1)
+    reuse_prefill: bool = True
     attn_implementation: str | None = None
     vision_attention: Literal["auto", "model"] = "auto"
     trust_remote_code: bool = False

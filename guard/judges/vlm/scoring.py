@@ -10,6 +10,7 @@ from typing import Any
 from guard.judges.profiles import Slot
 from guard.judges.vlm.collate import Encoded, collate
 from guard.judges.vlm.loading import Loaded
+from guard.judges.vlm.prefix import PromptKV, cache_of, keep_prompt
 
 
 @dataclass(slots=True)
@@ -22,8 +23,11 @@ class Row:
     slots: list[tuple[Slot, int, dict[str, int]]]
 
 
-def read_slots(loaded: Loaded, rows: Sequence[Row]) -> list[dict[str, dict[str, float]]]:
-    """Per row, slot name -> answer label -> probability, from one forward pass over all rows."""
+def read_slots(loaded: Loaded, rows: Sequence[Row], *, keep_prompts: bool = False,
+               ) -> tuple[list[dict[str, dict[str, float]]], list[PromptKV | None]]:
+    """Per row, slot name -> answer label -> probability, from one forward pass over all rows;
+    and per row, with `keep_prompts`, its prompt's KV cache where it can be reused for an
+    explanation (guard.judges.vlm.prefix; None elsewhere)."""
     import torch
 
     inputs, starts = collate([(row.encoded, row.answer) for row in rows], loaded)
@@ -33,21 +37,33 @@ def read_slots(loaded: Loaded, rows: Sequence[Row]) -> list[dict[str, dict[str, 
     wanted = sorted({pos for positions in where for pos in positions})
     column = {pos: j for j, pos in enumerate(wanted)}
     with torch.inference_mode():
-        logits = _forward(loaded.model, inputs, wanted, loaded.device).float()
-        return [{slot.name: _slot_probs(logits[r, column[pos]], slot, ids)
-                 for (slot, _, ids), pos in zip(row.slots, where[r], strict=True)}
-                for r, row in enumerate(rows)]
+        output = _forward(loaded.model, inputs, wanted, loaded.device, keep_prompts)
+        logits = output.logits if hasattr(output, "logits") else output
+        logits = logits.float()
+        probs = [{slot.name: _slot_probs(logits[r, column[pos]], slot, ids)
+                  for (slot, _, ids), pos in zip(row.slots, where[r], strict=True)}
+                 for r, row in enumerate(rows)]
+        cache = cache_of(output) if keep_prompts else None
+        # Only a prompt without left padding has the positions it would have alone.
+        kvs = [keep_prompt(cache, r, len(row.encoded.ids))
+               if cache is not None and starts[r] == 0 else None
+               for r, row in enumerate(rows)]
+    return probs, kvs
 
 
-def _forward(model: Any, inputs: dict[str, Any], positions: list[int], device: Any) -> Any:
-    """Logits at `positions` only (the vocabulary projection is the big part of a short read)."""
+def _forward(model: Any, inputs: dict[str, Any], positions: list[int], device: Any,
+             use_cache: bool) -> Any:
+    """The output with logits at `positions` only (the vocabulary projection is the big part of
+    a short read); with `use_cache`, the pass's KV cache too."""
     import torch
 
     keep = torch.tensor(positions, dtype=torch.long, device=device)
     try:
-        return model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        return model(**inputs, use_cache=use_cache, logits_to_keep=keep)
     except TypeError:  # a model without logits_to_keep
-        return model(**inputs, use_cache=False).logits[:, keep]
+        output = model(**inputs, use_cache=use_cache)
+        output.logits = output.logits[:, keep]
+        return output
 
 
 def _slot_probs(vec: Any, slot: Slot, ids: Mapping[str, int]) -> dict[str, float]:
