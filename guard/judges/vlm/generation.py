@@ -34,7 +34,9 @@ def decode(loaded: Loaded, inputs: dict[str, Any], *, max_new_tokens: int,
         kwargs["logits_processor"] = LogitsProcessorList([BanFirst(banned, prompt_len)])
     if prompt_kv is not None and loaded.reuse_prefill:
         try:
-            size = max(max_cache_len or 0, prompt_len + max_new_tokens)
+            # A static cache sized in steps of 256 tokens: prompts of nearby lengths share one
+            # shape, so the compiled decoding step is not recompiled for each.
+            size = max(max_cache_len or 0, -(-(prompt_len + max_new_tokens) // 256) * 256)
             out = _generate(loaded, continuation(
                 loaded.model, inputs, prompt_kv,
                 static=loaded.cache_implementation == "static", max_cache_len=size), kwargs)

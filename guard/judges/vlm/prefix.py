@@ -16,7 +16,6 @@ prefilled as before.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +84,3 @@ def continuation(model: Any, inputs: dict[str, Any], kv: PromptKV, *, static: bo
         base.prepare_inputs_for_generation).parameters else "past_key_values"
     kept = {k: v for k, v in inputs.items() if k not in _PIXELS}
     return {**kept, name: cache}
-
-
-def usable(kvs: Sequence[PromptKV | None]) -> PromptKV | None:
-    """The one prompt's cache when a batch is a single explanation that has one."""
-    return kvs[0] if len(kvs) == 1 else None
