@@ -9,8 +9,8 @@ threshold.
 
 Images are decoded with OpenCV and run through OpenVINO or ONNX Runtime
 (guard.judges.detector_runtime) in a worker thread, one batch per call, so the event loop is never
-blocked. What an image costs, stage by stage, and what was tried
-to make it cheaper: benchmarks/builtin_image.py and docs/judges.md.
+blocked. What an image costs, stage by stage, and what was tried to make it cheaper:
+benchmarks/builtin_image.py and docs/judges.md.
 """
 
 from __future__ import annotations
