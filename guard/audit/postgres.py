@@ -172,7 +172,7 @@ class PostgresStore(TwoChainStore):
                             code="audit_unavailable", application_name="safeedit-guard",
                             min_size=pool_min_size, max_size=pool_max_size,
                             timeout_s=command_timeout_s, migrate=_migrate)
-        self.schema = schema
+        self.schema = self._pg.schema
         self.images = images
         self.signer = signer
         self.checkpoint_every = checkpoint_every

@@ -79,7 +79,7 @@ class PostgresImageStore:
                             application_name="safeedit-guard-images", min_size=0,
                             max_size=pool_max_size, timeout_s=command_timeout_s,
                             migrate=_migrate)
-        self.schema = schema
+        self.schema = self._pg.schema
         self.chunk_bytes = chunk_bytes
 
     @classmethod

@@ -264,7 +264,7 @@ class VLMJudge:
         t0 = time.perf_counter()
         inputs, _ = collate([(job.encoded, job.prefix) for job in batch], loaded)
         # Alone, an explanation continues from its scoring pass's prefill where it was kept.
-        kv = batch[0].kv if len(batch) == 1 and loaded.reuse_prefill else None
+        kv = batch[0].kv if len(batch) == 1 else None
         new, reused = decode(loaded, inputs, max_new_tokens=self.options.max_new_tokens,
                              max_cache_len=self.options.max_cache_len,
                              stops=sorted({s for job in batch for s in job.explain.stop}),

@@ -38,8 +38,7 @@ def read_slots(loaded: Loaded, rows: Sequence[Row], *, keep_prompts: bool = Fals
     column = {pos: j for j, pos in enumerate(wanted)}
     with torch.inference_mode():
         output = _forward(loaded.model, inputs, wanted, loaded.device, keep_prompts)
-        logits = output.logits if hasattr(output, "logits") else output
-        logits = logits.float()
+        logits = output.logits.float()
         probs = [{slot.name: _slot_probs(logits[r, column[pos]], slot, ids)
                   for (slot, _, ids), pos in zip(row.slots, where[r], strict=True)}
                  for r, row in enumerate(rows)]
