@@ -18,8 +18,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from guard.errors import BackendRejected, ConfigError
-from guard.types import GeneratedImage, GenerationCall
+from guard.core.types import GeneratedImage, GenerationCall
+from guard.support.errors import BackendRejected, ConfigError
 
 _MAX_SIDE = 1024
 

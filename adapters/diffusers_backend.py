@@ -43,15 +43,15 @@ from PIL import Image
 from pydantic import Field
 
 from adapters.options import Options, parse_options
-from guard.errors import (
+from guard.core.types import GeneratedImage, GenerationCall
+from guard.support.errors import (
     BackendError,
     BackendRateLimited,
     BackendRejected,
     ConfigError,
     GuardError,
 )
-from guard.torch_device import pick_device, pick_dtype
-from guard.types import GeneratedImage, GenerationCall
+from guard.support.torch_device import pick_device, pick_dtype
 
 log = logging.getLogger("safeedit.backends")
 

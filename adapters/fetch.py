@@ -10,7 +10,7 @@ A backend's answer decides where the guard connects next, so a URL is treated as
     - redirects are followed by hand, each hop checked again, at most `max_redirects`;
     - no credentials: the backend's API key is never sent to an image URL;
     - the body is streamed and cut off at `max_bytes`; its content type must be an image (or
-      octet-stream); then it gets the checks an upload gets (guard.inputs.validate_image): PNG,
+      octet-stream); then it gets the checks an upload gets (guard.support.inputs.validate_image): PNG,
       JPEG or WebP, PIL's verify, and at most `max_pixels` pixels, read from the header before
       anything is decoded (decompression bombs).
 Base64 images from a backend get the same image checks (`image_from_b64`).
@@ -36,9 +36,9 @@ import httpx
 from pydantic import Field, IPvAnyNetwork
 
 from adapters.options import Options
-from guard.errors import BackendError, RequestError
-from guard.inputs import MAX_PIXELS, validate_image
-from guard.types import Base64, GeneratedImage
+from guard.core.types import Base64, GeneratedImage
+from guard.support.errors import BackendError, RequestError
+from guard.support.inputs import MAX_PIXELS, validate_image
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -47,9 +47,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from guard.errors import ConfigError, GuardError
-from guard.imagestore import PurgeResult
-from guard.redact import redact, redact_logs
+from guard.plugins import PurgeResult
+from guard.support.errors import ConfigError, GuardError
+from guard.support.redact import redact, redact_logs
 
 log = logging.getLogger("safeedit.imagestore")
 T = TypeVar("T")

@@ -22,7 +22,7 @@ Options:
     response_format (auto)   auto | b64_json | url | null, sent in `extra_body` as litellm needs;
                              auto asks OpenAI and Azure models other than gpt-image-* for b64_json
 Secrets are read once at start-up and are never put in a trace, a log line or an error message.
-The SDK's own retries are off (max_retries=0): retrying is the guard's policy (guard.retry).
+The SDK's own retries are off (max_retries=0): retrying is the guard's policy (guard.support.retry).
 Errors are translated here as in the openai-compatible adapter (the guard's own message, the
 provider's text only redacted in the trace); a provider's own content filter refusing the prompt
 is a 400 content_policy_violation.
@@ -40,7 +40,8 @@ from pydantic import Field
 
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
-from guard.errors import (
+from guard.core.types import GeneratedImage, GenerationCall
+from guard.support.errors import (
     BackendError,
     BackendRateLimited,
     BackendRejected,
@@ -48,9 +49,8 @@ from guard.errors import (
     ConfigError,
     PolicyViolation,
 )
-from guard.redact import redact_logs
-from guard.retry import Retrying, RetryPolicy
-from guard.types import GeneratedImage, GenerationCall
+from guard.support.redact import redact_logs
+from guard.support.retry import Retrying, RetryPolicy
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 

@@ -7,8 +7,8 @@ failures at this edge: connection refused -> 502 backend_unavailable, timeout ->
 not the client's), other 4xx -> a 400 with the backend's error `code` and `param` when they are
 plain identifiers (content_policy_violation stays a refusal). The client reads the guard's own
 message, naming the HTTP status; the backend's text is untrusted (it may echo the request, key
-included) and reaches only the trace, redacted (guard.redact). 429, 5xx and connection failures
-are retried under the guard's retry policy (guard.retry). API keys come from environment
+included) and reaches only the trace, redacted (guard.support.redact). 429, 5xx and connection failures
+are retried under the guard's retry policy (guard.support.retry). API keys come from environment
 variables named in the config and never reach a trace, a log line or an error.
 
 Options:
@@ -20,7 +20,7 @@ Options:
     response_format (auto)   auto | b64_json | url | null; auto asks for b64_json except from
                              gpt-image models, which refuse the parameter
     extra_headers ({})       sent with every request (not for secrets: use api_key_env)
-    retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (guard.retry)
+    retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (guard.support.retry)
     image_urls ({})          allow_private, allow_networks, max_bytes, max_pixels, max_redirects,
                              timeout_s (adapters.fetch)
 Edits: POST {api_base}/images/edits as multipart, images as `image[]`, optional `mask`.
@@ -37,10 +37,10 @@ from pydantic import Field
 
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
-from guard import b64json
-from guard.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
-from guard.retry import Retrying, RetryPolicy
-from guard.types import GeneratedImage, GenerationCall
+from guard.core.types import GeneratedImage, GenerationCall
+from guard.support import b64json
+from guard.support.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
+from guard.support.retry import Retrying, RetryPolicy
 
 _FORWARDED = ("size", "quality", "style", "output_format", "output_compression", "background",
               "moderation", "user")

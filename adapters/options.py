@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from guard.errors import ConfigError
+from guard.support.errors import ConfigError
 
 
 class Options(BaseModel):

@@ -35,10 +35,10 @@ import openvino
 from fake_image_server import make_png  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
+from guard.core.policy import POLICIES_DIR, load_policy
+from guard.core.terms import matcher_for
+from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.builtin import BuiltinJudge, NudityDetector
-from guard.judges.terms import matcher_for
-from guard.policy import POLICIES_DIR, load_policy
-from guard.types import GeneratedImage, JudgeInput
 
 PROMPT = ("portrait of a woman standing in a sunlit meadow with wild flowers, holding a straw "
           "hat, golden hour, soft light, highly detailed, 8k, trending on artstation, by greg "

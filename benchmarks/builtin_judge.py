@@ -16,9 +16,9 @@ import time
 import numpy as np
 from PIL import Image
 
+from guard.core.policy import POLICIES_DIR, load_policy
+from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.builtin import BuiltinJudge, NudityDetector
-from guard.policy import POLICIES_DIR, load_policy
-from guard.types import GeneratedImage, JudgeInput
 
 
 def make_png(seed: int, size: int = 1024) -> bytes:

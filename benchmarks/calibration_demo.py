@@ -141,7 +141,7 @@ async def send(base: str, rows: list[dict[str, str]], concurrency: int = 16) -> 
 
 async def recorded_flags(db: Path, ids: list[str]) -> list[set[str]]:
     from guard.audit.sqlite import SQLiteStore
-    from guard.policytools.labelled import judged_item
+    from guard.offline.labelled import judged_item
 
     store = SQLiteStore(db)
     try:
@@ -165,7 +165,7 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from guard.cli import main as safeedit
-    from guard.config import load_config
+    from guard.core.config import load_config
     from proxy import create_app
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def main() -> int:
     print(f"labels file: {labels}\n")
     config_file = args.out / "config.yaml"
     config_file.write_text(yaml.safe_dump({"audit": audit}))
-    from guard.policy import POLICIES_DIR
+    from guard.core.policy import POLICIES_DIR
 
     return safeedit(["policy", "calibrate", "--policy", str(POLICIES_DIR / "default.yaml"),
                      "--labels", str(labels), "--config", str(config_file),

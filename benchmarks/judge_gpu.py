@@ -41,9 +41,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from guard.core.policy import Policy  # noqa: E402
+from guard.core.types import GeneratedImage, JudgeInput  # noqa: E402
 from guard.judges.vlm import VLMJudge, VLMOptions  # noqa: E402
-from guard.policy import Policy  # noqa: E402
-from guard.types import GeneratedImage, JudgeInput  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>"]

@@ -35,9 +35,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.overhead import PY, ROOT, free_port, pct, wait_up  # noqa: E402
-from guard.config import load_config  # noqa: E402
-from guard.quotas import Quotas  # noqa: E402
-from guard.telemetry import Metrics  # noqa: E402
+from guard.core.config import load_config  # noqa: E402
+from guard.pipeline.quotas import Quotas  # noqa: E402
+from guard.support.telemetry import Metrics  # noqa: E402
 
 HIGH = {"requests_per_minute": 10_000_000, "images_per_day": 1_000_000_000,
         "max_concurrent": 10_000}

@@ -4,7 +4,7 @@ change of the scoring model: I2P (labelled unsafe prompts) and COCO captions (be
     python benchmarks/term_calibration.py [--policy default] [--data ../shared/data]
 
 "Before" is the model up to policy version 1 (`old_score`: each distinct term as written adds
-0.95 if strong, 0.35 if weak, combined as 1 - Π(1 - w)); "after" is guard.judges.terms as it is
+0.95 if strong, 0.35 if weak, combined as 1 - Π(1 - w)); "after" is guard.core.terms as it is
 now. Both read the same hits, found by the same matcher, so only the scoring model differs.
 Prints, per I2P label, how many prompts the policy acts on (edit or refuse) and how often that
 label's own category is flagged, then the share of COCO captions whose decision changed (the
@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from guard.judges.terms import Hit, matcher_for
-from guard.policy import POLICIES_DIR, Decision, Policy, load_policy
+from guard.core.policy import POLICIES_DIR, Decision, Policy, load_policy
+from guard.core.terms import Hit, matcher_for
 
 ROOT = Path(__file__).resolve().parent.parent
 # I2P's labels and the policy categories that stand for them.

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from guard.audit import build_store
-from guard.types import JudgedImage, RoundRecord, Trace
+from guard.core.types import JudgedImage, RoundRecord, Trace
+from guard.plugins import build_store
 
 
 def sample_trace(writer: str, i: int, **fields: Any) -> Trace:

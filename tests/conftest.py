@@ -12,8 +12,8 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from guard.config import Config, hash_key, load_config  # noqa: E402
-from guard.judges import judges  # noqa: E402
+from guard.core.config import Config, hash_key, load_config  # noqa: E402
+from guard.plugins import judges
 from tests.fake_backend import FakeBackend  # noqa: E402
 from tests.judge_server import judge_server, judge_server_process  # noqa: E402, F401
 from tests.servers import serve  # noqa: E402

@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage
 from guard.judges.profiles import IPR_SYSTEM
-from guard.policy import Policy
-from guard.types import GeneratedImage
 from tests.servers import serve
 
 KEY = "sk-judge-secret-123"

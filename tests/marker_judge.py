@@ -14,9 +14,9 @@ from typing import Any
 
 from PIL import Image
 
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput, Verdict
 from guard.judges.builtin import BuiltinJudge
-from guard.policy import Policy
-from guard.types import JudgeInput, Verdict
 
 PIXEL_SCORES = {(255, 0, 0): {"violence": 0.97}, (0, 255, 0): {"hate": 0.99}}
 

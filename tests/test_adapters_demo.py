@@ -7,9 +7,9 @@ import io
 import pytest
 from PIL import Image
 
-from adapters import EditingBackend, build_backend
-from guard.errors import BackendRejected
-from guard.types import GenerationCall
+from guard.core.types import GenerationCall
+from guard.plugins import EditingBackend, build_backend
+from guard.support.errors import BackendRejected
 
 
 def picture(colour: tuple[int, int, int], size: tuple[int, int] = (120, 90)) -> bytes:

@@ -14,10 +14,10 @@ import openai
 import pytest
 from PIL import Image
 
-from adapters import EditingBackend, build_backend
 from adapters.diffusers_backend import DiffusersBackend
-from guard.errors import BackendError, BackendRateLimited, BackendRejected, ConfigError
-from guard.types import GenerationCall
+from guard.core.types import GenerationCall
+from guard.plugins import EditingBackend, build_backend
+from guard.support.errors import BackendError, BackendRateLimited, BackendRejected, ConfigError
 from tests.conftest import CLIENT_KEY
 from tests.tiny_diffusers import build_tiny_sd
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from adapters.fetch import UrlPolicy, classify, image_from_b64
 from adapters.openai_compat import OpenAICompatBackend
-from guard.errors import BackendError
-from guard.types import GenerationCall
+from guard.core.types import GenerationCall
+from guard.support.errors import BackendError
 from tests.backend_servers import ImageServer, png, png_bomb
 from tests.conftest import CLIENT_KEY
 from tests.servers import serve

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from adapters import Backend, EditingBackend, build_backend
 from adapters.litellm_backend import LiteLLMBackend
-from guard.errors import (
+from guard.core.types import GenerationCall
+from guard.plugins import Backend, EditingBackend, build_backend
+from guard.support.errors import (
     BackendError,
     BackendRateLimited,
     BackendRejected,
     BackendTimeout,
     ConfigError,
 )
-from guard.types import GenerationCall
 from tests.backend_servers import ImageServer, png
 from tests.servers import free_port, serve
 

@@ -18,9 +18,9 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit import build_store
 from guard.audit.chain import link_hash
-from guard.types import Trace
+from guard.core.types import Trace
+from guard.plugins import build_store
 from tests.audit_writer import sample_trace
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
 
@@ -415,7 +415,7 @@ def test_a_database_from_before_key_ids_opens_and_verifies(audit) -> None:  # ty
 ], ids=["no-kid", "short", "twice", "both"])
 def test_bad_key_config_is_named_without_the_secret(tmp_path, monkeypatch, env, extra,  # type: ignore[no-untyped-def]
                                                     message) -> None:
-    from guard.errors import ConfigError
+    from guard.support.errors import ConfigError
 
     monkeypatch.setenv("SAFEEDIT_TEST_CHECKPOINT_KEYS", env)
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -427,7 +427,7 @@ def test_bad_key_config_is_named_without_the_secret(tmp_path, monkeypatch, env, 
 
 
 def test_anchors_need_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from guard.errors import ConfigError
+    from guard.support.errors import ConfigError
 
     with pytest.raises(ConfigError, match="anchors are signed"):
         build_store({"kind": "sqlite", "path": str(tmp_path / "a.db"),

@@ -19,9 +19,9 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit import build_store
 from guard.audit.chain import link_hash
-from guard.types import Trace
+from guard.core.types import Trace
+from guard.plugins import build_store
 from tests.audit_writer import sample_trace
 
 pytestmark = pytest.mark.slow  # ~10 s to write the log on two idle cores

@@ -23,8 +23,8 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit import TraceQuery, build_store
 from guard.audit.postgres import MIGRATIONS
+from guard.plugins import TraceQuery, build_store
 from tests.audit_writer import sample_trace
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY, OTHER_AUDITOR_KEY, write_policy
 from tests.services import PG_DSN, require_postgres

@@ -8,7 +8,7 @@ import os
 import orjson
 import pytest
 
-from guard import b64json
+from guard.support import b64json
 
 BIG = base64.b64encode(os.urandom(30_000)).decode()
 

@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from guard.config import hash_key, load_config
-from guard.errors import ConfigError
+from guard.core.config import hash_key, load_config
+from guard.support.errors import ConfigError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, test_keys
 from tests.servers import serve
 

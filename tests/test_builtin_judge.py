@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from guard.errors import ConfigError, JudgeError
-from guard.judges import Judge, build_judge
+from guard.core.policy import POLICIES_DIR, load_policy
+from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.builtin import DEFAULT_THRESHOLD_MAP, LABELS, BuiltinJudge, sexual_score
-from guard.policy import POLICIES_DIR, load_policy
-from guard.types import GeneratedImage, JudgeInput
+from guard.plugins import Judge, build_judge
+from guard.support.errors import ConfigError, JudgeError
 
 POLICY = load_policy(POLICIES_DIR / "default.yaml")
 

@@ -12,11 +12,11 @@ import openai
 import pytest
 import yaml
 
+from guard.audit.labels import Label
 from guard.audit.sqlite import SQLiteStore
 from guard.cli import main
-from guard.labels import Label
-from guard.policy import POLICIES_DIR, load_policy
-from guard.policytools.calibrate import Point, curve, wilson
+from guard.core.policy import POLICIES_DIR, load_policy
+from guard.offline.calibrate import Point, curve, wilson
 from tests.conftest import CLIENT_KEY
 
 DEFAULT = str(POLICIES_DIR / "default.yaml")
@@ -51,8 +51,8 @@ def test_wilson_interval_and_curve_by_hand() -> None:
 
 
 def test_a_precision_measured_on_few_flagged_items_decides_nothing() -> None:
-    from guard.policytools.calibrate import Target, calibrate
-    from guard.policytools.labelled import LabelledItem
+    from guard.offline.calibrate import Target, calibrate
+    from guard.offline.labelled import LabelledItem
 
     def item(score: float, unsafe: bool) -> LabelledItem:
         return LabelledItem("tr", 0, 1, "missed" if unsafe else "correct",

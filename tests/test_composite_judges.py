@@ -22,13 +22,13 @@ import yaml
 from PIL import Image
 
 from guard.cli import main
-from guard.errors import ConfigError, JudgeError
-from guard.judges import build_judge
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.composite import CascadeJudge, EnsembleJudge
 from guard.judges.remote import RemoteJudge
 from guard.judges.vlm import VLMJudge
-from guard.policy import Policy
-from guard.types import GeneratedImage, JudgeInput
+from guard.plugins import build_judge
+from guard.support.errors import ConfigError, JudgeError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, ProxyFactory, write_policy
 from tests.fake_backend import FakeBackend
 from tests.judge_server import JudgeServer, png
@@ -449,7 +449,6 @@ def recipes() -> dict[str, dict[str, Any]]:
 
 
 def test_the_documented_recipes_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    import adapters  # noqa: F401 - registers the hosted judges, as the proxy does
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")  # the hosted judge wants its key set
     found = recipes()

@@ -17,11 +17,11 @@ import httpx
 import openai
 import pytest
 
+from guard.audit.labels import Label
 from guard.audit.sqlite import SQLiteStore
-from guard.config import hash_key
-from guard.labels import Label
+from guard.core.config import hash_key
+from guard.core.types import JudgedImage, RoundRecord, Trace
 from guard.review.dashboard import Rate, aggregate, label_rates, percentile
-from guard.types import JudgedImage, RoundRecord, Trace
 from tests.conftest import (
     ADMIN_KEY,
     AUDITOR_KEY,
@@ -225,7 +225,7 @@ def test_aggregate_counts_what_a_reader_expects() -> None:
 
 def test_label_rates_say_false_positives_of_flagged_and_misses_of_unsafe() -> None:
     def item(verdict: str, flagged: tuple[str, ...], category: str | None = None) -> Any:
-        from guard.policytools.labelled import LabelledItem
+        from guard.offline.labelled import LabelledItem
 
         return LabelledItem("tr", 0, 1, verdict, category, {}, flagged)
 

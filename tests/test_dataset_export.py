@@ -13,9 +13,9 @@ import httpx
 import pytest
 import yaml
 
-from guard.audit import build_store
+from guard.audit.labels import Label, LabelStore
 from guard.cli import main
-from guard.labels import Label, LabelStore
+from guard.plugins import build_store
 from tests.conftest import CLIENT_KEY, E2E_POLICY, write_policy
 from tests.fake_backend import png
 

@@ -34,10 +34,10 @@ from kubernetes.client import ApiClient
 from starlette.routing import Route
 
 from guard.cli import build_parser
-from guard.config import Config, hash_key, load_config
+from guard.core.config import Config, hash_key, load_config
+from guard.core.policy import POLICIES_DIR
+from guard.core.policy.loader import load, read_files
 from guard.judges.remote import RemoteOptions
-from guard.policy import POLICIES_DIR
-from guard.policytools.loader import load, read_files
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY
 from tests.servers import serve
 from tests.services import PG_DSN, REDIS_URL, require_postgres, require_redis
@@ -52,7 +52,7 @@ DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 PROXIES = ("proxy-a", "proxy-b")
 
-# Served by the proxy whatever the Host (guard.hosts.UNCHECKED_PATHS): what probes may use.
+# Served by the proxy whatever the Host (guard.http.middleware.hosts.UNCHECKED_PATHS): what probes may use.
 PROBE_PATHS = {"/healthz", "/readyz"}
 
 

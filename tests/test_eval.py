@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from guard.cli import main
-from guard.evaluate import evaluate, read_prompts
+from guard.core.policy import POLICIES_DIR, load_policy
 from guard.judges.builtin import BuiltinJudge
-from guard.policy import POLICIES_DIR, load_policy
+from guard.offline.evaluate import evaluate, read_prompts
 
 ROWS = [
     ("a cat sleeping on a sofa", "sexual"),
@@ -166,8 +166,8 @@ def test_eval_against_labels_in_the_audit_store(e2e, tmp_path, capsys) -> None: 
 
     import openai
 
+    from guard.audit.labels import Label
     from guard.audit.sqlite import SQLiteStore
-    from guard.labels import Label
     from tests.conftest import CLIENT_KEY
 
     base, backend = e2e

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from guard.config import Config, KeyConfig, LimitsConfig, ServerConfig, load_config
+from guard.core.config import Config, KeyConfig, LimitsConfig, ServerConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "config.yaml"
 

@@ -13,15 +13,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from guard.audit import build_store
+from guard.audit.labels import Label
 from guard.cli import main
-from guard.dataset import ExportFilter, Pseudonyms, export_dataset, read_records
-from guard.finetune import Target, answer_text, target_of
-from guard.judges import build_judge
+from guard.core.policy import Policy, load_policy
+from guard.core.types import GeneratedImage, JudgedImage, JudgeInput, RoundRecord, Trace
 from guard.judges.vlm import VLMJudge
-from guard.labels import Label
-from guard.policy import Policy, load_policy
-from guard.types import GeneratedImage, JudgedImage, JudgeInput, RoundRecord, Trace
+from guard.offline.dataset import ExportFilter, Pseudonyms, export_dataset, read_records
+from guard.offline.finetune import Target, answer_text, target_of
+from guard.plugins import build_judge, build_store
 
 POLICY = """\
 id: ft

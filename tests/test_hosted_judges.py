@@ -33,13 +33,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import adapters  # noqa: F401 - registers the hosted kinds, as the proxy does
 from adapters.moderation.azure_content_safety import severity_score
 from adapters.moderation.base import Reading, to_policy
-from guard.errors import ConfigError, JudgeError
-from guard.judges import build_judge
-from guard.policy import Policy
-from guard.types import GeneratedImage, JudgeInput
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, JudgeInput
+from guard.plugins import build_judge
+from guard.support.errors import ConfigError, JudgeError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
 from tests.servers import serve
 

@@ -13,10 +13,10 @@ import httpx
 import openai
 import pytest
 
-from guard.audit import build_store
 from guard.audit.postgres import PostgresStore
-from guard.config import hash_key
-from guard.errors import ConfigError
+from guard.core.config import hash_key
+from guard.plugins import build_store
+from guard.support.errors import ConfigError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
 from tests.fake_backend import png
 from tests.test_audit_postgres import pg, pg_dsn  # noqa: F401 - fixtures: a fresh schema

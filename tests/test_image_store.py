@@ -22,12 +22,12 @@ import httpx
 import pytest
 
 from adapters.imagestore_s3 import S3ImageStore
-from guard.errors import ConfigError, GuardError, RequestError
-from guard.images import ImageLinks
-from guard.imagestore import ImageStore, build_image_store, resolve_options
+from guard.core.types import GeneratedImage
 from guard.imagestore.local import LocalImageStore
 from guard.imagestore.postgres import CHUNK_BYTES, PostgresImageStore
-from guard.types import GeneratedImage
+from guard.pipeline.links import ImageLinks
+from guard.plugins import ImageStore, build_image_store, resolve_image_store
+from guard.support.errors import ConfigError, GuardError, RequestError
 from tests.conftest import CLIENT_KEY, ProxyFactory
 from tests.fake_backend import png
 from tests.services import require_postgres
@@ -296,7 +296,7 @@ async def test_minting_links_purges_expired_copies_in_the_background(stores: Fac
 def test_the_image_store_follows_the_audit_store(section: dict[str, Any] | None,
                                                   audit: dict[str, Any],
                                                   expected: dict[str, Any]) -> None:
-    assert resolve_options(section, audit) == expected
+    assert resolve_image_store(section, audit) == expected
 
 
 def test_unknown_options_are_config_errors() -> None:
@@ -307,7 +307,7 @@ def test_unknown_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="dsn"):
         build_image_store({"kind": "postgres"})
     with pytest.raises(ConfigError, match="keep one"):
-        resolve_options({"kind": "local", "path": "/a"}, {"kind": "sqlite", "images_dir": "/b"})
+        resolve_image_store({"kind": "local", "path": "/a"}, {"kind": "sqlite", "images_dir": "/b"})
 
 
 # --- the S3 kind's own behaviour -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""guard.inputs.validate_image: the one check for uploaded images and backends' images."""
+"""guard.support.inputs.validate_image: the one check for uploaded images and backends' images."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from adapters.fetch import UrlPolicy, image_from_b64
-from guard.errors import BackendError, RequestError
-from guard.inputs import MAX_PIXELS, validate_image
+from guard.support.errors import BackendError, RequestError
+from guard.support.inputs import MAX_PIXELS, validate_image
 from tests.backend_servers import png, png_bomb
 
 LIMIT = 50_000_000

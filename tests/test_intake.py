@@ -1,4 +1,4 @@
-"""guard.intake through the real proxy: a client that hangs up mid-body, fields validated by a
+"""guard.http.intake through the real proxy: a client that hangs up mid-body, fields validated by a
 full match, and a mask that must fit its image."""
 
 from __future__ import annotations

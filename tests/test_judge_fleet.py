@@ -15,8 +15,8 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from guard.judges import build_judge
 from guard.judges.remote import RemoteJudge
+from guard.plugins import build_judge
 from tests.conftest import CLIENT_KEY, write_policy
 from tests.judge_server import KEY, POLICY, JudgeServer, png
 from tests.servers import free_port, serve

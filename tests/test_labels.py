@@ -19,8 +19,8 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit import build_store
-from guard.labels import Label, LabelStore, QueueQuery, sample_point
+from guard.audit.labels import Label, LabelStore, QueueQuery, sample_point
+from guard.plugins import build_store
 from tests.audit_writer import sample_trace
 from tests.conftest import (
     ADMIN_KEY,

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from guard.config import load_config
-from guard.ratelimit import MemoryLimiter
+from guard.core.config import load_config
 from guard.review import LOGIN_FAILURES, LOGIN_WINDOW_S
+from guard.support.ratelimit import MemoryLimiter
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY
 from tests.conftest import test_keys as configured_keys
 from tests.servers import serve

@@ -24,12 +24,12 @@ import openai
 import pytest
 from PIL import Image
 
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.profiles import Message, get_profile
 from guard.judges.profiles.llavaguard import parse_llavaguard
 from guard.judges.profiles.shieldgemma2 import ShieldGemma2Profile
 from guard.judges.vlm import VLMJudge
-from guard.policy import Policy
-from guard.types import GeneratedImage, JudgeInput
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
 
 CATS = ("sexual", "violence", "minors")

@@ -28,8 +28,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from guard.config import load_config
-from guard.openapi import ERROR_SCHEMA, OPERATIONS
+from guard.core.config import load_config
+from guard.http.openapi import ERROR_SCHEMA, OPERATIONS
 from tests.conftest import ADMIN_KEY, AUDITOR_KEY, CLIENT_KEY, test_keys
 from tests.fake_backend import png
 from tests.servers import serve

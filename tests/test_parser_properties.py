@@ -1,5 +1,5 @@
 """Property tests of the two parsers that read untrusted text fast: the base64-lifting JSON parser
-(guard.b64json, backend answers) and the builtin judge's term matcher (guard.judges.terms,
+(guard.support.b64json, backend answers) and the builtin judge's term matcher (guard.core.terms,
 prompts). Generated inputs; each example that once found a bug is kept as an `@example`."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from guard import b64json
-from guard.judges.terms import refine_prompt, score_prompt
-from guard.policy import POLICIES_DIR, load_policy
+from guard.core.policy import POLICIES_DIR, load_policy
+from guard.core.refiner import refine_prompt
+from guard.core.terms import score_prompt
+from guard.support import b64json
 
 # --- b64json: what `loads` gives is what `orjson.loads` gives ------------------------------------
 

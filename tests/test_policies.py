@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from guard.cli import main
-from guard.errors import ConfigError
-from guard.judges.terms import matcher_for
-from guard.policy import POLICIES_DIR, PolicySet, load_policy
+from guard.core.policy import POLICIES_DIR, PolicySet, load_policy
+from guard.core.terms import matcher_for
+from guard.support.errors import ConfigError
 
 RANK = {"allow": 0, "edit": 1, "refuse": 2}
 SHIPPED = ("default", "strict", "permissive")

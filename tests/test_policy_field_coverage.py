@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from guard.policy import Category, Policy, TermSet
-from guard.policytools.explain import diff, explain
+from guard.core.policy import Category, Policy, TermSet
+from guard.offline.explain import diff, explain
 
 BASE: dict[str, Any] = {
     "id": "base", "version": 1, "description": "a policy",

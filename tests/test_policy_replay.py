@@ -15,10 +15,10 @@ import yaml
 
 from guard.audit.sqlite import SQLiteStore
 from guard.cli import main
-from guard.policy import Policy
-from guard.policytools.loader import load_file
-from guard.policytools.replay import redecide
-from guard.types import JudgedImage, RoundRecord, SlotResult, Trace, TraceError
+from guard.core.policy import Policy
+from guard.core.policy.loader import load_file
+from guard.core.types import JudgedImage, RoundRecord, SlotResult, Trace, TraceError
+from guard.offline.replay import redecide
 from tests.conftest import CLIENT_KEY
 
 HOUSE = """\

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from guard.config import hash_key
-from guard.policytools.loader import load_file
+from guard.core.config import hash_key
+from guard.core.policy.loader import load_file
 from tests.conftest import ADMIN_KEY, write_policy
 
 HOUSE = """\

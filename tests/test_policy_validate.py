@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from guard.cli import main
-from guard.errors import ConfigError
-from guard.policy import POLICIES_DIR, PolicySet
-from guard.policytools.schema import (
+from guard.core.policy import POLICIES_DIR, PolicySet
+from guard.core.policy.schema import (
     SCHEMA_PATH,
     file_schema,
     render_file_schema,
     undescribed_fields,
 )
+from guard.support.errors import ConfigError
 
 BASE = """\
 id: base

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from guard.errors import ConfigError
-from guard.judges import build_judge
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, HistoryEntry, JudgeInput
 from guard.judges.profiles import (
     IPR_SYSTEM,
     SAFE,
@@ -28,12 +28,11 @@ from guard.judges.profiles import (
     parse_llavaguard,
     parse_safeeditor,
     parse_shieldgemma2,
-    profiles,
     unsafe_everywhere,
 )
 from guard.judges.vlm import VLMJudge
-from guard.policy import Policy
-from guard.types import GeneratedImage, HistoryEntry, JudgeInput
+from guard.plugins import build_judge, profiles
+from guard.support.errors import ConfigError
 from tests.servers import serve
 
 POLICY = Policy.model_validate({

@@ -1,4 +1,4 @@
-"""Limits per key and per tenant (guard/quotas.py), through the real openai SDK against the proxy.
+"""Limits per key and per tenant (guard/pipeline/quotas.py), through the real openai SDK against the proxy.
 
 The behaviour tests run twice: with the counts in the proxy's process and in the real Redis at
 127.0.0.1:6379. Replicas sharing Redis are two apps on uvicorn in this process, each with its
@@ -29,8 +29,8 @@ import yaml
 from starlette.requests import Request
 from starlette.responses import Response
 
-from guard.config import Limits, hash_key
-from guard.quotas import Bucket, MemoryQuotas, Refused, duration
+from guard.core.config import Limits, hash_key
+from guard.pipeline.quotas import Bucket, MemoryQuotas, Refused, duration
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, ProxyFactory, test_keys
 from tests.fake_backend import FakeBackend
 from tests.servers import free_port, serve

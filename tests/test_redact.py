@@ -1,10 +1,10 @@
-"""guard.redact: credentials out of a server's untrusted text, pinned by literal cases."""
+"""guard.support.redact: credentials out of a server's untrusted text, pinned by literal cases."""
 
 from __future__ import annotations
 
 import pytest
 
-from guard.redact import MAX_CHARS, identifier, redact
+from guard.support.redact import MAX_CHARS, identifier, redact
 
 SECRET = "op-key/with+odd=chars"
 

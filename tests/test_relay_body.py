@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from guard import b64json
+from guard.support import b64json
 from tests.conftest import CLIENT_KEY
 from tests.servers import serve
 

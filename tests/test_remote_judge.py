@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from guard.errors import ConfigError, JudgeError
-from guard.judges import build_judge
+from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.remote import RemoteJudge
-from guard.types import GeneratedImage, JudgeInput
+from guard.plugins import build_judge
+from guard.support.errors import ConfigError, JudgeError
 from tests.judge_server import KEY, POLICY, JudgeServer, png
 from tests.servers import free_port
 

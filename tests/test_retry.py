@@ -1,4 +1,4 @@
-"""guard.retry: the one retry policy of the backends and the remote judge."""
+"""guard.support.retry: the one retry policy of the backends and the remote judge."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from guard.errors import (
+from guard.support.errors import (
     BackendError,
     BackendRateLimited,
     BackendRejected,
@@ -17,7 +17,7 @@ from guard.errors import (
     JudgeError,
     PolicyViolation,
 )
-from guard.retry import Retrying, RetryPolicy, backend_retryable, retry_after_s
+from guard.support.retry import Retrying, RetryPolicy, backend_retryable, retry_after_s
 
 NOW = 1_750_000_000.0
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from guard.labels import sample_point
+from guard.audit.labels import sample_point
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY, OTHER_AUDITOR_KEY, write_policy
 from tests.test_review_page import POLICY, browser, screenshot, sign_in  # noqa: F401
 

@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from guard.policy import POLICIES_DIR
+from guard.core.policy import POLICIES_DIR
 from tests.fake_backend import FakeBackend
 from tests.servers import free_port, serve
 

@@ -1,4 +1,4 @@
-"""One request's life (guard/serving.py) through the proxy: JSON and streams alike, failures
+"""One request's life (guard/pipeline/exchange.py) through the proxy: JSON and streams alike, failures
 in OpenAI's shape with their trace, one request span, auth in one place."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import openai
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from guard.config import hash_key, load_config
-from guard.errors import ConfigError
+from guard.core.config import hash_key, load_config
+from guard.support.errors import ConfigError
 from tests.conftest import ADMIN_KEY, AUDITOR_KEY, CLIENT_KEY, E2E_POLICY, write_policy
 from tests.test_proxy import generate, sdk, trace
 

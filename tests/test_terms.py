@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from guard.errors import ConfigError
-from guard.judges.terms import PAIR, WEAK, matcher_for, refine_prompt, score_prompt
-from guard.judges.words import inflections
-from guard.policy import POLICIES_DIR, Policy, load_policy
+from guard.core.policy import POLICIES_DIR, Policy, load_policy
+from guard.core.refiner import refine_prompt
+from guard.core.terms import PAIR, WEAK, matcher_for, score_prompt
+from guard.core.words import inflections
+from guard.support.errors import ConfigError
 
 DEFAULT = load_policy(POLICIES_DIR / "default.yaml")
 

@@ -1,4 +1,4 @@
-"""guard.timewindow.parse_since: the one reading of `since`/`until` values, literal cases."""
+"""guard.support.timewindow.parse_since: the one reading of `since`/`until` values, literal cases."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from guard.errors import RequestError
-from guard.timewindow import parse_since, time_option
+from guard.support.errors import RequestError
+from guard.support.timewindow import parse_since, time_option
 
 NOW = 1_750_000_000.0
 JUNE_1 = 1_748_736_000.0  # 2025-06-01T00:00:00Z

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from guard.config import load_config
-from guard.errors import ConfigError
-from guard.hosts import TrustedHosts
+from guard.core.config import load_config
+from guard.support.errors import ConfigError
+from guard.support.hosts import TrustedHosts
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from guard.errors import ConfigError, JudgeError
-from guard.judges import build_judge
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, HistoryEntry, JudgeInput
 from guard.judges.profiles import SafeEditorProfile
 from guard.judges.vlm import VLMJudge
 from guard.judges.vlm.generation import BanFirst
-from guard.policy import Policy
-from guard.types import GeneratedImage, HistoryEntry, JudgeInput
+from guard.plugins import build_judge
+from guard.support.errors import ConfigError, JudgeError
 from tests.tiny_vlm import build_tiny_lora, tie_answer_tokens
 
 CATS = ("sexual", "violence", "minors")

@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from guard.policy import POLICIES_DIR, load_policy
+from guard.core.policy import POLICIES_DIR, load_policy
 from tests.test_serve_cli import ROOT, safeedit_serve
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_code_and_the_policies_come_from_the_wheel(bin_dir: Path, tmp_path: Path) -> None:
     out = run(bin_dir / "python", "-c",
-              "import adapters, guard, proxy; from guard.policy import POLICIES_DIR;"
+              "import adapters, guard, proxy; from guard.core.policy import POLICIES_DIR;"
               "print(guard.__file__, adapters.__file__, proxy.__file__, POLICIES_DIR)",
               cwd=tmp_path)
     paths = [Path(p) for p in out.split()]

@@ -7,7 +7,7 @@
       secret_access_key_env: AWS_SECRET_ACCESS_KEY
 
 Each image is one DetectModerationLabels call through boto3 (`Image.Bytes`, `MinConfidence`),
-run in a worker thread, with boto3's own retries off so that guard.retry is the only policy
+run in a worker thread, with boto3's own retries off so that guard.support.retry is the only policy
 (throttling and 5xx are retried). The answer's `ModerationLabels` (`Name`, `ParentName`,
 `Confidence` in percent, `TaxonomyLevel` 1-3) are mapped through the label taxonomy: a label
 maps by its own name or, when that is not in the map, by its nearest ancestor's (`ParentName`),
@@ -50,9 +50,9 @@ from adapters.moderation.base import (
     parse_options,
     secret,
 )
-from guard.errors import ConfigError, JudgeError
-from guard.redact import identifier, redact_logs
-from guard.types import JudgeInput
+from guard.core.types import JudgeInput
+from guard.support.errors import ConfigError, JudgeError
+from guard.support.redact import identifier, redact_logs
 
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     # taxonomy version 7

@@ -33,7 +33,7 @@ from adapters.moderation.base import (
     parse_options,
     secret,
 )
-from guard.types import JudgeInput
+from guard.core.types import JudgeInput
 
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "Hate": ("hate",),

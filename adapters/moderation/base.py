@@ -23,7 +23,7 @@ it scores:
                       the prompt, not the image) still counts as that category's score.
 
 Failures are JudgeError (503 unless the policy allows unjudged images); a timeout, a connection
-failure, 408, 409, 425, 429 (its Retry-After honoured) and 5xx are retried under guard.retry,
+failure, 408, 409, 425, 429 (its Retry-After honoured) and 5xx are retried under guard.support.retry,
 other 4xx fail at once. What a service answers on failure is kept only as the error's redacted
 `detail`; the key is never in an error, a trace or a log line.
 """
@@ -45,11 +45,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field, ValidationError
 
 from adapters.options import Options
-from guard.errors import ConfigError, JudgeError
-from guard.policy import Policy
-from guard.redact import redact
-from guard.retry import Retrying, RetryPolicy
-from guard.types import GeneratedImage, JudgeInput, Verdict
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, JudgeInput, Verdict
+from guard.support.errors import ConfigError, JudgeError
+from guard.support.redact import redact
+from guard.support.retry import Retrying, RetryPolicy
 
 CategoryMap = Mapping[str, tuple[str, ...]]
 UNASSESSED_SCORE = 1.0

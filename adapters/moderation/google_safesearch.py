@@ -36,8 +36,8 @@ from adapters.moderation.base import (
     parse_options,
     secret,
 )
-from guard.errors import JudgeError
-from guard.types import JudgeInput
+from guard.core.types import JudgeInput
+from guard.support.errors import JudgeError
 
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "adult": ("sexual",),

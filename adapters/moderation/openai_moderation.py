@@ -30,7 +30,7 @@ from adapters.moderation.base import (
     secret,
     unit,
 )
-from guard.types import JudgeInput
+from guard.core.types import JudgeInput
 
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "harassment": ("harassment",),

@@ -35,8 +35,8 @@ from typing import Any, Protocol
 import orjson
 
 from guard.audit.chain import Signer
-from guard.errors import ConfigError
-from guard.pg import dsn_from, plain_schema
+from guard.support.errors import ConfigError
+from guard.support.pg import dsn_from, plain_schema
 
 log = logging.getLogger("safeedit.audit.anchor")
 DEFAULT_ANCHOR_PATH = "var/audit.anchors"

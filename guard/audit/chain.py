@@ -41,7 +41,7 @@ Anchors (guard.audit.anchor)
 `verify(store, signer, anchors=...)` walks the chain once, in batches (memory stays flat), and
 reports every problem it finds, resynchronising after each; `report.first` is the earliest one.
 
-Labels (guard.labels)
+Labels (guard.audit.labels)
     Auditors' labels are a second chain in the same store, built the same way: their own rows
     (`labels`), chain head, checkpoints (`label_checkpoints`) and anchors, in a sink beside the
     traces' (`label_anchor_options`). `verify(..., noun="label", columns=label_columns)` walks it;

@@ -22,8 +22,8 @@ from typing import Any
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import DEFAULT_CHECKPOINT_EVERY, Signer
 from guard.audit.images import RetainedImages
-from guard.errors import ConfigError, RequestError
-from guard.imagestore import ImageStore
+from guard.plugins import ImageStore
+from guard.support.errors import ConfigError, RequestError
 
 
 @dataclass(frozen=True, slots=True)

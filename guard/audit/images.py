@@ -22,14 +22,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from guard.errors import ConfigError
-from guard.imagestore import (
-    ImageStore,
-    PurgeResult,
-    build_image_store,
-    resolve_options,
-)
-from guard.types import Trace
+from guard.core.types import Trace
+from guard.plugins import ImageStore, PurgeResult, build_image_store, resolve_image_store
+from guard.support.errors import ConfigError
 
 DEFAULT_TTL_DAYS = 30.0
 _UNSET: Any = object()
@@ -55,7 +50,7 @@ class RetainedImages:
         if images_dir is None:
             return None
         if store is None:
-            return cls(build_image_store(resolve_options(None, audit)), ttl, owns_store=True)
+            return cls(build_image_store(resolve_image_store(None, audit)), ttl, owns_store=True)
         return cls(store, ttl)
 
     @staticmethod

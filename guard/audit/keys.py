@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from guard.errors import ConfigError
+from guard.support.errors import ConfigError
 
 MIN_KEY_BYTES = 16
 

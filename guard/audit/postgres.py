@@ -7,7 +7,7 @@ at start under a transaction-scoped advisory lock, so replicas starting together
 One chain per store, however many processes write: every append locks the single `chain_head`
 row (`SELECT ... FOR UPDATE`), takes its seq and hash, inserts the trace as seq + 1 and moves the
 head, all in one transaction. Writers queue on that row lock and the seq has no gaps; the lock is
-held only for the insert (bodies are serialised before it is taken). Labels (guard.labels) are a
+held only for the insert (bodies are serialised before it is taken). Labels (guard.audit.labels) are a
 second chain, appended the same way (`labels`, `label_chain_head`, `label_checkpoints`).
 
 Audit options (`audit:` in the operators' config, `kind: postgres`):
@@ -33,7 +33,6 @@ from typing import Any
 import asyncpg
 import orjson
 
-from guard.audit import TracePage, TraceQuery
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -49,10 +48,7 @@ from guard.audit.chain import (
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
-from guard.audit.twochain import TwoChainStore
-from guard.errors import ConfigError, NotFound
-from guard.imagestore import ImageStore
-from guard.labels import (
+from guard.audit.labels import (
     LABEL_TABLES,
     QUEUE_ORDER,
     UNLABELLED,
@@ -65,8 +61,11 @@ from guard.labels import (
     label_query,
     label_row,
 )
-from guard.pg import LazyPool, dsn_from
-from guard.types import Trace
+from guard.audit.twochain import TwoChainStore
+from guard.core.types import Trace
+from guard.plugins import ImageStore, TracePage, TraceQuery
+from guard.support.errors import ConfigError, NotFound
+from guard.support.pg import LazyPool, dsn_from
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "traces, chain head, checkpoints", """
@@ -147,7 +146,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 _COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
             " policy_version, model, body, prev_hash, hash")
 _CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
-# The queue's sample point of a trace id, as guard.labels.sample_point computes it.
+# The queue's sample point of a trace id, as guard.audit.labels.sample_point computes it.
 _SAMPLE_POINT = "('x' || substr(md5(id), 1, 8))::bit(32)::bigint / 4294967296.0"
 
 
@@ -283,7 +282,7 @@ class PostgresStore(TwoChainStore):
         items = [_load(r).summary() for r in rows]
         return TracePage(items, encode_cursor(rows[-1]["seq"]) if more and rows else None)
 
-    # --- labels (guard.labels.LabelStore) -------------------------------------------------------
+    # --- labels (guard.audit.labels.LabelStore) -------------------------------------------------------
 
     async def add_label(self, label: Label) -> Label:
         trace = await self.get(label.trace_id)
@@ -424,7 +423,7 @@ def _where(q: TraceQuery) -> tuple[list[str], list[Any]]:
 
 
 async def _migrate(conn: asyncpg.Connection) -> None:
-    """The schema's migrations not yet applied, in order (guard.pg.LazyPool holds the lock)."""
+    """The schema's migrations not yet applied, in order (guard.support.pg.LazyPool holds the lock)."""
     await conn.execute("CREATE TABLE IF NOT EXISTS safeedit_migrations ("
                        " version integer PRIMARY KEY, name text NOT NULL,"
                        " applied_at timestamptz NOT NULL DEFAULT now())")

@@ -2,7 +2,7 @@
 
 One parser for both, so both accept the same values: times as a unix timestamp, an ISO date or
 datetime, or a window back from now (`90m`, `12h`, `7d`, `2w`); an auditor is always limited to
-their own tenant (guard.auth.tenant_scope).
+their own tenant (guard.core.auth.tenant_scope).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from guard.audit import TraceQuery
 from guard.audit.common import decode_cursor
-from guard.auth import Principal, tenant_scope
-from guard.errors import RequestError
-from guard.timewindow import parse_since
+from guard.core.auth import Principal, tenant_scope
+from guard.plugins import TraceQuery
+from guard.support.errors import RequestError
+from guard.support.timewindow import parse_since
 
 TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
 FILTERS = frozenset({*TEXT_FILTERS, "since", "until", "policy_version", "limit", "cursor"})

@@ -3,7 +3,7 @@
 Each write is its own committed transaction, taken with BEGIN IMMEDIATE so that the chain head is
 read and the new row appended under one write lock, also across processes sharing the file: the
 chain never forks. WAL keeps a committed trace across a killed process. Schema changes are
-numbered migrations recorded in `PRAGMA user_version`. Labels (guard.labels) are a second chain
+numbered migrations recorded in `PRAGMA user_version`. Labels (guard.audit.labels) are a second chain
 in the same file, appended the same way (`labels`, `label_chain_head`, `label_checkpoints`).
 
 Audit options (`audit:` in the operators' config, `kind: sqlite`):
@@ -25,7 +25,6 @@ from typing import Any
 
 import orjson
 
-from guard.audit import TracePage, TraceQuery
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -41,10 +40,7 @@ from guard.audit.chain import (
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor
 from guard.audit.images import RetainedImages
-from guard.audit.twochain import TwoChainStore
-from guard.errors import ConfigError, NotFound
-from guard.imagestore import ImageStore
-from guard.labels import (
+from guard.audit.labels import (
     LABEL_TABLES,
     QUEUE_ORDER,
     UNLABELLED,
@@ -58,7 +54,10 @@ from guard.labels import (
     label_row,
     sample_point,
 )
-from guard.types import Trace
+from guard.audit.twochain import TwoChainStore
+from guard.core.types import Trace
+from guard.plugins import ImageStore, TracePage, TraceQuery
+from guard.support.errors import ConfigError, NotFound
 
 __all__ = ["SQLiteStore", "encode_cursor", "decode_cursor"]
 
@@ -316,7 +315,7 @@ class SQLiteStore(TwoChainStore):
     async def query(self, q: TraceQuery) -> TracePage:
         return await asyncio.to_thread(self._query, q)
 
-    # --- labels (guard.labels.LabelStore) -------------------------------------------------------
+    # --- labels (guard.audit.labels.LabelStore) -------------------------------------------------------
 
     async def add_label(self, label: Label) -> Label:
         trace = await self.get(label.trace_id)

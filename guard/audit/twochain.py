@@ -20,7 +20,7 @@ from guard.audit.chain import (
     VerifyReport,
     verify,
 )
-from guard.labels import label_columns
+from guard.audit.labels import label_columns
 
 
 class TwoChainStore(ABC):

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - a CLI prints a clear line, not a traceback
-        from guard.errors import GuardError
+        from guard.support.errors import GuardError
 
         if isinstance(exc, GuardError):
             print(f"safeedit: error: {exc.message}", file=sys.stderr)

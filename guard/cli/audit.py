@@ -6,7 +6,7 @@ SQLite at var/audit.db).
     verify   walk the hash chain, the signed checkpoints and the anchors kept outside the store;
              name the first trace that was changed, removed or reordered, a missing or forged
              checkpoint, an anchored trace that is gone or different; then the same for the
-             auditors' labels (their own chain, guard.labels). Exit status 0 intact,
+             auditors' labels (their own chain, guard.audit.labels). Exit status 0 intact,
              1 tampered, 2 error.
     export   stream traces as JSON Lines or CSV (stdout or --output), never all in memory.
     purge    delete images past their TTL from the image store (retained images and image
@@ -25,9 +25,9 @@ from typing import Any, BinaryIO
 import orjson
 
 from guard.audit import ChainedStore, ImageKeepingStore
-from guard.errors import ConfigError
-from guard.labels import LabelStore
-from guard.timewindow import time_option
+from guard.audit.labels import LabelStore
+from guard.support.errors import ConfigError
+from guard.support.timewindow import time_option
 
 
 def register(sub: Any) -> None:
@@ -68,8 +68,8 @@ def register(sub: Any) -> None:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from guard.audit import build_store
-    from guard.config import load_config
+    from guard.core.config import load_config
+    from guard.plugins import build_store
 
     return build_store(load_config(args.config).audit)
 
@@ -172,14 +172,13 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_purge(args: argparse.Namespace) -> int:
-    from guard.audit import build_store
-    from guard.config import load_config
-    from guard.imagestore import build_image_store, resolve_options
+    from guard.core.config import load_config
+    from guard.plugins import build_image_store, build_store, resolve_image_store
 
     config = load_config(args.config)
 
     async def go() -> tuple[Any, Any]:
-        shared = build_image_store(resolve_options(config.image_store, config.audit))
+        shared = build_image_store(resolve_image_store(config.image_store, config.audit))
         store = build_store(config.audit, shared)
         try:
             retained = store.images if isinstance(store, ImageKeepingStore) else None

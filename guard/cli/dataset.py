@@ -6,9 +6,9 @@ LoRA fine-tune of the `vlm` judge on it.
     safeedit judge finetune --dataset DIR --model M [--adapter-out A] [--profile ipr|safeeditor]
 
 The export reads the audit store of the operators' config (`--config`, else the embedded
-default), writes the layout described in guard.dataset (JSON Lines, an image folder, a dataset
+default), writes the layout described in guard.offline.dataset (JSON Lines, an image folder, a dataset
 card), and says how many images it refused and why (not retained by the policy, or no longer
-kept). The fine-tune is described in guard.finetune and docs/finetune.md.
+kept). The fine-tune is described in guard.offline.finetune and docs/finetune.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from guard.timewindow import time_option
+from guard.support.timewindow import time_option
 
 
 def register(sub: Any) -> None:
@@ -46,10 +46,9 @@ def register(sub: Any) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from guard.audit import build_store
-    from guard.config import load_config
-    from guard.dataset import KEY_ENV, ExportFilter, Pseudonyms, export_dataset
-    from guard.imagestore import build_image_store, resolve_options
+    from guard.core.config import load_config
+    from guard.offline.dataset import KEY_ENV, ExportFilter, Pseudonyms, export_dataset
+    from guard.plugins import build_image_store, build_store, resolve_image_store
 
     policy_id, version = ExportFilter.policy_spec(args.policy)
     flt = ExportFilter(since=args.since, until=args.until, tenant=args.tenant,
@@ -58,7 +57,7 @@ def run_export(args: argparse.Namespace) -> int:
     config = load_config(args.config)
 
     async def go() -> Any:
-        shared = build_image_store(resolve_options(config.image_store, config.audit))
+        shared = build_image_store(resolve_image_store(config.image_store, config.audit))
         store = build_store(config.audit, shared)
         try:
             return await export_dataset(store, args.out, flt,
@@ -74,7 +73,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def register_finetune(actions: Any) -> None:
     """`safeedit judge finetune` (registered by guard.cli.judge)."""
-    from guard.finetune import FinetuneOptions
+    from guard.offline.finetune import FinetuneOptions
 
     d = FinetuneOptions.model_fields
     p = actions.add_parser(
@@ -108,12 +107,12 @@ def register_finetune(actions: Any) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from guard.cli.judge import pick_policy
-    from guard.finetune import FinetuneOptions, finetune
-    from guard.policy import PolicySet, policy_sources
+    from guard.core.policy import PolicySet, policy_sources
+    from guard.offline.finetune import FinetuneOptions, finetune
 
     paths: list[str] = []
     if args.config is not None:
-        from guard.config import load_config
+        from guard.core.config import load_config
 
         paths = list(load_config(args.config).policy_paths)
     if args.policy is not None:

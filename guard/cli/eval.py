@@ -9,7 +9,7 @@ category. Without --config the builtin judge scores the prompts; with it, the co
 With a `cascade` judge the summary counts the prompts each stage decided.
 
 With --labels, the labelled traces are the ground truth: `store` (the labels kept in the audit
-store of --config) or a labels CSV (guard.policytools.labelled: trace_id, slot, round, verdict,
+store of --config) or a labels CSV (guard.offline.labelled: trace_id, slot, round, verdict,
 category, and a `prompt` column, or lookups in the audit store). Each labelled item is judged
 again (an image with its retained copy; images not retained are skipped) and the summary adds
 the precision and recall per category against the labels.
@@ -25,11 +25,11 @@ from typing import Any
 
 import orjson
 
-from guard.errors import ConfigError
-from guard.evaluate import EvalResult, evaluate, read_prompts
-from guard.judges import Judge, build_judge
-from guard.lifecycle import Startable
-from guard.policy import POLICIES_DIR, Policy, load_policy
+from guard.core.policy import POLICIES_DIR, Policy, load_policy
+from guard.offline.evaluate import EvalResult, evaluate, read_prompts
+from guard.plugins import Judge, build_judge
+from guard.support.errors import ConfigError
+from guard.support.lifecycle import Startable
 
 
 def register(sub: Any) -> None:
@@ -63,7 +63,7 @@ def _judge(config: Path | None) -> Judge:
         from guard.judges.builtin import BuiltinJudge
 
         return BuiltinJudge(nudenet=False)  # prompts only: no image detector to load
-    from guard.config import load_config
+    from guard.core.config import load_config
 
     return build_judge(load_config(config).judge)
 
@@ -92,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
 async def _labelled(policy: Policy, args: argparse.Namespace) -> tuple[list[Any], dict[str, int]]:
     """Rows from the labelled items of --labels, and the items skipped by reason."""
-    from guard.audit import ImageKeepingStore, build_store
-    from guard.config import load_config
-    from guard.evaluate import labelled_rows
-    from guard.policytools.labelled import read_labels_csv, resolve, store_labels
+    from guard.audit import ImageKeepingStore
+    from guard.core.config import load_config
+    from guard.offline.evaluate import labelled_rows
+    from guard.offline.labelled import read_labels_csv, resolve, store_labels
+    from guard.plugins import build_store
 
     from_store = args.labels == "store"
     labels: list[Any] = [] if from_store else read_labels_csv(args.labels)

@@ -13,7 +13,7 @@ judge (`ensemble`, `cascade`) works the same; a cascade's deciding stage is prin
 an ensemble's members under `details.members`.
 
 `safeedit judge finetune --dataset DIR --model M` trains a LoRA adapter for the `vlm` judge on a
-dataset from `safeedit dataset export` (guard.finetune, docs/finetune.md).
+dataset from `safeedit dataset export` (guard.offline.finetune, docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import Any
 import orjson
 import yaml
 
-from guard.errors import ConfigError
-from guard.judges import build_judge
-from guard.lifecycle import Startable
-from guard.policy import Policy, PolicySet, load_policy, policy_sources
-from guard.types import GeneratedImage, JudgeInput
+from guard.core.policy import Policy, PolicySet, load_policy, policy_sources
+from guard.core.types import GeneratedImage, JudgeInput
+from guard.plugins import build_judge
+from guard.support.errors import ConfigError
+from guard.support.lifecycle import Startable
 
 
 def register(sub: Any) -> None:
@@ -63,7 +63,7 @@ def judge_section(args: argparse.Namespace) -> tuple[dict[str, Any], str, list[s
     section: dict[str, Any] = {"kind": "builtin"}
     policy_id, policy_paths = "default", []
     if args.config is not None:
-        from guard.config import load_config
+        from guard.core.config import load_config
 
         config = load_config(args.config)
         section = dict(config.judge)

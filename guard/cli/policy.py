@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guard.policytools.loader import Loaded, Problem, load_file
-from guard.timewindow import time_option
+from guard.core.policy.loader import Loaded, Problem, load_file
+from guard.support.timewindow import time_option
 
 
 def register(sub: Any) -> None:
@@ -97,8 +97,8 @@ def register(sub: Any) -> None:
 # --- validate / explain / diff ------------------------------------------------------------------
 
 def validate(args: argparse.Namespace) -> int:
-    from guard.policy import POLICIES_DIR, local_policies_dir
-    from guard.policytools.loader import policy_files
+    from guard.core.policy import POLICIES_DIR, local_policies_dir
+    from guard.core.policy.loader import policy_files
 
     dirs = [POLICIES_DIR, *filter(None, [local_policies_dir()])]
     files = args.files or policy_files(dirs)
@@ -136,7 +136,7 @@ def _load_or_report(path: Path) -> Loaded | None:
 
 
 def explain(args: argparse.Namespace) -> int:
-    from guard.policytools.explain import explain as explain_policy
+    from guard.offline.explain import explain as explain_policy
 
     loaded = _load_or_report(args.file)
     if loaded is None:
@@ -147,7 +147,7 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def diff(args: argparse.Namespace) -> int:
-    from guard.policytools.explain import diff as diff_policies
+    from guard.offline.explain import diff as diff_policies
 
     old, new = _load_or_report(args.old), _load_or_report(args.new)
     if old is None or new is None:
@@ -170,10 +170,10 @@ def diff(args: argparse.Namespace) -> int:
 # --- replay -------------------------------------------------------------------------------------
 
 def replay(args: argparse.Namespace) -> int:
-    from guard.audit import TraceQuery, build_store
-    from guard.config import load_config
-    from guard.policytools.replay import render, to_csv
-    from guard.policytools.replay import replay as run_replay
+    from guard.core.config import load_config
+    from guard.offline.replay import render, to_csv
+    from guard.offline.replay import replay as run_replay
+    from guard.plugins import TraceQuery, build_store
 
     loaded = _load_or_report(args.candidate)
     if loaded is None:
@@ -211,7 +211,7 @@ def _share(text: str) -> float:
 
 
 def calibrate(args: argparse.Namespace) -> int:
-    from guard.policytools.calibrate import MIN_LABELS, Target, proposed_yaml, report_html, table
+    from guard.offline.calibrate import MIN_LABELS, Target, proposed_yaml, report_html, table
 
     loaded = _load_or_report(args.policy)
     if loaded is None:
@@ -245,10 +245,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
 async def _calibrate(args: argparse.Namespace, policy: Any, target: Any,
                      min_labels: int) -> tuple[Any, dict[str, int]]:
-    from guard.audit import build_store
-    from guard.config import load_config
-    from guard.policytools.calibrate import calibrate as run_calibrate
-    from guard.policytools.labelled import read_labels_csv, resolve, store_labels
+    from guard.core.config import load_config
+    from guard.offline.calibrate import calibrate as run_calibrate
+    from guard.offline.labelled import read_labels_csv, resolve, store_labels
+    from guard.plugins import build_store
 
     from_store = args.labels == "store"
     labels: list[Any] = [] if from_store else read_labels_csv(args.labels)
@@ -266,10 +266,10 @@ async def _calibrate(args: argparse.Namespace, policy: Any, target: Any,
 
 async def _replay(args: argparse.Namespace, policy: Any, candidate: Any) -> str:
     """What the proposal would change on the stored requests of the calibrated policy."""
-    from guard.audit import TraceQuery, build_store
-    from guard.config import load_config
-    from guard.policytools.replay import render
-    from guard.policytools.replay import replay as run_replay
+    from guard.core.config import load_config
+    from guard.offline.replay import render
+    from guard.offline.replay import replay as run_replay
+    from guard.plugins import TraceQuery, build_store
 
     store = build_store(load_config(args.config).audit)
     try:
@@ -283,7 +283,7 @@ async def _replay(args: argparse.Namespace, policy: Any, candidate: Any) -> str:
 # --- schema -------------------------------------------------------------------------------------
 
 def schema(args: argparse.Namespace) -> int:
-    from guard.policytools.schema import SCHEMA_PATH, render_file_schema, undescribed_fields
+    from guard.core.policy.schema import SCHEMA_PATH, render_file_schema, undescribed_fields
 
     missing = undescribed_fields()
     if missing:

@@ -1,6 +1,6 @@
 """`safeedit serve`: run the proxy with uvicorn, in one process or `--workers N`.
 
-SIGTERM drains (guard.drain): the proxy goes unready and refuses new requests with a 503 while
+SIGTERM drains (guard.http.middleware.drain): the proxy goes unready and refuses new requests with a 503 while
 the ones in flight finish (at most `server.drain_timeout_s`), then it shuts down (traces and
 anchors flushed) and exits 0. With workers, the parent passes SIGTERM on and every worker drains.
 """
@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from guard.drain import Drain
-from guard.registry import resolve
+from guard.http.middleware.drain import Drain
+from guard.support.registry import resolve
 
 if TYPE_CHECKING:
-    from guard.config import Config
+    from guard.core.config import Config
 
 log = logging.getLogger("safeedit.serve")
 CUT_AFTER_DRAIN_S = 1  # how long requests cancelled at the drain timeout have to answer
@@ -62,8 +62,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guard.config import load_config
-    from guard.policy import POLICIES_DIR, local_policies_dir
+    from guard.core.config import load_config
+    from guard.core.policy import POLICIES_DIR, local_policies_dir
 
     config = load_config(args.config)
     # The app reads the shipped policies, then `policy_paths`; the working directory's policies/
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     config = config.model_copy(update={"policy_paths": [
         *([str(local)] if local else []), *config.policy_paths, *args.policies]})
     host = args.host or config.server.host
-    # The bind address is a trusted Host by default (guard.hosts), so --host goes into the config.
+    # The bind address is a trusted Host by default (guard.http.middleware.hosts), so --host goes into the config.
     config = config.model_copy(update={"server": config.server.model_copy(update={"host": host})})
     port = args.port if args.port is not None else config.server.port
     if args.workers < 1:

@@ -30,8 +30,8 @@ from typing import Any
 
 import orjson
 
-from guard.errors import ConfigError
-from guard.imagestore import PurgeResult
+from guard.plugins import PurgeResult
+from guard.support.errors import ConfigError
 
 log = logging.getLogger("safeedit.imagestore")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

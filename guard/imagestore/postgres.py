@@ -34,9 +34,9 @@ from typing import Any
 
 import asyncpg
 
-from guard.errors import ConfigError, GuardError
-from guard.imagestore import PurgeResult
-from guard.pg import LazyPool, dsn_from
+from guard.plugins import PurgeResult
+from guard.support.errors import ConfigError, GuardError
+from guard.support.pg import LazyPool, dsn_from
 
 log = logging.getLogger("safeedit.imagestore")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

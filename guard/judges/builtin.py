@@ -1,6 +1,6 @@
 """The builtin judge: the embedded default that works offline on any machine.
 
-Prompts are scored from the policy's term lists and patterns (guard.judges.terms); images go
+Prompts are scored from the policy's term lists and patterns (guard.core.terms); images go
 through NudeNet (its ONNX model ships in the `nudenet` wheel), whose detections of exposed
 genitalia, breasts, buttocks or anus give a `sexual` score. Per category the verdict takes the
 larger of the prompt's and the image's score. When the policy wants an explanation (the item is
@@ -24,12 +24,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guard.errors import ConfigError, JudgeError
-from guard.judges import Explanation
+from guard.core.policy import Decision, Policy
+from guard.core.refiner import refine_prompt
+from guard.core.terms import Hit, TextScores, matcher_for
+from guard.core.types import JudgeInput, Verdict
 from guard.judges.detector_runtime import Precision, Runtime, check_runtime, open_runtime
-from guard.judges.terms import Hit, TextScores, matcher_for, refine_prompt
-from guard.policy import Decision, Policy
-from guard.types import JudgeInput, Verdict
+from guard.plugins import Explanation
+from guard.support.errors import ConfigError, JudgeError
 
 # Raised whenever the same input can score differently (recorded in every trace as the judge id):
 # 2 = weak hits add up in log-odds, forms of one word count once.

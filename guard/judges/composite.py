@@ -46,11 +46,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guard.errors import ConfigError, GuardError, JudgeError
-from guard.judges import Explanation, Judge, Refiner, build_judge
-from guard.lifecycle import Startable, close_all
-from guard.policy import Policy
-from guard.types import HistoryEntry, JudgeInput, Verdict
+from guard.core.policy import Policy
+from guard.core.types import HistoryEntry, JudgeInput, Verdict
+from guard.plugins import Explanation, Judge, Refiner, build_judge
+from guard.support.errors import ConfigError, GuardError, JudgeError
+from guard.support.lifecycle import Startable, close_all
 
 Section = dict[str, Any]
 

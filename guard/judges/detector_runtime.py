@@ -18,7 +18,7 @@ import importlib.util
 import queue
 from typing import Any, Literal, Protocol
 
-from guard.errors import ConfigError
+from guard.support.errors import ConfigError
 
 Runtime = Literal["auto", "onnxruntime", "openvino"]
 Precision = Literal["auto", "f32", "bf16"]

@@ -17,7 +17,7 @@ Several proxy replicas can share one judge server this way. Options (all but `mo
   (3 failures in a row), `eject_s` (30).
 - `api_key_env` (null): name of the environment variable holding the API key (sent as a Bearer
   token; never logged, never in errors or traces). What the server says when it fails is kept
-  only as the error's `detail`, redacted (guard.redact): it may echo the request.
+  only as the error's `detail`, redacted (guard.support.redact): it may echo the request.
 - `transport` (auto): `http` (direct httpx, the default with `api_base`) or `litellm` (any
   provider litellm speaks; the default without `api_base`).
 - `profile` (safeeditor), `profile_options` ({}): as for `vlm`, see `guard.judges.profiles`.
@@ -30,7 +30,7 @@ Several proxy replicas can share one judge server this way. Options (all but `mo
   that category's slot in the answer (as with `vlm`); otherwise scores are 1.0 or 0.0 from the
   parsed text. A malformed answer scores 1.0 everywhere (fail closed); its text is kept raw.
 - `timeout_s` (30): per request; `retries` (2): further tries after a timeout, a connection error,
-  408, 409, 425, 429 or 5xx, under the guard's retry policy (guard.retry): a backoff from
+  408, 409, 425, 429 or 5xx, under the guard's retry policy (guard.support.retry): a backoff from
   `backoff_s` (0.25), doubled each time up to 10 s, with full jitter, or the server's Retry-After
   (seconds or an HTTP date) when that is longer; all tries of one request within 2 x `timeout_s`
   (a Retry-After beyond that fails at once); other 4xx fail at once.
@@ -54,7 +54,8 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guard.errors import ConfigError, JudgeError
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput, Verdict
 from guard.judges.fleet import Fleet, Server
 from guard.judges.profiles import (
     Message,
@@ -64,10 +65,9 @@ from guard.judges.profiles import (
     get_profile,
     merge_scores,
 )
-from guard.policy import Policy
-from guard.redact import redact_logs
-from guard.retry import Retrying, RetryPolicy
-from guard.types import JudgeInput, Verdict
+from guard.support.errors import ConfigError, JudgeError
+from guard.support.redact import redact_logs
+from guard.support.retry import Retrying, RetryPolicy
 
 RETRY_STATUS = {408, 409, 425, 429}
 MAX_BACKOFF_S = 10.0

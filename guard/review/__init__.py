@@ -15,7 +15,7 @@
 An auditor sees only their tenant's traces, as on the JSON API. Pages send a strict CSP (no
 scripts at all), no-store caching and frame denial; sessions and CSRF are in `session`.
 Failed sign-ins are limited per client address and per key id (`LOGIN_FAILURES` in
-`LOGIN_WINDOW_S`, guard.ratelimit); beyond that the form answers 429 with Retry-After.
+`LOGIN_WINDOW_S`, guard.support.ratelimit); beyond that the form answers 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -32,15 +32,16 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from guard.audit import ImageKeepingStore, TraceQuery
+from guard.audit import ImageKeepingStore
 from guard.audit.query import TEXT_FILTERS, parse_trace_query
-from guard.auth import Principal, may_see
-from guard.errors import AuthenticationError, GuardError
-from guard.ratelimit import Limiter, MemoryLimiter
+from guard.core.auth import Principal, may_see
+from guard.core.types import JudgedImage, RoundRecord, Trace
+from guard.plugins import TraceQuery
 from guard.review import dashboard, labeling
 from guard.review.session import Session, Sessions
 from guard.review.templates import environment
-from guard.types import JudgedImage, RoundRecord, Trace
+from guard.support.errors import AuthenticationError, GuardError
+from guard.support.ratelimit import Limiter, MemoryLimiter
 
 log = logging.getLogger("safeedit.review")
 _env = environment()

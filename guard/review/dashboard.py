@@ -3,7 +3,7 @@
 Aggregation is pure functions over traces (`aggregate`) and labelled items (`label_rates`); the
 traces are read through the AuditStore's query API, newest first, within a window (default the
 last 7 days) and at most MAX_TRACES of them (the page says when it stopped there). Charts are
-drawn with matplotlib as inline SVG (guard.charts): no scripts, one colour per decision.
+drawn with matplotlib as inline SVG (guard.support.charts): no scripts, one colour per decision.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from guard.audit import AuditStore, TraceQuery
-from guard.charts import ACTION_COLOURS, DECISION_COLOURS, category_colour, render
-from guard.policytools.labelled import LabelledItem, LabelsUnavailable, resolve, store_labels
-from guard.policytools.replay import stored_traces
-from guard.types import Trace
+from guard.core.types import Trace
+from guard.offline.labelled import LabelledItem, LabelsUnavailable, resolve, store_labels
+from guard.offline.replay import stored_traces
+from guard.plugins import AuditStore, TraceQuery
+from guard.support.charts import ACTION_COLOURS, DECISION_COLOURS, category_colour, render
 
 DEFAULT_WINDOW_S = 7 * 86400
 MAX_TRACES = 2000

@@ -1,4 +1,4 @@
-"""Labelling on the review pages (guard.labels): the label forms of a trace page, and the queue.
+"""Labelling on the review pages (guard.audit.labels): the label forms of a trace page, and the queue.
 
     POST /guard/traces/{id}/labels  one label (slot, round, verdict, category, note), from the
                                     form under each judged image and the prompt: CSRF-checked
@@ -18,9 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from guard import review
-from guard.auth import Principal, tenant_scope
-from guard.errors import GuardError, RequestError
-from guard.labels import (
+from guard.audit.labels import (
     MAX_NOTE,
     VERDICTS,
     Label,
@@ -29,7 +27,9 @@ from guard.labels import (
     new_label,
     trace_categories,
 )
-from guard.types import Trace
+from guard.core.auth import Principal, tenant_scope
+from guard.core.types import Trace
+from guard.support.errors import GuardError, RequestError
 
 DEFAULT_SAMPLE_PERCENT = "10"
 QUEUE_SIZE = 50

@@ -25,8 +25,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from guard.auth import Authenticator, Principal
-from guard.config import Config
+from guard.core.auth import Authenticator, Principal
+from guard.core.config import Config
 
 SESSION_COOKIE = "safeedit_review"
 CSRF_COOKIE = "safeedit_review_csrf"

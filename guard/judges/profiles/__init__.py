@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from guard.errors import ConfigError
 from guard.judges.profiles.base import (
     SAFE,
     UNSAFE,
@@ -54,13 +53,8 @@ from guard.judges.profiles.ipr import IPR_SYSTEM, IPRProfile, parse_ipr
 from guard.judges.profiles.llavaguard import LlavaGuardProfile, parse_llavaguard
 from guard.judges.profiles.safeeditor import SAFEEDITOR_SYSTEM, SafeEditorProfile, parse_safeeditor
 from guard.judges.profiles.shieldgemma2 import ShieldGemma2Profile, parse_shieldgemma2
-from guard.registry import Registry
-
-profiles: Registry[Profile] = Registry("judge profile", "safeedit.judge_profiles")
-profiles.register("safeeditor", "guard.judges.profiles.safeeditor:SafeEditorProfile")
-profiles.register("ipr", "guard.judges.profiles.ipr:IPRProfile")
-profiles.register("llavaguard", "guard.judges.profiles.llavaguard:LlavaGuardProfile")
-profiles.register("shieldgemma2", "guard.judges.profiles.shieldgemma2:ShieldGemma2Profile")
+from guard.plugins import profiles
+from guard.support.errors import ConfigError
 
 
 def get_profile(name: str, options: Mapping[str, Any] | None = None) -> Profile:

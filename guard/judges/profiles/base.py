@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guard.errors import ConfigError
-from guard.policy import Policy
-from guard.types import JudgeInput
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput
+from guard.support.errors import ConfigError
 
 Message = dict[str, Any]
 SlotProbs = Mapping[str, Mapping[str, float]]  # slot name -> answer label -> probability

@@ -12,7 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from guard.errors import ConfigError
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput
 from guard.judges.profiles.base import (
     SAFE,
     UNSAFE,
@@ -27,8 +28,7 @@ from guard.judges.profiles.base import (
     unsafe_everywhere,
     user_message,
 )
-from guard.policy import Policy
-from guard.types import JudgeInput
+from guard.support.errors import ConfigError
 
 # The system prompt the published IPR adapters were fine-tuned with, whitespace included.
 IPR_SYSTEM = """

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput
 from guard.judges.profiles.base import (
     SAFE,
     UNSAFE,
@@ -27,8 +29,6 @@ from guard.judges.profiles.base import (
     unsafe_everywhere,
     user_message,
 )
-from guard.policy import Policy
-from guard.types import JudgeInput
 
 LLAVAGUARD_INTRO = ("Provide a safety assessment for the content provided by the user. Determine "
                     "compliance or violation against our safety policy by reviewing the following "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from guard.core.policy import Policy
+from guard.core.types import HistoryEntry, JudgeInput
 from guard.judges.profiles.base import (
     SAFE,
     UNSAFE,
@@ -25,8 +27,6 @@ from guard.judges.profiles.base import (
     unsafe_everywhere,
     user_message,
 )
-from guard.policy import Policy
-from guard.types import HistoryEntry, JudgeInput
 
 SAFEEDITOR_SYSTEM = """\
 You are SafeEditor, the safety judge and editor of a text-to-image service. You see the prompt \

@@ -11,6 +11,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput
 from guard.judges.profiles.base import (
     SAFE,
     UNSAFE,
@@ -23,8 +25,6 @@ from guard.judges.profiles.base import (
     unsafe_everywhere,
     user_message,
 )
-from guard.policy import Policy
-from guard.types import JudgeInput
 
 SHIELDGEMMA2_INSTRUCTION = """\
 You are a policy expert trying to help determine whether a generated or real image is in \

@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from guard.errors import ConfigError, JudgeError
+from guard.core.policy import Policy
+from guard.core.types import JudgeInput, Verdict
 from guard.judges.batching import MicroBatcher
 from guard.judges.profiles import Explain, Probe, Profile, Slot, get_profile
 from guard.judges.vlm.collate import Encoded, collate, encode_prompt
@@ -23,8 +24,7 @@ from guard.judges.vlm.loading import Loaded, load
 from guard.judges.vlm.options import VLMOptions
 from guard.judges.vlm.prefix import PromptKV
 from guard.judges.vlm.scoring import Row, read_slots
-from guard.policy import Policy
-from guard.types import JudgeInput, Verdict
+from guard.support.errors import ConfigError, JudgeError
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from guard.judges.vlm.attention import batch_vision_windows
 from guard.judges.vlm.options import VLMOptions
-from guard.torch_device import pick_device, pick_dtype
+from guard.support.torch_device import pick_device, pick_dtype
 
 log = logging.getLogger("guard.judges.vlm")
 

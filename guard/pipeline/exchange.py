@@ -1,0 +1,330 @@
+"""One request's life, the same for a JSON answer and a stream of server-sent events.
+
+    Exchange(state, endpoint)        the trace and the request span open
+      .admit(authorization, ...)     authenticate, parse, choose the policy and the route
+      .run(base_url)                 the engine's loop, then the response as protocol models
+      .stream(base_url)              the same run with keep-alive ticks, cancelled when the
+                                     client goes away (recorded as 499)
+      .finish(reply)                 the trace is closed and written; only then is the reply
+                                     released, and if the audit store fails the reply becomes
+                                     a 503 and no image leaves ("no trace, no image")
+
+Every failure, expected or not, becomes a `Reply` in OpenAI's error shape carrying the trace id:
+an Exchange never raises to the HTTP layer. Who writes what in a trace: the Exchange writes the
+request's metadata and closes it (`Trace.finish`, where the request decision is made), the engine
+writes rounds and per-image results, the audit store seals it into the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from guard.core.auth import Authenticator, Principal, require
+from guard.core.config import Config
+from guard.core.policy import Policy, PolicySet, policy_sources
+from guard.core.protocol import (
+    GuardBlock,
+    GuardImageInfo,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageObject,
+    ImagesResponse,
+)
+from guard.core.types import GenerationCall, Trace, TraceError
+from guard.pipeline.engine import EditInputs, Engine, Outcome
+from guard.pipeline.links import ImageLinks
+from guard.pipeline.quotas import NO_TICKET, Quotas, Ticket
+from guard.pipeline.routing import Route, Router
+from guard.plugins import (
+    AuditStore,
+    Backend,
+    Judge,
+    build_backend,
+    build_image_store,
+    build_judge,
+    build_store,
+    resolve_image_store,
+)
+from guard.support.errors import GuardError, PermissionDenied, RequestError
+from guard.support.telemetry import Metrics, Telemetry
+
+log = logging.getLogger("safeedit.serving")
+STREAM_KEEPALIVE_S = 5.0
+
+
+@dataclass
+class GuardState:
+    """Everything one app serves with; built in the app's lifespan, never a module global."""
+
+    config: Config
+    policies: PolicySet  # swapped whole by a reload; a request reads it once
+    judge: Judge
+    router: Router
+    store: AuditStore
+    engine: Engine
+    telemetry: Telemetry
+    metrics: Metrics
+    auth: Authenticator
+    images: ImageLinks  # response_format url: links to images in the shared image store
+    quotas: Quotas
+
+    def policy_for(self, principal: Principal, requested: str | None) -> Policy:
+        policies = self.policies  # one reference per request: a reload swaps the whole set
+        if requested:
+            if not principal.may_choose_policy:
+                raise PermissionDenied("This key may not choose its policy.")
+            if requested not in policies:
+                raise RequestError(f"Unknown policy '{requested}'.", param="x-guard-policy")
+            return policies[requested]
+        return policies[principal.policy or self.config.tenant_policy(principal.tenant)
+                        or self.config.policy]
+
+    def parts(self) -> list[tuple[str, Judge | AuditStore | ImageLinks | Backend | Quotas]]:
+        """The parts with a lifecycle, named as /readyz reports them."""
+        return [("judge", self.judge), ("audit", self.store), ("images", self.images),
+                *((f"backend:{n}", b) for n, b in self.router.backends.items()),
+                *((("limits", self.quotas),) if self.quotas.enabled else ())]
+
+
+def build_state(config: Config, span_exporter: SpanExporter | None = None) -> GuardState:
+    """Build every part the config names; unknown policy ids fail here, not at a request.
+
+    Backends are built through `guard.pipeline.backends.backends`: whoever calls this has registered the
+    kinds the config uses (importing `adapters` registers the built-in ones)."""
+    policies = PolicySet.load(policy_sources(config.policy_paths))
+    for policy_id in {config.policy, *filter(None, map(config.tenant_policy, config.tenants)),
+                      *(k.policy for k in config.keys if k.policy)}:
+        policies[policy_id]
+    backends = {name: build_backend(name, section) for name, section in config.backends.items()}
+    router = Router(backends, config.routes, config.fallback)
+    judge = build_judge(config.judge)
+    telemetry = Telemetry(config.telemetry, span_exporter)
+    metrics = Metrics()
+    # One image store for links and retained images, shared with every replica that uses it.
+    image_options = resolve_image_store(config.image_store, config.audit)
+    images = build_image_store(image_options)
+    return GuardState(
+        config=config, policies=policies, judge=judge, router=router,
+        store=build_store(config.audit, images),
+        engine=Engine(judge, router, telemetry, metrics, enabled=config.guard.enabled),
+        telemetry=telemetry, metrics=metrics, auth=Authenticator(config.keys),
+        images=ImageLinks.from_options(images, image_options), quotas=Quotas(config, metrics))
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A validated images request: its fields and, for edits, the client's images."""
+
+    endpoint: str
+    req: ImageGenerationRequest
+    inputs: EditInputs | None = None
+
+    @property
+    def event_prefix(self) -> str:
+        return "image_edit" if self.inputs is not None else "image_generation"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the HTTP layer renders: the images, or an error in OpenAI's shape."""
+
+    status: int
+    headers: dict[str, str]
+    images: ImagesResponse | None = None
+    error: dict[str, Any] = field(default_factory=dict)
+    detail: str | None = None  # the error's redacted detail: for the trace, never rendered
+
+    @property
+    def ok(self) -> bool:
+        return self.images is not None
+
+
+TRACE_HEADER = "x-guard-trace-id"
+
+
+class Exchange:
+    """One images request, from its first byte to its written trace."""
+
+    def __init__(self, state: GuardState, endpoint: str) -> None:
+        self.state = state
+        self.trace = Trace(endpoint=endpoint, guard_enabled=state.engine.enabled)
+        self.job: Job | None = None
+        self._policy: Policy | None = None
+        self._route: Route | None = None
+        self.quota: Ticket = NO_TICKET  # its x-ratelimit-* headers go on every reply
+        self._started = time.perf_counter()
+        self._span = state.telemetry.start_span(
+            "guard.request", **{"guard.trace_id": self.trace.id, "guard.endpoint": endpoint})
+
+    async def admit(self, authorization: str | None, policy_header: str | None,
+                    parse: Callable[[], Awaitable[Job]]) -> Reply | None:
+        """Authenticate, parse and route; None when admitted, else the (unfinished) error."""
+        trace = self.trace
+        with self._active():
+            try:
+                principal = self.state.auth.authenticate(authorization)
+                trace.key_id, trace.tenant = principal.key_id, principal.tenant
+                require(principal, "client")
+                job = await parse()
+                trace.request = _request_record(job)
+                trace.model = job.req.model
+                if job.req.unknown_fields():
+                    log.info("tolerated unknown request fields: %s",
+                             ", ".join(job.req.unknown_fields()))
+                policy = self.state.policy_for(principal, policy_header)
+                trace.policy = policy.ref
+                route = self.state.router.route(job.req.model)
+                trace.backend = route.backend
+                self.quota = await self.state.quotas.admit(trace.id, principal.key_id,
+                                                           principal.tenant, job.req.count)
+            except Exception as exc:  # noqa: BLE001 - every failure is a traced reply
+                return self._failure(exc)
+        self.job, self._policy, self._route = job, policy, route
+        if job.req.stream:
+            self._span.set_attribute("guard.stream", True)
+        return None
+
+    async def run(self, base_url: str) -> Reply:
+        """The guard loop for the admitted job (not yet finished: call `finish`)."""
+        assert self.job is not None and self._policy is not None and self._route is not None
+        job = self.job
+        with self._active():
+            try:
+                outcome = await self.state.engine.run(_call(job.req), self._route, self._policy,
+                                                      self.trace, job.inputs)
+                return Reply(200, {TRACE_HEADER: self.trace.id},
+                             images=await self._response(outcome, base_url))
+            except Exception as exc:  # noqa: BLE001 - every failure is a traced reply
+                return self._failure(exc)
+
+    async def stream(self, base_url: str, *, cut: Callable[[], GuardError | None] = lambda: None
+                     ) -> AsyncIterator[Reply | None]:
+        """`run` for a stream: None every keep-alive interval while the loop runs, then the
+        finished reply. If the client goes away the loop is cancelled and the trace says 499;
+        if the server cut it (`cut()` gives the reason: a drain timeout), the trace says that."""
+        task = asyncio.create_task(self.run(base_url))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STREAM_KEEPALIVE_S)
+                if done:
+                    break
+                yield None
+        except BaseException:
+            task.cancel()
+            gone = self._failure(cut() or RequestError(
+                "The client closed the stream before the images were judged.", status=499,
+                code="client_closed_request"))
+            await asyncio.shield(self.finish(gone))
+            raise
+        yield await self.finish(task.result())
+
+    async def cut_short(self, error: GuardError) -> None:
+        """Finish the trace of a request cancelled before its reply (a server stopping past its
+        drain timeout), with `error` saying why."""
+        await asyncio.shield(self.finish(self._failure(error)))
+
+    async def finish(self, reply: Reply) -> Reply:
+        """Close and write the trace; a reply leaves only once its trace is stored."""
+        state, trace = self.state, self.trace
+        trace.finish(reply.status, _trace_error(reply),
+                     (time.perf_counter() - self._started) * 1000)
+        try:
+            await state.store.write(trace)
+        except Exception:  # noqa: BLE001 - fail closed: no audit record, no image
+            log.exception("audit store failed for trace %s", trace.id)
+            reply = self._failure(GuardError(
+                "The audit store is unavailable; the request was not served.", status=503,
+                code="audit_unavailable"))
+            trace.finish(reply.status, _trace_error(reply), trace.duration_ms)
+            try:  # a passing fault may still let the failure itself be recorded
+                await state.store.write(trace)
+            except Exception:  # noqa: BLE001 - logged; the client gets the 503 either way
+                log.error("audit store failed again; trace %s is lost", trace.id)
+        await state.quotas.release(self.quota, reply.status)
+        reply = replace(reply, headers={**self.quota.headers, **reply.headers})
+        self._span.set_attribute("guard.decision", trace.decision)
+        self._span.set_attribute("http.status_code", reply.status)
+        self._span.end()
+        state.metrics.requests.labels(trace.endpoint, str(reply.status), trace.decision).inc()
+        state.metrics.request_latency.labels(trace.endpoint).observe(
+            time.perf_counter() - self._started)
+        for result in trace.results:
+            state.metrics.images.labels(result.decision if reply.ok else trace.decision).inc()
+        return reply
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _active(self) -> Any:
+        """Make the request span current, so the engine's spans nest under it."""
+        return otel_trace.use_span(self._span, end_on_exit=False)
+
+    def _failure(self, exc: Exception) -> Reply:
+        if not isinstance(exc, GuardError):
+            log.error("internal error in trace %s", self.trace.id, exc_info=exc)
+            exc = GuardError(f"Internal error ({type(exc).__name__}).")
+        exc.trace_id = self.trace.id
+        return Reply(exc.status, {**exc.headers, TRACE_HEADER: self.trace.id},
+                     error=exc.to_dict(), detail=exc.detail)
+
+    async def _response(self, outcome: Outcome, base_url: str) -> ImagesResponse:
+        assert self.job is not None
+        req, trace, state = self.job.req, self.trace, self.state
+        data = []
+        for final in outcome.images:
+            revised = (final.prompt if final.prompt != req.prompt
+                       else final.image.backend_revised_prompt)
+            if req.response_format == "url" and not req.stream:
+                url = base_url + await state.images.mint(final.image)
+                data.append(ImageObject(url=url, revised_prompt=revised))
+            else:
+                data.append(ImageObject(b64_json=final.image.b64_bytes,
+                                        revised_prompt=revised))
+        guard = GuardBlock(
+            trace_id=trace.id, decision=trace.outcome_decision(), policy=trace.policy,
+            rounds=outcome.rounds,
+            images=[GuardImageInfo(index=r.slot, decision=r.decision, rounds=r.rounds,
+                                   categories=r.categories) for r in trace.results])
+        return ImagesResponse(created=int(time.time()), data=data,
+                              output_format=req.output_format, guard=guard)
+
+
+def _trace_error(reply: Reply) -> TraceError | None:
+    if reply.ok:
+        return None
+    body = reply.error["error"]
+    return TraceError(status=reply.status, type=body["type"], code=body["code"],
+                      message=body["message"], detail=reply.detail)
+
+
+def _call(req: ImageGenerationRequest) -> GenerationCall:
+    return GenerationCall(prompt=req.prompt, n=req.count, model=req.model, size=req.size,
+                          quality=req.quality, style=req.style, output_format=req.output_format,
+                          output_compression=req.output_compression, background=req.background,
+                          moderation=req.moderation, user=req.user,
+                          input_fidelity=(req.input_fidelity
+                                          if isinstance(req, ImageEditRequest) else None),
+                          # Fields the guard does not know go on to the backend, as a plain proxy
+                          # would pass them (seed and steps for a diffusers backend, say).
+                          extra=dict(req.model_extra or {}))
+
+
+def _request_record(job: Job) -> dict[str, Any]:
+    req = job.req
+    record = req.model_dump(exclude_none=True, exclude=set(req.unknown_fields()))
+    if req.unknown_fields():
+        record["unknown_fields"] = req.unknown_fields()
+    if job.inputs is not None:
+        # Hashes, never the bytes: the trace says which images were edited.
+        record["input_images"] = [hashlib.sha256(i).hexdigest() for i in job.inputs.images]
+        if job.inputs.mask is not None:
+            record["mask"] = hashlib.sha256(job.inputs.mask).hexdigest()
+    return record

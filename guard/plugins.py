@@ -1,0 +1,283 @@
+"""Every contract a plugin implements, and every registry it registers in.
+
+    Backend / EditingBackend   makes (and edits) images           registry `backends`
+    Judge, Refiner             scores items; explains and refines  registry `judges`
+    judge profiles             prompt layout + parser per model    registry `profiles`
+    AuditStore                 keeps every request's trace         registry `audit_stores`
+    ImageStore                 bytes by sha256 with an expiry      registry `image_stores`
+
+A registry maps a kind (the `kind:` of a config section) to a factory. The built-ins register
+from one list (`BUILTINS`) through the same loader a third party uses, as "module:attribute"
+strings resolved on first use, so that importing the guard imports neither torch nor litellm nor
+any vendor SDK until a config asks for it. A third party registers in code
+(`judges.register("mine", factory)`) or under the entry-point group of the registry
+(`safeedit.backends`, `safeedit.judges`, `safeedit.judge_profiles`, `safeedit.audit_stores`,
+`safeedit.image_stores`).
+
+Capabilities beyond these contracts are declared beside their implementations and checked with
+isinstance: `guard.audit.ChainedStore`, `guard.audit.ImageKeepingStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from guard.core.policy import Policy
+from guard.core.types import GeneratedImage, GenerationCall, JudgeInput, Trace, Verdict
+from guard.support.errors import ConfigError
+from guard.support.registry import Registry
+
+# --- backends -----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Whatever makes the images. A backend's factory takes its name (its identity in routes,
+    traces and metrics) and its options: `(name, options) -> Backend`."""
+
+    name: str
+
+    async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
+        """Make `call.n` images from `call.prompt`. Raise guard.errors.BackendError subclasses."""
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class EditingBackend(Backend, Protocol):
+    """A backend that also edits images (/v1/images/edits, the policy's `refine_mode: edit`)."""
+
+    async def edit(self, call: GenerationCall, images: list[bytes],
+                   mask: bytes | None) -> list[GeneratedImage]:
+        """Make `call.n` images from `images` (PNG/JPEG/WebP bytes) as `call.prompt` asks.
+        `mask`: transparent where the image may change, as in OpenAI's API."""
+        ...
+
+
+# --- judges -------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Looks at a prompt (and an image) and scores it per policy category. Factory:
+    `(options) -> Judge`."""
+
+    id: str
+
+    async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
+        """One verdict per item, in order. Batch where the judge can; raise JudgeError on failure.
+
+        `policy` carries the categories and thresholds, so a verdict-first judge knows whether an
+        item crosses a threshold and only then spends time on reasoning and a refined prompt.
+        """
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    thought: str = ""
+    refined_prompt: str | None = None
+
+
+@runtime_checkable
+class Refiner(Protocol):
+    """Writes the thought and refined prompt for items other judges scored (the builtin judge is
+    one; an ensemble asks its refiner)."""
+
+    async def refine(self, items: Sequence[JudgeInput], policy: Policy,
+                     scores: Sequence[Mapping[str, float]]) -> list[Explanation]:
+        """For items already scored (`scores[i]` for `items[i]`), a thought and a refined prompt
+        where `policy.wants_explanation(scores[i])`, an empty Explanation elsewhere."""
+        ...
+
+
+# --- audit stores -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TraceQuery:
+    since: float | None = None
+    until: float | None = None
+    decision: str | None = None
+    category: str | None = None
+    tenant: str | None = None
+    key_id: str | None = None
+    policy_id: str | None = None
+    policy_version: int | None = None
+    model: str | None = None
+    limit: int = 50
+    cursor: str | None = None  # opaque; from the previous page's next_cursor
+
+
+@dataclass(frozen=True, slots=True)
+class TracePage:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@runtime_checkable
+class AuditStore(Protocol):
+    """Where every request's trace is kept. Factory: `(options, images=ImageStore) -> AuditStore`
+    (`images` only when the app shares an image store)."""
+
+    async def write(self, trace: Trace) -> Trace:
+        """Seal the trace into the chain (prev_hash, hash) and store it durably."""
+        ...
+
+    async def get(self, trace_id: str) -> Trace | None: ...
+
+    async def query(self, q: TraceQuery) -> TracePage: ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- image stores -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    removed: int
+    freed_bytes: int
+    kept: int
+
+
+@runtime_checkable
+class ImageStore(Protocol):
+    """Image bytes by sha256, each copy with an expiry (links and retained images). Factory:
+    `(options) -> ImageStore`."""
+
+    async def put(self, data: bytes, media_type: str, ttl_s: float | None) -> str:
+        """Store `data` under its sha256 (the returned id). Storing it again restarts its age
+        and keeps the later of the two expiries; `ttl_s` None = until purged by age."""
+        ...
+
+    async def get(self, image_id: str, now: float | None = None) -> tuple[str, bytes] | None:
+        """(media type, bytes); None when unknown, purged or expired (or not an id at all)."""
+        ...
+
+    async def has(self, image_id: str, now: float | None = None) -> bool: ...
+
+    async def purge(self, before: float, *, stored_before: float | None = None,
+                    dry_run: bool = False) -> PurgeResult:
+        """Delete copies that expire before `before`, and those last stored before
+        `stored_before` when given."""
+        ...
+
+    async def shared_secret(self) -> bytes:
+        """A random key kept in the store, the same for every process that uses it."""
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- the registries and the built-ins -----------------------------------------------------------
+
+backends: Registry[Backend] = Registry("backend", "safeedit.backends")
+judges: Registry[Judge] = Registry("judge", "safeedit.judges")
+profiles: Registry[Any] = Registry("judge profile", "safeedit.judge_profiles")
+audit_stores: Registry[AuditStore] = Registry("audit store", "safeedit.audit_stores")
+image_stores: Registry[ImageStore] = Registry("image store", "safeedit.image_stores")
+
+BUILTINS: dict[Registry[Any], dict[str, str]] = {
+    backends: {
+        "demo": "adapters.demo:DemoBackend.from_config",
+        "openai-compatible": "adapters.openai_compat:OpenAICompatBackend.from_config",
+        "litellm": "adapters.litellm_backend:LiteLLMBackend.from_config",
+        "diffusers": "adapters.diffusers_backend:DiffusersBackend.from_config",
+    },
+    judges: {
+        "builtin": "guard.judges.builtin:BuiltinJudge.from_config",
+        "vlm": "guard.judges.vlm:VLMJudge.from_config",
+        "remote": "guard.judges.remote:RemoteJudge.from_config",
+        "ensemble": "guard.judges.composite:EnsembleJudge.from_config",
+        "cascade": "guard.judges.composite:CascadeJudge.from_config",
+        "openai-moderation":
+            "adapters.moderation.openai_moderation:OpenAIModerationJudge.from_config",
+        "azure-content-safety":
+            "adapters.moderation.azure_content_safety:AzureContentSafetyJudge.from_config",
+        "google-safesearch":
+            "adapters.moderation.google_safesearch:GoogleSafeSearchJudge.from_config",
+        "aws-rekognition": "adapters.moderation.aws_rekognition:AwsRekognitionJudge.from_config",
+    },
+    profiles: {
+        "safeeditor": "guard.judges.profiles.safeeditor:SafeEditorProfile",
+        "ipr": "guard.judges.profiles.ipr:IPRProfile",
+        "llavaguard": "guard.judges.profiles.llavaguard:LlavaGuardProfile",
+        "shieldgemma2": "guard.judges.profiles.shieldgemma2:ShieldGemma2Profile",
+    },
+    audit_stores: {
+        "sqlite": "guard.audit.sqlite:SQLiteStore.from_config",
+        "postgres": "guard.audit.postgres:PostgresStore.from_config",
+    },
+    image_stores: {
+        "local": "guard.imagestore.local:LocalImageStore.from_config",
+        "postgres": "guard.imagestore.postgres:PostgresImageStore.from_config",
+        "s3": "adapters.imagestore_s3:S3ImageStore.from_config",
+    },
+}
+for _registry, _kinds in BUILTINS.items():
+    for _kind, _target in _kinds.items():
+        _registry.register(_kind, _target)
+
+
+def build_backend(name: str, options: Mapping[str, Any]) -> Backend:
+    """The backend a `backends:` entry describes: `{kind: ..., **kind-specific options}`."""
+    opts = dict(options)
+    return backends.create(opts.pop("kind"), name, opts)
+
+
+def build_judge(options: Mapping[str, Any]) -> Judge:
+    """The judge a config section describes: `{kind: ..., **kind-specific options}`."""
+    opts = dict(options)
+    return judges.create(opts.pop("kind", "builtin"), opts)
+
+
+def build_store(options: Mapping[str, Any], images: ImageStore | None = None) -> AuditStore:
+    """The audit store `options` name. `images`, the app's shared image store, goes to the store's
+    `from_config(options, images=...)` when given (where it keeps retained images)."""
+    opts = dict(options)
+    kind = opts.pop("kind", "sqlite")
+    return (audit_stores.create(kind, opts) if images is None
+            else audit_stores.create(kind, opts, images=images))
+
+
+LINK_OPTIONS = ("link_ttl_s", "link_key_env")
+
+
+def resolve_image_store(section: Mapping[str, Any] | None,
+                    audit: Mapping[str, Any]) -> dict[str, Any]:
+    """The `image_store:` section, its kind filled in from `audit:` when it names none."""
+    options = dict(section or {})
+    images_dir = audit.get("images_dir")
+    if "kind" in options:
+        if images_dir is not None:
+            raise ConfigError("image_store names a kind and audit names an images_dir: both say "
+                              "where images go; keep one")
+        return options
+    if audit.get("kind") == "postgres" and images_dir is None:
+        follow = {name: audit[name] for name in ("dsn", "dsn_env", "schema") if name in audit}
+        return {"kind": "postgres", **follow, **options}
+    if images_dir is None:
+        images_dir = (Path(audit.get("path", "var/audit.db")).parent / "images"
+                      if audit.get("kind", "sqlite") == "sqlite" else Path("var/images"))
+    return {"kind": "local", "path": str(images_dir), **options}
+
+
+def build_image_store(options: Mapping[str, Any]) -> ImageStore:
+    """The store a resolved section names (its link options are guard.pipeline.links' to read)."""
+    opts = {name: value for name, value in options.items() if name not in LINK_OPTIONS}
+    return image_stores.create(opts.pop("kind", "local"), opts)
