@@ -39,6 +39,7 @@ lint: install-test
 
 bench: install-test
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/loop_latency.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
