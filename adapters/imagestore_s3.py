@@ -48,7 +48,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from guard.plugins import PurgeResult
-from guard.support.errors import ConfigError, GuardError
+from guard.support.errors import ConfigError, GuardError, Unavailable
 from guard.support.redact import redact, redact_logs
 
 log = logging.getLogger("safeedit.imagestore")
@@ -118,7 +118,7 @@ class S3ImageStore:
             return await asyncio.to_thread(fn, *args)
         except (BotoCoreError, ClientError) as exc:
             message = redact(f"{type(exc).__name__}: {exc}", self._secrets, limit=300)
-            raise GuardError(f"image store (s3 {self.bucket}): {message}", status=503,
+            raise Unavailable(f"image store (s3 {self.bucket}): {message}",
                              code="image_store_unavailable") from exc
 
     # --- blocking parts, run in a worker thread -------------------------------------------------

@@ -16,6 +16,7 @@ from PIL import Image
 
 from adapters.diffusers_backend import DiffusersBackend
 from guard.core.types import GenerationCall
+from guard.http.errors import status_of
 from guard.plugins import EditingBackend, build_backend
 from guard.support.errors import BackendError, BackendRateLimited, BackendRejected, ConfigError
 from tests.conftest import CLIENT_KEY
@@ -155,7 +156,7 @@ async def test_a_model_that_does_not_load_is_not_ready_and_fails_as_unavailable(
     assert not await backend.ready()
     with pytest.raises(BackendError) as info:
         await backend.generate(call())
-    assert (info.value.status, info.value.code) == (502, "backend_unavailable")
+    assert (status_of(info.value), info.value.code) == (502, "backend_unavailable")
     await backend.aclose()
 
 

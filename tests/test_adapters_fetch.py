@@ -20,6 +20,7 @@ from PIL import Image
 from adapters.fetch import UrlPolicy, classify, image_from_b64
 from adapters.openai_compat import OpenAICompatBackend
 from guard.core.types import GenerationCall
+from guard.http.errors import status_of
 from guard.support.errors import BackendError
 from tests.backend_servers import ImageServer, png, png_bomb
 from tests.conftest import CLIENT_KEY
@@ -60,7 +61,7 @@ async def fetch_one(server: ImageServer, **image_urls: Any) -> bytes:
 async def test_loopback_url_is_refused_by_default_and_never_fetched(server) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BackendError) as info:
         await fetch_one(server)
-    assert info.value.status == 502 and info.value.code == "backend_bad_response"
+    assert status_of(info.value) == 502 and info.value.code == "backend_bad_response"
     assert "non-public address (127.0.0.1" in info.value.message
     assert server.file_requests == []
 

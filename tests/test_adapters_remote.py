@@ -14,6 +14,7 @@ import pytest
 
 from adapters.litellm_backend import LiteLLMBackend
 from guard.core.types import GenerationCall
+from guard.http.errors import status_of
 from guard.plugins import Backend, EditingBackend, build_backend
 from guard.support.errors import (
     BackendError,
@@ -65,7 +66,7 @@ async def test_attempts_are_bounded_then_502(server, kind) -> None:  # type: ign
     server.fail_first = 99
     with pytest.raises(BackendError) as info:
         await run(make(kind, server.base_url + "/v1", retry={"attempts": 3, **FAST}))
-    assert (info.value.status, info.value.code) == (502, "backend_error")
+    assert (status_of(info.value), info.value.code) == (502, "backend_error")
     assert server.calls == 3
 
 
@@ -74,7 +75,7 @@ async def test_429_is_retried_then_passed_on_with_retry_after(server, kind) -> N
     server.fail_first, server.fail_status, server.retry_after = 99, 429, "0"
     with pytest.raises(BackendRateLimited) as info:
         await run(make(kind, server.base_url + "/v1", retry={"attempts": 2, **FAST}))
-    assert info.value.status == 429 and info.value.code == "rate_limit_exceeded"
+    assert status_of(info.value) == 429 and info.value.code == "rate_limit_exceeded"
     assert info.value.headers == {"retry-after": "0"}
     assert server.calls == 2
 
@@ -109,7 +110,7 @@ async def test_overall_deadline_bounds_retries(server, kind) -> None:  # type: i
                        retry={"attempts": 20, "backoff_s": 0.1, "max_backoff_s": 0.1,
                               "deadline_s": 0.6}))
     elapsed = time.perf_counter() - started
-    assert info.value.status in (502, 504)
+    assert status_of(info.value) in (502, 504)
     assert elapsed < 1.0 and 2 <= server.calls < 20
 
 
@@ -119,7 +120,7 @@ async def test_overall_deadline_cuts_a_hanging_backend(server, kind) -> None:  #
     started = time.perf_counter()
     with pytest.raises(BackendTimeout) as info:
         await run(make(kind, server.base_url + "/v1", retry={"deadline_s": 0.4}))
-    assert info.value.status == 504 and info.value.code == "backend_timeout"
+    assert status_of(info.value) == 504 and info.value.code == "backend_timeout"
     assert time.perf_counter() - started < 1.5 and server.calls == 1
 
 
@@ -131,14 +132,27 @@ async def test_read_timeout_is_504_and_not_retried(server, kind) -> None:  # typ
     assert server.calls == 1
 
 
+class RetryWarnings(logging.Handler):
+    """Notes the retry module's warnings: an attempt failed and another is coming."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.set()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_backend_coming_back_up_is_retried_transparently(kind) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     server = ImageServer()
     stop = threading.Event()
+    retrying = RetryWarnings()
+    logging.getLogger("safeedit.retry").addHandler(retrying)
 
     def start_late() -> None:
-        time.sleep(0.3)
+        retrying.seen.wait(10)  # the backend was found down: only now does it come up
         with serve(server.app(), port=port):
             stop.wait(10)
 
@@ -148,8 +162,9 @@ async def test_a_backend_coming_back_up_is_retried_transparently(kind) -> None: 
         images = await run(make(kind, f"http://127.0.0.1:{port}/v1",
                                 retry={"attempts": 20, "backoff_s": 0.1, "max_backoff_s": 0.1,
                                        "deadline_s": 8}))
-        assert len(images) == 2
+        assert len(images) == 2 and retrying.seen.is_set()
     finally:
+        logging.getLogger("safeedit.retry").removeHandler(retrying)
         stop.set()
         thread.join()
 
@@ -159,7 +174,7 @@ async def test_backend_down_is_502_unavailable(kind) -> None:  # type: ignore[no
     with pytest.raises(BackendError) as info:
         await run(make(kind, f"http://127.0.0.1:{free_port()}/v1",
                        retry={"attempts": 2, **FAST}))
-    assert (info.value.status, info.value.code) == (502, "backend_unavailable")
+    assert (status_of(info.value), info.value.code) == (502, "backend_unavailable")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -181,7 +196,7 @@ async def test_4xx_is_not_retried_and_keeps_the_backends_code(server, kind) -> N
     server.error_code, server.error_param = "invalid_size", "size"
     with pytest.raises(BackendRejected) as info:
         await run(make(kind, server.base_url + "/v1", retry={"attempts": 3, **FAST}))
-    assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_size", "size")
+    assert (status_of(info.value), info.value.code, info.value.param) == (400, "invalid_size", "size")
     assert server.calls == 1
 
 
@@ -198,7 +213,7 @@ async def test_credentials_come_from_the_environment_and_never_leak(server, kind
     with pytest.raises(BackendError) as info:
         await run(make(kind, server.base_url + "/v1", api_key_env="TEST_BACKEND_KEY",
                        retry={"attempts": 2, **FAST}))
-    assert (info.value.status, info.value.code) == (502, "backend_auth_failed")
+    assert (status_of(info.value), info.value.code) == (502, "backend_auth_failed")
     assert server.calls == 2  # 1 success + 1 refusal: a bad key is not retried
     assert secret not in str(info.value.to_dict()) and secret not in caplog.text
 

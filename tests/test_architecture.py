@@ -1,6 +1,7 @@
 """The layers of docs/ARCHITECTURE.md, checked on the source (from the AST) and at run time.
 
-    edges      guard.http, guard.review, guard.cli      (http mounts the pages; cli serves http)
+    app        guard.http.app: the composition root, mounting the API and the pages
+    edges      guard.http, guard.review, guard.cli      (review and cli build on http)
     pipeline   guard.pipeline, guard.offline
     parts      guard.judges, guard.audit, guard.imagestore
     contracts  guard.plugins (every Protocol and registry), guard.testing's fakes sit above
@@ -33,9 +34,11 @@ TIER = {
     "guard.pipeline": 4, "guard.offline": 4,
     "guard.testing": 5,
     "guard.http": 6, "guard.review": 6, "guard.cli": 6,
+    "guard.http.app": 7,
 }
-# Within the edges: the app mounts the auditors' pages; `safeedit serve` runs the app.
-EDGE_USES = {("guard.http", "guard.review"), ("guard.cli", "guard.http")}
+# Within the edges: the pages render errors through the HTTP edge's map; `safeedit serve` runs
+# the app and its Drain.
+EDGE_USES = {("guard.review", "guard.http"), ("guard.cli", "guard.http")}
 ADAPTERS_NEVER = ("guard.http", "guard.review", "guard.cli", "guard.pipeline", "guard.offline",
                   "guard.testing")
 # The public face (`guard/__init__.py`) re-exports what plugin authors import.

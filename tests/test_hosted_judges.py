@@ -37,6 +37,7 @@ from adapters.moderation.azure_content_safety import severity_score
 from adapters.moderation.base import Reading, to_policy
 from guard.core.policy import Policy
 from guard.core.types import GeneratedImage, JudgeInput
+from guard.http.errors import status_of
 from guard.plugins import build_judge
 from guard.support.errors import ConfigError, JudgeError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
@@ -484,7 +485,7 @@ async def test_failures_are_judge_errors_retried_only_when_transient(
     with pytest.raises(JudgeError, match=message) as err:
         await judge_with(kind, url, [item(picture())], retries=2)
     assert len(state.seen) == requests
-    assert err.value.status == 503 and err.value.code == "judge_unavailable"
+    assert status_of(err.value) == 503 and err.value.code == "judge_unavailable"
     # the services echo the key they were sent: it reaches no error, detail or log line
     for text in (err.value.message, err.value.detail or "", caplog.text):
         assert KEY not in text and AWS_KEY_ID not in text and AWS_SECRET not in text

@@ -23,6 +23,7 @@ import pytest
 
 from adapters.imagestore_s3 import S3ImageStore
 from guard.core.types import GeneratedImage
+from guard.http.errors import status_of
 from guard.imagestore.local import LocalImageStore
 from guard.imagestore.postgres import CHUNK_BYTES, PostgresImageStore
 from guard.pipeline.links import ImageLinks
@@ -223,7 +224,7 @@ async def test_an_unreachable_database_is_not_ready_and_fails_closed() -> None:
     assert not await store.ready()
     with pytest.raises(GuardError) as info:
         await store.put(b"x", "image/png", HOUR)
-    assert (info.value.status, info.value.code) == (503, "image_store_unavailable")
+    assert (status_of(info.value), info.value.code) == (503, "image_store_unavailable")
 
 
 # --- links -------------------------------------------------------------------------------------
@@ -265,9 +266,12 @@ async def test_a_configured_link_key_is_used_by_every_replica(
 
 async def test_minting_links_purges_expired_copies_in_the_background(stores: Factory) -> None:
     store = await stores()
-    await store.put(png("green"), "image/png", 0.05)  # a link's copy, its link long expired
+    expiring = await store.put(png("green"), "image/png", 0.05)  # a link's copy
     await store.put(png("red"), "image/png", 30 * DAY)  # retained
-    await asyncio.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while await store.has(expiring):  # until the link's copy has expired
+        assert time.monotonic() < deadline, "the link's copy never expired"
+        await asyncio.sleep(0.01)
     links = ImageLinks(store)
     await links.mint(GeneratedImage(data=png("blue")))
     deadline = time.monotonic() + 10
@@ -355,7 +359,7 @@ async def test_a_missing_bucket_is_not_ready_and_fails_closed_without_credential
                  store.purge(time.time())):
         with pytest.raises(GuardError) as info:
             await call
-        assert (info.value.status, info.value.code) == (503, "image_store_unavailable")
+        assert (status_of(info.value), info.value.code) == (503, "image_store_unavailable")
         assert "NoSuchBucket" in info.value.message
         text = str(info.value.to_dict()) + repr(info.value.__cause__)
         assert not any(secret in text for secret in S3_ENV.values())
@@ -370,7 +374,7 @@ async def test_an_unreachable_s3_endpoint_is_not_ready_and_fails_closed(
     assert not await store.ready()
     with pytest.raises(GuardError) as info:
         await store.get(hashlib.sha256(b"x").hexdigest())
-    assert (info.value.status, info.value.code) == (503, "image_store_unavailable")
+    assert (status_of(info.value), info.value.code) == (503, "image_store_unavailable")
     assert not any(secret in info.value.message for secret in S3_ENV.values())
     await store.aclose()
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from guard.http.errors import status_of
 from guard.support.errors import RequestError
 from guard.support.timewindow import parse_since, time_option
 
@@ -50,7 +51,7 @@ def test_now_defaults_to_the_clock() -> None:
 def test_anything_else_is_a_400_naming_the_parameter(value: str) -> None:
     with pytest.raises(RequestError) as info:
         parse_since(value, now=NOW)
-    assert (info.value.status, info.value.param) == (400, "since")
+    assert (status_of(info.value), info.value.param) == (400, "since")
     assert info.value.message.startswith("Invalid 'since': ")
     with pytest.raises(RequestError) as info:
         parse_since(value, now=NOW, param="until")

@@ -27,6 +27,7 @@ from guard.core.auth import Principal, Role, may_see
 from guard.core.config import Config, load_config
 from guard.core.protocol import completed_events
 from guard.http import labels as labels_api
+from guard.http.errors import status_of
 from guard.http.intake import parse_edit, parse_generation
 from guard.http.middleware.drain import Drain
 from guard.http.middleware.hosts import TrustedHostMiddleware
@@ -35,7 +36,7 @@ from guard.http.policy_reload import PolicyReloader
 from guard.pipeline.exchange import TRACE_HEADER, Exchange, GuardState, Job, Reply, build_state
 from guard.review import routes as review_routes
 from guard.support import b64json
-from guard.support.errors import Draining, GuardError, NotFound, RequestError
+from guard.support.errors import Draining, GuardError, MethodNotAllowed, NotFound
 from guard.support.lifecycle import close_all, readiness, start_all
 
 log = logging.getLogger("safeedit.proxy")
@@ -209,7 +210,7 @@ async def openapi(request: Request) -> Response:
 
 async def guard_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GuardError)
-    return JSONResponse(exc.to_dict(), exc.status, exc.headers)
+    return JSONResponse(exc.to_dict(), status_of(exc), exc.headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -222,8 +223,8 @@ async def not_found(request: Request, exc: Exception) -> Response:
 
 
 async def method_not_allowed(request: Request, exc: Exception) -> Response:
-    return await guard_error(request, RequestError(
-        f"Method {request.method} is not allowed here.", code="method_not_allowed", status=405))
+    return await guard_error(request, MethodNotAllowed(
+        f"Method {request.method} is not allowed here.", code="method_not_allowed"))
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def create_app(config: Config | None = None, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        state = build_state(config, span_exporter)
+        state = build_state(config, status_of, span_exporter)
         app.state.guard = state
         app.state.policy_reloader = reloader = PolicyReloader.start(state)
         if state.auth.open_mode:

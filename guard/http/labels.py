@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from guard.audit.labels import Label, LabelStore, new_label, parse_label_filters, trace_categories
 from guard.core.auth import Principal, may_see
 from guard.http.intake import read_body
-from guard.support.errors import GuardError, NotFound, RequestError
+from guard.support.errors import NotFound, RequestError, Unsupported
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -27,8 +27,8 @@ MAX_BODY_BYTES = 64 * 1024
 def _store(request: Request) -> LabelStore:
     store = request.app.state.guard.store
     if not isinstance(store, LabelStore):
-        raise GuardError(f"The {type(store).__name__} audit store does not keep labels.",
-                         code="labels_unsupported", status=501)
+        raise Unsupported(f"The {type(store).__name__} audit store does not keep labels.",
+                         code="labels_unsupported")
     return store
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 
 from guard.plugins import PurgeResult
-from guard.support.errors import ConfigError, GuardError
+from guard.support.errors import ConfigError, Unavailable
 from guard.support.pg import LazyPool, dsn_from
 
 log = logging.getLogger("safeedit.imagestore")
@@ -110,7 +110,7 @@ class PostgresImageStore:
                 async with conn.transaction(**options):
                     yield conn
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise GuardError(f"image store (postgres): {type(exc).__name__}: {exc}", status=503,
+            raise Unavailable(f"image store (postgres): {type(exc).__name__}: {exc}",
                              code="image_store_unavailable") from exc
 
     # --- the ImageStore interface ---------------------------------------------------------------

@@ -54,7 +54,13 @@ from guard.plugins import (
     build_store,
     resolve_image_store,
 )
-from guard.support.errors import GuardError, PermissionDenied, RequestError
+from guard.support.errors import (
+    ClientDisconnected,
+    GuardError,
+    PermissionDenied,
+    RequestError,
+    Unavailable,
+)
 from guard.support.telemetry import Metrics, Telemetry
 
 log = logging.getLogger("safeedit.serving")
@@ -76,6 +82,9 @@ class GuardState:
     auth: Authenticator
     images: ImageLinks  # response_format url: links to images in the shared image store
     quotas: Quotas
+    # The HTTP edge's map from a domain error to the status a reply carries (guard.http.errors):
+    # the pipeline records and reports statuses, only the edge knows which.
+    status_of: Callable[[GuardError], int]
 
     def policy_for(self, principal: Principal, requested: str | None) -> Policy:
         policies = self.policies  # one reference per request: a reload swaps the whole set
@@ -95,11 +104,12 @@ class GuardState:
                 *((("limits", self.quotas),) if self.quotas.enabled else ())]
 
 
-def build_state(config: Config, span_exporter: SpanExporter | None = None) -> GuardState:
+def build_state(config: Config, status_of: Callable[[GuardError], int],
+                span_exporter: SpanExporter | None = None) -> GuardState:
     """Build every part the config names; unknown policy ids fail here, not at a request.
 
-    Backends are built through `guard.pipeline.backends.backends`: whoever calls this has registered the
-    kinds the config uses (importing `adapters` registers the built-in ones)."""
+    Parts are built through the registries of guard.plugins (built-ins and entry points alike);
+    `status_of` is the HTTP edge's map from a domain error to a status."""
     policies = PolicySet.load(policy_sources(config.policy_paths))
     for policy_id in {config.policy, *filter(None, map(config.tenant_policy, config.tenants)),
                       *(k.policy for k in config.keys if k.policy)}:
@@ -117,7 +127,8 @@ def build_state(config: Config, span_exporter: SpanExporter | None = None) -> Gu
         store=build_store(config.audit, images),
         engine=Engine(judge, router, telemetry, metrics, enabled=config.guard.enabled),
         telemetry=telemetry, metrics=metrics, auth=Authenticator(config.keys),
-        images=ImageLinks.from_options(images, image_options), quotas=Quotas(config, metrics))
+        images=ImageLinks.from_options(images, image_options), quotas=Quotas(config, metrics),
+        status_of=status_of)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +231,8 @@ class Exchange:
                 yield None
         except BaseException:
             task.cancel()
-            gone = self._failure(cut() or RequestError(
-                "The client closed the stream before the images were judged.", status=499,
+            gone = self._failure(cut() or ClientDisconnected(
+                "The client closed the stream before the images were judged.",
                 code="client_closed_request"))
             await asyncio.shield(self.finish(gone))
             raise
@@ -241,8 +252,8 @@ class Exchange:
             await state.store.write(trace)
         except Exception:  # noqa: BLE001 - fail closed: no audit record, no image
             log.exception("audit store failed for trace %s", trace.id)
-            reply = self._failure(GuardError(
-                "The audit store is unavailable; the request was not served.", status=503,
+            reply = self._failure(Unavailable(
+                "The audit store is unavailable; the request was not served.",
                 code="audit_unavailable"))
             trace.finish(reply.status, _trace_error(reply), trace.duration_ms)
             try:  # a passing fault may still let the failure itself be recorded
@@ -272,7 +283,7 @@ class Exchange:
             log.error("internal error in trace %s", self.trace.id, exc_info=exc)
             exc = GuardError(f"Internal error ({type(exc).__name__}).")
         exc.trace_id = self.trace.id
-        return Reply(exc.status, {**exc.headers, TRACE_HEADER: self.trace.id},
+        return Reply(self.state.status_of(exc), {**exc.headers, TRACE_HEADER: self.trace.id},
                      error=exc.to_dict(), detail=exc.detail)
 
     async def _response(self, outcome: Outcome, base_url: str) -> ImagesResponse:

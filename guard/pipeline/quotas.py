@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from guard.core.config import Config, Limits
-from guard.support.errors import GuardError, RateLimited
+from guard.support.errors import GuardError, RateLimited, Unavailable
 from guard.support.telemetry import Metrics
 
 log = logging.getLogger("safeedit.quotas")
@@ -319,8 +319,8 @@ class RedisQuotas:
         try:
             return await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            raise GuardError("The request limits cannot be checked (their store is "
-                             "unavailable); the request was not served.", status=503,
+            raise Unavailable("The request limits cannot be checked (their store is "
+                             "unavailable); the request was not served.",
                              code="limits_unavailable", headers={"retry-after": "1"},
                              detail=f"{type(exc).__name__}: {exc}") from exc
 

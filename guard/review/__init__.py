@@ -36,6 +36,7 @@ from guard.audit import ImageKeepingStore
 from guard.audit.query import TEXT_FILTERS, parse_trace_query
 from guard.core.auth import Principal, may_see
 from guard.core.types import JudgedImage, RoundRecord, Trace
+from guard.http.errors import status_of
 from guard.plugins import TraceQuery
 from guard.review import dashboard, labeling
 from guard.review.session import Session, Sessions
@@ -202,7 +203,7 @@ async def index(request: Request) -> Response:
         query, typed = _query(request.query_params, session.principal)
         page = await state.store.query(query)
     except GuardError as exc:
-        return _render(request, "list.html", exc.status, session, f=_Filters(typed), items=[],
+        return _render(request, "list.html", status_of(exc), session, f=_Filters(typed), items=[],
                        message=exc.message, first_query="", next_query=None, **context)
     kept = {k: v for k, v in typed.items() if v and k != "cursor"}
     next_query = urlencode({**kept, "cursor": page.next_cursor}) if page.next_cursor else None
@@ -229,7 +230,7 @@ async def dashboard_page(request: Request) -> Response:
         query = parse_trace_query(typed, session.principal)
         figures = await dashboard.figures(_state(request).store, query)
     except GuardError as exc:
-        return _render(request, "dashboard.html", exc.status, session, f=_Filters(typed),
+        return _render(request, "dashboard.html", status_of(exc), session, f=_Filters(typed),
                        fig=None, charts={}, message=exc.message)
     charts = await asyncio.to_thread(dashboard.charts, figures) if figures.total else {}
     return _render(request, "dashboard.html", 200, session, f=_Filters(typed), fig=figures,

@@ -29,7 +29,8 @@ from guard.audit.labels import (
 )
 from guard.core.auth import Principal, tenant_scope
 from guard.core.types import Trace
-from guard.support.errors import GuardError, RequestError
+from guard.http.errors import status_of
+from guard.support.errors import GuardError, RequestError, Unsupported
 
 DEFAULT_SAMPLE_PERCENT = "10"
 QUEUE_SIZE = 50
@@ -74,11 +75,11 @@ async def add_label(request: Request) -> Response:
     values = {name: str(form.get(name, "")) for name in _FORM_FIELDS}
     try:
         if store is None:
-            raise GuardError("This audit store does not keep labels.", status=501)
+            raise Unsupported("This audit store does not keep labels.")
         label = await store.add_label(new_label(values, trace, session.principal,
                                                 trace_categories(trace, state.policies)))
     except GuardError as exc:
-        return review._message(request, exc.status, "Label not saved", exc.message, session)
+        return review._message(request, status_of(exc), "Label not saved", exc.message, session)
     item = f"item-{'prompt' if label.slot is None else label.slot}-{label.round}"
     return RedirectResponse(f"/guard/traces/{quote(trace.id, safe='')}#{item}",
                             status_code=303)
@@ -116,11 +117,10 @@ async def queue_page(request: Request) -> Response:
     try:
         store = _label_store(state)
         if store is None:
-            raise GuardError("This audit store does not keep labels: there is no queue.",
-                             status=501)
+            raise Unsupported("This audit store does not keep labels: there is no queue.")
         context["page"] = await store.review_queue(queue_query(typed, session.principal))
     except GuardError as exc:
-        status, context["message"] = exc.status, exc.message
+        status, context["message"] = status_of(exc), exc.message
     typed["sample"] = typed["sample"] or DEFAULT_SAMPLE_PERCENT
     return review._render(request, "queue.html", status, session,
                           f=review._Filters(typed), **context)

@@ -1,21 +1,27 @@
-"""The guard's exceptions, one hierarchy, each rendered to OpenAI's error shape by one handler.
+"""The guard's exceptions: one hierarchy of domain errors, with the OpenAI `type` and `code` each
+reports. Which HTTP status each one answers is the HTTP edge's business: one table,
+guard.http.errors.STATUS, renders them.
 
-    GuardError                      500 server_error
-    ├── RequestError                400 invalid_request_error (names the `param`)
-    │   ├── PayloadTooLarge         413
-    │   ├── NotFound                404
-    │   └── ClientDisconnected      499 the client went away before its request was read
-    ├── AuthenticationError         401 invalid_api_key
-    ├── PermissionDenied            403
-    ├── RateLimited                 429 rate_limit_exceeded, type requests|images (Retry-After)
-    ├── PolicyViolation             400 content_policy_violation (carries the trace id)
-    ├── BackendError                502 backend_error
-    │   ├── BackendTimeout          504
-    │   ├── BackendRateLimited      429 (carries Retry-After)
-    │   └── BackendRejected         4xx the backend refused the request itself
-    ├── JudgeError                  503 judge_unavailable
-    ├── Draining                    503 draining: the server is shutting down (Retry-After)
-    └── ConfigError                 500 (start-up and policy files; never a client's fault)
+    GuardError                      server_error
+    ├── RequestError                invalid_request_error (names the `param`)
+    │   ├── PayloadTooLarge
+    │   ├── NotFound
+    │   ├── MethodNotAllowed
+    │   └── ClientDisconnected      the client went away before its request was read
+    ├── AuthenticationError         invalid_api_key
+    ├── PermissionDenied
+    ├── RateLimited                 rate_limit_exceeded, type requests|images (Retry-After)
+    ├── PolicyViolation             content_policy_violation (carries the trace id)
+    ├── BackendError                backend_error
+    │   ├── BackendTimeout
+    │   ├── BackendRateLimited      (carries Retry-After)
+    │   └── BackendRejected         the backend refused the request itself
+    ├── JudgeError                  judge_unavailable
+    ├── DeadlineExceeded            guard_deadline_exceeded: the request's deadline passed
+    ├── Unavailable                 a store the request needs is down
+    ├── Unsupported                 the configured part cannot do this
+    ├── Draining                    draining: the server is shutting down (Retry-After)
+    └── ConfigError                 start-up and policy files; never a client's fault
 
 Foreign exceptions (httpx, litellm, torch, sqlite) are translated at the edge that owns them:
 `raise BackendTimeout(...) from exc`. A bare ValueError reaching the handler is a bug and is a 500.
@@ -34,12 +40,11 @@ from guard.support.redact import identifier, redact
 
 
 class GuardError(Exception):
-    status: int = 500
     type: str = "server_error"
     code: str | None = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, headers: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None,
                  detail: str | None = None, secrets: Iterable[str | None] = ()) -> None:
         super().__init__(message)
         self.message = message
@@ -47,8 +52,6 @@ class GuardError(Exception):
         self.param = param
         if code is not None:
             self.code = code
-        if status is not None:
-            self.status = status
         self.headers: dict[str, str] = dict(headers or {})
         self.trace_id: str | None = None
 
@@ -62,37 +65,35 @@ class GuardError(Exception):
 
 
 class RequestError(GuardError):
-    status = 400
     type = "invalid_request_error"
     code = "invalid_value"
 
 
 class PayloadTooLarge(RequestError):
-    status = 413
     code = "payload_too_large"
 
 
 class NotFound(RequestError):
-    status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(RequestError):
+    code = "method_not_allowed"
 
 
 class ClientDisconnected(RequestError):
     """The client closed the connection mid-request (nginx's 499): nobody reads the answer,
     the trace records it."""
 
-    status = 499
     code = "client_closed_request"
 
 
 class AuthenticationError(GuardError):
-    status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
 
 
 class PermissionDenied(GuardError):
-    status = 403
     type = "permission_error"
     code = "insufficient_permissions"
 
@@ -101,7 +102,6 @@ class RateLimited(GuardError):
     """A key's or tenant's own limit (guard.pipeline.quotas), in the body OpenAI sends for its limits:
     `type` names what ran out ("requests" or "images"), headers say when to come back."""
 
-    status = 429
     type = "requests"
     code = "rate_limit_exceeded"
 
@@ -111,7 +111,6 @@ class RateLimited(GuardError):
 
 
 class PolicyViolation(GuardError):
-    status = 400
     type = "invalid_request_error"
     code = "content_policy_violation"
 
@@ -121,18 +120,15 @@ class PolicyViolation(GuardError):
 
 
 class BackendError(GuardError):
-    status = 502
     type = "server_error"
     code = "backend_error"
 
 
 class BackendTimeout(BackendError):
-    status = 504
     code = "backend_timeout"
 
 
 class BackendRateLimited(BackendError):
-    status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
@@ -140,7 +136,6 @@ class BackendRateLimited(BackendError):
 class BackendRejected(BackendError):
     """The backend answered 4xx itself (bad size for that model, its own content filter)."""
 
-    status = 400
     type = "invalid_request_error"
     code = "backend_rejected"
 
@@ -160,20 +155,38 @@ class BackendRejected(BackendError):
 
 
 class JudgeError(GuardError):
-    status = 503
     type = "server_error"
     code = "judge_unavailable"
+
+
+class DeadlineExceeded(GuardError):
+    """The request's deadline (policy `rounds.deadline_s`, header `x-guard-deadline-s`) passed
+    before every image was safe: a failure of time, never a content-policy refusal."""
+
+    type = "server_error"
+    code = "guard_deadline_exceeded"
+
+
+class Unavailable(GuardError):
+    """A store the request needs (audit, image, quota store) cannot be reached: nothing is
+    served rather than served unrecorded."""
+
+    code = "unavailable"
+
+
+class Unsupported(GuardError):
+    """The configured part cannot do what was asked (an audit store that keeps no labels)."""
+
+    code = "not_supported"
 
 
 class Draining(GuardError):
     """The server is shutting down (guard.http.middleware.drain): it finishes what it started, takes nothing new."""
 
-    status = 503
     code = "draining"
 
 
 class ConfigError(GuardError):
-    status = 500
     code = "config_error"
 
     @classmethod

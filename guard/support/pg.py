@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from guard.support.errors import ConfigError, GuardError
+from guard.support.errors import ConfigError, GuardError, Unavailable
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -71,7 +71,7 @@ class LazyPool:
                 self._dsn, min_size=self._sizes[0], max_size=self._sizes[1],
                 command_timeout=self._timeout, server_settings=self._settings)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise GuardError(f"{self._section}: cannot connect: {exc}", status=503,
+            raise Unavailable(f"{self._section}: cannot connect: {exc}",
                              code=self._code) from exc
         try:
             async with pool.acquire() as conn, conn.transaction():

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard.http.errors import status_of
 from guard.support.errors import Draining
 
 T = TypeVar("T")
@@ -104,7 +105,7 @@ def _refusal() -> Draining:
 async def _refuse(send: Send) -> None:
     error = _refusal()
     body = orjson.dumps(error.to_dict())
-    await send({"type": "http.response.start", "status": error.status, "headers": [
+    await send({"type": "http.response.start", "status": status_of(error), "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         *((k.encode(), v.encode()) for k, v in error.headers.items())]})
     await send({"type": "http.response.body", "body": body})

@@ -17,6 +17,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guard.http.errors import status_of
 from guard.support.errors import RequestError
 from guard.support.hosts import TrustedHosts
 
@@ -64,6 +65,6 @@ async def _refuse(send: Send, host: str | None) -> None:
         f"Requests to this server must name a trusted host; got {shown}. An operator can add it "
         "to server.trusted_hosts in the config.", param=None, code="untrusted_host")
     body = orjson.dumps(error.to_dict())
-    await send({"type": "http.response.start", "status": error.status, "headers": [
+    await send({"type": "http.response.start", "status": status_of(error), "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
