@@ -1,0 +1,53 @@
+"""The audit and operations API: traces for auditors, the policy reload for admins (both
+authenticated at the edge by guard.http.responses.api), probes, metrics and the OpenAPI document.
+The labels API is guard.http.labels."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from guard.audit.query import parse_trace_query
+from guard.core.auth import Principal, may_see
+from guard.http.responses import JSONResponse, state_of
+from guard.support.errors import NotFound
+from guard.support.lifecycle import readiness
+
+
+async def get_trace(request: Request, principal: Principal) -> Response:
+    trace = await state_of(request).store.get(request.path_params["trace_id"])
+    if trace is None or not may_see(principal, trace.tenant):
+        raise NotFound("No such trace.")
+    return JSONResponse(trace.model_dump(mode="json"))
+
+
+async def list_traces(request: Request, principal: Principal) -> Response:
+    query = parse_trace_query(request.query_params, principal)
+    page = await state_of(request).store.query(query)
+    return JSONResponse({"object": "list", "data": page.items, "next_cursor": page.next_cursor})
+
+
+async def reload_policies(request: Request, principal: Principal) -> Response:
+    result = await request.app.state.policy_reloader.reload()
+    return JSONResponse(result.to_dict())
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    checks = {**await readiness(state_of(request).parts()),
+              "accepting": not request.app.state.drain.draining}
+    ok = all(checks.values())
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
+                         200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(state_of(request).metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
