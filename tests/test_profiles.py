@@ -323,11 +323,11 @@ class FlagOrFine(Profile):
 
 
 @pytest.fixture
-def mine(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # The registry is process-wide: monkeypatch puts the built-ins-only table back afterwards.
-    monkeypatch.setattr(profiles, "_factories", dict(profiles._factories))
+def mine() -> Iterator[None]:
+    # The registry is process-wide: the test's kind goes again afterwards.
     profiles.register("mine", FlagOrFine)
     yield
+    profiles.unregister("mine")
 
 
 def flag_or_fine_server(asked: list[str]) -> Starlette:

@@ -35,6 +35,10 @@ class Registry(Generic[T]):
     def register(self, kind: str, factory: Callable[..., T] | str) -> None:
         self._factories[kind] = factory
 
+    def unregister(self, kind: str) -> None:
+        """Forget a kind registered in code (a test's, a plugin unloading); entry points stay."""
+        self._factories.pop(kind, None)
+
     def kinds(self) -> list[str]:
         return sorted({*self._factories, *(ep.name for ep in entry_points(group=self._group))})
 
