@@ -70,3 +70,35 @@ def test_long_text_is_cut_after_redaction() -> None:
 ])
 def test_identifier_passes_only_plain_codes(value: object, expected: str | None) -> None:
     assert identifier(value, [SECRET]) == expected
+
+
+KEY = "sk-op/key+1 x"  # a slash JSON may escape, a plus and a space URL encoding changes
+
+
+@pytest.mark.parametrize("echoed", [
+    '{"error": "bad key sk-op\\/key+1 x"}',                           # JSON's escaped solidus
+    '{"error": "bad key \\u0073k-op\\/k\\u0065y+1 x"}',                # \uXXXX, lower case
+    '{"error": "bad key \\u0073\\u006B-op\\u002Fkey\\u002B1\\u0020x"}',  # \uXXXX, upper case
+    "GET /v1/x?k=sk-op%2fkey%2B1+x",                                   # percent, mixed case, +
+    "Authorization: Basic " + "dXNlcjpzay1vcC9rZXkrMSB4",              # base64("user:" + KEY)
+    "token=" + "c2stb3Ava2V5KzEgeA",                                   # base64, no padding
+    "blob " + "eHlzay1vcC9rZXkrMSB4eg==",                              # base64 at offset 2
+    "blob " + "eHlzay1vcC9rZXkrMSB4eg".replace("+", "-").replace("/", "_"),  # URL-safe
+])
+def test_the_configured_key_is_redacted_in_every_echoed_encoding(echoed: str) -> None:
+    out = redact(echoed, [KEY])
+    assert "[redacted]" in out
+    for leftover in ("op/key", "op\\/key", "key+1", "zay1vcC9rZXkr", "y1vcC9rZXkrMSB4"):
+        assert leftover not in out
+
+
+def test_a_secret_s_base64_form_is_found_at_every_alignment() -> None:
+    import base64
+    for prefix in ("", "a", "ab", "abc"):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode((prefix + KEY + "tail").encode()).decode()
+            out = redact(text, [KEY])
+            assert "[redacted]" in out, (prefix, text)
+            # at most 2 characters on each side of the cut depend on the key's bytes
+            kept = out.split("[redacted]")
+            assert len(kept) == 2 and len(text) - len(kept[0]) - len(kept[1]) >= 4 * len(KEY) // 3 - 2

@@ -5,7 +5,11 @@ whatever the guard keeps of that error. `redact` is applied to every such text b
 into a trace or a log line; it is a pure function, so what it removes is pinned by literal test
 cases (tests/test_redact.py). It removes, replacing each with `[redacted]`:
 
-- every configured secret passed in, as it is and URL-encoded (exact substrings);
+- every configured secret passed in, in every encoding a server may echo it in: as it is,
+  percent-encoded (either hex case, `+` for a space), JSON-escaped (any character as `\\uXXXX`,
+  either case, `/` as `\\/`), any mix of those character by character, and base64 (standard and
+  URL-safe, at each of the three alignments a secret can have inside a longer base64 text such as
+  a `Basic` credential);
 - the value of an Authorization or Proxy-Authorization header, in header, query and JSON forms;
 - the value of any field whose name ends in key, token, secret, password or credential(s)
   (`api-key: ...`, `x-api-key`, `api_key=...`, `"apikey": "..."`, `access_token`, `key=`);
@@ -22,17 +26,19 @@ a provider's raw answer).
 
 from __future__ import annotations
 
+import base64
+import functools
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
 
 REDACTED = "[redacted]"
 MAX_CHARS = 2000
 # A secret this short would blank out ordinary words; no real credential is.
 MIN_SECRET_CHARS = 4
 
-_PERCENT = re.compile(r"%[0-9A-F]{2}")
+# base64 of a secret shorter than this is too short to tell from ordinary base64 text
+MIN_BASE64_CHARS = 8
 _NAMED = re.compile(
     r"""(?ix)
     (?<![\w-])
@@ -60,17 +66,56 @@ def redact(text: str, secrets: Iterable[str | None] = (), *, limit: int | None =
     (None: all of it)."""
     if limit is not None:
         text = text[: limit * 8]  # bound the work; what lies past this is cut below anyway
-    forms = {form for secret in secrets if secret and len(secret) >= MIN_SECRET_CHARS
-             for encoded in (quote(secret, safe=""), quote_plus(secret))
-             for form in (secret, encoded, _PERCENT.sub(lambda m: m[0].lower(), encoded))}
-    for form in sorted(forms, key=len, reverse=True):  # longest first: one may contain another
-        text = text.replace(form, REDACTED)
+    for pattern in sorted({_secret_pattern(s) for s in secrets
+                           if s and len(s) >= MIN_SECRET_CHARS},
+                          key=lambda p: len(p.pattern), reverse=True):
+        text = pattern.sub(REDACTED, text)  # longest first: one secret may contain another
     text = _NAMED.sub(lambda m: m["name"] + m["sep"] + REDACTED, text)
     text = _SCHEMES.sub(REDACTED, text)
     text = _SHAPES.sub(REDACTED, text)
     if limit is not None and len(text) > limit:
         text = text[:limit] + "... [truncated]"
     return text
+
+
+def _hex(value: int, digits: int) -> str:
+    """A hex number that matches in either case."""
+    return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d
+                   for d in f"{value:0{digits}x}")
+
+
+def _char_forms(char: str) -> str:
+    """A regex for one character of a secret in any of its echoed encodings."""
+    forms = [re.escape(char)]
+    code = ord(char)
+    units = ([code] if code <= 0xFFFF else
+             [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)])
+    forms.append("".join(r"\\u" + _hex(unit, 4) for unit in units))  # JSON: \uXXXX
+    forms.append("".join("%" + _hex(byte, 2) for byte in char.encode()))  # percent-encoded
+    if char == "/":
+        forms.append(r"\\/")  # JSON's optional escape of a solidus
+    if char == " ":
+        forms.append(r"\+")  # form encoding
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _base64_forms(secret: str) -> list[str]:
+    """The base64 text that stands for `secret` wherever it sits in a longer encoded value: at
+    each alignment (0, 1 or 2 bytes before it), the characters that depend on its bytes alone."""
+    raw = secret.encode()
+    found = []
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode()
+        start, end = -(-4 * offset // 3), (4 * (offset + len(raw))) // 3
+        for text in (encoded[start:end], encoded[start:end].replace("+", "-").replace("/", "_")):
+            if len(text) >= MIN_BASE64_CHARS:
+                found.append(re.escape(text))
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    return re.compile("|".join(["".join(map(_char_forms, secret)), *_base64_forms(secret)]))
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
