@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from pydantic import (
 from guard.support.errors import ConfigError
 from guard.support.hosts import TrustedHosts, host_name, pattern_name
 from guard.support.telemetry import TelemetryConfig
+from guard.support.yamlfile import load_unique
 
 Role = Literal["client", "auditor", "admin"]
 
@@ -105,9 +107,9 @@ class KeyConfig(_Strict):
     @classmethod
     def _hash_shape(cls, value: str) -> str:
         algo, _, hexdigest = value.partition(":")
-        if algo != "sha256" or len(hexdigest) != 64:
+        if algo != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
             raise ValueError("must be 'sha256:' followed by 64 hex digits (safeedit key hash)")
-        return value
+        return f"sha256:{hexdigest.lower()}"  # as hash_key writes it, so that it can match
 
     def matches(self, key: str) -> bool:
         return hmac.compare_digest(self.hash, hash_key(key))
@@ -239,7 +241,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = load_unique(Path(path).read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
