@@ -15,6 +15,10 @@ from datetime import UTC, datetime
 
 from guard.support.errors import RequestError
 
+# The instants a window may name: from the Unix epoch to the last second datetime (and so every
+# page, chart and database column that shows or stores one) can represent.
+EARLIEST = 0.0
+LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 _AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
@@ -24,8 +28,17 @@ def parse_since(value: str, now: float | None = None, *, param: str = "since") -
 
     `value` is an age before `now` (default: the current time): `90s`, `30m`, `12h`, `7d`,
     `2w`; an ISO 8601 date or date and time, UTC unless it carries an offset (`Z` included);
-    or Unix seconds. Anything else is a RequestError naming `param`.
+    or Unix seconds, between 1970 and the end of year 9999. Anything else is a RequestError
+    naming `param`.
     """
+    when = _instant(value, now, param)
+    if not EARLIEST <= when <= LATEST:
+        raise RequestError(f"Invalid '{param}': {value!r} is outside the times this can show "
+                           "(from 1970 to the end of year 9999).", param=param)
+    return when
+
+
+def _instant(value: str, now: float | None, param: str) -> float:
     text = value.strip()
     if ago := _AGO.fullmatch(text):
         return (time.time() if now is None else now) - float(ago[1]) * _UNIT_S[ago[2]]
@@ -38,7 +51,7 @@ def parse_since(value: str, now: float | None = None, *, param: str = "since") -
             return seconds
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise RequestError(f"Invalid '{param}': {value!r} is not a time; use an age (30m, 12h, "
                            "7d, 2w), a date or time (2025-06-01, 2025-06-01T12:00Z) or Unix "
                            "seconds.", param=param) from None
