@@ -13,16 +13,23 @@ from guard.judges.batching import MicroBatcher
 
 
 class Recorder:
-    """A batch function that squares numbers and remembers every batch and its thread."""
+    """A batch function that squares numbers and remembers every batch and its thread.
 
-    def __init__(self, delay: float = 0.0) -> None:
+    With a `gate`, each batch says it started (`started`) and waits until the gate is set."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
         self.threads: set[str] = set()
         self.delay = delay
+        self.gate = gate
+        self.started = threading.Event()
 
     def __call__(self, items: list[int]) -> list[int | BaseException]:
         self.batches.append(list(items))
         self.threads.add(threading.current_thread().name)
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(10)
         time.sleep(self.delay)
         return [ValueError(f"bad {i}") if i < 0 else i * i for i in items]
 
@@ -77,11 +84,15 @@ async def test_the_loop_keeps_running_while_the_batch_function_works() -> None:
 
 
 async def test_items_arriving_during_a_batch_form_the_next_one() -> None:
-    fn = Recorder(delay=0.2)
+    gate = threading.Event()
+    fn = Recorder(gate=gate)
     batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=0)
     first = asyncio.create_task(batcher.submit(1))
-    await asyncio.sleep(0.05)  # the first batch is running now
-    rest = await asyncio.gather(batcher.submit(2), batcher.submit(3))
+    assert await asyncio.to_thread(fn.started.wait, 10)  # the first batch is running now
+    more = asyncio.gather(batcher.submit(2), batcher.submit(3))
+    # Callbacks run in the order they were scheduled: both callers queue their items first.
+    asyncio.get_running_loop().call_soon(gate.set)
+    rest = await more
     assert await first == 1 and rest == [4, 9]
     assert fn.batches == [[1], [2, 3]]
     await batcher.aclose()

@@ -44,10 +44,12 @@ def test_a_client_that_hangs_up_mid_body_is_traced_as_499(proxy, fake_backend, p
     url = urlsplit(base)
     head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
             f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: {content_type}\r\n"
-            "Content-Length: 400\r\n\r\n").encode()
-    with socket.create_connection((url.hostname, url.port)) as conn:
-        conn.sendall(head + b'{"prompt": "a lighthouse at dusk", "size": "10' + b" " * 150)
-        time.sleep(0.2)  # the proxy is now waiting for the rest of the body
+            "Content-Length: 400\r\nExpect: 100-continue\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        conn.sendall(head)
+        # The proxy asks for the body when it starts reading it (RFC 9110 §10.1.1).
+        assert conn.recv(64).startswith(b"HTTP/1.1 100 ")
+        conn.sendall(b'{"prompt": "a lighthouse at dusk", "size": "10' + b" " * 150)
 
     deadline = time.monotonic() + 10
     while not (found := httpx.get(f"{base}/v1/guard/traces", headers=ADMIN).json()["data"]):

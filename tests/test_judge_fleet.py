@@ -5,6 +5,7 @@ leaves the rotation without the client noticing and comes back when its health c
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -120,7 +121,11 @@ async def test_background_health_checks_eject_a_server_before_a_request_meets_it
     await judge.start()
     try:
         gone.down = True
-        await asyncio.sleep(0.4)
+        assert judge.fleet is not None
+        deadline = time.monotonic() + 10
+        while judge.fleet.status()[0]["in_rotation"]:  # until a health check has ejected it
+            assert time.monotonic() < deadline, "the health checks never ejected the server"
+            await asyncio.sleep(0.01)
         for _ in range(4):
             await judge.judge([item("a cat", png(0))], POLICY)
         assert gone.requests == [] and len(good.requests) == 4
