@@ -264,6 +264,48 @@ async def test_a_configured_link_key_is_used_by_every_replica(
         ImageLinks.from_options(await stores(), options)
 
 
+def _link_params(link: str) -> tuple[str, dict[str, str]]:
+    path, _, query = link.partition("?")
+    return path.rsplit("/", 1)[1], dict(p.split("=") for p in query.split("&"))
+
+
+async def test_links_survive_a_key_rotation_and_die_with_their_key(
+        stores: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await stores()
+    monkeypatch.setenv("SAFEEDIT_TEST_LINK_KEYS", "k1:first-secret-0123456789")
+    before = ImageLinks.from_options(store, {"link_keys_env": "SAFEEDIT_TEST_LINK_KEYS"})
+    old_id, old = _link_params(await before.mint(GeneratedImage(data=png("red"))))
+    assert old["kid"] == "k1"
+    # Rotation: a new key signs, the old one still opens what it signed.
+    monkeypatch.setenv("SAFEEDIT_TEST_LINK_KEYS",
+                       "k2:second-secret-0123456789,k1:first-secret-0123456789")
+    after = ImageLinks.from_options(store, {"link_keys_env": "SAFEEDIT_TEST_LINK_KEYS"})
+    new_id, new = _link_params(await after.mint(GeneratedImage(data=png("blue"))))
+    assert new["kid"] == "k2"
+    assert await after.open(old_id, old["exp"], old["sig"], old["kid"]) is not None
+    assert await after.open(new_id, new["exp"], new["sig"], new["kid"]) is not None
+    # A kid naming the wrong key, or one no longer configured, opens nothing.
+    assert await after.open(old_id, old["exp"], old["sig"], "k2") is None
+    monkeypatch.setenv("SAFEEDIT_TEST_LINK_KEYS", "k2:second-secret-0123456789")
+    retired = ImageLinks.from_options(store, {"link_keys_env": "SAFEEDIT_TEST_LINK_KEYS"})
+    assert await retired.open(old_id, old["exp"], old["sig"], old["kid"]) is None
+    assert await retired.open(new_id, new["exp"], new["sig"], new["kid"]) is not None
+    # A link minted before key ids (no kid) opens with any configured key that signed it.
+    assert await after.open(old_id, old["exp"], old["sig"]) is not None
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("no-colon-here", "kid:secret pairs"), ("k1:a,k1:b", "twice"), ("bad kid!:x", "key id")])
+async def test_a_bad_link_keyring_stops_the_start_without_echoing_it(
+        stores: Factory, monkeypatch: pytest.MonkeyPatch, value: str, problem: str) -> None:
+    monkeypatch.setenv("SAFEEDIT_TEST_LINK_KEYS", value)
+    with pytest.raises(ConfigError, match=problem) as info:
+        ImageLinks.from_options(await stores(), {"link_keys_env": "SAFEEDIT_TEST_LINK_KEYS"})
+    assert value not in info.value.message
+    with pytest.raises(ConfigError, match="not both"):
+        ImageLinks.from_options(await stores(), {"link_keys_env": "A", "link_key_env": "B"})
+
+
 async def test_minting_links_purges_expired_copies_in_the_background(stores: Factory) -> None:
     store = await stores()
     expiring = await store.put(png("green"), "image/png", 0.05)  # a link's copy

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from guard.support.errors import ConfigError
+from guard.support.keyring import keyring_from_env
 
 MIN_KEY_BYTES = 16
 
@@ -68,27 +68,12 @@ class Signer:
         """The keys in `keys_env` (`kid:secret,...`) or the one key in `key_env`; None when
         neither is named. A named but unset variable is a config error: checkpoints would
         silently stop otherwise."""
-        if keys_env and key_env:
-            raise ConfigError("audit: give checkpoint_keys_env or checkpoint_key_env, not both")
-        env_name = keys_env or key_env
-        if not env_name:
+        keys = keyring_from_env("audit", keys_env=keys_env, key_env=key_env,
+                                keys_option="checkpoint_keys_env",
+                                key_option="checkpoint_key_env")
+        if keys is None:
             return None
-        option = "checkpoint_keys_env" if keys_env else "checkpoint_key_env"
-        value = os.environ.get(env_name)
-        if not value:
-            raise ConfigError(f"audit: {option} names {env_name}, which is not set")
-        if key_env:
-            return cls.single(value.encode())
-        keys: dict[str, bytes] = {}
-        for entry in value.split(","):
-            kid, sep, secret = entry.strip().partition(":")
-            if not sep or not secret:  # never echo the entry: it may hold a secret
-                raise ConfigError(f"audit: {env_name} must hold kid:secret pairs separated by "
-                                  "commas")
-            if kid in keys:
-                raise ConfigError(f"audit: {env_name} names key id {kid!r} twice")
-            keys[kid] = secret.encode()
-        return cls(keys)
+        return cls.single(keys[""]) if key_env else cls(keys)
 
     @classmethod
     def from_env(cls, env_name: str | None) -> Signer | None:

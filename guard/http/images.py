@@ -101,7 +101,8 @@ def _base_url(state: GuardState, request: Request) -> str:
 async def served_image(request: Request) -> Response:
     found = await state_of(request).images.open(request.path_params["image_id"],
                                                 request.query_params.get("exp", ""),
-                                                request.query_params.get("sig", ""))
+                                                request.query_params.get("sig", ""),
+                                                request.query_params.get("kid"))
     if found is None:
         raise NotFound("Image not found or link expired.")
     return Response(found[1], media_type=found[0])

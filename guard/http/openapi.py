@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from guard.audit.labels import MAX_NOTE, VERDICTS, Label
+from guard.core.labels import MAX_NOTE, VERDICTS, Label
 from guard.core.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from guard.core.types import Trace
 
@@ -41,7 +41,8 @@ _ERRORS = {
     429: "The image backend is rate limiting (Retry-After).",
     502: "The image backend failed.",
     503: "A judge or the audit store is unavailable; nothing was served.",
-    504: "The image backend timed out.",
+    504: "The image backend timed out, or the request's deadline passed (policy "
+         "`rounds.deadline_s`, header `x-guard-deadline-s`; code `guard_deadline_exceeded`).",
 }
 
 
@@ -113,6 +114,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             _path("image_id", "From the link."),
             _query("exp", {"type": "string", "pattern": "^[0-9]{1,12}$"},
                    "Expiry, Unix seconds (from the link).", True),
+            _query("kid", {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,32}$"},
+                   "The id of the key that signed the link (from the link).", False),
             _query("sig", {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                    "Signature (from the link).", True)],
         "responses": _responses(
@@ -129,7 +132,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             *(_query(name, {"type": "string"}, f"Only traces with this {name}.")
               for name in _TEXT_FILTERS),
             _query("policy_version", {"type": "integer", "minimum": 0,
-                                      "maximum": 2**63 - 1}, "Only this policy version."),
+                                      "maximum": 2**31 - 1}, "Only this policy version."),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
                    "Page size."),
             _query("cursor", {"type": "string"}, "`next_cursor` of the previous page.")],
