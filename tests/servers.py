@@ -23,7 +23,7 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
     """Run `app` on uvicorn at http://127.0.0.1:<port> until the block exits; yields the base URL."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", access_log=False)
+                            lifespan="on", access_log=False, proxy_headers=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

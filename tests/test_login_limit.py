@@ -15,6 +15,7 @@ import pytest
 
 from guard.core.config import load_config
 from guard.review import LOGIN_FAILURES, LOGIN_WINDOW_S
+from guard.support.errors import ConfigError
 from guard.support.ratelimit import MemoryLimiter
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY
 from tests.conftest import test_keys as configured_keys
@@ -29,12 +30,17 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[str, Clock]]:
+NGINX = "127.0.0.3"  # the reverse proxy's address, as compose's nginx has its own
+
+
+@pytest.fixture(params=[None, [NGINX]], ids=["default", "behind-nginx"])
+def site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, Clock]]:
     from proxy import create_app
 
+    server = {"trusted_proxies": request.param} if request.param else {}
     config = load_config(None, {"keys": configured_keys(), "judge": {"kind": "marker"},
-                                "audit": {"kind": "sqlite", "path": str(tmp_path / "a.db")}})
+                                "audit": {"kind": "sqlite", "path": str(tmp_path / "a.db")},
+                                "server": server})
     app = create_app(config)
     clock = Clock()
     app.state.login_limiter = MemoryLimiter(LOGIN_FAILURES, LOGIN_WINDOW_S, clock=clock)
@@ -42,9 +48,12 @@ def site(tmp_path: Path) -> Iterator[tuple[str, Clock]]:
         yield base, clock
 
 
-def browser(base: str, address: str = "127.0.0.1") -> httpx.Client:
-    """A client connecting from `address` (any 127.x.y.z reaches the server on Linux)."""
+def browser(base: str, address: str = "127.0.0.1", forwarded: str | None = None
+            ) -> httpx.Client:
+    """A client connecting from `address` (any 127.x.y.z reaches the server on Linux), sending
+    `X-Forwarded-For: forwarded` when given (as a reverse proxy in front would)."""
     return httpx.Client(base_url=base, timeout=30,
+                        headers={"x-forwarded-for": forwarded} if forwarded else None,
                         transport=httpx.HTTPTransport(local_address=address))
 
 
@@ -106,6 +115,50 @@ def test_a_key_id_is_limited_across_addresses(site, caplog) -> None:  # type: ig
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "too many failures for key app" in logged
     assert CLIENT_KEY not in logged
+
+
+@pytest.fixture
+def behind_nginx(tmp_path: Path) -> Iterator[str]:
+    from proxy import create_app
+
+    config = load_config(None, {"keys": configured_keys(), "judge": {"kind": "marker"},
+                                "audit": {"kind": "sqlite", "path": str(tmp_path / "a.db")},
+                                "server": {"trusted_proxies": [NGINX]}})
+    with serve(create_app(config)) as base:
+        yield base
+
+
+def test_behind_a_trusted_proxy_one_client_s_failures_lock_out_only_that_client(
+        behind_nginx: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="safeedit.review")
+    with browser(behind_nginx, NGINX, forwarded="203.0.113.7") as attacker:
+        for i in range(LOGIN_FAILURES):
+            assert sign_in(attacker, f"sk-guess-{i}").status_code == 401
+        assert sign_in(attacker, AUDITOR_KEY).status_code == 429
+    # Another auditor behind the same proxy is not locked out with them (a spoofed hop to the
+    # left of the proxy's own entry changes nothing: the right-most untrusted address counts).
+    with browser(behind_nginx, NGINX, forwarded="203.0.113.7, 198.51.100.9") as auditor:
+        assert sign_in(auditor, AUDITOR_KEY).status_code == 303
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "too many failures for address 203.0.113.7" in logged
+
+
+def test_a_forwarded_header_from_an_untrusted_peer_does_not_evade_the_limit(
+        behind_nginx: str) -> None:
+    for i in range(LOGIN_FAILURES):  # 127.0.0.1 is not the proxy here: its header is ignored
+        with browser(behind_nginx, "127.0.0.1", forwarded=f"192.0.2.{i + 1}") as rotating:
+            assert sign_in(rotating, f"sk-guess-{i}").status_code == 401
+    with browser(behind_nginx, "127.0.0.1", forwarded="192.0.2.200") as rotating:
+        assert sign_in(rotating, AUDITOR_KEY).status_code == 429
+    with browser(behind_nginx, NGINX, forwarded="198.51.100.9") as other:
+        assert sign_in(other, AUDITOR_KEY).status_code == 303  # the limit is that peer's
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    assert load_config(None, {"server": {"trusted_proxies": ["10.0.0.0/8", "fd00::1"]}}
+                       ).server.trusted_proxies == ["10.0.0.0/8", "fd00::1/128"]
+    with pytest.raises(ConfigError, match="not an IP address or CIDR"):
+        load_config(None, {"server": {"trusted_proxies": ["nginx"]}})
 
 
 def test_the_limiter_forgets_the_least_recent_key_beyond_max_keys() -> None:

@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     resolve(args.app)
     served = uvicorn.Config(functools.partial(_build_app, args.app, config), factory=True,
                             host=host, port=port, log_level=args.log_level, access_log=False,
-                            lifespan="on")
+                            lifespan="on",
+                            # The app decides whose X-Forwarded-For counts (server.trusted_proxies,
+                            # guard.http.middleware.forwarded), never uvicorn's own default.
+                            proxy_headers=False)
     if args.workers == 1:
         DrainingServer(served, config.server.drain_timeout_s).run()
         return 0

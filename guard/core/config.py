@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -119,6 +120,13 @@ def hash_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR (e.g. 10.0.0.0/8)") from None
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -135,6 +143,12 @@ class ServerConfig(_Strict):
         "IP addresses, `*.example.com` for subdomains, or `*` for any (only with keys). Default: "
         "the bind address and localhost, 127.0.0.1, ::1. Others get a 400, so a web page that "
         "points its own DNS name at the proxy (DNS rebinding) cannot use it.")
+    trusted_proxies: list[Annotated[str, AfterValidator(_network)]] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Reverse proxies (addresses or CIDRs) whose X-Forwarded-For counts: the "
+        "client is the right-most forwarded address that is not one of them. From anyone else "
+        "the header is ignored. Whatever is limited per client address (failed sign-ins) uses "
+        "that client. Default: loopback only, as uvicorn's.")
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long requests in flight may still run: the "
         "proxy goes unready and answers new requests 503 (Retry-After) meanwhile, then stops. "

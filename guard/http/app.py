@@ -26,6 +26,7 @@ from guard.http import labels as labels_api
 from guard.http.errors import status_of
 from guard.http.images import edits, generations, served_image
 from guard.http.middleware.drain import Drain
+from guard.http.middleware.forwarded import ForwardedClient
 from guard.http.middleware.hosts import TrustedHostMiddleware
 from guard.http.openapi import openapi_document
 from guard.http.policy_reload import PolicyReloader
@@ -110,6 +111,7 @@ def create_app(config: Config | None = None, *,
     # Every route answers only to trusted Host names (guard.http.middleware.hosts: DNS rebinding, links).
     app = Starlette(routes=served, lifespan=lifespan, middleware=[Middleware(
         TrustedHostMiddleware, hosts=config.server.hosts(), public_url=config.server.public_url),
+        Middleware(ForwardedClient, trusted=config.server.trusted_proxies),
         Middleware(drain.middleware)],
         exception_handlers={GuardError: guard_error, Exception: internal_error,
                             404: not_found, 405: method_not_allowed})
