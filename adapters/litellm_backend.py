@@ -50,7 +50,7 @@ from guard.support.errors import (
     PolicyViolation,
 )
 from guard.support.redact import redact_logs
-from guard.support.retry import Retrying, RetryPolicy
+from guard.support.retry import Retrying, RetryPolicy, retry_after_header
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -177,9 +177,8 @@ class LiteLLMBackend:
         except lt.Timeout as exc:
             raise BackendTimeout(f"backend {name!r} timed out") from exc
         except lt.RateLimitError as exc:
-            retry = _header(exc, "retry-after")
             raise BackendRateLimited(f"The image backend {name!r} is rate limited (HTTP 429).",
-                                     headers={"retry-after": retry} if retry else None,
+                                     headers=retry_after_header(_header(exc, "retry-after")),
                                      detail=_said(exc), secrets=secrets) from None
         except lt.ContentPolicyViolationError as exc:
             raise PolicyViolation(f"The image backend {name!r} refused the prompt under its own "

@@ -23,12 +23,32 @@ Options:
     retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (guard.support.retry)
     image_urls ({})          allow_private, allow_networks, max_bytes, max_pixels, max_redirects,
                              timeout_s (adapters.fetch)
+    partial_images (0)       0-3: generate with `stream: true, partial_images: N` and show each
+                             partial image to the guard as it arrives, so that an unsafe
+                             generation is stopped early (its stream closed). Not the client's
+                             request field of that name: the client still gets only judged images.
 Edits: POST {api_base}/images/edits as multipart, images as `image[]`, optional `mask`.
+
+Partial images (guard.plugins.PreviewingBackend) come as OpenAI's image SSE:
+`image_generation.partial_image` events (b64_json, partial_image_index), then
+`image_generation.completed` with the final image (`image_edit.*` read alike). One streamed call
+makes all n images, as without streaming. OpenAI's events name no image, so with n > 1 an event
+is put to an image by a non-standard `image_index` where the server sends one; a partial without
+it is not judged (the final images still are, taken in the order they complete). Each partial is
+judged while the stream is read on; "stop" closes the stream at once when every image of the
+call is stopped (a stopped image's later events are ignored until then). A backend that answers
+plain JSON (it ignores `stream`) is read as usual; one that refuses to stream (a 4xx other than
+content_policy_violation), or whose stream breaks, ends before every image is completed or sends
+a completed image that does not decode, is asked again without streaming for the final images; a
+partial that does not parse is skipped. An `error` event is the backend's failure (a 502; its
+`content_policy_violation` a refusal), its words kept to the redacted trace detail.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import httpx
@@ -38,9 +58,12 @@ from pydantic import Field
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
 from guard.core.types import GeneratedImage, GenerationCall
+from guard.plugins import Preview, PreviewHandler
 from guard.support import b64json
 from guard.support.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
-from guard.support.retry import Retrying, RetryPolicy
+from guard.support.retry import Retrying, RetryPolicy, retry_after_header
+
+log = logging.getLogger("safeedit.backends")
 
 _FORWARDED = ("size", "quality", "style", "output_format", "output_compression", "background",
               "moderation", "user")
@@ -58,6 +81,7 @@ class OpenAICompatOptions(Options):
     extra_headers: dict[str, str] = Field(default_factory=dict)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     image_urls: UrlPolicy = Field(default_factory=UrlPolicy)
+    partial_images: int = Field(0, ge=0, le=3)
 
 
 class OpenAICompatBackend:
@@ -88,6 +112,27 @@ class OpenAICompatBackend:
         return cls(name, opts, api_key=secret_from_env(name, opts.api_key_env))
 
     async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
+        return await self._generate(self._body(call))
+
+    def shows_previews(self, call: GenerationCall) -> bool:
+        return self.options.partial_images > 0
+
+    async def generate_previewed(self, call: GenerationCall, on_preview: PreviewHandler
+                                 ) -> list[GeneratedImage | None]:
+        body = self._body(call)
+        streamed = {**body, "stream": True, "partial_images": self.options.partial_images}
+        try:
+            return await self._call(lambda: self._read_stream(streamed, call.n, on_preview))
+        except _StreamBroken as exc:
+            log.warning("backend %s: %s; asking again without streaming", self.name, exc)
+        except BackendRejected as exc:
+            if exc.code == "content_policy_violation":
+                raise
+            log.warning("backend %s refused to stream (%s); asking without streaming",
+                        self.name, exc.code)
+        return list(await self._generate(body))
+
+    def _body(self, call: GenerationCall) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": call.prompt, "n": call.n}
         if call.model:
             body["model"] = call.model
@@ -99,10 +144,126 @@ class OpenAICompatBackend:
         if response_format:
             body["response_format"] = response_format
         body.update(call.extra)
+        return body
+
+    async def _generate(self, body: dict[str, Any]) -> list[GeneratedImage]:
         content = orjson.dumps(body)
         headers = {"content-type": "application/json"}
         return await self._call(lambda: self._post("/images/generations", content=content,
                                                    headers=headers))
+
+    async def _read_stream(self, body: dict[str, Any], n: int, on_preview: PreviewHandler
+                           ) -> list[GeneratedImage | None]:
+        request = self._client.build_request(
+            "POST", "/images/generations", content=orjson.dumps(body),
+            headers={"content-type": "application/json", "accept": "text/event-stream"})
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"backend {self.name!r} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise BackendError(f"backend {self.name!r} is unreachable ({type(exc).__name__})",
+                               code="backend_unavailable") from exc
+        try:
+            if response.status_code >= 400 or not response.headers.get(
+                    "content-type", "").startswith("text/event-stream"):
+                await response.aread()  # an error, or plain JSON: it ignored `stream`
+                return list(await self._parse(response))
+            return await self._events(response, n, on_preview)
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"backend {self.name!r} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise _StreamBroken(f"its stream broke ({type(exc).__name__})") from exc
+        finally:
+            await response.aclose()  # before the end: closes the connection, so it stops
+
+    async def _events(self, response: httpx.Response, n: int, on_preview: PreviewHandler
+                      ) -> list[GeneratedImage | None]:
+        finals: dict[int, GeneratedImage] = {}
+        stopped: set[int] = set()
+        shown: list[asyncio.Future[None]] = []
+
+        async def show(preview: Preview) -> None:
+            if await on_preview(preview) == "stop":
+                stopped.add(preview.index)
+                if len(finals.keys() | stopped) == n:
+                    reading.cancel()  # nothing left to wait for: the stream is closed now
+
+        async def read() -> None:
+            async for event, data in _sse(response):
+                kind = data.get("type") if isinstance(data.get("type"), str) else event
+                index = data.get("image_index", 0 if n == 1 else None)
+                if kind in ("image_generation.partial_image", "image_edit.partial_image"):
+                    preview = self._preview(data, index, n)
+                    if preview is not None and preview.index not in stopped:
+                        # Judged while the stream is read on: the next event is not held up.
+                        shown.append(asyncio.ensure_future(show(preview)))
+                elif kind in ("image_generation.completed", "image_edit.completed"):
+                    if index is None:  # unnamed: the images in the order they complete
+                        index = min(set(range(n)) - finals.keys(), default=None)
+                    if not isinstance(index, int) or not 0 <= index < n or index in finals:
+                        raise _StreamBroken("it completed an image it did not make")
+                    finals[index] = self._completed(data)
+                elif kind == "error" or event == "error":
+                    raise self._stream_error(data)
+                if len(finals.keys() | stopped) == n:
+                    return
+            raise _StreamBroken("its stream ended before every image was completed")
+
+        reading = asyncio.ensure_future(read())
+        try:
+            await asyncio.wait((reading,))
+            if not reading.cancelled():
+                reading.result()  # its failure, if any
+            await asyncio.gather(*shown)  # every handler call has returned
+        finally:
+            reading.cancel()
+            for task in shown:
+                task.cancel()
+        return [None if i in stopped else finals[i] for i in range(n)]
+
+    def _preview(self, data: dict[str, Any], index: Any, n: int) -> Preview | None:
+        """The partial image of an event, or None: for no image of the call that can be named
+        (not judged), or one that does not decode (skipped)."""
+        if not isinstance(index, int) or not 0 <= index < n:
+            return None
+        image = self._streamed_image(data)
+        step = data.get("partial_image_index")
+        try:
+            if image is None or not isinstance(step, int):
+                raise BackendError("no image or no partial_image_index")
+            image.validate()  # decoded once: the judge reads these bytes
+        except BackendError:
+            log.warning("backend %s: a partial image event without a usable image; skipped",
+                        self.name)
+            return None
+        return Preview(index, step, image)
+
+    def _completed(self, data: dict[str, Any]) -> GeneratedImage:
+        image = self._streamed_image(data)
+        if image is None:
+            raise _StreamBroken("its completed event has no image")
+        try:
+            image.validate()
+        except BackendError as exc:
+            raise _StreamBroken("its completed image does not decode") from exc
+        return image
+
+    def _streamed_image(self, data: dict[str, Any]) -> GeneratedImage | None:
+        b64 = data.get("b64_json")
+        if not isinstance(b64, str) or not b64:
+            return None
+        return image_from_b64(b64, self.name, self.options.image_urls,
+                              revised_prompt=data.get("revised_prompt"))
+
+    def _stream_error(self, data: dict[str, Any]) -> BackendError:
+        error: dict[str, Any] = data["error"] if isinstance(data.get("error"), dict) else data
+        detail = f"error event: {orjson.dumps(data).decode(errors='replace')[:2000]}"
+        if error.get("code") == "content_policy_violation":
+            return BackendRejected.answered(self.name, None, error, detail=detail,
+                                            secrets=self._secrets)
+        return BackendError(f"The image backend {self.name!r} failed while streaming.",
+                            detail=detail, secrets=self._secrets)
 
     async def edit(self, call: GenerationCall, images: list[bytes],
                    mask: bytes | None) -> list[GeneratedImage]:
@@ -162,9 +323,9 @@ class OpenAICompatBackend:
         status, name, secrets = response.status_code, self.name, self._secrets
         detail = f"HTTP {status}: {response.text}"
         if status == 429:
-            retry = response.headers.get("retry-after")
             return BackendRateLimited(f"The image backend {name!r} is rate limited (HTTP 429).",
-                                      headers={"retry-after": retry} if retry else None,
+                                      headers=retry_after_header(
+                                          response.headers.get("retry-after")),
                                       detail=detail, secrets=secrets)
         if status >= 500:
             return BackendError(f"The image backend {name!r} failed (HTTP {status}).",
@@ -182,6 +343,30 @@ class OpenAICompatBackend:
     async def aclose(self) -> None:
         await self._client.aclose()
         await self._fetcher.aclose()
+
+
+class _StreamBroken(Exception):
+    """A stream the guard cannot read to its end: the image is asked for again, unstreamed."""
+
+
+async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(event name, JSON data) of each server-sent event; data that is not a JSON object is
+    skipped (keep-alives, `[DONE]`), an event cut off by the end of the stream is dropped."""
+    event, lines = "", list[str]()
+    async for line in response.aiter_lines():
+        if not line:
+            if lines:
+                try:
+                    data = orjson.loads("\n".join(lines))
+                except orjson.JSONDecodeError:
+                    data = None
+                if isinstance(data, dict):
+                    yield event, data
+            event, lines = "", []
+        elif line.startswith("data:"):
+            lines.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            event = line[6:].strip()
 
 
 def _media_type(data: bytes) -> str:

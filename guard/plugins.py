@@ -1,9 +1,11 @@
 """Every contract a plugin implements, and every registry it registers in.
 
     Backend / EditingBackend   makes (and edits) images           registry `backends`
+    PreviewingBackend          shows previews while it generates   (a Backend capability)
     Judge, Refiner             scores items; explains and refines  registry `judges`
     judge profiles             prompt layout + parser per model    registry `profiles`
     AuditStore                 keeps every request's trace         registry `audit_stores`
+    LabelStore                 keeps auditors' labels of traces    (an AuditStore capability)
     ImageStore                 bytes by sha256 with an expiry      registry `image_stores`
 
 A registry maps a kind (the `kind:` of a config section) to a factory. The built-ins register
@@ -16,15 +18,27 @@ any vendor SDK until a config asks for it. A third party registers in code
 
 Capabilities beyond these contracts are declared beside their implementations and checked with
 isinstance: `guard.audit.ChainedStore`, `guard.audit.ImageKeepingStore`.
+
+Previews (`PreviewingBackend`): a backend that can show partial images while it generates
+(OpenAI's streamed `partial_images`, a diffusion pipeline's intermediate steps) implements
+`generate_previewed(call, on_preview)`. It calls `on_preview(Preview(index, step, image))` with
+each preview as it comes and goes on generating; the engine judges the preview (verdict only)
+and answers "continue" or "stop". On "stop" the backend ends that image's generation at once
+(closes its stream, interrupts its pipeline) and returns None in its place. The engine
+(guard.pipeline.previews) cancels the whole call itself once every image of it is stopped, and
+never returns a preview unjudged: the one that stopped an image stands in for it, judged as an
+image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+from guard.core.hashchain import VerifyReport
+from guard.core.labels import Label, LabelPage, QueuePage, QueueQuery
 from guard.core.policy import Policy
 from guard.core.types import GeneratedImage, GenerationCall, JudgeInput, Trace, Verdict
 from guard.support.errors import ConfigError
@@ -57,6 +71,39 @@ class EditingBackend(Backend, Protocol):
                    mask: bytes | None) -> list[GeneratedImage]:
         """Make `call.n` images from `images` (PNG/JPEG/WebP bytes) as `call.prompt` asks.
         `mask`: transparent where the image may change, as in OpenAI's API."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """A partial image of a generation still running."""
+
+    index: int  # which image of the call, 0 .. n-1
+    step: int  # the backend's own count: OpenAI's partial_image_index, a diffusion step
+    image: GeneratedImage
+
+
+PreviewAction = Literal["continue", "stop"]
+PreviewHandler = Callable[[Preview], Awaitable[PreviewAction]]
+
+
+@runtime_checkable
+class PreviewingBackend(Backend, Protocol):
+    """A backend that shows previews while it generates, so that an unsafe generation is
+    stopped early (issue 18)."""
+
+    def shows_previews(self, call: GenerationCall) -> bool:
+        """Whether `generate_previewed` would show any previews for this call (its options
+        ask for them); when false the engine calls `generate`."""
+        ...
+
+    async def generate_previewed(self, call: GenerationCall, on_preview: PreviewHandler
+                                 ) -> list[GeneratedImage | None]:
+        """As `generate`, calling `on_preview` with each preview as it comes (the calls may
+        overlap: the generation need not wait for a verdict). An image whose handler answered
+        "stop" is ended at once and is None in the result. Returns after every handler call it
+        made has returned. A preview the backend cannot read is skipped; a stream it cannot
+        finish falls back to the final image made without previews."""
         ...
 
 
@@ -141,6 +188,30 @@ class AuditStore(Protocol):
     async def ready(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LabelStore(Protocol):
+    """An audit store that keeps auditors' labels of its traces (guard.core.labels) in a chain of
+    their own, and the review queue (a capability, checked with isinstance)."""
+
+    async def add_label(self, label: Label) -> Label:
+        """Append the label to the label chain, after checking that its item was judged in
+        the trace (a RequestError naming `slot` or `round` if not; NotFound without the
+        trace); its tenant is the trace's. Returns the sealed label."""
+        ...
+
+    async def labels(self, *, trace_id: str | None = None, tenant: str | None = None,
+                     verdict: str | None = None, category: str | None = None,
+                     since: float | None = None, until: float | None = None,
+                     latest_only: bool = True, limit: int = 50,
+                     cursor: str | None = None) -> LabelPage:
+        """Labels, newest first; with `latest_only`, only each item's latest label."""
+        ...
+
+    async def review_queue(self, q: QueueQuery) -> QueuePage: ...
+
+    async def verify_labels(self) -> VerifyReport: ...
 
 
 # --- image stores -------------------------------------------------------------------------------
@@ -255,7 +326,7 @@ def build_store(options: Mapping[str, Any], images: ImageStore | None = None) ->
             else audit_stores.create(kind, opts, images=images))
 
 
-LINK_OPTIONS = ("link_ttl_s", "link_key_env")
+LINK_OPTIONS = ("link_ttl_s", "link_key_env", "link_keys_env")
 
 
 def resolve_image_store(section: Mapping[str, Any] | None,

@@ -34,6 +34,7 @@ class FakeBackend:
     plan: list[list[str]] = field(default_factory=list)
     mode: str = "ok"  # ok | error500 | hang | badb64 | ratelimit | url | reject400
     size: int = 64
+    latency_s: float = 0.0  # every generation takes this long, as a real model does
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -61,6 +62,8 @@ class FakeBackend:
             await asyncio.sleep(30)
         n = int(body.get("n") or 1)
         call = len(self.requests) - 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         colours = self.plan[call] if call < len(self.plan) else []
         colours = (colours + ["blue"] * n)[:n]
         data: list[dict[str, Any]] = []

@@ -92,6 +92,23 @@ async def test_retry_after_beyond_the_deadline_goes_straight_to_the_client(serve
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("said, passed_on", [
+    ("Bearer sk-operator-key-0123456789", {}),        # an echo of the request: never passed on
+    ("7, Authorization: sk-operator-key-0123456789", {}),
+    ("12.2", {"retry-after": "13"}),                   # seconds, whole, rounded up
+    ("Wed, 21 Oct 2015 07:28:00 GMT", {"retry-after": "0"}),  # a date, as seconds from now
+])
+async def test_only_a_parsed_retry_after_reaches_the_client(server, kind, said: str,  # type: ignore[no-untyped-def]
+                                                            passed_on: dict[str, str]) -> None:
+    server.fail_first, server.fail_status, server.retry_after = 99, 429, said
+    with pytest.raises(BackendRateLimited) as info:
+        await run(make(kind, server.base_url + "/v1",
+                       retry={"attempts": 1, **FAST}))
+    assert info.value.headers == passed_on
+    assert "sk-operator" not in str(info.value.headers) + str(info.value.to_dict())
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_retry_after_within_the_deadline_is_honoured(server, kind) -> None:  # type: ignore[no-untyped-def]
     server.fail_first, server.fail_status, server.retry_after = 1, 429, "1"
     started = time.perf_counter()

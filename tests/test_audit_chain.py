@@ -18,7 +18,7 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit.chain import link_hash
+from guard.core.hashchain import link_hash
 from guard.core.types import Trace
 from guard.plugins import build_store
 from tests.audit_writer import sample_trace

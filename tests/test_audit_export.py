@@ -19,7 +19,7 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit.chain import link_hash
+from guard.core.hashchain import link_hash
 from guard.core.types import Trace
 from guard.plugins import build_store
 from tests.audit_writer import sample_trace
@@ -122,3 +122,25 @@ def test_verify_100k_traces(big_log) -> None:  # type: ignore[no-untyped-def]
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"checked {N} traces (seq 1..{N})" in result.stdout and "OK" in result.stdout
     assert peak_mb < 200
+
+
+@pytest.mark.parametrize("prompt", ['=HYPERLINK("http://evil.example","click")', "+1+cmd|' /C calc'!A0",
+                                    "-2+3", "@SUM(1)", "\tindented"])
+def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path: Path, prompt: str) -> None:
+    options = {"kind": "sqlite", "path": str(tmp_path / "audit.db")}
+
+    async def write() -> None:
+        store = build_store(options)
+        fields = dict(sample_trace("app", 0))
+        await store.write(Trace.model_validate({**fields, "request": {"prompt": prompt},
+                                                "tenant": "=tenant", "created_at": BASE_TIME}))
+        await store.aclose()
+
+    asyncio.run(write())
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"audit": options}))
+    result, _, _ = run_measured("audit", "export", "--config", str(config), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    row = next(csv.DictReader(io.StringIO(result.stdout)))
+    assert row["prompt"] == "'" + prompt and row["tenant"] == "'=tenant"
+    assert row["seq"] == "1" and row["policy_version"].isdigit()  # numbers stay numbers

@@ -5,7 +5,7 @@ expected problem kind), and the untouched log verifies (exit 0).
 The log: 8 traces written through the store API, a signed checkpoint every 3 (seq 3 and 6) and
 an anchor of the head (seq 8) written outside the database when the store closes: to a file for
 SQLite, to a table in another schema for PostgreSQL. Beside them, 5 auditors' labels in their own
-chain (guard.audit.labels): a checkpoint at label seq 3, their head anchored beside the traces'.
+chain (guard.core.labels): a checkpoint at label seq 3, their head anchored beside the traces'.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit.chain import link_hash
 from guard.audit.keys import Signer
-from guard.audit.labels import Label
+from guard.core.hashchain import link_hash
+from guard.core.labels import Label
 from guard.plugins import build_store
 from tests.audit_writer import sample_trace
 from tests.test_audit_postgres import pg_dsn  # noqa: F401 - the fixture: skip or fail without PG

@@ -12,9 +12,9 @@ import openai
 import pytest
 import yaml
 
-from guard.audit.labels import Label
 from guard.audit.sqlite import SQLiteStore
 from guard.cli import main
+from guard.core.labels import Label
 from guard.core.policy import POLICIES_DIR, load_policy
 from guard.offline.calibrate import Point, curve, wilson
 from tests.conftest import CLIENT_KEY

@@ -17,11 +17,18 @@ import httpx
 import openai
 import pytest
 
-from guard.audit.labels import Label
 from guard.audit.sqlite import SQLiteStore
 from guard.core.config import hash_key
+from guard.core.labels import Label
 from guard.core.types import JudgedImage, RoundRecord, Trace
-from guard.review.dashboard import Rate, aggregate, label_rates, percentile
+from guard.review.dashboard import (
+    MAX_BUCKETS,
+    Rate,
+    aggregate,
+    bucket_size,
+    label_rates,
+    percentile,
+)
 from tests.conftest import (
     ADMIN_KEY,
     AUDITOR_KEY,
@@ -193,6 +200,12 @@ def test_window_and_errors_are_said_in_words(seeded) -> None:  # type: ignore[no
         assert bad.status_code == 400 and "since" in bad.text and "<svg" not in bad.text
         ok = client.get("/guard/dashboard")
         assert ok.text.count("<svg") == 6 and "<script" not in ok.text
+        # Windows no chart can show are refused in words, never a 500 or a dropped connection.
+        for since in ("1e308", "253402300800", "1e18", "99999999999w"):
+            far = client.get("/guard/dashboard", params={"since": since})
+            assert far.status_code == 400 and "outside the times" in far.text, since
+        decade = client.get("/guard/dashboard", params={"since": "3650d"})
+        assert decade.status_code == 200 and decade.text.count("<svg") == 6
 
 
 # --- the aggregation alone ------------------------------------------------------------------
@@ -221,6 +234,13 @@ def test_aggregate_counts_what_a_reader_expects() -> None:
     assert f.percentiles("backend") == {50: 200, 90: 300, 99: 300}
     assert f.policies == {"p v1": {"edited": 1, "passed": 1}}
     assert percentile([], 50) == 0.0 and str(Rate(1, 4)) == "25% (1 of 4)"
+
+
+@pytest.mark.parametrize("days", [3, 30, 400, 3650, 20000])
+def test_a_long_window_gets_coarser_buckets_never_more_than_400(days: int) -> None:
+    size = bucket_size(0, days * 86400)
+    assert size % 86400 == 0 and days * 86400 / size <= MAX_BUCKETS
+    assert size == 86400 or days * 86400 / (size - 86400) > MAX_BUCKETS  # as fine as it can be
 
 
 def test_label_rates_say_false_positives_of_flagged_and_misses_of_unsafe() -> None:

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import yaml
 
-from guard.audit.labels import Label, LabelStore
 from guard.cli import main
-from guard.plugins import build_store
+from guard.core.labels import Label
+from guard.plugins import LabelStore, build_store
 from tests.conftest import CLIENT_KEY, E2E_POLICY, write_policy
 from tests.fake_backend import png
 
@@ -193,3 +193,12 @@ def test_hugging_face_datasets_loads_the_export(served: dict[str, Any], tmp_path
     assert len(records) == 5 and "prompt" in records.column_names
     images = [r["image"] for r in records]
     assert images[0].size == (64, 64) and images[1:] == [None] * 4
+
+
+def test_the_card_of_a_one_tenant_export_names_its_pseudonym_not_the_tenant(
+        served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, records = export(served, tmp_path / "one", "--tenant", "acme", capsys=capsys)
+    assert code == 0 and records
+    card = (tmp_path / "one" / "README.md").read_text()
+    assert "acme" not in card
+    assert f"one tenant only (`{records[0]['tenant']}` in the records)" in card

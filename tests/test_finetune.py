@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from guard.audit.labels import Label
 from guard.cli import main
+from guard.core.labels import Label
 from guard.core.policy import Policy, load_policy
 from guard.core.types import GeneratedImage, JudgedImage, JudgeInput, RoundRecord, Trace
 from guard.judges.vlm import VLMJudge

@@ -563,6 +563,8 @@ on_judge_error: {on_judge_error}
 categories:
   violence: {{threshold: 0.5, action: edit}}
   sexual: {{threshold: 0.5, action: refuse}}
+terms:  # what the rule refiner adds: a service never refines, and no prompt is made twice
+  violence: {{append: calm and peaceful}}
 """)
     return "hosted"
 
@@ -589,6 +591,9 @@ def test_proxy_edits_what_the_service_flags(proxy, tmp_path, fake_backend,  # ty
     first = t["rounds"][1]["images"][0]
     assert first["judge_id"] == "openai-moderation:omni-moderation-latest"
     assert first["flagged"] == ["violence"] and first["refined_prompt"] is None
+    second = t["rounds"][2]["images"][0]
+    assert (second["prompt"], second["refined_by"]) == ("a duel at dawn, calm and peaceful",
+                                                        "rules")
     assert "harassment" in first["details"]["unmapped"]  # not in this policy: kept, not lost
     assert KEY not in json.dumps(t)
 

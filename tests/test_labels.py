@@ -19,8 +19,9 @@ import orjson
 import pytest
 import yaml
 
-from guard.audit.labels import Label, LabelStore, QueueQuery, sample_point
-from guard.plugins import build_store
+from guard.audit.labels import sample_point
+from guard.core.labels import Label, QueueQuery
+from guard.plugins import LabelStore, build_store
 from tests.audit_writer import sample_trace
 from tests.conftest import (
     ADMIN_KEY,

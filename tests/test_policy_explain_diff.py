@@ -65,8 +65,8 @@ def test_explain_says_what_is_refused_edited_rounds_and_judge_failure(
     assert lines[edited + 1] == ("  sexual  score 0.30 or more - nudity and sexual content  "
                                  "(threshold from kids, action from base)")
     assert "Rounds: at most 2 generations per image, the first included (up to 1 edit)." in lines
-    assert ("Still unsafe after round 2: that image is dropped and the safe ones are returned "
-            "(refused if none is left).") in lines
+    assert ("Still unsafe after round 2, or when nothing new is left to try: that image is "
+            "dropped and the safe ones are returned (refused if none is left).") in lines
     assert ("When the judge fails: the request is refused (HTTP 503, fail closed). "
             "(built-in default)") in lines
     assert "  violence  2 strong terms, 1 rewrite" in lines

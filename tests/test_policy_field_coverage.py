@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from guard.core.policy import Category, Policy, TermSet
+from guard.core.policy import Category, Policy, Rounds, TermSet
 from guard.offline.explain import diff, explain
 
 BASE: dict[str, Any] = {
@@ -56,8 +56,13 @@ def _other(value: Any, annotation: Any) -> Any:
     args = typing.get_args(annotation)
     if origin is typing.Literal:
         return next(a for a in args if a != value)
-    if origin in (typing.Union, types.UnionType):  # `str | None`
-        return "other" if value is None else None
+    if origin in (typing.Union, types.UnionType):
+        if value is not None and type(None) in args:  # `X | None`
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if value is None:
+            return _sample(arms[0])
+        return _sample(next(a for a in arms if not _accepts(a, value)))  # another arm's value
     if annotation is bool:
         return not value
     if annotation is int:
@@ -71,6 +76,31 @@ def _other(value: Any, annotation: Any) -> Any:
     if origin in (Mapping, dict):
         return {**value, "added": "value"}
     raise AssertionError(f"no way to change a field of type {annotation!r}: teach this test")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    if typing.get_origin(annotation) is typing.Literal:
+        return value in typing.get_args(annotation)
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+def _sample(annotation: Any) -> Any:
+    """Some valid value of a type, for a field whose default is None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)[0]
+    if annotation is float:
+        return 30.0
+    model = _model_in(annotation)
+    if model is not None:  # each required field of the model sampled in turn
+        return {name: _sample_field(info.annotation) for name, info in model.model_fields.items()
+                if info.is_required()}
+    return _other(None, annotation)
+
+
+def _sample_field(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is tuple:  # a band [low, high] of floats
+        return [0.25, 0.75]
+    return _sample(annotation)
 
 
 def _get(raw: Any, path: tuple[str, ...], model: type[BaseModel]) -> Any:
@@ -99,7 +129,7 @@ def test_the_walk_reaches_every_model() -> None:
     assert ("rounds",) in walked
     assert ("categories", "violence") in walked and ("terms", "violence") in walked
     assert len(LEAVES) == (len(Policy.model_fields) - 3 + len(Category.model_fields)
-                           + len(TermSet.model_fields) + 2)
+                           + len(TermSet.model_fields) + len(Rounds.model_fields))
 
 
 @pytest.mark.parametrize(("path", "annotation"), LEAVES, ids=[".".join(p) for p, _ in LEAVES])

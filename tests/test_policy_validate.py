@@ -76,7 +76,7 @@ def test_every_mistake_is_reported_at_once_with_line_column_and_what_is_allowed(
         f"{f}:8:3: error: categories.gore.action: required key 'action' is missing; "
         "allowed: one of edit, refuse, allow",
         f"{f}:9:18: error: rounds.on_exhuasted: unknown key 'on_exhuasted' "
-        "(did you mean 'on_exhausted'?); allowed keys: max, on_exhausted",
+        "(did you mean 'on_exhausted'?); allowed keys: max, on_exhausted, deadline_s",
         f"{f}:10:17: error: on_judge_error: got false; allowed: one of refuse, allow "
         "(YAML reads unquoted yes/no/on/off as true/false: quote the word)",
         f"{f}:12:3: error: terms.sexaul: terms for 'sexaul', which is not a category of this "

@@ -233,11 +233,13 @@ async def test_history_changes_what_the_judge_sees(tiny_vlm_dir: Path, make_judg
 async def test_every_profile_scores_every_category(tiny_vlm_dir: Path, make_judge: Any,
                                                    profile: str) -> None:
     judge = await make_judge(tiny_vlm_dir, profile=profile, max_new_tokens=4)
-    verdicts = await judge.judge([item(image=png("red")), item()], policy(0.0))
+    # Threshold 0 makes every edit category unsafe (minors, a refusal, is kept below its
+    # threshold: a refusal's refined prompt would never be used, so it is never explained).
+    verdicts = await judge.judge([item(image=png("red")), item()], policy(0.0, minors=1.0))
     for v in verdicts:
         assert set(v.scores) == set(CATS)
         assert all(0.0 <= s <= 1.0 for s in v.scores.values())
-        # Threshold 0 makes everything unsafe: profiles that explain decode, the others do not.
+        # Profiles that explain decode, the others do not.
         decoded = v.details["decoded_tokens"]
         assert (decoded > 0) if profile != "shieldgemma2" else (decoded == 0)
     if profile == "ipr":  # IPR has no categories: refuse-only minors is never its call
@@ -384,14 +386,17 @@ def test_proxy_serves_images_the_vlm_judge_finds_safe(proxy: Any, tmp_path: Path
 def test_proxy_regenerates_then_refuses_what_the_vlm_judge_keeps_flagging(
         proxy: Any, tmp_path: Path, half_dir: Path, fake_backend: Any) -> None:
     base = _proxy_with_vlm(proxy, tmp_path, half_dir, threshold=0.5)
-    # Prescreen and every image score 0.5 >= 0.5 on sexual and violence: edit, regenerate,
-    # still unsafe after rounds.max = 2, refused.
+    # Prescreen and every image score 0.5 >= 0.5 on sexual and violence: edit. The tiny model
+    # writes no usable refined prompt and the policy has no terms to rewrite with, so after
+    # round 1 nothing new is left to try: refused at once, the same prompt never made twice
+    # (issue 18), though rounds.max = 2 would allow another round.
     r = _generate(base, {"prompt": "a knight fighting a dragon"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "content_policy_violation"
+    assert "nothing new to try" in r.json()["error"]["message"]
     t = _trace(base, r.headers["x-guard-trace-id"])
-    assert [x["kind"] for x in t["rounds"]] == ["prescreen", "generate", "generate"]
-    assert len(fake_backend[0].requests) == 2
+    assert [x["kind"] for x in t["rounds"]] == ["prescreen", "generate"]
+    assert len(fake_backend[0].requests) == 1
     for rnd in t["rounds"]:
         [image] = rnd["images"]
         assert image["flagged"] == ["sexual", "violence"] and image["action"] == "edit"

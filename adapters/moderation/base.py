@@ -49,7 +49,7 @@ from guard.core.policy import Policy
 from guard.core.types import GeneratedImage, JudgeInput, Verdict
 from guard.support.errors import ConfigError, JudgeError
 from guard.support.redact import redact
-from guard.support.retry import Retrying, RetryPolicy
+from guard.support.retry import Retrying, RetryPolicy, retry_after_header
 
 CategoryMap = Mapping[str, tuple[str, ...]]
 UNASSESSED_SCORE = 1.0
@@ -276,7 +276,7 @@ class HostedJudge:
             what = f"rejected the request (HTTP {status})"
         return (Transient if transient else JudgeError)(
             f"judge ({self.kind}) {what}", detail=f"HTTP {status}: {text}",
-            headers={"retry-after": retry_after} if retry_after else None,
+            headers=retry_after_header(retry_after),
             secrets=self._secrets)
 
     def malformed(self, why: str, text: str) -> JudgeError:

@@ -6,10 +6,11 @@ Protocols and checked with isinstance, never probed attribute by attribute:
   head anchored outside the store (`.anchorer`, an Anchorer or None; guard.audit.anchor);
 - `ImageKeepingStore`: keeps the images a policy retains (`.images`, a RetainedImages or None,
   in the shared image store; the review pages and `safeedit audit purge`);
-- `guard.audit.labels.LabelStore`: keeps auditors' labels of traces in a second chain, and the review
-  queue (declared with the labels, which import this package).
-The built-in stores (`sqlite`, `postgres`) have all three. Options common to both are documented in
-guard.audit.common; each store's own in its module.
+- `guard.plugins.LabelStore`: keeps auditors' labels of traces (guard.core.labels) in a second
+  chain, and the review queue.
+The built-in stores (`sqlite`, `postgres`) have all three: one store (guard.audit.sql) over each
+database's dialect. Options common to both are documented in guard.audit.common; each store's own
+in its module.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from guard.audit.anchor import Anchorer
-from guard.audit.chain import ChainSource, Signer, VerifyReport
+from guard.audit.chain import ChainSource, Signer
 from guard.audit.images import RetainedImages
+from guard.core.hashchain import VerifyReport
 from guard.core.types import Trace
 from guard.plugins import AuditStore
 

@@ -3,8 +3,9 @@
 The chain
     Rows are numbered by `seq` = 1, 2, 3... without gaps, one chain per store. Each row keeps the
     trace's canonical JSON (`Trace.canonical_bytes`), the previous row's hash, and
-    `hash = sha256(prev_hash + canonical JSON)` (`Trace.seal`). A chain-head row holds the last
-    seq and hash; every writer appends under a lock on it, so concurrent writers never fork.
+    `hash = sha256(prev_hash + canonical JSON)` (guard.core.hashchain.link_hash, `Trace.seal`).
+    A chain-head row holds the last seq and hash; every writer appends under a lock on it, so
+    concurrent writers never fork (guard.audit.sql: the one append path of both stores).
     Changing a row breaks its own hash; removing one leaves a gap in seq; reordering two puts a
     row after one it was not chained to; cutting the tail leaves the chain head pointing past it.
 
@@ -41,7 +42,7 @@ Anchors (guard.audit.anchor)
 `verify(store, signer, anchors=...)` walks the chain once, in batches (memory stays flat), and
 reports every problem it finds, resynchronising after each; `report.first` is the earliest one.
 
-Labels (guard.audit.labels)
+Labels (guard.core.labels; their SQL in guard.audit.labels)
     Auditors' labels are a second chain in the same store, built the same way: their own rows
     (`labels`), chain head, checkpoints (`label_checkpoints`) and anchors, in a sink beside the
     traces' (`label_anchor_options`). `verify(..., noun="label", columns=label_columns)` walks it;
@@ -50,30 +51,22 @@ Labels (guard.audit.labels)
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from guard.audit.keys import Checkpoint, Signer
+from guard.core.hashchain import Problem, ProblemKind, VerifyReport, link_hash
 
 if TYPE_CHECKING:
     from guard.audit.anchor import Anchor
 
 DEFAULT_CHECKPOINT_EVERY = 1000
-
-
-def link_hash(prev_hash: str | None, body: bytes) -> str:
-    """The chain's hash of one row; the same computation as `Trace.seal`."""
-    digest = hashlib.sha256()
-    digest.update((prev_hash or "").encode())
-    digest.update(body)
-    return digest.hexdigest()
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -166,81 +159,6 @@ class TableChain:
 
     async def row_by_hash(self, hash_: str) -> ChainRow | None:
         return await self._store.row_by_hash_of(self._tables, hash_)  # type: ignore[no-any-return]
-
-
-ProblemKind = Literal[
-    "changed", "removed", "reordered",
-    "checkpoint",           # a checkpoint's signature is invalid (forged or altered)
-    "checkpoint_missing",   # no checkpoint where one is due
-    "unknown_key",          # signed under a key id with no key configured: cannot be verified
-    "anchor_invalid",       # an anchor's signature is invalid
-    "anchor_mismatch",      # the row at an anchored seq has another hash: rewritten or replaced
-    "anchor_missing_rows",  # an anchored seq has no row: the log was cut or wiped
-]
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    kind: ProblemKind
-    seq: int
-    trace_id: str | None
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.message}"
-
-
-@dataclass
-class VerifyReport:
-    traces: int = 0  # rows walked: traces, or labels when noun is "label"
-    last_seq: int = 0
-    checkpoints_valid: int = 0
-    checkpoints_unchecked: int = 0
-    last_checkpoint_seq: int | None = None
-    anchors: int | None = None  # None: no anchors were given to check against
-    anchors_unchecked: int = 0  # signatures not checked: no keys configured
-    last_anchor_seq: int | None = None
-    problems: list[Problem] = field(default_factory=list)
-    truncated: bool = False  # stopped collecting after max_problems
-    elapsed_s: float = 0.0
-    noun: str = "trace"
-    labels: VerifyReport | None = None  # the label chain's report (a store that keeps labels)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and (self.labels is None or self.labels.ok)
-
-    @property
-    def first(self) -> Problem | None:
-        return min(self.problems, key=lambda p: p.seq) if self.problems else None
-
-    @property
-    def unanchored(self) -> int | None:
-        """Rows written after the latest anchor (information, not a failure)."""
-        if self.last_anchor_seq is None:
-            return None if self.anchors is None else self.last_seq
-        return max(0, self.last_seq - self.last_anchor_seq)
-
-    def to_dict(self) -> dict[str, Any]:
-        report = {
-            "ok": self.ok, f"{self.noun}s": self.traces, "last_seq": self.last_seq,
-            "checkpoints_valid": self.checkpoints_valid,
-            "checkpoints_unchecked": self.checkpoints_unchecked,
-            "last_checkpoint_seq": self.last_checkpoint_seq,
-            "anchors": self.anchors, "anchors_unchecked": self.anchors_unchecked,
-            "last_anchor_seq": self.last_anchor_seq, "unanchored_rows": self.unanchored,
-            "first_problem": self._problem_dict(self.first) if self.first else None,
-            "problems": [self._problem_dict(p)
-                         for p in sorted(self.problems, key=lambda p: p.seq)],
-            "truncated": self.truncated, "elapsed_s": round(self.elapsed_s, 3),
-        }
-        if self.labels is not None:
-            report["label_chain"] = self.labels.to_dict()
-        return report
-
-    def _problem_dict(self, p: Problem) -> dict[str, Any]:
-        return {"kind": p.kind, "seq": p.seq, f"{self.noun}_id": p.trace_id,
-                "message": p.message}
 
 
 Columns = Callable[[Mapping[str, Any]], dict[str, Any]]

@@ -1,4 +1,4 @@
-"""What both audit stores share: options every store takes, and the opaque page cursor.
+"""What both audit stores share: options every store takes, the opaque page cursor, a WHERE.
 
 Audit options common to all stores (besides each store's own):
     checkpoint_every     a signed checkpoint every N traces (default 1000); see guard.audit.chain
@@ -15,7 +15,7 @@ Audit options common to all stores (besides each store's own):
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,3 +61,8 @@ def decode_cursor(cursor: str) -> int:
     if not 0 <= seq <= 2**63 - 1:  # a sequence number both databases can compare against
         raise RequestError("Invalid 'cursor'.", param="cursor")
     return seq
+
+
+def where_sql(clauses: Sequence[str]) -> str:
+    """` WHERE a AND b` for the clauses given; nothing without any."""
+    return " WHERE " + " AND ".join(clauses) if clauses else ""

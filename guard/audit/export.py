@@ -6,19 +6,23 @@ The stored canonical body is copied byte for byte, so a reader can re-check each
 canonical means sorted keys and no whitespace (orjson's `OPT_SORT_KEYS`).
 
 CSV: one row per trace with the fields an auditor filters on (CSV_FIELDS); the request's prompt
-is included, the rounds are not (use JSON Lines for those).
+is included, the rounds are not (use JSON Lines for those). A text cell a client wrote (the prompt,
+above all) that a spreadsheet would run as a formula (it starts with `=`, `+`, `-`, `@`, a tab or
+a carriage return) is written with a leading `'`, as OWASP advises: opening the export in Excel
+or LibreOffice shows the text, never evaluates it.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, BinaryIO, Literal
 
 import orjson
 
 from guard.audit.chain import ChainRow
+from guard.core.types import MAKING_KINDS
 
 Format = Literal["jsonl", "csv"]
 CSV_FIELDS = ("seq", "id", "time_utc", "created_at", "tenant", "key_id", "endpoint", "model",
@@ -32,7 +36,21 @@ def jsonl_line(row: ChainRow) -> bytes:
     return head[:-1] + b"," + row.body[1:] + b"\n"
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A value as a CSV cell no spreadsheet evaluates (numbers stay numbers)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_record(row: ChainRow) -> list[Any]:
+    return [_cell(value) for value in _csv_values(row)]
+
+
+def _csv_values(row: ChainRow) -> list[Any]:
     t = orjson.loads(row.body)
     policy = t.get("policy") or {}
     error = t.get("error") or {}
@@ -42,10 +60,17 @@ def csv_record(row: ChainRow) -> list[Any]:
         t["created_at"], t.get("tenant"), t.get("key_id"), t.get("endpoint"), t.get("model"),
         t.get("backend"), t["decision"], t["status"], ";".join(t.get("categories") or ()),
         policy.get("id"), policy.get("version"), policy.get("sha256"),
-        sum(1 for r in t.get("rounds") or () if r.get("kind") == "generate"),
+        _round_count(t.get("rounds") or ()),
         t.get("duration_ms"), error.get("code"), (t.get("request") or {}).get("prompt"),
         row.prev_hash, row.hash,
     ]
+
+
+def _round_count(rounds: Iterable[dict[str, Any]]) -> int:
+    """As Trace.round_count: rounds that made images (generate or edit, not cancelled),
+    counted by index, however many backend calls each had."""
+    return len({r.get("index") for r in rounds
+                if r.get("kind") in MAKING_KINDS and not r.get("cancelled")})
 
 
 class _Utf8:

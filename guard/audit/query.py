@@ -1,57 +1,99 @@
-"""Trace listing filters, from a query string (the JSON API) or a form (the review page).
+"""Listing filters, from a query string (the JSON API) or a form (the review pages): the trace
+list's (`parse_trace_query`) and the label list's (`parse_label_filters`).
 
-One parser for both, so both accept the same values: times as a unix timestamp, an ISO date or
-datetime, or a window back from now (`90m`, `12h`, `7d`, `2w`); an auditor is always limited to
-their own tenant (guard.core.auth.tenant_scope).
+One parser for every list, so that a filter accepts the same values wherever it is given: times
+as a unix timestamp, an ISO date or datetime, or a window back from now (`90m`, `12h`, `7d`,
+`2w`); whole numbers in ASCII digits within what both databases' columns hold; `limit` from 1 to
+1000; `cursor` as the previous page gave it. An empty value is a filter not given; an unknown
+filter or a bad value is a RequestError naming it. An auditor is always limited to their own
+tenant (guard.core.auth.tenant_scope).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from guard.audit.common import decode_cursor
 from guard.core.auth import Principal, tenant_scope
+from guard.core.labels import VERDICTS
 from guard.plugins import TraceQuery
 from guard.support.errors import RequestError
 from guard.support.timewindow import parse_since
 
 TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
-FILTERS = frozenset({*TEXT_FILTERS, "since", "until", "policy_version", "limit", "cursor"})
-_MAX_INT = 2**63 - 1  # what SQLite and PostgreSQL bigint hold
+TRACE_FILTERS = frozenset({*TEXT_FILTERS, "since", "until", "policy_version", "limit", "cursor"})
+LABEL_FILTERS = frozenset({"trace_id", "verdict", "category", "tenant", "since", "until", "all",
+                           "limit", "cursor"})
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+_MAX_INTEGER = 2**31 - 1  # the policy_version column: an integer in both databases
 # ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses or reads.
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def parse_trace_query(params: Mapping[str, str], principal: Principal,
-                      default_limit: int = 50) -> TraceQuery:
-    """A TraceQuery from filter values; empty values are filters not given. Unknown filters and
-    bad values are 400s naming the filter."""
-    values: dict[str, Any] = {}
+                      default_limit: int = DEFAULT_LIMIT) -> TraceQuery:
+    """A TraceQuery from filter values."""
+    return TraceQuery(**_parse(params, TRACE_FILTERS, principal, default_limit))
+
+
+def parse_label_filters(params: Mapping[str, str], principal: Principal) -> dict[str, Any]:
+    """`LabelStore.labels` keyword arguments from filter values (`all`: every label, not only
+    each item's latest)."""
+    args = _parse(params, LABEL_FILTERS, principal, DEFAULT_LIMIT)
+    args["latest_only"] = not args.pop("all", False)
+    return args
+
+
+def whole_number(name: str, value: str, low: int = 0, high: int = _MAX_INTEGER) -> int:
+    """`value` as a whole number from `low` to `high`; else a RequestError naming `name`."""
+    if not _DIGITS.fullmatch(value) or not low <= int(value) <= high:
+        raise RequestError(f"Invalid '{name}': a whole number from {low} to {high}.", param=name)
+    return int(value)
+
+
+def _parse(params: Mapping[str, str], allowed: frozenset[str], principal: Principal,
+           default_limit: int) -> dict[str, Any]:
+    values: dict[str, Any] = {"limit": default_limit}
     for name, raw in params.items():
-        if name not in FILTERS:
+        if name not in allowed:
             raise RequestError(f"Unknown filter '{name}'.", param=name)
         value = str(raw).strip()
-        if not value:
-            continue
-        if name in ("since", "until"):
-            values[name] = parse_since(value, param=name)
-        elif name in ("policy_version", "limit"):
-            values[name] = _whole_number(name, value)
-        elif name == "cursor":
-            decode_cursor(value)  # a 400 here, before any store sees it
-            values[name] = value
-        else:
-            values[name] = value
-    limit = values.setdefault("limit", default_limit)
-    if not 1 <= limit <= 1000:
-        raise RequestError("Invalid 'limit': between 1 and 1000.", param="limit")
+        if value:
+            values[name] = _FIELDS.get(name, _text)(name, value)
     values["tenant"] = tenant_scope(principal, values.get("tenant"))
-    return TraceQuery(**values)
+    return values
 
 
-def _whole_number(name: str, value: str) -> int:
-    if not _DIGITS.fullmatch(value) or int(value) > _MAX_INT:
-        raise RequestError(f"Invalid '{name}': expected a whole number.", param=name)
-    return int(value)
+def _text(name: str, value: str) -> str:
+    return value
+
+
+def _cursor(name: str, value: str) -> str:
+    decode_cursor(value)  # a RequestError here, before any store sees it
+    return value
+
+
+def _verdict(name: str, value: str) -> str:
+    if value not in VERDICTS:
+        raise RequestError(f"Invalid '{name}': one of {', '.join(VERDICTS)}.", param=name)
+    return value
+
+
+def _flag(name: str, value: str) -> bool:
+    if value not in ("true", "false", "1", "0"):
+        raise RequestError(f"Invalid '{name}': true or false.", param=name)
+    return value in ("true", "1")
+
+
+_FIELDS: dict[str, Callable[[str, str], Any]] = {
+    "since": lambda name, value: parse_since(value, param=name),
+    "until": lambda name, value: parse_since(value, param=name),
+    "policy_version": whole_number,
+    "limit": lambda name, value: whole_number(name, value, 1, MAX_LIMIT),
+    "cursor": _cursor,
+    "verdict": _verdict,
+    "all": _flag,
+}

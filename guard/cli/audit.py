@@ -6,7 +6,7 @@ SQLite at var/audit.db).
     verify   walk the hash chain, the signed checkpoints and the anchors kept outside the store;
              name the first trace that was changed, removed or reordered, a missing or forged
              checkpoint, an anchored trace that is gone or different; then the same for the
-             auditors' labels (their own chain, guard.audit.labels). Exit status 0 intact,
+             auditors' labels (their own chain, guard.core.labels). Exit status 0 intact,
              1 tampered, 2 error.
     export   stream traces as JSON Lines or CSV (stdout or --output), never all in memory.
     purge    delete images past their TTL from the image store (retained images and image
@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from guard.audit import ChainedStore, ImageKeepingStore
-from guard.audit.labels import LabelStore
+from guard.plugins import LabelStore
 from guard.support.errors import ConfigError
 from guard.support.timewindow import time_option
 

@@ -8,11 +8,35 @@ offline tools that re-decide traces): it works on the matches of the policy's te
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from guard.core.policy import Policy
 from guard.core.terms import Hit, matcher_for
 from guard.core.words import VOWELS, fold
+
+_NOT_WORDS = re.compile(r"[\W_]+")
+
+
+def normalise(prompt: str) -> str:
+    """A prompt as the repeat check compares it: case, spacing and punctuation ignored."""
+    return _NOT_WORDS.sub(" ", prompt.casefold()).strip()
+
+
+def next_refinement(prompt: str, model_prompt: str | None, flagged: Sequence[str],
+                    policy: Policy, tried: Collection[str]) -> tuple[str, bool] | None:
+    """The next prompt to try after `prompt` was judged unsafe, never one in `tried` (prompts
+    already made, `normalise`d): the judge's refined prompt (`model_prompt`) first, then the rule
+    refiner's rewrite of `prompt`, then of the judge's. (prompt, whether the judge wrote it), or
+    None when nothing new is left."""
+    model = (model_prompt or "").strip()
+    candidates = [(model, True)] if model else []
+    candidates.append((refine_prompt(prompt, flagged, policy), False))
+    if model:
+        candidates.append((refine_prompt(model, flagged, policy), False))
+    for text, by_model in candidates:
+        if text.strip() and normalise(text) not in tried:
+            return text.strip(), by_model
+    return None
 
 
 def refine_prompt(prompt: str, flagged: Sequence[str], policy: Policy) -> str:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import pybase64
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from guard.core.hashchain import link_hash
+
 ImageDecision = Literal["passed", "edited", "refused", "failed"]
 _DECISION_RANK: dict[str, int] = {"passed": 0, "edited": 1, "refused": 2, "failed": 3}
 
@@ -174,16 +176,52 @@ class JudgedImage(_Model):
     raw: str = ""
     judge_ms: float = 0.0
     details: dict[str, Any] = Field(default_factory=dict)
+    # Each slot keeps its own clock: the round this image was made in, how long its backend call
+    # took, and who wrote the prompt it was made from (a judge's id, "rules" for the rule
+    # refiner, None for the client's own prompt). None in traces written before these existed.
+    round: int | None = None
+    backend_ms: float | None = None
+    refined_by: str | None = None
+
+
+class JudgedPreview(_Model):
+    """A partial image judged (verdict only) while its generation ran; `stopped`: its verdict
+    was unsafe and stopped that generation, the preview standing in for the image."""
+
+    slot: int
+    step: int  # the backend's count: OpenAI's partial_image_index, a diffusion step
+    image_sha256: str
+    judge_id: str = ""
+    scores: dict[str, float] = Field(default_factory=dict)
+    flagged: list[str] = Field(default_factory=list)
+    action: str = "pass"
+    judge_ms: float = 0.0
+    stopped: bool = False
+
+
+RoundKind = Literal["prescreen", "generate", "edit"]
+MAKING_KINDS = ("generate", "edit")  # the kinds that count as rounds
 
 
 class RoundRecord(_Model):
+    """One backend call and the judging of its images (or the prescreen). Slots go their own
+    way, so a round index may have several records, one per call."""
+
     index: int  # 0 is the prompt prescreen, 1.. are generation rounds
-    kind: Literal["prescreen", "generate"]
+    kind: RoundKind
     backend: str | None = None
     backend_ms: float = 0.0
     judge_ms: float = 0.0
     images: list[JudgedImage] = Field(default_factory=list)
     error: str | None = None
+    cancelled: str | None = None  # why the call was cancelled before its images were judged
+    hedge: bool = False  # an extra generation beside the slot's own (policy `hedge`)
+    previews: list[JudgedPreview] = Field(default_factory=list)  # partial images judged meanwhile
+
+    @property
+    def counts(self) -> bool:
+        """Whether this record is a round that made images (generate or edit, not cancelled)."""
+        return self.kind in MAKING_KINDS and self.cancelled is None
 
 
 class SlotResult(_Model):
@@ -240,6 +278,10 @@ class Trace(_Model):
         """The worst of the per-image decisions the engine recorded."""
         return worst([r.decision for r in self.results])  # type: ignore[return-value]
 
+    def round_count(self) -> int:
+        """Rounds that made images (generate or edit), however many calls each had."""
+        return len({r.index for r in self.rounds if r.counts})
+
     def finish(self, status: int, error: TraceError | None, duration_ms: float) -> None:
         """Close the trace: the one place where a request's decision is set.
 
@@ -262,17 +304,14 @@ class Trace(_Model):
 
     def seal(self, prev_hash: str | None) -> None:
         self.prev_hash = prev_hash
-        digest = hashlib.sha256()
-        digest.update((prev_hash or "").encode())
-        digest.update(self.canonical_bytes())
-        self.hash = digest.hexdigest()
+        self.hash = link_hash(prev_hash, self.canonical_bytes())
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id, "created_at": self.created_at, "decision": self.decision,
             "categories": self.categories, "status": self.status, "model": self.model,
             "tenant": self.tenant, "key_id": self.key_id, "policy": self.policy,
-            "rounds": sum(1 for r in self.rounds if r.kind == "generate"),
+            "rounds": self.round_count(),
             "duration_ms": self.duration_ms,
         }
 

@@ -4,6 +4,7 @@ call."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import orjson
@@ -41,7 +42,8 @@ async def parse_generation(request: Request, state: GuardState) -> Job:
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"We could not parse the JSON body of your request ({exc}).",
                            code="invalid_json") from None
-    return Job("/v1/images/generations", parse_generation_request(payload))
+    return Job("/v1/images/generations", parse_generation_request(payload),
+               deadline_s=deadline_header(request))
 
 
 async def parse_edit(request: Request, state: GuardState) -> Job:
@@ -82,7 +84,27 @@ async def parse_edit(request: Request, state: GuardState) -> Job:
         if (mw, mh) != (iw, ih):
             raise RequestError(f"Invalid 'mask': the mask is {mw}x{mh} but the image is "
                                f"{iw}x{ih}; they must have the same dimensions.", param="mask")
-    return Job("/v1/images/edits", parse_edit_form(fields), EditInputs(tuple(images), mask))
+    return Job("/v1/images/edits", parse_edit_form(fields), EditInputs(tuple(images), mask),
+               deadline_s=deadline_header(request))
+
+
+DEADLINE_HEADER = "x-guard-deadline-s"
+
+
+def deadline_header(request: Request) -> float | None:
+    """The client's deadline in seconds (`x-guard-deadline-s`), if it sent one: a positive
+    number. It can only shorten the policy's `rounds.deadline_s` (or set one where it has none)."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw.strip())
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise RequestError(f"Invalid '{DEADLINE_HEADER}': expected a positive number of "
+                           "seconds.", param=DEADLINE_HEADER)
+    return seconds
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -1,4 +1,4 @@
-"""The labels API (guard.audit.labels), for auditors and admins; an auditor labels and lists only their
+"""The labels API (guard.core.labels), for auditors and admins; an auditor labels and lists only their
 own tenant's traces, and another tenant's trace is a 404 as on the traces API.
 
     POST /v1/guard/traces/{trace_id}/labels   {"slot", "round", "verdict", "category", "note"}
@@ -16,9 +16,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from guard.audit.labels import Label, LabelStore, new_label, parse_label_filters, trace_categories
+from guard.audit.query import parse_label_filters
 from guard.core.auth import Principal, may_see
+from guard.core.labels import Label, new_label, trace_categories
 from guard.http.intake import read_body
+from guard.plugins import LabelStore
 from guard.support.errors import NotFound, RequestError, Unsupported
 
 MAX_BODY_BYTES = 64 * 1024

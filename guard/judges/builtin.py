@@ -327,10 +327,11 @@ class BuiltinJudge:
             seen = IMAGE_CATEGORIES if detections is not None else ()
             details["unassessed"] = [c for c in policy.categories if c not in seen]
         thought, refined = "", None
-        if policy.wants_explanation(scores):
-            decision = policy.decide(scores)  # which categories to explain and refine
+        decision = policy.decide(scores)  # which categories to explain and refine
+        if decision.unsafe:  # the rules' thought costs nothing: kept for refusals too
             thought = _explain(decision, scores, text, detections, image_score, policy,
                                self.threshold_map)
+        if policy.wants_explanation(scores):
             refined = refine_prompt(item.prompt, decision.flagged, policy)
         return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
                        latency_ms=latency, details=details)

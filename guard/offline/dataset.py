@@ -58,9 +58,9 @@ import orjson
 
 from guard.audit import ChainedStore, ImageKeepingStore
 from guard.audit.images import RetainedImages
-from guard.audit.labels import Label, LabelStore
+from guard.core.labels import Label
 from guard.core.types import JudgedImage, Trace
-from guard.plugins import AuditStore
+from guard.plugins import AuditStore, LabelStore
 from guard.support.errors import ConfigError
 
 SPLIT_DIR = "data/train"
@@ -132,6 +132,9 @@ class ExportReport:
     policies: Counter[tuple[str, int, str]] = field(default_factory=Counter)
     keyed: bool = False
     filter: ExportFilter = field(default_factory=ExportFilter)
+    # The --tenant filter as the records name it: the card is published with the data, so it
+    # names the tenant by its pseudonym, never in the clear.
+    tenant_pseudonym: str | None = None
 
     def count(self, record: Mapping[str, Any], trace: Trace) -> None:
         self.records += 1
@@ -166,7 +169,8 @@ async def export_dataset(store: AuditStore, out: Path, flt: ExportFilter = Expor
         raise ConfigError(f"{out} exists and is not an empty folder")
     (out / SPLIT_DIR).mkdir(parents=True, exist_ok=True)
     pseudo = pseudonyms or Pseudonyms.from_env()
-    report = ExportReport(out, keyed=pseudo.keyed, filter=flt)
+    report = ExportReport(out, keyed=pseudo.keyed, filter=flt,
+                          tenant_pseudonym=pseudo("tenant", flt.tenant))
     labels = await latest_labels(store, flt.tenant)
     images = store.images if isinstance(store, ImageKeepingStore) else None
     written: set[str] = set()
@@ -315,7 +319,8 @@ def dataset_card(report: ExportReport) -> str:
     window = ", ".join(f"{name} {_when(value)}" for name, value in
                        (("from", flt.since), ("before", flt.until)) if value is not None)
     selection = [window or "the whole audit log",
-                 *([f"tenant {flt.tenant!r} only"] if flt.tenant else []),
+                 *([f"one tenant only (`{report.tenant_pseudonym}` in the records)"]
+                   if flt.tenant else []),
                  *([f"policy {flt.policy_id}" + (f" version {flt.policy_version}"
                                                   if flt.policy_version is not None else "")]
                    if flt.policy_id else []),

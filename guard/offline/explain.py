@@ -24,6 +24,14 @@ _EXHAUSTED = {
     "refuse": "the whole request is refused",
     "drop": "that image is dropped and the safe ones are returned (refused if none is left)",
 }
+_PRESCREEN = {
+    True: "prompts are judged before generating (prescreen on)",
+    False: "prompts are not judged before generating (prescreen off): unsafe prompts reach "
+           "the backend",
+    "concurrent": "prompts are judged while the first round generates (prescreen concurrent): "
+                  "that generation is cancelled, never judged nor returned, when the prompt is "
+                  "to be edited or refused",
+}
 _JUDGE_ERROR = {
     "refuse": "the request is refused (HTTP 503, fail closed)",
     "allow": "images are returned unjudged (fail open; the trace records it)",
@@ -64,7 +72,12 @@ def explain(policy: Policy, chain: Sequence[Source] = ()) -> str:
     if policy.description:
         lines.append(f"  {policy.description.strip()}")
     lines.append("")
-    if policy.prescreen:
+    if policy.prescreen_concurrent:
+        lines.append("The prompt alone is judged while the first image is made (prescreen "
+                     "concurrent): a prompt over a refuse threshold is refused and one over an "
+                     "edit threshold rewritten, that first generation cancelled unseen; a safe "
+                     f"prompt costs no extra wait.{where('prescreen')}")
+    elif policy.prescreen:
         lines.append("Before any image is made, the prompt alone is judged: a prompt over a "
                      "refuse threshold is refused without a generation, one over an edit "
                      f"threshold is rewritten first.{where('prescreen')}")
@@ -87,8 +100,10 @@ def explain(policy: Policy, chain: Sequence[Source] = ()) -> str:
         "",
         f"Rounds: at most {rounds.max} generation{'s' if rounds.max > 1 else ''} per image, the "
         f"first included ({_edits(rounds.max)}).{where('rounds', 'max')}",
-        f"Still unsafe after round {rounds.max}: {_EXHAUSTED[rounds.on_exhausted]}."
-        f"{where('rounds', 'on_exhausted')}",
+        f"Still unsafe after round {rounds.max}, or when nothing new is left to try: "
+        f"{_EXHAUSTED[rounds.on_exhausted]}.{where('rounds', 'on_exhausted')}",
+        f"Deadline: {_deadline(rounds.deadline_s)}.{where('rounds', 'deadline_s')}",
+        f"Hedging: {_hedge(policy)}.{where('hedge')}",
         f"When the judge fails: {_JUDGE_ERROR[policy.on_judge_error]}."
         f"{where('on_judge_error')}",
         f"Repair: {_REFINE[policy.refine_mode]}.{where('refine_mode')}",
@@ -113,6 +128,25 @@ def _category_origin(chain: Sequence[Source], name: str) -> str:
     if ids["threshold"] == ids["action"]:
         return f"  (from {ids['threshold']})"
     return f"  (threshold from {ids['threshold']}, action from {ids['action']})"
+
+
+def _deadline(seconds: float | None) -> str:
+    if seconds is None:
+        return ("none (a client may set one with the x-guard-deadline-s header); rounds run "
+                "until the images are safe or the rounds run out")
+    return (f"{seconds:g} s per request (a client's x-guard-deadline-s may shorten it): no round "
+            "starts that could not finish in time; when time runs out the request fails with "
+            "HTTP 504 guard_deadline_exceeded, or with `on_exhausted: drop` returns its safe "
+            "images")
+
+
+def _hedge(policy: Policy) -> str:
+    if policy.hedge is None:
+        return "off"
+    low, high = policy.hedge.band
+    return (f"when the prompt's highest prescreen score lies in [{low:.2f}, {high:.2f}], the "
+            "first round also generates the refined prompt and keeps the first safe image "
+            "(extra generations)")
 
 
 def _count(n: int, noun: str) -> str:
@@ -159,10 +193,11 @@ def diff(old: Policy, new: Policy) -> list[Change]:
     if old.description != new.description:
         out.append(Change("description", "description changed"))
     if old.prescreen != new.prescreen:
-        out.append(Change("prescreen", "prompts are now judged before generating (prescreen on)",
-                          "stricter") if new.prescreen else
-                   Change("prescreen", "prompts are no longer judged before generating "
-                          "(prescreen off): unsafe prompts reach the backend", "looser"))
+        # On and concurrent refuse and edit alike: only when the prompt is judged differs.
+        effect: Effect = ("looser" if not new.prescreen else
+                          "stricter" if not old.prescreen else "neutral")
+        out.append(Change("prescreen", f"{_PRESCREEN[new.prescreen]} "
+                                       f"(was: {_PRESCREEN[old.prescreen]})", effect))
     for name in [*old.categories, *(n for n in new.categories if n not in old.categories)]:
         out += _category_changes(name, old.categories.get(name), new.categories.get(name))
     out += _rounds_changes(old, new)
@@ -231,6 +266,12 @@ def _rounds_changes(old: Policy, new: Policy) -> list[Change]:
                           f"still unsafe after the last round: {_EXHAUSTED[b.on_exhausted]} "
                           f"(was: {_EXHAUSTED[a.on_exhausted]})",
                           "looser" if b.on_exhausted == "drop" else "stricter"))
+    if a.deadline_s != b.deadline_s:
+        # A shorter deadline fails more requests (HTTP 504), never lets an unsafe image through.
+        out.append(Change("rounds.deadline_s", f"deadline: {_deadline(b.deadline_s)} (was: "
+                                               f"{_deadline(a.deadline_s)})"))
+    if old.hedge != new.hedge:
+        out.append(Change("hedge", f"hedging: {_hedge(new)} (was: {_hedge(old)})"))
     return out
 
 

@@ -9,7 +9,7 @@ otherwise image `slot` of generation round `round`) and a verdict on what the gu
     false_positive   flagged but safe: in `category`, or in every flagged category when none given
     missed           unsafe in `category` (required) and not flagged for it
 
-Labels come from the label store (guard.audit.labels) or from a CSV file with the columns
+Labels come from the label store (guard.plugins.LabelStore) or from a CSV file with the columns
 
     trace_id, slot, round, verdict, category      the label (slot empty for the prompt)
     flagged                                       optional: the recorded flags, comma-separated
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from guard.audit.labels import VERDICTS, LabelStore
+from guard.core.labels import VERDICTS
 from guard.core.policy import Policy
 from guard.core.types import JudgedImage, Trace
-from guard.plugins import AuditStore
+from guard.plugins import AuditStore, LabelStore
 from guard.support.errors import ConfigError
 
 SCORE_PREFIX = "score_"
@@ -41,7 +41,7 @@ LABEL_COLUMNS = ("trace_id", "slot", "round", "verdict", "category")
 
 
 class LabelLike(Protocol):
-    """What a label says (guard.audit.labels.Label has these fields, and more)."""
+    """What a label says (guard.core.labels.Label has these fields, and more)."""
 
     @property
     def trace_id(self) -> str: ...
@@ -162,8 +162,11 @@ def judged_item(trace: Trace, slot: int | None, round_: int) -> JudgedImage | No
     for rnd in trace.rounds:
         if slot is None and rnd.kind == "prescreen" and rnd.images:
             return rnd.images[0]
-        if slot is not None and rnd.kind == "generate" and rnd.index == round_:
-            return next((j for j in rnd.images if j.slot == slot), None)
+        if slot is not None and rnd.counts and rnd.index == round_:
+            # A round may have several records (slots go their own way): the slot's own.
+            found = next((j for j in rnd.images if j.slot == slot), None)
+            if found is not None:
+                return found
     return None
 
 

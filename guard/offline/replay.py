@@ -8,6 +8,11 @@ anything. The replay walks each trace the way the engine did (prescreen, then ro
     a step the candidate would take but the trace never did (one more round, a prompt refined
     differently)                         -> not recorded: the outcome is a set of possibilities
 
+The candidate's prompts follow the engine's rules: a refined prompt already made for that image
+is never made again (the next refiner in line is asked, else the image is out of rounds), and
+`prescreen: concurrent` replays as `true` (it changes when the prompt is judged, not what); under
+a candidate that hedges, a recorded hedge image judged safe serves its slot.
+
 Scores are as recorded: changes to the builtin judge's term lists do not show here (use
 `safeedit eval` for those).
 """
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from guard.core.policy import Decision, Policy
+from guard.core.refiner import next_refinement, normalise
 from guard.core.types import JudgedImage, RoundRecord, Trace, worst
 from guard.plugins import AuditStore, TraceQuery
 
@@ -106,7 +112,7 @@ class _Walk:
         self.original = str(trace.request.get("prompt", ""))
         self.n = int(trace.request.get("n") or 1)
         self.reasons: list[str] = []
-        self.rounds: dict[int, RoundRecord] = {r.index: r for r in trace.rounds}
+        self.rounds = _by_round(trace.rounds)
 
     def run(self) -> Replayed:
         try:
@@ -126,6 +132,7 @@ class _Walk:
     def _slots(self) -> dict[int, tuple[str, ...]]:
         policy = self.policy
         first = self.original
+        hedged = False  # the candidate would make the refined prompt beside the original
         if policy.prescreen:
             screened = self.rounds.get(0)
             if screened is None:
@@ -140,8 +147,15 @@ class _Walk:
                     raise _Refused
                 if decision.action == "edit":
                     first = self._refined(prompt_seen, self.original, decision)
+                hedged = decision.action == "pass" and policy.in_hedge_band(prompt_seen.scores)
+        hedges = {i.slot: i for r in self.trace.rounds if r.hedge and r.cancelled is None
+                  for i in r.images} if hedged else {}
+        if hedged and not hedges:
+            self.reasons.append("the candidate hedges the prompt; no hedge was made when "
+                                "recorded")
 
         prompts = dict.fromkeys(range(self.n), first)
+        tried: dict[int, set[str]] = {s: set() for s in range(self.n)}
         outcome: dict[int, tuple[str, ...]] = {}
         pending = list(range(self.n))
         for k in range(1, policy.rounds.max + 1):
@@ -158,6 +172,9 @@ class _Walk:
             still: list[int] = []
             for slot in pending:
                 seen = seen_by_slot.get(slot)
+                if k == 1 and self._served_by_hedge(slot, seen, prompts[slot], hedges):
+                    outcome[slot] = ("edited",)
+                    continue
                 if seen is None or seen.prompt != prompts[slot]:
                     why = "was not made" if seen is None else "was made from another prompt"
                     self.reasons.append(f"image {slot} of round {k} {why} when recorded")
@@ -165,12 +182,22 @@ class _Walk:
                         else _ORDER[:3]
                     continue
                 decision = self._decide(f"round {k} image {slot}", seen)
+                tried[slot].add(normalise(prompts[slot]))
                 if decision.action == "pass":
                     outcome[slot] = (self._made(prompts[slot]),)
                 elif decision.action == "refuse":
                     raise _Refused
+                elif k < policy.rounds.max:
+                    found = next_refinement(prompts[slot], seen.refined_prompt,
+                                            decision.flagged, policy, tried[slot])
+                    if found is None and seen.action == decision.action:
+                        self._stuck(slot, k, outcome)  # the judge's suggestion was recorded
+                        continue
+                    # Else what the judge would have suggested is unknown: the next round
+                    # was never made, and says so.
+                    prompts[slot] = found[0] if found is not None else prompts[slot]
+                    still.append(slot)
                 else:
-                    prompts[slot] = self._refined(seen, prompts[slot], decision)
                     still.append(slot)
             pending = still
             if not pending:
@@ -207,15 +234,43 @@ class _Walk:
             self.reasons.append(f"{where}: the judge failed and the candidate allows it")
 
     def _refined(self, seen: JudgedImage, prompt: str, decision: Decision) -> str:
-        if seen.refined_prompt and seen.refined_prompt.strip():
-            return seen.refined_prompt.strip()
-        from guard.core.refiner import refine_prompt  # as the engine refines
+        found = next_refinement(prompt, seen.refined_prompt, decision.flagged, self.policy, ())
+        return found[0] if found is not None else prompt
 
-        return refine_prompt(prompt, decision.flagged, self.policy)
+    def _served_by_hedge(self, slot: int, seen: JudgedImage | None, prompt: str,
+                         hedges: Mapping[int, JudgedImage]) -> bool:
+        """Round 1 of a hedged slot: its own image unless that one is unsafe (or was never
+        judged, the hedge's having come first), else its hedge's image, if safe."""
+        hedge = hedges.get(slot)
+        if hedge is None:
+            return False
+        own_safe = (seen is not None and seen.prompt == prompt
+                    and self.policy.decide(seen.scores).action == "pass")
+        return not own_safe and self._decide(f"image {slot}'s hedge", hedge).action == "pass"
+
+    def _stuck(self, slot: int, k: int, outcome: dict[int, tuple[str, ...]]) -> None:
+        """Nothing new left to try for `slot` after round `k`: as `on_exhausted` says."""
+        self.reasons.append(f"image {slot}: nothing new to try after round {k}")
+        if self.policy.rounds.on_exhausted == "refuse":
+            raise _Refused
+        outcome[slot] = ("refused",)
 
     def _made(self, prompt: str) -> str:
         return "passed" if prompt == self.original else "edited"
 
+
+
+def _by_round(records: Sequence[RoundRecord]) -> dict[int, RoundRecord]:
+    """One record per round index. Slots go their own way, so a round may have several calls
+    (records); a cancelled call made no image that counts."""
+    out: dict[int, RoundRecord] = {}
+    for record in records:
+        if record.cancelled is not None or record.hedge:  # hedges are read beside round 1
+            continue
+        merged = out.get(record.index)
+        out[record.index] = record if merged is None else merged.model_copy(update={
+            "images": [*merged.images, *record.images], "error": merged.error or record.error})
+    return out
 
 
 def _judge_failed(record: RoundRecord) -> bool:

@@ -1,11 +1,18 @@
 """The request lifecycle: prescreen, generate, judge, refine, regenerate, until safe or out of rounds.
 
-    prescreen (policy.prescreen): judge the prompt alone before spending a generation
-        refuse-category hit -> PolicyViolation, the backend is never called
+    prescreen (policy.prescreen): judge the prompt alone before spending a generation, or
+        (`concurrent`) while round 1 generates, that generation cancelled unless the prompt passes
+        refuse-category hit -> PolicyViolation, no image is ever judged or returned
         edit-category hit   -> the refined prompt becomes round 1's prompt
-    round k: generate the pending slots (one backend call per distinct prompt), judge every new
-        image in one batched judge call; safe images are kept, unsafe ones get a refined prompt
-    until every slot is safe or k = rounds.max -> rounds.on_exhausted (refuse | drop)
+    round k, per slot on its own clock: one backend call per distinct prompt, its images judged
+        together; safe images are kept, an unsafe one gets a refined prompt it never tried
+        (guard.pipeline.slots) and its slot goes on at once, whatever the other slots do
+    a slot ends when safe, at k = rounds.max, when nothing new is left to try, or when the next
+        round would miss the deadline (guard.pipeline.deadline) -> rounds.on_exhausted
+    no explanation is asked for where its refined prompt could never be used (the last round, a
+        refuse decision, no time left): the judge gets the policy's `verdict_only()` view
+    hedge (policy.hedge): a prompt that passed with its highest score in the band is also made
+        from its refined version in round 1; each slot keeps its first image judged safe
 
 The engine never names a vendor: it sees a Router, a Judge, a Policy and the Trace it fills in.
 """
@@ -16,15 +23,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Any
 
 from guard.core.policy import Decision, Policy
-from guard.core.refiner import refine_prompt
 from guard.core.types import (
     GeneratedImage,
     GenerationCall,
-    HistoryEntry,
-    JudgedImage,
     JudgeInput,
     RoundRecord,
     SlotResult,
@@ -32,34 +37,28 @@ from guard.core.types import (
     Verdict,
     clock,
 )
+from guard.pipeline.deadline import Deadline, Estimates, effective
+from guard.pipeline.previews import generate_judging_previews
+from guard.pipeline.records import categories_of, decide, given_up, history_entry, judged
 from guard.pipeline.routing import Route, Router
+from guard.pipeline.run import SERVED_ELSEWHERE, EditInputs, FinalImage, Outcome, Run
+from guard.pipeline.slots import Slot, groups, indices, new_slots
+from guard.pipeline.together import ReadyTogether
 from guard.plugins import Judge
-from guard.support.errors import BackendError, GuardError, JudgeError, PolicyViolation
+from guard.support.errors import (
+    BackendError,
+    DeadlineExceeded,
+    GuardError,
+    JudgeError,
+    PolicyViolation,
+)
 from guard.support.telemetry import Metrics, Telemetry
 
 log = logging.getLogger("safeedit.engine")
 
 
-@dataclass(frozen=True, slots=True)
-class FinalImage:
-    slot: int
-    image: GeneratedImage
-    prompt: str
-    decision: str  # passed | edited
-
-
-@dataclass(frozen=True, slots=True)
-class EditInputs:
-    """The client's images (and mask) for /v1/images/edits, already validated."""
-
-    images: tuple[bytes, ...]
-    mask: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    images: list[FinalImage]
-    rounds: int
+RoundTask = asyncio.Task[list[list[Slot]]]
+Made = asyncio.Task[tuple[RoundRecord, dict[int, GeneratedImage]]]  # a call made beforehand
 
 
 class Engine:
@@ -70,117 +69,301 @@ class Engine:
         self.telemetry = telemetry
         self.metrics = metrics
         self.enabled = enabled
+        self.estimates = Estimates()  # recent generation and judge times, for deadlines
 
     async def run(self, call: GenerationCall, route: Route, policy: Policy, trace: Trace,
-                  inputs: EditInputs | None = None) -> Outcome:
+                  inputs: EditInputs | None = None, *, deadline_s: float | None = None
+                  ) -> Outcome:
         """Produce `call.n` safe images or raise; the trace records every step either way.
 
         With `inputs` the backend edits the client's images instead of generating. An unsafe
         image is redone from its refined prompt; with the policy's `refine_mode: edit` it is
-        repaired instead, by editing that image with the refined prompt.
+        repaired instead, by editing that image with the refined prompt. `deadline_s` is the
+        client's deadline (`x-guard-deadline-s`): the stricter of it and the policy's applies.
         """
-        original = call.prompt
-        repair: dict[int, GeneratedImage] = {}
-        prompts = [original] * call.n
-        history: list[list[HistoryEntry]] = [[] for _ in range(call.n)]
-        flagged_any: set[str] = set()
-        final: dict[int, FinalImage] = {}
-        refused: dict[int, SlotResult] = {}
-
+        run = Run(call, route, policy, trace, inputs, new_slots(call.n, call.prompt),
+                  ReadyTogether(lambda items, view, records: self._judge(
+                      items, view, records, stage="image")))
+        limit = effective(policy.rounds.deadline_s, deadline_s) if self.enabled else None
         try:
-            if self.enabled and policy.prescreen:
-                verdict, decision = await self._prescreen(original, policy, trace)
-                flagged_any.update(decision.flagged)
-                if decision.action == "refuse":
-                    raise self._violation(decision.flagged, "the prompt")
-                if decision.action == "edit":
-                    prompts = [self._refined(verdict, original, decision, policy)] * call.n
-                    history = [[_history(original, verdict, decision)] for _ in range(call.n)]
-
-            pending = list(range(call.n))
-            rounds = 0
-            for k in range(1, (policy.rounds.max if self.enabled else 1) + 1):
-                rounds = k
-                with self.telemetry.span("guard.round", **{"guard.round": k,
-                                                           "guard.pending": len(pending)}):
-                    record = RoundRecord(index=k, kind="generate")
-                    trace.rounds.append(record)
-                    images = await self._produce(call, route, pending, prompts, record, trace,
-                                                 inputs, repair)
-                    if not self.enabled:
-                        for slot, image in images.items():
-                            final[slot] = FinalImage(slot, image, prompts[slot], "passed")
-                        pending = []
-                        break
-                    items = [JudgeInput(prompt=prompts[s], original_prompt=original,
-                                        image=images[s], history=tuple(history[s]))
-                             for s in pending]
-                    verdicts = await self._judge(items, policy, record, stage="image")
-                    still: list[int] = []
-                    for slot, verdict in zip(pending, verdicts, strict=True):
-                        decision = _decide(policy, verdict)
-                        flagged_any.update(decision.flagged)
-                        record.images.append(_judged(slot, prompts[slot], images[slot], verdict,
-                                                     decision))
-                        self._count(decision)
-                        if policy.image_retention == "all" or (
-                                policy.image_retention == "flagged" and decision.flagged):
-                            trace.retain(images[slot])
-                        if decision.action == "pass":
-                            untouched = k == 1 and prompts[slot] == original
-                            final[slot] = FinalImage(slot, images[slot], prompts[slot],
-                                                     "passed" if untouched else "edited")
-                        elif decision.action == "refuse":
-                            raise self._violation(decision.flagged, f"image {slot}")
-                        else:
-                            history[slot].append(_history(prompts[slot], verdict, decision))
-                            if verdict is not None:
-                                prompts[slot] = self._refined(verdict, prompts[slot], decision,
-                                                              policy)
-                            if policy.refine_mode == "edit" and self.router.can_edit(route):
-                                repair[slot] = images[slot]
-                            still.append(slot)
-                    pending = still
-                if not pending:
-                    break
-
-            if pending:
-                if policy.rounds.on_exhausted == "refuse" or len(pending) == call.n:
-                    raise self._violation(tuple(sorted(flagged_any)),
-                                          f"{len(pending)} image(s) after {rounds} rounds")
-                for slot in pending:
-                    refused[slot] = SlotResult(slot=slot, decision="refused", rounds=rounds,
-                                               prompt=prompts[slot],
-                                               categories=sorted(history[slot][-1].flagged))
-            return Outcome(images=[final[s] for s in sorted(final)], rounds=rounds)
+            if limit is None:
+                await self._loop(run)
+            else:
+                run.deadline = Deadline.start(limit)
+                try:
+                    async with asyncio.timeout_at(run.deadline.at) as timeout:
+                        await self._loop(run)
+                except TimeoutError:
+                    if not timeout.expired():
+                        raise
+                    run.late = True
+                    for slot in run.slots:
+                        if slot.index not in run.final:
+                            run.dropped.setdefault(slot.index, given_up(slot, "failed"))
+            return self._outcome(run)
         finally:
-            trace.categories = sorted(flagged_any)
+            trace.categories = sorted(run.flagged)
             trace.results = sorted(
                 [SlotResult(slot=f.slot, decision=f.decision,  # type: ignore[arg-type]
-                            rounds=_rounds_of(trace, f.slot), prompt=f.prompt,
+                            rounds=run.slots[f.slot].rounds or 1, prompt=f.prompt,
                             image_sha256=f.image.sha256 if self.enabled else None,
-                            categories=_categories_of(trace, f.slot))
-                 for f in final.values()] + list(refused.values()),
+                            categories=categories_of(trace, f.slot))
+                 for f in run.final.values()]
+                + [r for s, r in run.dropped.items() if s not in run.final],
                 key=lambda r: r.slot)
-            self.metrics.rounds.observe(sum(1 for r in trace.rounds if r.kind == "generate"))
+            self.metrics.rounds.observe(trace.round_count())
+
+    def _outcome(self, run: Run) -> Outcome:
+        served = [run.final[s] for s in sorted(run.final)]
+        if len(served) < run.call.n:
+            if run.late and (not served or run.policy.rounds.on_exhausted == "refuse"):
+                raise self._late(run)
+            if not served:
+                raise self._violation(tuple(sorted(run.flagged)),
+                                      f"{run.call.n} image(s) after "
+                                      f"{max(s.rounds for s in run.slots)} rounds")
+        return Outcome(images=served, rounds=max(run.trace.round_count(), 1))
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self, run: Run) -> None:
+        """The prescreen, then every slot's rounds, each slot on its own clock."""
+        policy, slots = run.policy, run.slots
+        early: Made | None = None
+        hedges: list[Slot] = []
+        record = RoundRecord(index=1, kind="generate")  # the early call's, when there is one
+        if self.enabled and policy.prescreen:
+            if policy.prescreen_concurrent:
+                record = self._open(run, slots)
+                early = asyncio.create_task(self._make(run, slots, record))
+            try:
+                verdict, decision = await self._prescreen(run.call.prompt, policy, run.trace)
+            except BaseException as exc:
+                if early is not None:
+                    await _cancel([early], record, "the prescreen failed"
+                                  if isinstance(exc, Exception) else _stop_reason(exc, run))
+                raise
+            run.flagged.update(decision.flagged)
+            if early is not None and decision.action != "pass":
+                await _cancel([early], record, f"the prescreen decided {decision.action}")
+                early = None
+            if decision.action == "refuse":
+                raise self._violation(decision.flagged, "the prompt")
+            if decision.action == "edit":
+                first = slots[0].next_prompt(verdict, decision, policy)
+                assert first is not None  # nothing is tried yet, so a prompt always comes back
+                for slot in slots:
+                    slot.history.append(history_entry(slot.prompt, verdict, decision))
+                    slot.prompt, slot.refined_by = first
+            elif verdict is not None and policy.in_hedge_band(verdict.scores):
+                hedges = self._hedges(run, verdict)
+                run.hedging = {s.index for s in hedges}
+
+        tasks: dict[RoundTask, list[Slot]] = {}
+
+        def start(group: list[Slot], made: Made | None = None) -> None:
+            tasks[asyncio.create_task(self._round(run, group, made))] = group
+
+        for group in [slots] if early is not None else groups(slots):
+            start(group, early)
+        if hedges:
+            start(hedges)
+        try:
+            while tasks:
+                done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+                ended = [(t, tasks.pop(t)) for t in done]
+                errors = [e for t, _ in ended if not t.cancelled() and (e := t.exception())]
+                if errors:
+                    raise errors[0]
+                for task, _ in ended:
+                    for group in [] if task.cancelled() else task.result():
+                        start(group)
+                for task, group in tasks.items():  # hedged: a slot served one way needs no other
+                    if not task.cancelling() and all(s.index in run.final for s in group):
+                        task.cancel()
+        except BaseException as exc:
+            run.stop = _stop_reason(exc, run)
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await run.together.aclose()
+
+    def _hedges(self, run: Run, verdict: Verdict) -> list[Slot]:
+        """Under `hedge`, a prompt that passed in the band: the same slots again, made from its
+        refined version beside the original (none when nothing new can be written)."""
+        probe = Slot(index=-1, prompt=run.call.prompt)
+        probe.remember(run.call.prompt)
+        flagged = run.policy.hedge_categories(verdict.scores)
+        found = probe.next_prompt(verdict, Decision("edit", flagged), run.policy)
+        if found is None:
+            return []
+        seen = history_entry(run.call.prompt, verdict, Decision("pass", flagged))
+        return [Slot(index=s.index, prompt=found[0], refined_by=found[1], history=[seen],
+                     tried=s.tried, hedge=True) for s in run.slots]  # tried: one set per slot
+
+    async def _round(self, run: Run, group: list[Slot], made: Made | None = None
+                     ) -> list[list[Slot]]:
+        """One round of `group` (slots sharing a prompt): make, judge, decide. Returns the
+        groups that go on to their next round."""
+        with self.telemetry.span("guard.round", **{"guard.round": group[0].rounds + 1,
+                                                   "guard.pending": len(group)}):
+            return await self._step(run, group, made)
+
+    async def _step(self, run: Run, group: list[Slot], made: Made | None) -> list[list[Slot]]:
+        policy, k = run.policy, group[0].rounds + 1
+        group = [s for s in group if s.index not in run.final]  # hedged: served another way
+        if not group:
+            return []
+        if made is None:
+            if not self._fits(run):
+                for slot in group:
+                    self._give_up(run, slot, late=True)
+                return []
+            record = self._open(run, group)
+            record, images = await self._make(run, group, record)
+        else:
+            record, images = await made
+        if not self.enabled:
+            for slot in group:
+                slot.rounds = k
+                run.final[slot.index] = FinalImage(slot.index, images[slot.index], slot.prompt,
+                                                   "passed")
+            return []
+        if group[0].hedge:
+            self.metrics.hedges.labels("made").inc(len(group))
+        group = [s for s in group if s.index not in run.final]
+        if not group:
+            record.cancelled = SERVED_ELSEWHERE
+            return []
+        # Explanations only where a refined prompt can still be used (never from a hedge).
+        late = k < policy.rounds.max and not self._fits(run, judging=True)  # no time for k + 1
+        view = (policy if k < policy.rounds.max and not group[0].hedge and not late
+                else policy.verdict_only())
+        items = [JudgeInput(prompt=s.prompt, original_prompt=run.call.prompt,
+                            image=images[s.index], history=tuple(s.history)) for s in group]
+        try:
+            verdicts = await run.together.judge(items, view, record)
+        except asyncio.CancelledError:
+            record.cancelled = record.cancelled or run.why_cancelled(group)
+            raise
+        after: list[Slot] = []
+        for slot, verdict in zip(group, verdicts, strict=True):
+            image = images[slot.index]
+            decision = decide(policy, verdict)
+            run.flagged.update(decision.flagged)
+            record.images.append(judged(slot.index, slot.prompt, image, verdict, decision,
+                                        round=k, backend_ms=record.backend_ms,
+                                        refined_by=slot.refined_by))
+            self._count(decision)
+            if policy.image_retention == "all" or (
+                    policy.image_retention == "flagged" and decision.flagged):
+                run.trace.retain(image)
+            slot.rounds = k
+            if decision.action == "pass" and slot.index not in run.final:
+                untouched = k == 1 and slot.prompt == run.call.prompt
+                run.final[slot.index] = FinalImage(slot.index, image, slot.prompt,
+                                                   "passed" if untouched else "edited")
+                if slot.hedge:
+                    run.slots[slot.index].rounds = max(run.slots[slot.index].rounds, k)
+                    self.metrics.hedges.labels("served").inc()
+            if decision.action == "refuse":
+                raise self._violation(decision.flagged, f"image {slot.index}")
+            if slot.hedge:  # unsafe: its slot goes on its own way, or ends if it had waited on this
+                run.hedging.discard(slot.index)
+                if slot.index in run.waiting and slot.index not in run.final:
+                    self._give_up(run, run.slots[slot.index], late=False)
+                continue
+            if decision.action == "pass":
+                continue
+            slot.history.append(history_entry(slot.prompt, verdict, decision))
+            if late:
+                self._give_up(run, slot, late=True)
+                continue
+            nxt = slot.next_prompt(verdict, decision, policy) if k < policy.rounds.max else None
+            if nxt is None:  # out of rounds, or nothing new left to try
+                self._give_up(run, slot, late=False)
+                continue
+            slot.prompt, slot.refined_by = nxt
+            if policy.refine_mode == "edit" and self.router.can_edit(run.route):
+                slot.repair = image
+            after.append(slot)
+        return groups(after)
+
+    def _give_up(self, run: Run, slot: Slot, *, late: bool) -> None:
+        """A slot that cannot become safe (or not in time): as `on_exhausted` says, once its
+        hedge, if it has one, is judged unsafe too."""
+        if not late and slot.index in run.hedging and slot.index not in run.waiting:
+            run.waiting.add(slot.index)
+            return
+        run.late = run.late or late
+        if run.policy.rounds.on_exhausted == "refuse":
+            if late:
+                run.dropped[slot.index] = given_up(slot, "failed")
+                raise self._late(run)
+            stuck = ", nothing new to try," if slot.rounds < run.policy.rounds.max else ""
+            raise self._violation(tuple(sorted(run.flagged)),
+                                  f"image {slot.index} after {slot.rounds} rounds{stuck}")
+        run.dropped[slot.index] = given_up(slot, "failed" if late else "refused")
+
+    def _fits(self, run: Run, *, judging: bool = False) -> bool:
+        """Whether one more round (after the judging under way, when `judging`) can finish by
+        the deadline, from recent times."""
+        if run.deadline is None:
+            return True
+        cost = self.estimates.round_s(run.route.backend)
+        if judging:
+            cost += self.estimates.judging.get("image", 0.0)
+        return run.deadline.fits(cost)
+
+    def _late(self, run: Run) -> DeadlineExceeded:
+        assert run.deadline is not None
+        return DeadlineExceeded(f"The request's deadline ({run.deadline.seconds:g} s) passed "
+                                "before every image was judged safe; no unjudged image is served.")
+
+    def _open(self, run: Run, group: list[Slot]) -> RoundRecord:
+        edit = run.inputs is not None or any(s.repair is not None for s in group)
+        record = RoundRecord(index=group[0].rounds + 1, kind="edit" if edit else "generate",
+                             hedge=group[0].hedge)
+        run.trace.rounds.append(record)
+        return record
+
+    async def _make(self, run: Run, group: list[Slot], record: RoundRecord
+                    ) -> tuple[RoundRecord, dict[int, GeneratedImage]]:
+        repair = {s.index: s.repair for s in group if s.repair is not None}
+        for slot in group:
+            slot.repair = None
+            slot.remember(slot.prompt)
+        started = time.perf_counter()
+        try:
+            images = await self._produce(run.call, run.route, indices(group),
+                                         run.prompts_with(group),
+                                         record, run.trace, run.inputs, repair,
+                                         policy=run.policy)
+        except asyncio.CancelledError:
+            record.cancelled = record.cancelled or run.why_cancelled(group)
+            raise
+        self.estimates.record_generation(run.route.backend, time.perf_counter() - started)
+        return record, images
 
     # --- steps ------------------------------------------------------------------------------
 
     async def _prescreen(self, prompt: str, policy: Policy, trace: Trace
                          ) -> tuple[Verdict | None, Decision]:
         record = RoundRecord(index=0, kind="prescreen")
-        trace.rounds.append(record)
+        trace.rounds.insert(0, record)  # first, even beside a concurrent round 1
         verdicts = await self._judge([JudgeInput(prompt=prompt, original_prompt=prompt)],
-                                     policy, record, stage="prescreen")
-        decision = _decide(policy, verdicts[0])
-        record.images.append(_judged(0, prompt, None, verdicts[0], decision))
+                                     policy.hedging(), [record], stage="prescreen")
+        decision = decide(policy, verdicts[0])
+        record.images.append(judged(0, prompt, None, verdicts[0], decision))
         self._count(decision)
         return verdicts[0], decision
 
     async def _produce(self, call: GenerationCall, route: Route, pending: Sequence[int],
                        prompts: Sequence[str], record: RoundRecord, trace: Trace,
-                       inputs: EditInputs | None, repair: dict[int, GeneratedImage]
-                       ) -> dict[int, GeneratedImage]:
+                       inputs: EditInputs | None, repair: dict[int, GeneratedImage],
+                       *, policy: Policy | None = None) -> dict[int, GeneratedImage]:
         """One backend call per distinct prompt (or per image under repair), all at once."""
         groups: dict[tuple[str, int | None], list[int]] = {}
         for slot in pending:
@@ -201,7 +384,14 @@ class Engine:
                     used, images = await self.router.edit(route, sub, list(inputs.images),
                                                           inputs.mask)
                 else:
-                    used, images = await self.router.generate(route, sub)
+                    # Previews (issue 18, guard.pipeline.previews): a backend that shows partial
+                    # images has each judged (verdict only) as it arrives; an unsafe one stops
+                    # that image's generation at once and stands in for it, so it is judged below
+                    # like any image (unsafe, refined by the judge) and never returned unjudged.
+                    used, images = await generate_judging_previews(
+                        self.router, route, sub, judge=self.judge if self.enabled else None,
+                        policy=policy, original=call.prompt, record=record, slots=slots,
+                        metrics=self.metrics)
                 self.metrics.backend_latency.labels(used).observe(time.perf_counter() - started)
             if len(images) != len(slots):
                 raise BackendError(f"backend {used!r} returned {len(images)} image(s) for "
@@ -225,10 +415,11 @@ class Engine:
             out.update(zip(slots, images, strict=True))
         return out
 
-    async def _judge(self, items: list[JudgeInput], policy: Policy, record: RoundRecord,
-                     stage: str) -> list[Verdict | None]:
-        """Judge a batch. A judge failure follows policy.on_judge_error: refuse (503) or allow,
-        in which case the items go unjudged (None) and the round records why."""
+    async def _judge(self, items: list[JudgeInput], policy: Policy,
+                     records: Sequence[RoundRecord], stage: str) -> list[Verdict | None]:
+        """Judge a batch (the items of `records`' rounds). A judge failure follows
+        policy.on_judge_error: refuse (503) or allow, in which case the items go unjudged (None)
+        and the rounds record why."""
         timer = clock()
         try:
             with self.telemetry.span("guard.judge", **{"guard.judge": self.judge.id,
@@ -242,21 +433,19 @@ class Engine:
             reason = exc.message if isinstance(exc, GuardError) else type(exc).__name__
             if isinstance(exc, GuardError) and exc.detail:  # redacted: the trace may keep it
                 reason = f"{reason} ({exc.detail})"
-            record.error = f"judge error: {reason}"
+            for record in records:
+                record.error = f"judge error: {reason}"
             log.warning("judge %s failed at %s: %s", self.judge.id, stage, reason)
             if policy.on_judge_error == "allow":
                 return [None] * len(items)
             raise JudgeError("The safety judge is unavailable; the request was not served "
                              "(policy on_judge_error: refuse).") from exc
         finally:
-            record.judge_ms += timer.ms()
-            self.metrics.judge_latency.labels(self.judge.id, stage).observe(timer.ms() / 1000)
-
-    def _refined(self, verdict: Verdict | None, prompt: str, decision: Decision,
-                 policy: Policy) -> str:
-        if verdict is not None and verdict.refined_prompt and verdict.refined_prompt.strip():
-            return verdict.refined_prompt.strip()
-        return refine_prompt(prompt, decision.flagged, policy)
+            ms = timer.ms()
+            for record in records:
+                record.judge_ms += ms
+            self.estimates.record_judging(stage, ms / 1000)
+            self.metrics.judge_latency.labels(self.judge.id, stage).observe(ms / 1000)
 
     def _violation(self, categories: Sequence[str], what: str) -> PolicyViolation:
         cats = ", ".join(categories) or "unspecified"
@@ -269,38 +458,17 @@ class Engine:
             self.metrics.flags.labels(category, decision.action).inc()
 
 
-def _decide(policy: Policy, verdict: Verdict | None) -> Decision:
-    # No verdict means the judge failed and the policy said allow.
-    return Decision("pass") if verdict is None else policy.decide(verdict.scores)
+async def _cancel(tasks: list[asyncio.Task[Any]], record: RoundRecord, why: str) -> None:
+    """Cancel calls whose images must never be judged or returned; their record says why."""
+    record.cancelled = why
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _history(prompt: str, verdict: Verdict | None, decision: Decision) -> HistoryEntry:
-    return HistoryEntry(prompt=prompt, scores=dict(verdict.scores) if verdict else {},
-                        flagged=decision.flagged, thought=verdict.thought if verdict else "",
-                        refined_prompt=verdict.refined_prompt if verdict else None)
-
-
-def _judged(slot: int, prompt: str, image: GeneratedImage | None, verdict: Verdict | None,
-            decision: Decision) -> JudgedImage:
-    if verdict is None:
-        return JudgedImage(slot=slot, prompt=prompt,
-                           image_sha256=image.sha256 if image else None,
-                           judge_id="(judge failed; allowed by policy)", action=decision.action)
-    return JudgedImage(
-        slot=slot, prompt=prompt, image_sha256=image.sha256 if image else None,
-        judge_id=verdict.judge_id, scores={k: round(v, 6) for k, v in verdict.scores.items()},
-        flagged=list(decision.flagged), action=decision.action, thought=verdict.thought,
-        refined_prompt=verdict.refined_prompt, raw=verdict.raw[:4000],
-        judge_ms=round(verdict.latency_ms, 3), details=dict(verdict.details))
-
-
-def _rounds_of(trace: Trace, slot: int) -> int:
-    return sum(1 for r in trace.rounds if r.kind == "generate"
-               and any(i.slot == slot for i in r.images)) or 1
-
-
-def _categories_of(trace: Trace, slot: int) -> list[str]:
-    """Categories flagged on the way to this slot's image: the prescreen's and its rounds'."""
-    return sorted({c for r in trace.rounds for i in r.images
-                   if r.kind == "prescreen" or i.slot == slot for c in i.flagged})
-
+def _stop_reason(exc: BaseException, run: Run) -> str:
+    if isinstance(exc, asyncio.CancelledError | TimeoutError):
+        passed = run.deadline is not None and run.deadline.left() <= 0
+        return "the deadline passed" if passed else "the request was cancelled"
+    code = exc.code if isinstance(exc, GuardError) else type(exc).__name__
+    return f"the request ended ({code})"

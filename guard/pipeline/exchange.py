@@ -138,6 +138,7 @@ class Job:
     endpoint: str
     req: ImageGenerationRequest
     inputs: EditInputs | None = None
+    deadline_s: float | None = None  # the client's x-guard-deadline-s, parsed at the HTTP edge
 
     @property
     def event_prefix(self) -> str:
@@ -211,7 +212,8 @@ class Exchange:
         with self._active():
             try:
                 outcome = await self.state.engine.run(_call(job.req), self._route, self._policy,
-                                                      self.trace, job.inputs)
+                                                      self.trace, job.inputs,
+                                                      deadline_s=job.deadline_s)
                 return Reply(200, {TRACE_HEADER: self.trace.id},
                              images=await self._response(outcome, base_url))
             except Exception as exc:  # noqa: BLE001 - every failure is a traced reply
@@ -333,6 +335,8 @@ def _request_record(job: Job) -> dict[str, Any]:
     record = req.model_dump(exclude_none=True, exclude=set(req.unknown_fields()))
     if req.unknown_fields():
         record["unknown_fields"] = req.unknown_fields()
+    if job.deadline_s is not None:
+        record["deadline_s"] = job.deadline_s
     if job.inputs is not None:
         # Hashes, never the bytes: the trace says which images were edited.
         record["input_images"] = [hashlib.sha256(i).hexdigest() for i in job.inputs.images]

@@ -6,13 +6,16 @@ import fnmatch
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from guard.core.config import RouteConfig
 from guard.core.types import GeneratedImage, GenerationCall
-from guard.plugins import Backend, EditingBackend
+from guard.plugins import Backend, EditingBackend, PreviewHandler, PreviewingBackend
 from guard.support.errors import BackendError, BackendRejected, RequestError
 
 log = logging.getLogger("safeedit.routing")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,25 @@ class Router:
         """Call the routed backend; on a backend failure (not a client error), try the fallback."""
         return await self._call(route, lambda b: b.generate(replace(call, model=route.model)))
 
+    def shows_previews(self, route: Route, call: GenerationCall) -> bool:
+        """Whether the routed backend would show previews while it makes this call's images."""
+        backend = self.backends[route.backend]
+        return (isinstance(backend, PreviewingBackend)
+                and backend.shows_previews(replace(call, model=route.model)))
+
+    async def generate_previewed(self, route: Route, call: GenerationCall,
+                                 on_preview: PreviewHandler
+                                 ) -> tuple[str, list[GeneratedImage | None]]:
+        """As `generate`, each preview shown to `on_preview` (None where it said stop); a
+        backend without previews, the fallback included, just generates."""
+        async def run(backend: Backend) -> list[GeneratedImage | None]:
+            routed = replace(call, model=route.model)
+            if isinstance(backend, PreviewingBackend) and backend.shows_previews(routed):
+                return await backend.generate_previewed(routed, on_preview)
+            return list(await backend.generate(routed))
+
+        return await self._call(route, run)
+
     async def edit(self, route: Route, call: GenerationCall, images: list[bytes],
                    mask: bytes | None) -> tuple[str, list[GeneratedImage]]:
         """Edit images with the routed backend (fallback as for generate)."""
@@ -59,8 +81,8 @@ class Router:
 
         return await self._call(route, run)
 
-    async def _call(self, route: Route, run: Callable[[Backend], Awaitable[list[GeneratedImage]]]
-                    ) -> tuple[str, list[GeneratedImage]]:
+    async def _call(self, route: Route, run: Callable[[Backend], Awaitable[T]]
+                    ) -> tuple[str, T]:
         try:
             return route.backend, await run(self.backends[route.backend])
         except BackendError as exc:

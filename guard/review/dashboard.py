@@ -73,8 +73,16 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
+MAX_BUCKETS = 400  # a chart's columns: a longer window gets coarser buckets, never more of them
+
+
 def bucket_size(since: float, until: float) -> int:
-    return 3600 if until - since <= 2 * 86400 else 86400
+    """Hours up to two days, else days, else as many whole days a bucket as keep a chart at
+    MAX_BUCKETS columns."""
+    span = max(until - since, 0.0)
+    if span <= 2 * 86400:
+        return 3600
+    return 86400 * max(1, math.ceil(span / MAX_BUCKETS / 86400))
 
 
 def aggregate(traces: Iterable[Trace], since: float, until: float) -> Figures:
@@ -84,7 +92,7 @@ def aggregate(traces: Iterable[Trace], since: float, until: float) -> Figures:
         f.decisions[t.decision] += 1
         start = int(t.created_at // f.bucket_s * f.bucket_s)
         f.over_time.setdefault(start, Counter())[t.decision] += 1
-        f.rounds[sum(1 for r in t.rounds if r.kind == "generate")] += 1
+        f.rounds[t.round_count()] += 1
         f.latency_ms.setdefault("request", []).append(t.duration_ms)
         if t.policy:
             key = f"{t.policy.get('id')} v{t.policy.get('version')}"
@@ -92,7 +100,7 @@ def aggregate(traces: Iterable[Trace], since: float, until: float) -> Figures:
         for rnd in t.rounds:
             if rnd.images:
                 f.latency_ms.setdefault("judge", []).append(rnd.judge_ms)
-            if rnd.kind == "generate" and not (rnd.error and not rnd.images):
+            if rnd.counts and not (rnd.error and not rnd.images):
                 f.latency_ms.setdefault("backend", []).append(rnd.backend_ms)
             for item in rnd.images:
                 for category in item.flagged:

@@ -1,4 +1,4 @@
-"""Labelling on the review pages (guard.audit.labels): the label forms of a trace page, and the queue.
+"""Labelling on the review pages (guard.core.labels): the label forms of a trace page, and the queue.
 
     POST /guard/traces/{id}/labels  one label (slot, round, verdict, category, note), from the
                                     form under each judged image and the prompt: CSRF-checked
@@ -18,18 +18,19 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from guard import review
-from guard.audit.labels import (
+from guard.audit.query import whole_number
+from guard.core.auth import Principal, tenant_scope
+from guard.core.labels import (
     MAX_NOTE,
     VERDICTS,
     Label,
-    LabelStore,
     QueueQuery,
     new_label,
     trace_categories,
 )
-from guard.core.auth import Principal, tenant_scope
 from guard.core.types import Trace
 from guard.http.errors import status_of
+from guard.plugins import LabelStore
 from guard.support.errors import GuardError, RequestError, Unsupported
 
 DEFAULT_SAMPLE_PERCENT = "10"
@@ -88,9 +89,7 @@ async def add_label(request: Request) -> Response:
 def queue_query(typed: dict[str, str], principal: Principal) -> QueueQuery:
     """The queue's filters as typed (percent for `sample`); bad values are 400s naming them."""
     version = typed["policy_version"]
-    if version and not (version.isascii() and version.isdigit() and len(version) < 10):
-        raise RequestError("Invalid 'policy_version': expected a whole number.",
-                           param="policy_version")
+    policy_version = whole_number("policy_version", version) if version else None
     try:
         sample = float(typed["sample"] or DEFAULT_SAMPLE_PERCENT)
     except ValueError:
@@ -99,8 +98,7 @@ def queue_query(typed: dict[str, str], principal: Principal) -> QueueQuery:
         raise RequestError("Invalid 'sample': a percentage from 0 to 100.", param="sample")
     return QueueQuery(tenant=tenant_scope(principal, typed["tenant"] or None),
                       category=typed["category"] or None, policy_id=typed["policy_id"] or None,
-                      policy_version=int(version) if version else None, sample=sample / 100,
-                      limit=QUEUE_SIZE)
+                      policy_version=policy_version, sample=sample / 100, limit=QUEUE_SIZE)
 
 
 async def queue_page(request: Request) -> Response:

@@ -159,7 +159,7 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 {% macro card(r, j, label) %}
 <article class="round {{ 'unsafe' if j.flagged else 'safe' }}" data-round="{{ r.index }}">
 <h3><span>{{ label }}</span><span class="mono">{{ j.action }}</span></h3>
-{% if r.kind == "generate" %}<div class="thumb">
+{% if r.kind != "prescreen" %}<div class="thumb">
 {% if j.image_sha256 and j.image_sha256 in available %}
 <a href="{{ image_url(j.image_sha256) }}"><img alt="round {{ r.index }} image"
  src="{{ image_url(j.image_sha256) }}?size=thumb"></a>
@@ -174,8 +174,10 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 {% if j.refined_prompt %}<div class="field"><b>Refined prompt</b>
 <p class="refined">{{ j.refined_prompt }}</p></div>{% endif %}
 <div class="field"><b>Judge · timings</b><p class="mono">{{ j.judge_id }} · judge {{ "%.1f" | format(j.judge_ms) }} ms
-{%- if r.kind == "generate" %} · round: backend {{ "%.1f" | format(r.backend_ms) }} ms{% if r.backend %} ({{ r.backend }}){% endif %}, judge {{ "%.1f" | format(r.judge_ms) }} ms{% endif %}</p></div>
+{%- if r.kind != "prescreen" %} · {{ r.kind }}: backend {{ "%.1f" | format(r.backend_ms) }} ms{% if r.backend %} ({{ r.backend }}){% endif %}, judge {{ "%.1f" | format(r.judge_ms) }} ms{% endif %}</p></div>
 {% if r.error %}<p class="error">{{ r.error }}</p>{% endif %}
+{% for p in r.previews if p.slot == j.slot %}<p class="mono">preview {{ p.step }}: {{ p.action }}
+{%- if p.flagged %} ({{ p.flagged | join(", ") }}){% endif %}{% if p.stopped %}, generation stopped here{% endif %}</p>{% endfor %}
 {{ labels(none if r.kind == "prescreen" else j.slot, r.index) }}
 </article>{% endmacro %}
 {% macro labels(slot, index) %}<div class="labels" id="item-{{ 'prompt' if slot is none else slot }}-{{ index }}">

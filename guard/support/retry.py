@@ -75,6 +75,20 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+MAX_RETRY_AFTER_S = 86_400
+
+
+def retry_after_header(value: str | None) -> dict[str, str]:
+    """A server's Retry-After, fit to pass on to a client: `{"retry-after": whole seconds}` when
+    the value parses (delta-seconds or an HTTP date), else nothing. Only what was parsed goes on,
+    never the server's text: a server that echoes its request would hand the operator's key to
+    the client in it."""
+    seconds = retry_after_s(value)
+    if seconds is None:
+        return {}
+    return {"retry-after": str(min(MAX_RETRY_AFTER_S, math.ceil(seconds)))}
+
+
 def backend_retryable(exc: GuardError) -> bool:
     """429, 5xx and connection failures; not timeouts, 4xx or malformed answers."""
     if isinstance(exc, BackendRateLimited):

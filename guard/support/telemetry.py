@@ -102,6 +102,14 @@ class Metrics:
         self.backend_latency = Histogram("guard_backend_latency_seconds",
                                          "Backend call latency.", ["backend"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.previews = Counter(
+            "guard_previews", "Partial images judged while their generation ran, by backend and "
+            "outcome (continued, or stopped: the generation was cancelled as unsafe).",
+            ["backend", "outcome"], registry=r)
+        self.hedges = Counter(
+            "guard_hedge_images", "Images generated beside the original from a borderline "
+            "prompt's refined version (policy hedge), by outcome (made, served).",
+            ["outcome"], registry=r)
         self.login_throttled = Counter(
             "guard_review_login_throttled",
             "Review-page sign-ins refused after too many failures, by scope (address or key).",

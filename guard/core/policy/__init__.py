@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from guard.support.errors import ConfigError
 
@@ -63,6 +63,27 @@ class Rounds(_Strict):
         "refuse",
         description="When an image is still unsafe after the last round: `refuse` the request, "
                     "or `drop` that image and return the safe ones (refuse if none is left).")
+    deadline_s: float | None = Field(
+        None, gt=0,
+        description="Seconds a request may take in all (a client's `x-guard-deadline-s` header "
+                    "may shorten it, or set one where this is none): no round starts that could "
+                    "not finish in time, and at the deadline the request ends (HTTP 504 "
+                    "guard_deadline_exceeded, or the safe images when `on_exhausted: drop`).")
+
+
+class Hedge(_Strict):
+    band: tuple[float, float] = Field(
+        description="[low, high]: when the prescreen's highest score lies in this band (the "
+                    "prompt passed, but barely), round 1 also generates the refined prompt beside "
+                    "the original and each image keeps whichever is first judged safe.")
+
+    @field_validator("band")
+    @classmethod
+    def _ordered(cls, band: tuple[float, float]) -> tuple[float, float]:
+        low, high = band
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError("the band is [low, high] with 0 <= low < high <= 1")
+        return band
 
 
 class TermSet(_Strict):
@@ -90,12 +111,19 @@ class Policy(_Strict):
     description: str = Field("", description="What the policy is for, in words.")
     extends: str | None = Field(
         None, description="Id of a policy whose fields this one inherits and overrides.")
-    prescreen: bool = Field(
-        True, description="Judge the prompt alone before spending a generation.")
+    prescreen: Literal[True, False, "concurrent"] = Field(
+        True, description="Judge the prompt alone before spending a generation (`true`), not at "
+                          "all (`false`), or while round 1 generates (`concurrent`: that "
+                          "generation is cancelled, never judged nor returned, when the prompt "
+                          "is to be edited or refused).")
     categories: Mapping[str, Category] = Field(
         description="Categories with their threshold and action.")
     rounds: Rounds = Field(default_factory=Rounds,
                            description="Round limit and what happens when it is reached.")
+    hedge: Hedge | None = Field(
+        None, description="Off by default: `{band: [low, high]}` generates a borderline "
+                          "prompt's refined version beside it in round 1 (extra generations, "
+                          "counted in the metrics and the trace).")
     on_judge_error: Literal["refuse", "allow"] = Field(
         "refuse",
         description="When the judge fails: `refuse` (fail closed, HTTP 503) or `allow` "
@@ -114,6 +142,12 @@ class Policy(_Strict):
 
     _sha256: str = PrivateAttr("")
     _source: str = PrivateAttr("")
+    # What `wants_explanation` answers for: "edit" decisions (the policy itself), "never" (the
+    # verdict_only() view), or also a prompt in the hedge band (the hedging() view).
+    _explain: Literal["edit", "never", "hedge"] = PrivateAttr("edit")
+    # Each view made once, keyed by what it explains and by whose view it is (a model_copy of a
+    # policy shares this dict: its own views must never be the original's).
+    _views: dict[tuple[str, int], Policy] = PrivateAttr(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -141,13 +175,58 @@ class Policy(_Strict):
             return Decision("pass", tuple(flagged))
         return Decision(action, tuple(flagged))
 
-    def wants_explanation(self, scores: Mapping[str, float]) -> bool:
+    def wants_explanation(self, scores: Mapping[str, float], *,
+                          at_round: int | None = None) -> bool:
         """Whether a judge should spend time on a thought and a refined prompt for these scores.
 
         The one question a judge asks the policy: judges score, and explain only when this says
         so (verdict first); what happens to the item is decided by the engine with `decide`.
+        Only where a refined prompt could still be used: an `edit` decision, before the last
+        round (`at_round`, when known, counts generation rounds from 1), and never under the
+        `verdict_only()` view the engine hands a judge when no further round can follow. Under
+        the `hedging()` view, also a passing prompt whose scores lie in the hedge band.
         """
-        return self.decide(scores).unsafe
+        if self._explain == "never" or (at_round is not None and at_round >= self.rounds.max):
+            return False
+        decision = self.decide(scores)
+        return decision.action == "edit" or (
+            self._explain == "hedge" and decision.action == "pass" and self.in_hedge_band(scores))
+
+    def in_hedge_band(self, scores: Mapping[str, float]) -> bool:
+        """Whether the highest of these scores lies in the policy's hedge band."""
+        if self.hedge is None:
+            return False
+        low, high = self.hedge.band
+        return low <= max((scores.get(c, 0.0) for c in self.categories), default=0.0) <= high
+
+    def hedge_categories(self, scores: Mapping[str, float]) -> tuple[str, ...]:
+        """The categories whose scores reach the hedge band (what a hedged prompt refines)."""
+        low = self.hedge.band[0] if self.hedge is not None else 1.0
+        return tuple(c for c in self.categories if scores.get(c, 0.0) >= low)
+
+    def verdict_only(self) -> Policy:
+        """This policy as a judge should see it where no refined prompt can be used: the same
+        categories and thresholds, `wants_explanation` always false (same sha256 and source)."""
+        return self._as("never")
+
+    def hedging(self) -> Policy:
+        """This policy as the prescreen's judge sees it under `hedge`: a passing prompt in the
+        band is explained too, so its refined version can be generated beside it."""
+        return self._as("hedge") if self.hedge is not None else self
+
+    def _as(self, explain: Literal["edit", "never", "hedge"]) -> Policy:
+        if self._explain == explain:
+            return self
+        view = self._views.get((explain, id(self)))
+        if view is None:
+            view = self.model_copy()
+            view._explain, view._views = explain, {}
+            self._views[(explain, id(self))] = view
+        return view
+
+    @property
+    def prescreen_concurrent(self) -> bool:
+        return self.prescreen == "concurrent"
 
 
 @dataclass(frozen=True, slots=True)

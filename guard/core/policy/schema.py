@@ -107,14 +107,17 @@ def allowed(node: dict[str, Any] | None) -> str:
     if node is None:
         return ""
     node = _deref(node)
-    if "enum" in node:
-        return "one of " + ", ".join(str(v) for v in node["enum"])
+    if "enum" in node:  # true/false as YAML writes them
+        return "one of " + ", ".join(v if isinstance(v, str) else json.dumps(v)
+                                     for v in node["enum"])
     if "anyOf" in node:
         return " or ".join(filter(None, (allowed(n) for n in node["anyOf"])))
     kind = node.get("type")
     if kind in ("number", "integer"):
         noun = "a number" if kind == "number" else "a whole number"
         low, high = node.get("minimum"), node.get("maximum")
+        if node.get("exclusiveMinimum") is not None and high is None:
+            return f"{noun} above {_num(node['exclusiveMinimum'])}"
         if low is not None and high is not None:
             return f"{noun} from {_num(low)} to {_num(high)}"
         if low is not None:
@@ -126,6 +129,8 @@ def allowed(node: dict[str, Any] | None) -> str:
         return "text"
     if kind == "null":
         return "nothing (null)"
+    if kind == "array" and node.get("prefixItems"):  # a fixed-length list such as [low, high]
+        return "[" + ", ".join(allowed(n) for n in node["prefixItems"]) + "]"
     if kind == "array":
         return "a list of " + {"text": "texts"}.get(allowed(node.get("items", {})), "items")
     if kind == "object":

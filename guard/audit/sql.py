@@ -1,0 +1,386 @@
+"""The one SQL audit store: all that the SQLite and PostgreSQL stores do alike, over a dialect.
+
+Both keep two hash chains (the traces; auditors' labels, guard.audit.labels) in tables of the same
+shape, and `SQLStore._append` is the one place either chain is sealed, for both databases: in one
+transaction holding the chain head's write lock, read the head's seq and hash, link each new row
+to the one before (guard.core.hashchain.link_hash), sign a checkpoint where one falls due
+(guard.audit.chain), insert the rows and the checkpoints, and move the head. Bodies are
+serialised before the lock is taken, so that it is held only for the inserts.
+
+The SQL is written here once, with `?` placeholders. A `Dialect` is what differs between the
+databases: how a statement runs (on one sqlite3 connection in a worker thread; on an asyncpg
+pool, with `?` numbered `$1, $2...`), how the chain head is locked (BEGIN IMMEDIATE; SELECT ...
+FOR UPDATE), how a chain is walked (in pages by seq; through a server-side cursor in one
+snapshot), how the categories column keeps a trace's categories (`,a,b,` text; text[]), and the
+SQL of the review queue's sample point. The schemas and their migrations, and each store's own
+options, are in guard.audit.sqlite and guard.audit.postgres.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol, Self, TypedDict
+
+import orjson
+
+from guard.audit.anchor import Anchorer
+from guard.audit.chain import (
+    DEFAULT_CHECKPOINT_EVERY,
+    ChainRow,
+    ChainTables,
+    Checkpoint,
+    Signer,
+    TableChain,
+    column_text,
+    index_columns,
+    label_anchor_options,
+    verify,
+)
+from guard.audit.common import common_options, decode_cursor, encode_cursor, where_sql
+from guard.audit.images import RetainedImages
+from guard.audit.labels import (
+    LABEL_TABLES,
+    QUEUE_ORDER,
+    UNLABELLED,
+    label_columns,
+    label_page,
+    label_query,
+    label_row,
+)
+from guard.core.hashchain import VerifyReport, link_hash
+from guard.core.labels import Label, LabelPage, QueuePage, QueueQuery, bind_label
+from guard.core.types import Trace
+from guard.plugins import ImageStore, TracePage, TraceQuery
+from guard.support.errors import ConfigError, NotFound
+
+Row = Sequence[Any]  # a stored row, read by position: a sqlite3 tuple or an asyncpg Record
+# SQL with `?` placeholders, and the rows of arguments it runs with (one run per row).
+Statement = tuple[str, Sequence[Sequence[Any]]]
+# An append's statements, made from the chain head's (seq, hash) as read under its lock.
+Appending = Callable[[int, str | None], list[Statement]]
+# The i-th new row of a chain, from (i, seq, prev_hash, hash).
+RowMaker = Callable[[int, int, str | None, str], tuple[Any, ...]]
+
+TRACE_COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
+                 " policy_version, model, body, prev_hash, hash")
+CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
+
+
+class Dialect(Protocol):
+    """What the SQL audit store needs of one database (its SQL has `?` placeholders)."""
+
+    # A WHERE clause: the categories column holds the category in `?`, which is passed as
+    # `categories_column([category])`.
+    has_category: str
+    # A trace's sample point in [0, 1) in SQL, as guard.audit.labels.sample_point(id).
+    sample_point: str
+
+    def categories_column(self, categories: Sequence[str]) -> Any:
+        """A trace's categories as its `categories` column keeps them."""
+        ...
+
+    def categories_of(self, column: Any) -> list[str]:
+        """The categories a `categories` column holds."""
+        ...
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    async def append(self, head: str, appending: Appending) -> None:
+        """In one transaction that holds the write lock on the chain head table `head` (its one
+        row, id 1): read the head's seq and hash, run the statements `appending` makes of them,
+        and commit; roll back if anything fails."""
+        ...
+
+    def walk(self, select: str, where: Sequence[str], args: Sequence[Any],
+             batch: int) -> AsyncIterator[Row]:
+        """The rows of `select` (from a chain's rows table, seq first) that meet every clause of
+        `where`, in chain order, read `batch` at a time."""
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ChainOptions(TypedDict, total=False):
+    """A store's options besides its database's: see guard.audit.common."""
+
+    images: RetainedImages | None
+    signer: Signer | None
+    checkpoint_every: int
+    anchorer: Anchorer | None
+    label_anchorer: Anchorer | None
+
+
+class SQLStore(ABC):
+    """An audit store over a `Dialect`: an AuditStore and a LabelStore (guard.plugins), a
+    ChainedStore and an ImageKeepingStore (guard.audit)."""
+
+    kind: str  # the `kind:` that configures it
+
+    def __init__(self, dialect: Dialect, *, images: RetainedImages | None = None,
+                 signer: Signer | None = None,
+                 checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                 anchorer: Anchorer | None = None,
+                 label_anchorer: Anchorer | None = None) -> None:
+        self.dialect = dialect
+        self.images = images
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every
+        self.anchorer = anchorer
+        self.label_anchorer = label_anchorer
+        self.traces_tables = ChainTables("traces", "chain_head", "checkpoints", TRACE_COLUMNS,
+                                         CHECKPOINT_COLUMNS, self._trace_chain_row)
+        self.label_chain = TableChain(self, LABEL_TABLES)  # what verify_labels walks
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], *,
+                    images: ImageStore | None = None) -> Self:
+        """`images`: the shared image store, for retained images (None: per the options)."""
+        opts = dict(options)
+        own = cls.own_options(opts)
+        labels_anchor = label_anchor_options(opts.get("anchor"))
+        common = common_options(opts, {"kind": cls.kind, **options}, images)
+        if opts:
+            raise ConfigError(f"audit ({cls.kind}): unknown options {sorted(opts)}")
+        return cls(**own, images=common.images, signer=common.signer,
+                   checkpoint_every=common.checkpoint_every, anchorer=common.anchorer,
+                   label_anchorer=Anchorer.from_options(labels_anchor, common.signer))
+
+    @classmethod
+    @abstractmethod
+    def own_options(cls, opts: dict[str, Any]) -> dict[str, Any]:
+        """Pops the store's own options from `opts`: its constructor's other arguments."""
+
+    # --- sealing: the one append path of both chains ------------------------------------------
+
+    async def _append(self, chain: ChainTables, bodies: Sequence[tuple[str, bytes]],
+                      row: RowMaker) -> None:
+        """Append (id, canonical body) pairs to `chain` in one transaction: `row(i, seq,
+        prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due."""
+        if not bodies:
+            return
+
+        def statements(seq: int, prev: str | None) -> list[Statement]:
+            rows, checkpoints = [], []
+            for i, (id_, body) in enumerate(bodies):
+                seq += 1
+                hash_ = link_hash(prev, body)
+                rows.append(row(i, seq, prev, hash_))
+                prev = hash_
+                if self.signer is not None and seq % self.checkpoint_every == 0:
+                    cp = self.signer.sign(seq, id_, hash_)
+                    checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
+                                        cp.key_fingerprint, cp.signature, cp.kid))
+            marks = ", ".join("?" * len(rows[0]))
+            out: list[Statement] = [
+                (f"INSERT INTO {chain.rows} ({chain.columns}) VALUES ({marks})", rows)]
+            if checkpoints:
+                out.append((f"INSERT INTO {chain.checkpoints} ({chain.checkpoint_columns})"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?)", checkpoints))
+            out.append((f"UPDATE {chain.head} SET seq = ?, hash = ? WHERE id = 1", [(seq, prev)]))
+            return out
+
+        await self.dialect.append(chain.head, statements)
+
+    # --- the AuditStore interface -------------------------------------------------------------
+
+    async def write(self, trace: Trace) -> Trace:
+        await self.write_many([trace])
+        return trace
+
+    async def write_many(self, traces: Sequence[Trace]) -> None:
+        """Append several traces in one transaction, in order: the same sealing as `write`,
+        for imports and bulk loads (one commit per batch instead of per trace)."""
+        if self.images is not None:
+            await self.images.keep(*traces)
+        # The bodies are final now: serialise them before the write lock is taken.
+        bodies = [(trace.id, trace.canonical_bytes()) for trace in traces]
+
+        def row(i: int, seq: int, prev: str | None, hash_: str) -> tuple[Any, ...]:
+            trace = traces[i]
+            trace.prev_hash, trace.hash = prev, hash_  # = Trace.seal
+            c = index_columns(vars(trace))
+            return (seq, c["id"], c["created_at"], c["tenant"], c["key_id"], c["decision"],
+                    c["status"], self.dialect.categories_column(c["categories"]),
+                    c["policy_id"], c["policy_version"], c["model"], bodies[i][1].decode(),
+                    prev, hash_)
+
+        await self._append(self.traces_tables, bodies, row)
+        if self.anchorer is not None:
+            self.anchorer.note_write()
+
+    async def get(self, trace_id: str) -> Trace | None:
+        rows = await self.dialect.fetch("SELECT body, prev_hash, hash FROM traces WHERE id = ?",
+                                        (column_text(trace_id),))
+        return _load(rows[0]) if rows else None
+
+    async def query(self, q: TraceQuery) -> TracePage:
+        where, args = self._where(q)
+        if q.cursor:
+            where.append("seq < ?")
+            args.append(decode_cursor(q.cursor))
+        rows = await self.dialect.fetch(f"SELECT body, prev_hash, hash, seq FROM traces"
+                                        f"{where_sql(where)} ORDER BY seq DESC LIMIT ?",
+                                        [*args, q.limit + 1])
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        return TracePage([_load(r).summary() for r in rows],
+                         encode_cursor(rows[-1][3]) if more and rows else None)
+
+    async def ready(self) -> bool:
+        return await self.dialect.ready()
+
+    async def start(self) -> None:
+        """Start anchoring the chain heads (when configured), off the request path."""
+        if self.anchorer is not None:
+            self.anchorer.start(self.chain_head)
+        if self.label_anchorer is not None:
+            self.label_anchorer.start(self.label_chain.chain_head)
+
+    async def aclose(self) -> None:
+        if self.anchorer is not None:
+            await self.anchorer.aclose(self.chain_head)
+        if self.label_anchorer is not None:
+            await self.label_anchorer.aclose(self.label_chain.chain_head)
+        if self.images is not None:
+            await self.images.aclose()
+        await self.dialect.aclose()
+
+    # --- labels (guard.plugins.LabelStore) ----------------------------------------------------
+
+    async def add_label(self, label: Label) -> Label:
+        trace = await self.get(label.trace_id)
+        if trace is None:
+            raise NotFound("No such trace.")
+        label = bind_label(label, trace)
+        body = label.canonical_bytes()
+        sealed: list[Label] = []
+
+        def row(i: int, seq: int, prev: str | None, hash_: str) -> tuple[Any, ...]:
+            sealed.append(label.sealed(prev, body))
+            return label_row(seq, sealed[0], body)
+
+        await self._append(LABEL_TABLES, [(label.id, body)], row)
+        if self.label_anchorer is not None:
+            self.label_anchorer.note_write()
+        return sealed[0]
+
+    async def labels(self, *, trace_id: str | None = None, tenant: str | None = None,
+                     verdict: str | None = None, category: str | None = None,
+                     since: float | None = None, until: float | None = None,
+                     latest_only: bool = True, limit: int = 50,
+                     cursor: str | None = None) -> LabelPage:
+        sql, args = label_query(trace_id=trace_id, tenant=tenant, verdict=verdict,
+                                category=category, since=since, until=until,
+                                latest_only=latest_only, limit=limit, cursor=cursor)
+        return label_page(await self.dialect.fetch(sql, args), limit)
+
+    async def review_queue(self, q: QueueQuery) -> QueuePage:
+        where, args = self._where(TraceQuery(tenant=q.tenant, category=q.category,
+                                             policy_id=q.policy_id,
+                                             policy_version=q.policy_version))
+        where += [UNLABELLED, "(decision IN ('refused', 'edited')"
+                  f" OR (decision = 'passed' AND {self.dialect.sample_point} < ?))"]
+        args.append(q.sample)
+        sql = " FROM traces" + where_sql(where)
+        rows = await self.dialect.fetch(f"SELECT body, prev_hash, hash{sql}"
+                                        f" ORDER BY {QUEUE_ORDER} LIMIT ?", [*args, q.limit])
+        left = await self.dialect.fetch(f"SELECT decision, count(*){sql} GROUP BY decision",
+                                        args)
+        return QueuePage([_load(r).summary() for r in rows], {r[0]: r[1] for r in left})
+
+    # --- the chains (guard.audit.chain.ChainSource, and TableChain for the labels) --------------
+
+    async def chain_rows(self, *, since: float | None = None, until: float | None = None,
+                         tenant: str | None = None, batch: int = 1000
+                         ) -> AsyncIterator[ChainRow]:
+        """Rows in chain order, optionally filtered, read in batches (memory stays flat)."""
+        where, args = self._where(TraceQuery(since=since, until=until, tenant=tenant))
+        async for row in self.walk(self.traces_tables, where, args, batch):
+            yield row
+
+    async def walk(self, chain: ChainTables, where: Sequence[str] = (),
+                   args: Sequence[Any] = (), batch: int = 1000) -> AsyncIterator[ChainRow]:
+        """The rows of `chain` in chain order, optionally filtered (`where`, `args`)."""
+        async for row in self.dialect.walk(f"SELECT {chain.columns} FROM {chain.rows}", where,
+                                           args, batch):
+            yield chain.load(row)
+
+    async def checkpoints_of(self, chain: ChainTables) -> list[Checkpoint]:
+        rows = await self.dialect.fetch(f"SELECT {chain.checkpoint_columns}"
+                                        f" FROM {chain.checkpoints} ORDER BY seq")
+        return [Checkpoint(*row) for row in rows]
+
+    async def head_of(self, chain: ChainTables) -> tuple[int, str | None]:
+        rows = await self.dialect.fetch(f"SELECT seq, hash FROM {chain.head} WHERE id = 1")
+        return (rows[0][0], rows[0][1]) if rows else (0, None)
+
+    async def row_by_hash_of(self, chain: ChainTables, hash_: str) -> ChainRow | None:
+        rows = await self.dialect.fetch(f"SELECT {chain.columns} FROM {chain.rows}"
+                                        " WHERE hash = ? LIMIT 1", (hash_,))
+        return chain.load(rows[0]) if rows else None
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return await self.checkpoints_of(self.traces_tables)
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        return await self.head_of(self.traces_tables)
+
+    async def row_by_hash(self, hash_: str) -> ChainRow | None:
+        return await self.row_by_hash_of(self.traces_tables, hash_)
+
+    async def verify_labels(self) -> VerifyReport:
+        anchors = (await self.label_anchorer.sink.read() if self.label_anchorer is not None
+                   else None)
+        return await verify(self.label_chain, self.signer, anchors=anchors, noun="label",
+                            checkpoint_every=self.checkpoint_every, columns=label_columns)
+
+    async def verify(self) -> VerifyReport:
+        """Walk both chains; check them against their checkpoints and their anchorers'
+        anchors (the label chain's report in `labels`)."""
+        anchors = await self.anchorer.sink.read() if self.anchorer is not None else None
+        report = await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
+                              anchors=anchors)
+        report.labels = await self.verify_labels()
+        return report
+
+    # --- rows -----------------------------------------------------------------------------------
+
+    def _where(self, q: TraceQuery) -> tuple[list[str], list[Any]]:
+        """The WHERE clauses of a query's filters (not its cursor), and their arguments."""
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("decision", q.decision), ("tenant", q.tenant),
+                              ("key_id", q.key_id), ("policy_id", q.policy_id),
+                              ("policy_version", q.policy_version), ("model", q.model)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(column_text(value))  # the columns hold escaped text; so must the filter
+        if q.category:
+            where.append(self.dialect.has_category)
+            args.append(self.dialect.categories_column([column_text(q.category)]))
+        if q.since is not None:
+            where.append("created_at >= ?")
+            args.append(q.since)
+        if q.until is not None:
+            where.append("created_at < ?")
+            args.append(q.until)
+        return where, args
+
+    def _trace_chain_row(self, row: Row) -> ChainRow:
+        (seq, id_, created_at, tenant, key_id, decision, status, categories, policy_id,
+         policy_version, model, body, prev_hash, hash_) = row
+        columns = {"id": id_, "created_at": created_at, "tenant": tenant, "key_id": key_id,
+                   "decision": decision, "status": status,
+                   "categories": self.dialect.categories_of(categories),
+                   "policy_id": policy_id, "policy_version": policy_version, "model": model}
+        return ChainRow(seq, body.encode(), prev_hash, hash_, columns)
+
+
+def _load(row: Row) -> Trace:
+    """A trace from its stored (body, prev_hash, hash, ...)."""
+    trace = Trace.model_validate(orjson.loads(row[0]))
+    trace.prev_hash, trace.hash = row[1], row[2]
+    return trace
