@@ -291,6 +291,18 @@ async def test_an_image_in_a_refuse_category_refuses_the_request_at_once() -> No
     assert rig.trace.categories == ["hate"]
 
 
+async def test_a_refusal_records_every_verdict_of_its_call_and_serves_nothing() -> None:
+    rig = Rig(FakeBackend(overrides={1: GREEN}))  # slot 1 is hateful; 0 and 2 are fine
+    with pytest.raises(PolicyViolation):
+        await rig.run("a blue apple", n=3)
+
+    # The slot judged after the refused one is in the trace too (its verdict was paid for).
+    assert rig.actions()[-1] == [(0, "pass"), (1, "refuse"), (2, "pass")]
+    # No image left the proxy: the slots judged safe share the request's fate in the results.
+    assert {r.decision for r in rig.trace.results} == {"refused"}
+    assert [r.slot for r in rig.trace.results] == [0, 2]
+
+
 async def test_an_allowed_category_is_recorded_and_the_image_served() -> None:
     rig = Rig(FakeBackend(overrides={0: YELLOW}))
     outcome = await rig.run("a blue apple")

@@ -85,6 +85,7 @@ class Engine:
                   ReadyTogether(lambda items, view, records: self._judge(
                       items, view, records, stage="image")))
         limit = effective(policy.rounds.deadline_s, deadline_s) if self.enabled else None
+        withheld: str | None = None  # what the kept images became when the request failed
         try:
             if limit is None:
                 await self._loop(run)
@@ -101,10 +102,15 @@ class Engine:
                         if slot.index not in run.final:
                             run.dropped.setdefault(slot.index, given_up(slot, "failed"))
             return self._outcome(run)
+        except BaseException as exc:
+            withheld = "refused" if isinstance(exc, PolicyViolation) else "failed"
+            raise
         finally:
             trace.categories = sorted(run.flagged)
             trace.results = sorted(
-                [SlotResult(slot=f.slot, decision=f.decision,  # type: ignore[arg-type]
+                # An image judged safe but never served (the request was refused or failed)
+                # shares its request's fate: no client saw it.
+                [SlotResult(slot=f.slot, decision=withheld or f.decision,  # type: ignore[arg-type]
                             rounds=run.slots[f.slot].rounds or 1, prompt=f.prompt,
                             image_sha256=f.image.sha256 if self.enabled else None,
                             categories=categories_of(trace, f.slot))
@@ -249,6 +255,7 @@ class Engine:
             record.cancelled = record.cancelled or run.why_cancelled(group)
             raise
         after: list[Slot] = []
+        refused: tuple[int, Decision] | None = None  # raised once every verdict is recorded
         for slot, verdict in zip(group, verdicts, strict=True):
             image = images[slot.index]
             decision = decide(policy, verdict)
@@ -269,7 +276,8 @@ class Engine:
                     run.slots[slot.index].rounds = max(run.slots[slot.index].rounds, k)
                     self.metrics.hedges.labels("served").inc()
             if decision.action == "refuse":
-                raise self._violation(decision.flagged, f"image {slot.index}")
+                refused = refused or (slot.index, decision)
+                continue
             if slot.hedge:  # unsafe: its slot goes on its own way, or ends if it had waited on this
                 run.hedging.discard(slot.index)
                 if slot.index in run.waiting and slot.index not in run.final:
@@ -289,6 +297,8 @@ class Engine:
             if policy.refine_mode == "edit" and self.router.can_edit(run.route):
                 slot.repair = image
             after.append(slot)
+        if refused is not None:
+            raise self._violation(refused[1].flagged, f"image {refused[0]}")
         return groups(after)
 
     def _give_up(self, run: Run, slot: Slot, *, late: bool) -> None:
