@@ -202,3 +202,15 @@ def test_the_card_of_a_one_tenant_export_names_its_pseudonym_not_the_tenant(
     card = (tmp_path / "one" / "README.md").read_text()
     assert "acme" not in card
     assert f"one tenant only (`{records[0]['tenant']}` in the records)" in card
+
+
+def test_an_unwritable_out_or_an_impossible_window_is_one_clear_line(
+        served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    code, printed, _ = export(served, blocked / "below", capsys=capsys)
+    assert code == 2 and "cannot write the dataset to" in printed and "Traceback" not in printed
+    with pytest.raises(SystemExit) as info:
+        export(served, tmp_path / "x", "--since", "1e308", capsys=capsys)
+    assert info.value.code == 2
+    assert "outside the times" in capsys.readouterr().err

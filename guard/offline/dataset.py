@@ -167,7 +167,10 @@ async def export_dataset(store: AuditStore, out: Path, flt: ExportFilter = Expor
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder")
-    (out / SPLIT_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        (out / SPLIT_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the dataset to {out}: {exc.strerror}") from None
     pseudo = pseudonyms or Pseudonyms.from_env()
     report = ExportReport(out, keyed=pseudo.keyed, filter=flt,
                           tenant_pseudonym=pseudo("tenant", flt.tenant))
