@@ -26,8 +26,8 @@ each preview as it comes and goes on generating; the engine judges the preview (
 and answers "continue" or "stop". On "stop" the backend ends that image's generation at once
 (closes its stream, interrupts its pipeline) and returns None in its place. The engine
 (guard.pipeline.previews) cancels the whole call itself once every image of it is stopped, and
-never returns a preview unjudged: the one that stopped an image stands in for it, judged as an
-image.
+never returns a preview unjudged: the one that stopped an image stands in for it, with the
+verdict that stopped it (explained by the judge where a refined prompt is still wanted).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from guard.core.types import (
     clock,
 )
 from guard.pipeline.deadline import Deadline, Estimates, effective
-from guard.pipeline.previews import generate_judging_previews
+from guard.pipeline.previews import Generated, generate_judging_previews, verdicts_for
 from guard.pipeline.records import categories_of, decide, given_up, history_entry, judged
 from guard.pipeline.routing import Route, Router
 from guard.pipeline.run import SERVED_ELSEWHERE, EditInputs, FinalImage, Outcome, Run
@@ -58,7 +58,9 @@ log = logging.getLogger("safeedit.engine")
 
 
 RoundTask = asyncio.Task[list[list[Slot]]]
-Made = asyncio.Task[tuple[RoundRecord, dict[int, GeneratedImage]]]  # a call made beforehand
+# By slot: a call's images, and the verdicts of the stopped previews among them.
+Images = tuple[dict[int, GeneratedImage], dict[int, Verdict]]
+Made = asyncio.Task[tuple[RoundRecord, Images]]  # a call made beforehand
 
 
 class Engine:
@@ -228,9 +230,9 @@ class Engine:
                     self._give_up(run, slot, late=True)
                 return []
             record = self._open(run, group)
-            record, images = await self._make(run, group, record)
+            record, (images, stopped) = await self._make(run, group, record)
         else:
-            record, images = await made
+            record, (images, stopped) = await made
         if not self.enabled:
             for slot in group:
                 slot.rounds = k
@@ -250,7 +252,10 @@ class Engine:
         items = [JudgeInput(prompt=s.prompt, original_prompt=run.call.prompt,
                             image=images[s.index], history=tuple(s.history)) for s in group]
         try:
-            verdicts = await run.together.judge(items, view, record)
+            # A stopped preview comes with its verdict: judged again only to be explained.
+            verdicts = await verdicts_for(
+                items, [stopped.get(s.index) for s in group], view, self.judge,
+                lambda again: run.together.judge(again, view, record), record)
         except asyncio.CancelledError:
             record.cancelled = record.cancelled or run.why_cancelled(group)
             raise
@@ -340,22 +345,21 @@ class Engine:
         return record
 
     async def _make(self, run: Run, group: list[Slot], record: RoundRecord
-                    ) -> tuple[RoundRecord, dict[int, GeneratedImage]]:
+                    ) -> tuple[RoundRecord, Images]:
         repair = {s.index: s.repair for s in group if s.repair is not None}
         for slot in group:
             slot.repair = None
             slot.remember(slot.prompt)
         started = time.perf_counter()
         try:
-            images = await self._produce(run.call, run.route, indices(group),
-                                         run.prompts_with(group),
-                                         record, run.trace, run.inputs, repair,
-                                         policy=run.policy)
+            made = await self._produce(run.call, run.route, indices(group),
+                                       run.prompts_with(group), record, run.trace, run.inputs,
+                                       repair, policy=run.policy)
         except asyncio.CancelledError:
             record.cancelled = record.cancelled or run.why_cancelled(group)
             raise
         self.estimates.record_generation(run.route.backend, time.perf_counter() - started)
-        return record, images
+        return record, made
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -373,7 +377,7 @@ class Engine:
     async def _produce(self, call: GenerationCall, route: Route, pending: Sequence[int],
                        prompts: Sequence[str], record: RoundRecord, trace: Trace,
                        inputs: EditInputs | None, repair: dict[int, GeneratedImage],
-                       *, policy: Policy | None = None) -> dict[int, GeneratedImage]:
+                       *, policy: Policy | None = None) -> Images:
         """One backend call per distinct prompt (or per image under repair), all at once."""
         groups: dict[tuple[str, int | None], list[int]] = {}
         for slot in pending:
@@ -382,36 +386,37 @@ class Engine:
         timer = clock()
 
         async def one(prompt: str, slots: list[int], source: GeneratedImage | None
-                      ) -> tuple[str, list[GeneratedImage]]:
+                      ) -> Generated:
             sub = replace(call, prompt=prompt, n=len(slots))
             with self.telemetry.span("guard.backend", **{"guard.backend": route.backend,
                                                          "guard.n": len(slots),
                                                          "guard.edit": bool(source or inputs)}):
                 started = time.perf_counter()
                 if source is not None:
-                    used, images = await self.router.edit(route, sub, [source.data], None)
+                    made = Generated(*await self.router.edit(route, sub, [source.data], None))
                 elif inputs is not None:
-                    used, images = await self.router.edit(route, sub, list(inputs.images),
-                                                          inputs.mask)
+                    made = Generated(*await self.router.edit(route, sub, list(inputs.images),
+                                                             inputs.mask))
                 else:
                     # Previews (issue 18, guard.pipeline.previews): a backend that shows partial
                     # images has each judged (verdict only) as it arrives; an unsafe one stops
-                    # that image's generation at once and stands in for it, so it is judged below
-                    # like any image (unsafe, refined by the judge) and never returned unjudged.
-                    used, images = await generate_judging_previews(
+                    # that image's generation at once and stands in for it with its verdict
+                    # (unsafe, explained below where it can be used), never returned unjudged.
+                    made = await generate_judging_previews(
                         self.router, route, sub, judge=self.judge if self.enabled else None,
                         policy=policy, original=call.prompt, record=record, slots=slots,
                         metrics=self.metrics)
-                self.metrics.backend_latency.labels(used).observe(time.perf_counter() - started)
-            if len(images) != len(slots):
-                raise BackendError(f"backend {used!r} returned {len(images)} image(s) for "
-                                   f"n={len(slots)}", code="backend_bad_response")
+                self.metrics.backend_latency.labels(made.backend).observe(
+                    time.perf_counter() - started)
+            if len(made.images) != len(slots):
+                raise BackendError(f"backend {made.backend!r} returned {len(made.images)} "
+                                   f"image(s) for n={len(slots)}", code="backend_bad_response")
             if self.enabled:
                 # Decoded and checked here, so a broken image is the backend's failure (502),
                 # never the judge's; a passthrough relays the backend's bytes unlooked-at.
-                for image in images:
+                for image in made.images:
                     image.validate()
-            return used, images
+            return made
 
         try:
             results = await asyncio.gather(*(
@@ -420,10 +425,12 @@ class Engine:
         finally:
             record.backend_ms = timer.ms()
         out: dict[int, GeneratedImage] = {}
-        for (used, images), slots in zip(results, groups.values(), strict=True):
-            record.backend = trace.backend = used
-            out.update(zip(slots, images, strict=True))
-        return out
+        stopped: dict[int, Verdict] = {}
+        for made, slots in zip(results, groups.values(), strict=True):
+            record.backend = trace.backend = made.backend
+            out.update(zip(slots, made.images, strict=True))
+            stopped.update((slots[i], verdict) for i, verdict in made.stopped.items())
+        return out, stopped
 
     async def _judge(self, items: list[JudgeInput], policy: Policy,
                      records: Sequence[RoundRecord], stage: str) -> list[Verdict | None]:

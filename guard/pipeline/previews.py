@@ -6,10 +6,12 @@ verdict only (`policy.verdict_only()`: no reasoning, no refined prompt), and dec
 `policy.decide`. An unsafe one stops that image's generation at once; once every image of the call
 is stopped, the call is cancelled here without waiting for the backend to notice.
 
-The stopping preview then stands in for its image: the engine judges it as it judges every image
-(now with the explanation), so the slot is unsafe with that verdict and its refined prompt comes
-from the judge as for a final image. Nothing unjudged reaches the client: previews judged safe are
-dropped, and an image that was not stopped is judged as the final image always is.
+The stopping preview then stands in for its image, its verdict with it (`Generated.stopped`): the
+engine judges it no more where no explanation can be used (a `refuse` decision, the
+`verdict_only()` view), has a Refiner judge explain it from the preview's scores, and only
+judges it again, now with the explanation, where the judge has no explain-only path
+(`verdicts_for`). Nothing unjudged reaches the client: previews judged safe are dropped, and an
+image that was not stopped is judged as the final image always is.
 
 Previews only ever stop a generation sooner. A preview that does not decode, or whose judging
 fails, is recorded nowhere and changes nothing: the final image, judged under the policy's
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from guard.core.policy import Policy
 from guard.core.types import (
@@ -31,28 +34,39 @@ from guard.core.types import (
     JudgedPreview,
     JudgeInput,
     RoundRecord,
+    Verdict,
     clock,
 )
 from guard.pipeline.routing import Route, Router
-from guard.plugins import Judge, Preview, PreviewAction
+from guard.plugins import Explanation, Judge, Preview, PreviewAction, Refiner
 from guard.support.errors import BackendError, GuardError
 from guard.support.telemetry import Metrics
 
 log = logging.getLogger("safeedit.previews")
 
 
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """A backend call's images, and the verdicts of the previews that stand in for some."""
+
+    backend: str
+    images: list[GeneratedImage]
+    stopped: dict[int, Verdict] = field(default_factory=dict)  # image index -> its preview's
+
+
 async def generate_judging_previews(
         router: Router, route: Route, call: GenerationCall, *, judge: Judge | None,
         policy: Policy | None, original: str, record: RoundRecord, slots: Sequence[int],
-        metrics: Metrics) -> tuple[str, list[GeneratedImage]]:
+        metrics: Metrics) -> Generated:
     """`router.generate(route, call)`, with the previews of a backend that shows them judged.
 
     Returns the backend used and one image per image of the call: the final image, or the
-    unsafe preview that stopped it. `slots[i]` is the slot image i of the call fills (for the
-    trace); no `judge` (the guard switched off) or no `policy` judges nothing.
+    unsafe preview that stopped it, with that preview's verdict in `stopped`. `slots[i]` is the
+    slot image i of the call fills (for the trace); no `judge` (the guard switched off) or no
+    `policy` judges nothing.
     """
     if judge is None or policy is None or not router.shows_previews(route, call):
-        return await router.generate(route, call)
+        return Generated(*await router.generate(route, call))
     watch = _Watch(route.backend, call, judge, policy, original, record, slots, metrics)
     making = asyncio.ensure_future(router.generate_previewed(route, call, watch.on_preview))
     all_stopped = asyncio.ensure_future(watch.all_stopped.wait())
@@ -64,23 +78,92 @@ async def generate_judging_previews(
             making.cancel()  # every image is unsafe already, or the request itself was cancelled
             await asyncio.wait((making,))
         watch.closed = True  # a straggler's previews (a pipeline thread's) are not judged
+    stopped = {i: verdict for i, (_, verdict) in watch.stops.items()}
     if len(watch.stops) == call.n:
         # The previews decided every image: whatever the backend did after that is moot.
         done = not making.cancelled() and making.exception() is None
-        return (making.result()[0] if done else route.backend), [
-            watch.stops[i].image for i in range(call.n)]
+        return Generated(making.result()[0] if done else route.backend,
+                         [watch.stops[i][0].image for i in range(call.n)], stopped)
     used, made = making.result()
     images: list[GeneratedImage] = []
     for i, image in enumerate(made):
         stop = watch.stops.get(i)
         if stop is not None:
-            images.append(stop.image)
+            images.append(stop[0].image)
         elif image is None:
             raise BackendError(f"backend {used!r} stopped an image nobody asked it to stop",
                                code="backend_bad_response")
         else:
             images.append(image)
-    return used, images
+    return Generated(used, images, stopped)
+
+
+Judging = Callable[[list[JudgeInput]], Awaitable[list[Verdict | None]]]
+
+
+async def verdicts_for(items: Sequence[JudgeInput], stopped: Sequence[Verdict | None],
+                       view: Policy, judge: Judge, judging: Judging, record: RoundRecord
+                       ) -> list[Verdict | None]:
+    """One verdict per item; `stopped[i]` is the verdict of the preview item i is (None for a
+    final image). A preview's verdict is used as it is where no explanation can be used
+    (`view.wants_explanation` is false: a refuse decision, the verdict-only view), and explained
+    from its scores by a Refiner judge's `refine`; every other item goes to `judging` (one batch).
+    """
+    out: list[Verdict | None] = [None] * len(items)
+    refiner = _refiner(judge)
+    again: list[int] = []
+    explain: dict[int, Verdict] = {}
+    for i, verdict in enumerate(stopped):
+        if verdict is None:
+            again.append(i)
+        elif not view.wants_explanation(verdict.scores):
+            out[i] = replace(verdict, latency_ms=0.0)  # judged once already, as the preview
+        elif refiner is not None:
+            explain[i] = verdict
+        else:
+            # A judge without an explain-only path (a remote or vlm judge, as yet) judges the
+            # preview again, as a final image, to explain it.
+            again.append(i)
+    refining: asyncio.Future[list[Verdict]] | None = None
+    if refiner is not None and explain:  # beside the judging of the others
+        refining = asyncio.ensure_future(_explain(
+            refiner, [items[i] for i in explain], view, list(explain.values()), record))
+    try:
+        if again:
+            for i, verdict in zip(again, await judging([items[i] for i in again]), strict=True):
+                out[i] = verdict
+        if refining is not None:
+            for i, verdict in zip(explain, await refining, strict=True):
+                out[i] = verdict
+    finally:
+        if refining is not None and not refining.done():
+            refining.cancel()
+    return out
+
+
+def _refiner(judge: Judge) -> Refiner | None:
+    # Its class must implement `refine`: an instance attribute of that name (guard.testing's
+    # FakeJudge keeps its prompt rewriter there) is no Refiner, though isinstance says it is.
+    return judge if isinstance(judge, Refiner) and issubclass(type(judge), Refiner) else None
+
+
+async def _explain(refiner: Refiner, items: list[JudgeInput], view: Policy,
+                   verdicts: list[Verdict], record: RoundRecord) -> list[Verdict]:
+    """The previews' verdicts with the refiner's thought and refined prompt. Should the refiner
+    fail, the scores still stand (the images stay unsafe) and the policy's rules refine them."""
+    timer = clock()
+    try:
+        explained = list(await refiner.refine(items, view, [v.scores for v in verdicts]))
+        if len(explained) != len(items):
+            raise ValueError(f"{len(explained)} explanations for {len(items)} items")
+    except Exception as exc:  # noqa: BLE001 - the verdicts are known; only their reasons fail
+        log.warning("explaining %d stopped preview(s) failed (%s); the policy's rules refine "
+                    "them", len(items), type(exc).__name__)
+        explained = [Explanation()] * len(items)
+    ms = timer.ms()
+    record.judge_ms += ms
+    return [replace(v, thought=e.thought, refined_prompt=e.refined_prompt, latency_ms=ms)
+            for v, e in zip(verdicts, explained, strict=True)]
 
 
 class _Watch:
@@ -97,7 +180,7 @@ class _Watch:
         self.record = record
         self.slots = slots
         self.metrics = metrics
-        self.stops: dict[int, Preview] = {}
+        self.stops: dict[int, tuple[Preview, Verdict]] = {}
         self.all_stopped = asyncio.Event()
         self.closed = False
 
@@ -140,7 +223,7 @@ class _Watch:
                                      "stopped" if decision.unsafe else "continued").inc()
         if not decision.unsafe:
             return "continue"
-        self.stops[preview.index] = preview
+        self.stops[preview.index] = (preview, verdict)
         if len(self.stops) == self.call.n:
             self.all_stopped.set()
         return "stop"
