@@ -159,9 +159,11 @@ async def test_the_refiner_is_asked_only_for_flagged_items_and_sees_the_combined
     safe, red = await judge.judge([item("a cat", colour_png("blue")),
                                    item("a knight", colour_png("red"))], POLICY)
     assert safe.thought == "" and safe.refined_prompt is None and "refiner" not in safe.details
-    # Only the flagged item went to the refiner; the marker judge's red pixel flagged it, and
+    # Only the flagged item went to the refiner, and only for its explanation (a remote judge is
+    # a Refiner: no verdict request of its own); the marker judge's red pixel flagged it, and
     # the refiner got that verdict as the last turn of the item's history.
-    [asked] = [r for r in state.requests if r["model"] == "refiner" and "stop" in r]
+    [asked] = [r for r in state.requests if r["model"] == "refiner"]
+    assert "stop" not in asked
     messages = asked["messages"]
     assert messages[-1]["content"][-1]["text"] == "Prompt: a knight"
     assert "violence: yes" in messages[-2]["content"] and messages[-2]["role"] == "assistant"

@@ -231,3 +231,22 @@ def test_config_is_validated_up_front() -> None:
         build_judge({"kind": "remote", "model": "m", "transport": "http"})
     with pytest.raises(ConfigError, match="api_key"):
         build_judge({"kind": "remote", "model": "m", "api_key": KEY})
+
+
+async def test_as_a_refiner_it_asks_for_the_explanation_alone(
+        judge_server: tuple[JudgeServer, str]) -> None:
+    """Scores already known (a preview that stopped its generation): one request, the full
+    answer, no second verdict request; nothing at all for scores that need no explanation."""
+    state, url = judge_server
+    judge = make(url)
+    unsafe = {"sexual": 0.03, "violence": 0.7, "minors": 0.01}
+    safe = {"sexual": 0.03, "violence": 0.1, "minors": 0.01}
+    explained, quiet = await judge.refine(
+        [item("a knight", png(red_rows=14)), item("a cat", png(red_rows=2))], POLICY,
+        [unsafe, safe])
+    await judge.aclose()
+    assert explained.refined_prompt == "a knight, peaceful"
+    assert explained.thought == "Unsafe: violence."
+    assert quiet.refined_prompt is None and quiet.thought == ""
+    [asked] = state.requests
+    assert "stop" not in asked and asked["max_tokens"] == 256

@@ -48,23 +48,25 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guard.core.policy import Policy
-from guard.core.types import JudgeInput, Verdict
+from guard.core.types import HistoryEntry, JudgeInput, Verdict
 from guard.judges.fleet import Fleet, Server
 from guard.judges.profiles import (
     Message,
+    Parsed,
     Probe,
     Profile,
     Slot,
     get_profile,
     merge_scores,
 )
+from guard.plugins import Explanation
 from guard.support.errors import ConfigError, JudgeError
 from guard.support.redact import redact_logs
 from guard.support.retry import Retrying, RetryPolicy
@@ -230,12 +232,8 @@ class RemoteJudge:
             details["parse_error"] = parsed.error
         thought, refined, raw = parsed.thought, parsed.refined_prompt, "\n---\n".join(texts)
         if not full_first and self.profile.explains and policy.wants_explanation(scores):
-            flagged = policy.decide(scores).flagged  # what the explanation starts from
-            explain = self.profile.explain(item, policy, scores, flagged)
-            messages = explain.messages if explain is not None else probes[0].messages
-            full = await self._ask(messages, item, self.options.max_tokens, (), stats, server)
-            reasons = self.profile.parse([full.text], policy)
-            raw += "\n---\n" + full.text
+            reasons, text = await self._explain(item, policy, scores, stats, server, probes)
+            raw += "\n---\n" + text
             thought, refined = reasons.thought, reasons.refined_prompt
             if not reasons.ok:
                 details["explain_parse_error"] = reasons.error
@@ -245,6 +243,40 @@ class RemoteJudge:
             details["server"] = stats.server
         return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
                        raw=raw, latency_ms=(time.perf_counter() - t0) * 1000.0, details=details)
+
+    async def _explain(self, item: JudgeInput, policy: Policy, scores: Mapping[str, float],
+                       stats: _Stats, server: Server | None,
+                       probes: Sequence[Probe] | None = None) -> tuple[Parsed, str]:
+        """The explanation request alone: the reasoning and refined prompt for `scores`."""
+        flagged = policy.decide(scores).flagged  # what the explanation starts from
+        explain = self.profile.explain(item, policy, scores, flagged)
+        messages = (explain.messages if explain is not None
+                    else (probes or self.profile.probes(item, policy))[0].messages)
+        full = await self._ask(messages, item, self.options.max_tokens, (), stats, server)
+        return self.profile.parse([full.text], policy), full.text
+
+    async def refine(self, items: Sequence[JudgeInput], policy: Policy,
+                     scores: Sequence[Mapping[str, float]]) -> list[Explanation]:
+        """A Refiner (guard.plugins): the explanation request alone for items whose scores are
+        already known (a preview that stopped its generation), no second verdict request."""
+        async def one(item: JudgeInput, known: Mapping[str, float],
+                      server: Server | None) -> Explanation:
+            if not (self.profile.explains and policy.wants_explanation(known)):
+                return Explanation()
+            # The verdict it explains goes in as the item's last turn, as a judge-as-refiner
+            # sees it (guard.judges.composite.JudgeRefiner): the model knows what was flagged.
+            seen = HistoryEntry(prompt=item.prompt, scores=dict(known),
+                                flagged=policy.decide(known).flagged)
+            reasons, _ = await self._explain(replace(item, history=(*item.history, seen)),
+                                             policy, known, _Stats(), server)
+            return Explanation(reasons.thought, reasons.refined_prompt)
+
+        if self.fleet is None:
+            return list(await asyncio.gather(*(one(i, s, None)
+                                               for i, s in zip(items, scores, strict=True))))
+        with self.fleet.busy(self.fleet.pick(), len(items)) as server:
+            return list(await asyncio.gather(*(one(i, s, server)
+                                               for i, s in zip(items, scores, strict=True))))
 
     # --- requests -------------------------------------------------------------------------------
 
