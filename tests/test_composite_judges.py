@@ -27,7 +27,7 @@ from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.composite import CascadeJudge, EnsembleJudge
 from guard.judges.remote import RemoteJudge
 from guard.judges.vlm import VLMJudge
-from guard.plugins import build_judge
+from guard.plugins import Refiner, build_judge
 from guard.support.errors import ConfigError, JudgeError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, ProxyFactory, write_policy
 from tests.fake_backend import FakeBackend
@@ -466,3 +466,15 @@ def test_the_documented_recipes_build(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(fleet.members[0], RemoteJudge) and fleet.on_member_error == "skip"
     for judge in built.values():
         asyncio.run(judge.aclose())
+
+
+async def test_an_ensemble_explains_known_scores_through_its_refiner_alone(
+        judge_server: tuple[JudgeServer, str], built: Any) -> None:
+    state, url = judge_server
+    judge = built({"kind": "ensemble", "members": [BUILTIN, {"kind": "marker"}],
+                   "refiner": remote(url, model="refiner")})
+    assert isinstance(judge, Refiner)
+    [explained] = await judge.refine([item("a knight", colour_png("red"))], POLICY,
+                                     [{"sexual": 0.0, "violence": 0.97, "minors": 0.0}])
+    assert explained.refined_prompt == "a knight, peaceful"
+    assert [r["model"] for r in state.requests] == ["refiner"]  # no member judged again

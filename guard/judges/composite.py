@@ -209,6 +209,12 @@ class EnsembleJudge(_Parts):
         return cls(members, refiner=refiner, choose=opts.choose,
                    on_member_error=opts.on_member_error, id=opts.id)
 
+    async def refine(self, items: Sequence[JudgeInput], policy: Policy,
+                     scores: Sequence[Mapping[str, float]]) -> list[Explanation]:
+        """A Refiner (guard.plugins): its refiner explains scores already known (a preview that
+        stopped its generation), without the members judging again."""
+        return await self.refiner.refine(items, policy, scores)
+
     async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
         if not items:
             return []
