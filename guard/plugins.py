@@ -6,6 +6,7 @@
     judge profiles             prompt layout + parser per model    registry `profiles`
     AuditStore                 keeps every request's trace         registry `audit_stores`
     LabelStore                 keeps auditors' labels of traces    (an AuditStore capability)
+    DashboardStore             counts a window for the dashboard   (an AuditStore capability)
     ImageStore                 bytes by sha256 with an expiry      registry `image_stores`
 
 A registry maps a kind (the `kind:` of a config section) to a factory. The built-ins register
@@ -212,6 +213,36 @@ class LabelStore(Protocol):
     async def review_queue(self, q: QueueQuery) -> QueuePage: ...
 
     async def verify_labels(self) -> VerifyReport: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFigures:
+    """The dashboard's counts of a window (guard.review.dashboard), as a DashboardStore makes
+    them. Of each trace: its decision, its rounds that made images (`Trace.round_count`), its
+    policy, its duration; of each round record, the judge's time where it judged images and the
+    backend's where the call made images (not a call that failed without any); of each judged
+    item, one flag per flagged category with the item's action. The latency percentiles of a
+    long window may come from an even sample of its traces (the SQL stores: at most 10,000)."""
+
+    over_time: Mapping[tuple[int, str], int]  # (bucket start, decision) -> requests
+    rounds: Mapping[int, int]  # rounds that made images -> requests
+    flags: Mapping[tuple[str, str], int]  # (category, action) -> flags
+    policies: Mapping[tuple[str | None, int | None, str], int]  # (id, version, decision) -> n
+    # "request", "judge", "backend" -> percentile -> ms, by nearest rank (none: no values)
+    latency_ms: Mapping[str, Mapping[int, float]]
+
+
+@runtime_checkable
+class DashboardStore(Protocol):
+    """An audit store that counts a window's figures itself, in its database, so that the
+    dashboard's cost does not grow with the window (a capability, checked with isinstance;
+    without it the dashboard reads a bounded number of traces and counts them)."""
+
+    async def figures(self, q: TraceQuery, bucket_s: int,
+                      percentiles: Sequence[int]) -> WindowFigures:
+        """The counts of the traces `q` filters (not its limit or cursor), requests counted
+        per `bucket_s` seconds from the epoch (bucket start = created_at rounded down)."""
+        ...
 
 
 # --- image stores -------------------------------------------------------------------------------

@@ -114,6 +114,23 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         kid             text
     );
     """),
+    (4, "the dashboard's figures of each trace", """
+    CREATE TABLE IF NOT EXISTS trace_figures (
+        seq            bigint PRIMARY KEY,
+        created_at     double precision NOT NULL,
+        tenant         text,
+        decision       text NOT NULL,
+        policy_id      text,
+        policy_version integer,
+        rounds         integer NOT NULL,
+        request_ms     double precision NOT NULL,
+        judge_ms       double precision[] NOT NULL,
+        backend_ms     double precision[] NOT NULL,
+        flags          text[] NOT NULL    -- 'action:category'
+    );
+    CREATE INDEX IF NOT EXISTS trace_figures_created ON trace_figures (created_at);
+    CREATE INDEX IF NOT EXISTS trace_figures_tenant ON trace_figures (tenant, created_at);
+    """),
 ]
 
 
@@ -153,6 +170,8 @@ class PostgresDialect:
     has_category = "categories @> ?::text[]"
     # As guard.audit.labels.sample_point: the first 32 bits of md5(id), in [0, 1).
     sample_point = "('x' || substr(md5(id), 1, 8))::bit(32)::bigint / 4294967296.0"
+    bucket = "floor(created_at / ?)::bigint"
+    elements = "unnest({}) AS e(value)"
 
     def __init__(self, pool: LazyPool) -> None:
         self.pool = pool
@@ -162,6 +181,9 @@ class PostgresDialect:
 
     def categories_of(self, column: Sequence[str]) -> list[str]:
         return list(column)
+
+    def list_column(self, values: Sequence[Any]) -> list[Any]:
+        return list(values)
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         pool = await self.pool.get()

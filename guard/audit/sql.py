@@ -12,7 +12,11 @@ databases: how a statement runs (on one sqlite3 connection in a worker thread; o
 pool, with `?` numbered `$1, $2...`), how the chain head is locked (BEGIN IMMEDIATE; SELECT ...
 FOR UPDATE), how a chain is walked (in pages by seq; through a server-side cursor in one
 snapshot), how the categories column keeps a trace's categories (`,a,b,` text; text[]), and the
-SQL of the review queue's sample point. The schemas and their migrations, and each store's own
+SQL of the review queue's sample point, and the few expressions the dashboard's figures need.
+The dashboard's figures (guard.plugins.DashboardStore) are counted in the database from
+`trace_figures`, a narrow table with a row per trace (what `trace_figures(trace)` says the
+dashboard counts of it) written in the trace's transaction: a window of any length is counted
+without reading one trace's body. The schemas and their migrations, and each store's own
 options, are in guard.audit.sqlite and guard.audit.postgres.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Self, TypedDict
 
 import orjson
@@ -51,7 +56,7 @@ from guard.audit.labels import (
 from guard.core.hashchain import VerifyReport, link_hash
 from guard.core.labels import Label, LabelPage, QueuePage, QueueQuery, bind_label
 from guard.core.types import Trace
-from guard.plugins import ImageStore, TracePage, TraceQuery
+from guard.plugins import ImageStore, TracePage, TraceQuery, WindowFigures
 from guard.support.errors import ConfigError, NotFound
 
 Row = Sequence[Any]  # a stored row, read by position: a sqlite3 tuple or an asyncpg Record
@@ -65,6 +70,48 @@ RowMaker = Callable[[int, int, str | None, str], tuple[Any, ...]]
 TRACE_COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
                  " policy_version, model, body, prev_hash, hash")
 CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
+LATENCY_SAMPLE = 10_000  # traces whose latencies a window's percentiles are taken from, at most
+# A trace's row of figures, its seq found by its id (written after the trace, or for a trace
+# written before the table was).
+FIGURES_INSERT = ("INSERT INTO trace_figures (seq, created_at, tenant, decision, policy_id,"
+                  " policy_version, rounds, request_ms, judge_ms, backend_ms, flags)"
+                  " VALUES ((SELECT seq FROM traces WHERE id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                  " ON CONFLICT DO NOTHING")
+
+
+def nearest_ranks(counts: Sequence[tuple[float, int]], percentiles: Sequence[int]
+                  ) -> dict[int, float]:
+    """Percentiles by nearest rank (the k-th smallest, k = ceil(p * n / 100)) of values given
+    as (value, how many) in ascending order."""
+    total, out, seen = sum(n for _, n in counts), {}, 0
+    ranks = sorted((-(-p * total // 100), p) for p in percentiles)
+    for value, n in counts:
+        seen += n
+        while ranks and ranks[0][0] <= seen:
+            out[ranks.pop(0)[1]] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class TraceFigures:
+    """What the dashboard counts of one trace (guard.plugins.WindowFigures says how)."""
+
+    rounds: int
+    request_ms: float
+    judge_ms: list[float]
+    backend_ms: list[float]
+    flags: list[tuple[str, str]]  # (category, action)
+
+
+def trace_figures(trace: Trace) -> TraceFigures:
+    judge, backend, flags = [], [], []
+    for rnd in trace.rounds:
+        if rnd.images:
+            judge.append(rnd.judge_ms)
+        if rnd.counts and not (rnd.error and not rnd.images):
+            backend.append(rnd.backend_ms)
+        flags += [(category, item.action) for item in rnd.images for category in item.flagged]
+    return TraceFigures(trace.round_count(), trace.duration_ms, judge, backend, flags)
 
 
 class Dialect(Protocol):
@@ -75,6 +122,14 @@ class Dialect(Protocol):
     has_category: str
     # A trace's sample point in [0, 1) in SQL, as guard.audit.labels.sample_point(id).
     sample_point: str
+    # created_at in buckets of `?` seconds, rounded down: a whole number.
+    bucket: str
+    # A FROM item of the elements of the list column `{}`, each as `e.value`.
+    elements: str
+
+    def list_column(self, values: Sequence[Any]) -> Any:
+        """A list of numbers or strings as a `trace_figures` list column keeps it."""
+        ...
 
     def categories_column(self, categories: Sequence[str]) -> Any:
         """A trace's categories as its `categories` column keeps them."""
@@ -133,6 +188,7 @@ class SQLStore(ABC):
         self.traces_tables = ChainTables("traces", "chain_head", "checkpoints", TRACE_COLUMNS,
                                          CHECKPOINT_COLUMNS, self._trace_chain_row)
         self.label_chain = TableChain(self, LABEL_TABLES)  # what verify_labels walks
+        self._figures_complete = False  # see _figures_backlog
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], *,
@@ -156,9 +212,10 @@ class SQLStore(ABC):
     # --- sealing: the one append path of both chains ------------------------------------------
 
     async def _append(self, chain: ChainTables, bodies: Sequence[tuple[str, bytes]],
-                      row: RowMaker) -> None:
+                      row: RowMaker, also: Sequence[Statement] = ()) -> None:
         """Append (id, canonical body) pairs to `chain` in one transaction: `row(i, seq,
-        prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due."""
+        prev_hash, hash)` is the i-th row to insert; checkpoints as they fall due; then the
+        statements `also`."""
         if not bodies:
             return
 
@@ -180,7 +237,7 @@ class SQLStore(ABC):
                 out.append((f"INSERT INTO {chain.checkpoints} ({chain.checkpoint_columns})"
                             " VALUES (?, ?, ?, ?, ?, ?, ?)", checkpoints))
             out.append((f"UPDATE {chain.head} SET seq = ?, hash = ? WHERE id = 1", [(seq, prev)]))
-            return out
+            return [*out, *also]
 
         await self.dialect.append(chain.head, statements)
 
@@ -207,7 +264,8 @@ class SQLStore(ABC):
                     c["policy_id"], c["policy_version"], c["model"], bodies[i][1].decode(),
                     prev, hash_)
 
-        await self._append(self.traces_tables, bodies, row)
+        await self._append(self.traces_tables, bodies, row,
+                           [(FIGURES_INSERT, [self._figures_row(t) for t in traces])])
         if self.anchorer is not None:
             self.anchorer.note_write()
 
@@ -290,6 +348,76 @@ class SQLStore(ABC):
         left = await self.dialect.fetch(f"SELECT decision, count(*){sql} GROUP BY decision",
                                         args)
         return QueuePage([_load(r).summary() for r in rows], {r[0]: r[1] for r in left})
+
+    # --- the dashboard's figures (guard.plugins.DashboardStore) -------------------------------
+
+    async def figures(self, q: TraceQuery, bucket_s: int,
+                      percentiles: Sequence[int] = (50, 90, 99)) -> WindowFigures:
+        await self._figures_backlog()
+        where, args = self._where(replace(q, key_id=None, model=None, category=None))
+        other, other_args = self._where(TraceQuery(key_id=q.key_id, model=q.model,
+                                                   category=q.category))
+        if other:  # filters on columns only the traces table has
+            where.append(f"seq IN (SELECT seq FROM traces{where_sql(other)})")
+            args += other_args
+        fetch, dialect = self.dialect.fetch, self.dialect
+
+        def of(column: str | None = None) -> str:
+            rows = f", {dialect.elements.format(column)}" if column else ""
+            return f" FROM trace_figures{rows}{where_sql(where)}"
+
+        buckets = await fetch(f"SELECT {dialect.bucket}, decision, count(*){of()}"
+                              " GROUP BY 1, 2", [float(bucket_s), *args])
+        rounds = await fetch(f"SELECT rounds, count(*){of()} GROUP BY rounds", args)
+        policies = await fetch(f"SELECT policy_id, policy_version, decision, count(*){of()}"
+                               f"{' AND' if where else ' WHERE'} (policy_id IS NOT NULL OR"
+                               " policy_version IS NOT NULL) GROUP BY 1, 2, 3", args)
+        flags = await fetch(f"SELECT e.value, count(*){of('flags')} GROUP BY e.value", args)
+        # Latencies from every k-th trace (by seq) of a window of more than LATENCY_SAMPLE, so
+        # that a long window sorts no more values than a short one.
+        stride = -(-sum(n for _, _, n in buckets) // LATENCY_SAMPLE)
+        if stride > 1:
+            where, args = [*where, "seq % ? = 0"], [*args, stride]
+        values = " UNION ALL ".join((f"SELECT 'request' AS what, request_ms AS v{of()}",
+                                     f"SELECT 'judge', e.value{of('judge_ms')}",
+                                     f"SELECT 'backend', e.value{of('backend_ms')}"))
+        counted: dict[str, list[tuple[float, int]]] = {}
+        for what, v, n in await fetch(f"SELECT what, v, count(*) FROM ({values}) AS s"
+                                      " GROUP BY 1, 2 ORDER BY 1, 2", [*args, *args, *args]):
+            counted.setdefault(what, []).append((v, n))
+        latency = {what: nearest_ranks(counts, percentiles) for what, counts in counted.items()}
+        return WindowFigures(
+            over_time={(int(b) * bucket_s, d): n for b, d, n in buckets},
+            rounds={r: n for r, n in rounds},
+            flags={(f.partition(":")[2], f.partition(":")[0]): n for f, n in flags},
+            policies={(p, v, d): n for p, v, d, n in policies}, latency_ms=latency)
+
+    def _figures_row(self, trace: Trace) -> tuple[Any, ...]:
+        c, f = index_columns(vars(trace)), trace_figures(trace)
+        return (c["id"], c["created_at"], c["tenant"], c["decision"], c["policy_id"],
+                c["policy_version"], f.rounds, f.request_ms, self.dialect.list_column(f.judge_ms),
+                self.dialect.list_column(f.backend_ms), self.dialect.list_column(
+                    [f"{action}:{column_text(category)}" for category, action in f.flags]))
+
+    async def _figures_backlog(self) -> None:
+        """Figures for the traces written before `trace_figures` was (once per store: every
+        trace written since writes its own; the seq has no gaps, so a count tells)."""
+        if self._figures_complete:
+            return
+        figured = (await self.dialect.fetch("SELECT count(*) FROM trace_figures"))[0][0]
+        missing = ("SELECT body, prev_hash, hash FROM traces WHERE seq NOT IN"
+                   " (SELECT seq FROM trace_figures) ORDER BY seq LIMIT 1000")
+
+        def inserting(figures: list[tuple[Any, ...]]) -> Appending:
+            return lambda seq, hash_: [(FIGURES_INSERT, figures)]
+
+        while figured < (await self.chain_head())[0] and (
+                rows := await self.dialect.fetch(missing)):
+            # Under the chain head's lock, as a write: one transaction for the page.
+            await self.dialect.append(self.traces_tables.head,
+                                      inserting([self._figures_row(_load(r)) for r in rows]))
+            figured += len(rows)
+        self._figures_complete = True
 
     # --- the chains (guard.audit.chain.ChainSource, and TableChain for the labels) --------------
 

@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
+import orjson
+
 from guard.audit.labels import sample_point
 from guard.audit.sql import Appending, ChainOptions, Row, SQLStore
 
@@ -104,6 +106,25 @@ _MIGRATIONS = [
         kid             TEXT
     );
     """,
+    # The dashboard's figures of each trace (guard.audit.sql.trace_figures), filled for older
+    # traces by the store on first use. The lists are JSON arrays, each flag 'action:category'.
+    """
+    CREATE TABLE IF NOT EXISTS trace_figures (
+        seq            INTEGER PRIMARY KEY,
+        created_at     REAL NOT NULL,
+        tenant         TEXT,
+        decision       TEXT NOT NULL,
+        policy_id      TEXT,
+        policy_version INTEGER,
+        rounds         INTEGER NOT NULL,
+        request_ms     REAL NOT NULL,
+        judge_ms       TEXT NOT NULL,
+        backend_ms     TEXT NOT NULL,
+        flags          TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS trace_figures_created ON trace_figures(created_at);
+    CREATE INDEX IF NOT EXISTS trace_figures_tenant ON trace_figures(tenant, created_at);
+    """,
 ]
 
 
@@ -124,6 +145,8 @@ class SQLiteDialect:
 
     has_category = "instr(categories, ?) > 0"
     sample_point = "sample_point(id)"  # guard.audit.labels.sample_point, defined on connecting
+    bucket = "CAST(created_at / ? AS INTEGER)"  # created_at is never negative
+    elements = "json_each({}) AS e"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -135,6 +158,9 @@ class SQLiteDialect:
 
     def categories_of(self, column: str) -> list[str]:
         return [c for c in column.split(",") if c]
+
+    def list_column(self, values: Sequence[Any]) -> str:
+        return orjson.dumps(list(values)).decode()
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -1,9 +1,12 @@
 """The dashboard (`/guard/dashboard`): what the guard did over a window, as charts.
 
-Aggregation is pure functions over traces (`aggregate`) and labelled items (`label_rates`); the
-traces are read through the AuditStore's query API, newest first, within a window (default the
-last 7 days) and at most MAX_TRACES of them (the page says when it stopped there). Charts are
-drawn with matplotlib as inline SVG (guard.support.charts): no scripts, one colour per decision.
+A window (default the last 7 days) is counted by the audit store itself where it can
+(guard.plugins.DashboardStore: the SQL stores count in the database, so that neither time nor
+memory grows with the window); for any other store its traces are read through the AuditStore's
+query API, newest first, at most MAX_TRACES of them (the page says when it stopped there), and
+counted here (`count`, the same counts). A chart has at most MAX_BUCKETS columns. The rates from
+labels are pure functions of labelled items (`label_rates`). Charts are drawn with matplotlib as
+inline SVG (guard.support.charts): no scripts, one colour per decision.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from guard.audit.sql import nearest_ranks, trace_figures
 from guard.core.types import Trace
 from guard.offline.labelled import LabelledItem, LabelsUnavailable, resolve, store_labels
 from guard.offline.replay import stored_traces
-from guard.plugins import AuditStore, TraceQuery
+from guard.plugins import AuditStore, DashboardStore, TraceQuery, WindowFigures
 from guard.support.charts import ACTION_COLOURS, DECISION_COLOURS, category_colour, render
 
 DEFAULT_WINDOW_S = 7 * 86400
@@ -56,24 +60,23 @@ class Figures:
     over_time: dict[int, Counter[str]] = field(default_factory=dict)  # bucket start -> counts
     flags: dict[str, Counter[str]] = field(default_factory=dict)  # category -> action -> n
     rounds: Counter[int] = field(default_factory=Counter)
-    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # what -> p -> ms
     policies: dict[str, Counter[str]] = field(default_factory=dict)  # "id vN" -> decisions
     labels: dict[str, tuple[Rate, Rate]] = field(default_factory=dict)  # category -> (fp, miss)
     labelled: int = 0
 
     def percentiles(self, what: str) -> dict[int, float]:
-        return {p: percentile(self.latency_ms.get(what, []), p) for p in PERCENTILES}
+        return {p: self.latency_ms.get(what, {}).get(p, 0.0) for p in PERCENTILES}
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    """The p-th percentile by nearest rank (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+def percentile(values: Sequence[float], p: int) -> float:
+    """The p-th percentile by nearest rank, as the stores count it (0 for no values)."""
+    return nearest_ranks(sorted(Counter(values).items()), [p]).get(p, 0.0)
 
 
 MAX_BUCKETS = 400  # a chart's columns: a longer window gets coarser buckets, never more of them
+LABELLED_COLUMNS = 48  # columns that show their counts
+NAMED_COLUMNS = 16  # columns named on the axis, at most
 
 
 def bucket_size(since: float, until: float) -> int:
@@ -85,27 +88,48 @@ def bucket_size(since: float, until: float) -> int:
     return 86400 * max(1, math.ceil(span / MAX_BUCKETS / 86400))
 
 
-def aggregate(traces: Iterable[Trace], since: float, until: float) -> Figures:
-    f = Figures(since, until, bucket_size(since, until))
+def count(traces: Iterable[Trace], bucket_s: int,
+          percentiles: Sequence[int] = PERCENTILES) -> WindowFigures:
+    """The counts a DashboardStore makes, of traces in memory."""
+    over_time: Counter[tuple[int, str]] = Counter()
+    rounds: Counter[int] = Counter()
+    flags: Counter[tuple[str, str]] = Counter()
+    policies: Counter[tuple[str | None, int | None, str]] = Counter()
+    latency: dict[str, list[float]] = {"request": [], "judge": [], "backend": []}
     for t in traces:
-        f.total += 1
-        f.decisions[t.decision] += 1
-        start = int(t.created_at // f.bucket_s * f.bucket_s)
-        f.over_time.setdefault(start, Counter())[t.decision] += 1
-        f.rounds[t.round_count()] += 1
-        f.latency_ms.setdefault("request", []).append(t.duration_ms)
-        if t.policy:
-            key = f"{t.policy.get('id')} v{t.policy.get('version')}"
-            f.policies.setdefault(key, Counter())[t.decision] += 1
-        for rnd in t.rounds:
-            if rnd.images:
-                f.latency_ms.setdefault("judge", []).append(rnd.judge_ms)
-            if rnd.counts and not (rnd.error and not rnd.images):
-                f.latency_ms.setdefault("backend", []).append(rnd.backend_ms)
-            for item in rnd.images:
-                for category in item.flagged:
-                    f.flags.setdefault(category, Counter())[item.action] += 1
+        figures = trace_figures(t)
+        over_time[int(t.created_at // bucket_s * bucket_s), t.decision] += 1
+        rounds[figures.rounds] += 1
+        policy = (t.policy.get("id"), t.policy.get("version"))
+        if policy != (None, None):
+            policies[(*policy, t.decision)] += 1
+        flags.update(figures.flags)
+        latency["request"].append(figures.request_ms)
+        latency["judge"] += figures.judge_ms
+        latency["backend"] += figures.backend_ms
+    return WindowFigures(over_time, rounds, flags, policies, {
+        what: {p: percentile(values, p) for p in percentiles}
+        for what, values in latency.items() if values})
+
+
+def tally(counts: WindowFigures, since: float, until: float, bucket_s: int) -> Figures:
+    """The page's figures from a window's counts."""
+    f = Figures(since, until, bucket_s, rounds=Counter(counts.rounds),
+                latency_ms={what: dict(ps) for what, ps in counts.latency_ms.items()})
+    for (start, decision), n in counts.over_time.items():
+        f.over_time.setdefault(start, Counter())[decision] += n
+        f.decisions[decision] += n
+        f.total += n
+    for (category, action), n in counts.flags.items():
+        f.flags.setdefault(category, Counter())[action] += n
+    for (policy_id, version, decision), n in counts.policies.items():
+        f.policies.setdefault(f"{policy_id} v{version}", Counter())[decision] += n
     return f
+
+
+def aggregate(traces: Iterable[Trace], since: float, until: float) -> Figures:
+    bucket_s = bucket_size(since, until)
+    return tally(count(traces, bucket_s), since, until, bucket_s)
 
 
 def label_rates(items: Sequence[LabelledItem], categories: Iterable[str]
@@ -137,14 +161,20 @@ async def figures(store: AuditStore, query: TraceQuery, limit: int = MAX_TRACES)
     until = query.until if query.until is not None else time.time()
     since = query.since if query.since is not None else until - DEFAULT_WINDOW_S
     query = replace(query, since=since, until=until)
-    traces = [t async for t in stored_traces(store, query, limit + 1)]
-    f = aggregate(traces[:limit], since, until)
-    f.truncated = len(traces) > limit
+    bucket_s = bucket_size(since, until)
+    traces: dict[str, Trace] = {}
+    if isinstance(store, DashboardStore):
+        f = tally(await store.figures(query, bucket_s, PERCENTILES), since, until, bucket_s)
+    else:
+        read = [t async for t in stored_traces(store, query, limit + 1)]
+        traces = {t.id: t for t in read[:limit]}
+        f = tally(count(traces.values(), bucket_s), since, until, bucket_s)
+        f.truncated = len(read) > limit
     try:
         labels = await store_labels(store, tenant=query.tenant, since=since, until=until)
     except LabelsUnavailable:
         return f
-    resolved = await resolve(labels, store=store, traces={t.id: t for t in traces})
+    resolved = await resolve(labels, store=store, traces=traces)
     f.labelled = len(resolved.items)
     if resolved.items:
         f.labels = label_rates(resolved.items, sorted({*f.flags, *(
@@ -173,25 +203,32 @@ def chart_over_time(f: Figures) -> str:
 
     def draw(fig: Any) -> None:
         ax = fig.subplots()
-        x = [_stamp(s, f.bucket_s) for s in starts]
+        x = range(len(starts))
         bottom = [0] * len(starts)
         for d in DECISIONS:
             counts = [f.over_time.get(s, empty)[d] for s in starts]
-            if any(counts):
-                bars = ax.bar(x, counts, bottom=bottom, color=DECISION_COLOURS[d],
-                              label=f"{d} ({f.decisions[d]})")
+            if not any(counts):
+                continue
+            top = [b + c for b, c in zip(bottom, counts, strict=True)]
+            label = f"{d} ({f.decisions[d]})"
+            if len(starts) <= LABELLED_COLUMNS:
+                bars = ax.bar(x, counts, bottom=bottom, color=DECISION_COLOURS[d], label=label)
                 ax.bar_label(bars, labels=[str(c) if c else "" for c in counts],
                              label_type="center", color="white", fontsize=8)
-                bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
-        per = "hour (UTC)" if f.bucket_s < 86400 else "day (UTC)"
-        ax.set(title=f"Requests per {per.split()[0]}, by decision", ylabel="requests",
-               xlabel=per)
+            else:  # one outline per decision: hundreds of bars and their counts draw slowly
+                ax.stairs(top, [i - 0.5 for i in range(len(starts) + 1)], baseline=bottom,
+                          fill=True, color=DECISION_COLOURS[d], label=label)
+            bottom = top
+        per = ("hour" if f.bucket_s < 86400 else "day" if f.bucket_s == 86400
+               else f"{f.bucket_s // 86400} days")
+        ax.set(title=f"Requests per {per}, by decision", ylabel="requests", xlabel=f"{per} (UTC)")
         ax.legend(loc="upper left", fontsize=8, frameon=False)
         ax.tick_params(axis="x", labelrotation=30 if len(starts) > 4 else 0, labelsize=8)
         _whole_numbers(ax.yaxis)
-        if len(starts) > 16:  # hours of two days: every third one named
-            for i, tick in enumerate(ax.get_xticklabels()):
-                tick.set_visible(i % 3 == 0)
+        # At most NAMED_COLUMNS named (hours of two days: every third), the others unnamed:
+        # naming each of hundreds of columns is unreadable and slow to draw.
+        step = max(1, math.ceil(len(starts) / NAMED_COLUMNS))
+        ax.set_xticks(x[::step], [_stamp(s, f.bucket_s) for s in starts[::step]])
 
     return render(draw, "over-time", "Requests over time by decision")
 
