@@ -10,16 +10,19 @@ SAFEEDIT_REQUIRE_REDIS=1 (set by .ci/run) they fail instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -29,8 +32,20 @@ import yaml
 from starlette.requests import Request
 from starlette.responses import Response
 
-from guard.core.config import Limits, hash_key
-from guard.pipeline.quotas import Bucket, MemoryQuotas, Refused, duration
+from guard.core.config import Limits, hash_key, load_config
+from guard.pipeline.quotas import (
+    Admitted,
+    Bucket,
+    MemoryQuotas,
+    Quotas,
+    QuotaStore,
+    Refused,
+    Ticket,
+    duration,
+)
+from guard.pipeline.quotas_redis import RedisQuotas
+from guard.support.errors import RateLimited, Unavailable
+from guard.support.telemetry import Metrics
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, ProxyFactory, test_keys
 from tests.fake_backend import FakeBackend
 from tests.servers import free_port, serve
@@ -359,7 +374,7 @@ class Clock:
 def test_the_window_slides_the_day_turns_and_a_lost_slot_expires() -> None:
     day = 20_000 * 86_400.0
     clock = Clock(day + 86_400 - 30)  # 30 s before midnight UTC
-    store = MemoryQuotas(slot_ttl_s=100, clock=clock)
+    store = MemoryQuotas(slot_lease_s=100, clock=clock)
     bucket = (Bucket("key:k", Limits(requests_per_minute=2, images_per_day=3, max_concurrent=1)),)
 
     async def run() -> None:
@@ -393,3 +408,261 @@ def test_the_window_slides_the_day_turns_and_a_lost_slot_expires() -> None:
     (3723.5, "1h2m3.5s"), (86_400, "24h0m0s")])
 def test_durations_read_like_openais_reset_headers(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+# --- slots are leases: renewed while a request runs, free again after a store's blip ----------
+
+LEASE_S = 1.0  # short, so that a lease runs out within the test
+
+
+class Switch:
+    """A TCP relay to Redis the test can cut: while cut, the connections through it are closed
+    and new ones are dropped as they come, as when Redis restarts or the network fails."""
+
+    def __init__(self, redis_url: str) -> None:
+        target = urlsplit(redis_url)
+        self._target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}{target.path}"
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            if self._cut.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        self._drop([source, sink])
+
+    def _drop(self, sockets: Sequence[socket.socket]) -> None:
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv()
+            except OSError:
+                pass
+            sock.close()
+            with self._lock:
+                self._open.discard(sock)
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            live = list(self._open)
+        self._drop(live)
+
+    def mend(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+@pytest.fixture
+def switch(redis_url: str) -> Iterator[Switch]:
+    relay = Switch(redis_url)
+    yield relay
+    relay.close()
+
+
+class SwitchedMemory(MemoryQuotas):
+    """The in-process store with a switch: while cut, every call fails as Redis's would."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.is_cut = False
+
+    def cut(self) -> None:
+        self.is_cut = True
+
+    def mend(self) -> None:
+        self.is_cut = False
+
+    def _check(self) -> None:
+        if self.is_cut:
+            raise Unavailable("The request limits cannot be checked.", code="limits_unavailable")
+
+    async def acquire(self, ticket: str, buckets: Sequence[Bucket],
+                      images: int) -> Admitted | Refused:
+        self._check()
+        return await super().acquire(ticket, buckets, images)
+
+    async def renew(self, ticket: str, buckets: Sequence[Bucket]) -> None:
+        self._check()
+        await super().renew(ticket, buckets)
+
+    async def release(self, ticket: str, buckets: Sequence[Bucket], refund: int,
+                      day: int) -> None:
+        self._check()
+        await super().release(ticket, buckets, refund, day)
+
+
+@dataclass
+class Blip:
+    """A store of either kind and the switch that takes it away and brings it back."""
+
+    store: QuotaStore
+    cut: Callable[[], None]
+    mend: Callable[[], None]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def blip(request: pytest.FixtureRequest) -> Blip:
+    if request.param == "memory":
+        memory = SwitchedMemory(slot_lease_s=LEASE_S)
+        return Blip(memory, memory.cut, memory.mend)
+    section = request.getfixturevalue("redis_section")
+    relay: Switch = request.getfixturevalue("switch")
+    return Blip(RedisQuotas(relay.url, key_prefix=section["key_prefix"], timeout_s=0.2,
+                            slot_lease_s=LEASE_S), relay.cut, relay.mend)
+
+
+async def until_admitted(quotas: Quotas, ticket: str, images: int, within_s: float) -> Ticket:
+    """Admit `ticket` as soon as the limits let it in, failing after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await quotas.admit(ticket, "app", "acme", images)
+        except RateLimited:
+            assert time.monotonic() < deadline, f"{ticket} still refused after {within_s}s"
+            await asyncio.sleep(0.01)
+
+
+def test_a_release_that_fails_is_retried_and_an_unreleased_slot_lapses_with_its_lease(
+        blip: Blip) -> None:
+    config = load_config(None, {"keys": keys(app={"max_concurrent": 1, "images_per_day": 2}),
+                                "limits": {"slot_lease_s": LEASE_S}})
+
+    async def run() -> None:
+        quotas = Quotas(config, Metrics(), blip.store)
+        first = await quotas.admit("first", "app", "acme", 1)
+        blip.cut()
+        started = time.monotonic()
+        await quotas.release(first, 502)  # fails, and neither raises nor holds the answer up
+        assert time.monotonic() - started < 1.0
+        blip.mend()
+        # Only the retried release gives the image back (a lapsed lease frees the slot alone).
+        second = await until_admitted(quotas, "second", 2, within_s=LEASE_S + 1)
+        await quotas.release(second, 200)
+
+        # A replica that died mid-request: its slot, never renewed, is free again after a lease.
+        assert isinstance(await blip.store.acquire("lost", second.buckets, 0), Admitted)
+        lost_at = time.monotonic()
+        with pytest.raises(RateLimited):
+            await quotas.admit("third", "app", "acme", 0)
+        third = await until_admitted(quotas, "third", 0, within_s=LEASE_S + 1)
+        assert time.monotonic() - lost_at >= LEASE_S * 0.9
+
+        blip.cut()  # the third's release fails and is retried; shutting down ends the retries
+        await quotas.release(third, 200)
+        assert len(asyncio.all_tasks()) > 1
+        await quotas.aclose()
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(run())
+
+
+@pytest.mark.redis
+def test_a_release_retried_after_it_ran_gives_the_images_back_once(
+        redis_section: dict[str, Any]) -> None:
+    store = RedisQuotas(redis_section["redis_url"], key_prefix=redis_section["key_prefix"])
+    bucket = (Bucket("key:k", Limits(images_per_day=3)),)
+
+    async def run() -> None:
+        first = await store.acquire("first", bucket, 2)
+        assert isinstance(first, Admitted)
+        assert isinstance(await store.acquire("second", bucket, 1), Admitted)
+        for _ in range(2):  # the first try ran, but its answer was lost on the way back
+            await store.release("first", bucket, refund=2, day=first.day)
+        assert isinstance(await store.acquire("third", bucket, 2), Admitted)
+        over = await store.acquire("fourth", bucket, 1)
+        assert isinstance(over, Refused) and over.used == 3
+        await store.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_request_longer_than_its_slot_lease_keeps_its_slot(
+        proxy: ProxyFactory, store: dict[str, Any],
+        fake_backend: tuple[GatedBackend, str]) -> None:
+    backend = fake_backend[0]
+    base = proxy(keys=keys(), limits={**store, "max_concurrent": 1, "slot_lease_s": LEASE_S})
+    backend.gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(generate, base)
+        wait_until(lambda: backend.arrived == 1)
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * LEASE_S:  # three leases, each renewed in time
+            assert "on concurrent requests: Limit 1, Used 1" in said(refused(base))
+            time.sleep(LEASE_S / 4)
+        backend.gate.set()
+        assert slow.result(timeout=30).parse().data
+    assert generate(base).parse().data
+
+
+def refused_with(error: type[openai.APIStatusError], base: str) -> openai.APIStatusError:
+    with pytest.raises(error) as info:
+        generate(base)
+    return info.value
+
+
+@pytest.mark.redis
+def test_slots_and_images_of_requests_ending_while_redis_is_away_come_back(
+        proxy: ProxyFactory, redis_section: dict[str, Any], switch: Switch,
+        fake_backend: tuple[GatedBackend, str]) -> None:
+    backend = fake_backend[0]
+    base = proxy(keys=keys(app={"images_per_day": 4}),
+                 backend_options={"retry": {"attempts": 1}},
+                 limits={**redis_section, "redis_url": switch.url, "timeout_s": 0.2,
+                         "max_concurrent": 3, "slot_lease_s": LEASE_S})
+    backend.gate.clear()
+    backend.mode = "error500"  # the client gets nothing: its images are given back
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(refused_with, openai.APIStatusError, base) for _ in range(3)]
+        wait_until(lambda: backend.arrived == 3)
+        assert "on concurrent requests: Limit 3, Used 3" in said(refused(base))
+        switch.cut()  # Redis goes away as the three end
+        backend.gate.set()
+        assert [call.result(timeout=30).status_code for call in calls] == [502] * 3
+    switch.mend()
+
+    prefix = redis_section["key_prefix"]
+    with redis.Redis.from_url(redis_section["redis_url"]) as client:
+        wait_until(lambda: client.zcard(f"{prefix}key:app:inflight") == 0
+                   and int(client.hget(f"{prefix}key:app:images", "used") or 0) == 0,
+                   timeout_s=LEASE_S + 1)
+    # The three slots and the three images are back: three more requests run at once.
+    backend.mode, backend.arrived = "ok", 0
+    backend.gate.clear()
+    with ThreadPoolExecutor(3) as pool:
+        again = [pool.submit(generate, base) for _ in range(3)]
+        wait_until(lambda: backend.arrived == 3)
+        backend.gate.set()
+        assert all(call.result(timeout=30).parse().data for call in again)
+
+
+def test_the_old_concurrency_ttl_s_is_read_as_slot_lease_s_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "safeedit.config"):
+        config = load_config(None, {"limits": {"concurrency_ttl_s": 45}})
+    assert config.limits.slot_lease_s == 45
+    assert "limits.concurrency_ttl_s is deprecated" in caplog.text
+    assert load_config(None, {}).limits.slot_lease_s == 30

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +32,8 @@ from guard.support.errors import ConfigError
 from guard.support.hosts import TrustedHosts, host_name, pattern_name
 from guard.support.telemetry import TelemetryConfig
 from guard.support.yamlfile import load_unique
+
+log = logging.getLogger("safeedit.config")
 
 Role = Literal["client", "auditor", "admin"]
 
@@ -69,9 +72,23 @@ class LimitsConfig(Limits):
     key_prefix: str = Field("safeedit:limits:", min_length=1,
                             description="Prefix of every Redis key the limits use.")
     timeout_s: float = Field(0.5, gt=0, description="Redis connect and command timeout.")
-    concurrency_ttl_s: float = Field(
-        900.0, gt=0, description="A request slot not released by then (a replica that died "
-        "mid-request) is freed anyway; longer than the slowest request.")
+    slot_lease_s: float = Field(
+        30.0, gt=0, description="A `max_concurrent` slot is a lease renewed every third of this "
+        "while its request runs: a slot never released (a replica that died mid-request, Redis "
+        "down as the request ended) is free again this long after its last renewal. Replaces "
+        "`concurrency_ttl_s`, still accepted (with a deprecation warning) as this.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_lease_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "concurrency_ttl_s" in raw:
+            raw = dict(raw)
+            old = raw.pop("concurrency_ttl_s")
+            log.warning("limits.concurrency_ttl_s is deprecated: it is read as "
+                        "limits.slot_lease_s%s", ", which is also set and wins"
+                        if "slot_lease_s" in raw else "")
+            raw.setdefault("slot_lease_s", old)
+        return raw
 
     @field_validator("redis_url")
     @classmethod

@@ -5,8 +5,7 @@ requests in flight, counted in Redis when replicas share them, else in this proc
                        headers, what to do when the counts are out of reach (`on_unavailable`)
     QuotaStore         the contract: admit a request in all its buckets at once, or in none
     ├── MemoryQuotas   one process (no `redis_url`)
-    └── RedisQuotas    shared by replicas; each call is one Lua script, atomic in Redis, timed
-                       by Redis's clock, so replicas neither race nor disagree about the time
+    └── RedisQuotas    shared by replicas (guard.pipeline.quotas_redis)
 
 What is counted, the same in both stores:
 - `requests_per_minute`: a sliding window, at most N requests admitted in any 60 seconds.
@@ -14,24 +13,29 @@ What is counted, the same in both stores:
   flight together cannot overshoot; given back when the request ends in a 429 or a 5xx (the
   client got nothing through no fault of its own), kept when the policy refused it or the client
   went away (the backend may have made the images by then).
-- `max_concurrent`: a slot held from admission until the trace is written; a slot its replica
-  never released (killed mid-request) is freed after `concurrency_ttl_s`.
+- `max_concurrent`: a slot held from admission until the trace is written. A slot is a lease of
+  `slot_lease_s`, renewed every third of it while the request runs, so a slot its replica never
+  released (killed mid-request, or the store down when the request ended) is free again within
+  `slot_lease_s`. A release that fails is retried in the background until it is moot.
 A request is admitted only when its key's bucket and its tenant's both admit it; a refused
 request counts nowhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import math
+import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from guard.core.config import Config, Limits
-from guard.support.errors import GuardError, RateLimited, Unavailable
+from guard.support.errors import GuardError, RateLimited
 from guard.support.telemetry import Metrics
 
 log = logging.getLogger("safeedit.quotas")
@@ -82,9 +86,15 @@ class QuotaStore(Protocol):
         GuardError (503) when the counts cannot be reached."""
         ...
 
+    async def renew(self, ticket: str, buckets: Sequence[Bucket]) -> None:
+        """Extend the lease of the ticket's slots to `slot_lease_s` from now (a slot already
+        freed stays free)."""
+        ...
+
     async def release(self, ticket: str, buckets: Sequence[Bucket], refund: int,
                       day: int) -> None:
-        """Free the ticket's slots; give `refund` images back if still on `day`."""
+        """Free the ticket's slots; give `refund` images back if still on `day`. Retried after
+        a failure, which may have come after the work was done: the images come back once."""
         ...
 
     async def ready(self) -> bool: ...
@@ -96,9 +106,9 @@ class MemoryQuotas:
     """The counts of one process. `clock` is wall seconds (the day is a UTC day); a test may
     pass its own."""
 
-    def __init__(self, *, slot_ttl_s: float = 900.0,
+    def __init__(self, *, slot_lease_s: float = 30.0,
                  clock: Callable[[], float] = time.time) -> None:
-        self._clock, self._slot_ttl_s = clock, slot_ttl_s
+        self._clock, self._slot_lease_s = clock, slot_lease_s
         self._requests: dict[str, deque[float]] = {}  # admission times inside the window
         self._images: dict[str, tuple[int, int]] = {}  # scope -> (day, images used)
         self._slots: dict[str, dict[str, float]] = {}  # scope -> ticket -> expiry
@@ -137,8 +147,15 @@ class MemoryQuotas:
                 self._images[b.scope] = (day, used)
                 counted.append(Usage(ipd, ipd - used, day_left))
             if conc is not None:
-                self._slots.setdefault(b.scope, {})[ticket] = now + self._slot_ttl_s
+                self._slots.setdefault(b.scope, {})[ticket] = now + self._slot_lease_s
         return Admitted(day, tuple(requests), tuple(counted))
+
+    async def renew(self, ticket: str, buckets: Sequence[Bucket]) -> None:
+        expiry = self._clock() + self._slot_lease_s
+        for b in buckets:
+            slots = self._slots.get(b.scope, {})
+            if ticket in slots:
+                slots[ticket] = expiry
 
     async def release(self, ticket: str, buckets: Sequence[Bucket], refund: int,
                       day: int) -> None:
@@ -173,164 +190,6 @@ class MemoryQuotas:
         self._slots.clear()
 
 
-# Times in the scripts are integer microseconds of Redis's clock. Per bucket, three keys: the
-# window (a sorted set of tickets by admission time), the day's images (a hash: day, used) and
-# the slots in flight (a sorted set of tickets by expiry).
-_ACQUIRE = """
-redis.replicate_commands()  -- writes after TIME (the default from Redis 5 on)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local window, dayus = 60000000, 86400000000
-local day = math.floor(now / dayus)
-local day_left = (day + 1) * dayus - now
-local ticket, n, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local buckets = #KEYS / 3
-local function used_today(key)
-  if tonumber(redis.call('HGET', key, 'day')) == day then
-    return tonumber(redis.call('HGET', key, 'used')) or 0
-  end
-  return 0
-end
-for i = 0, buckets - 1 do
-  local rpm, ipd, conc = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]),
-                         tonumber(ARGV[6 + 3 * i])
-  local rk, ik, sk = KEYS[1 + 3 * i], KEYS[2 + 3 * i], KEYS[3 + 3 * i]
-  if rpm > 0 then
-    redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - window)
-    local count = redis.call('ZCARD', rk)
-    if count >= rpm then
-      local oldest = tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2])
-      local newest = tonumber(redis.call('ZRANGE', rk, -1, -1, 'WITHSCORES')[2])
-      return {0, i, 1, count, oldest + window - now, newest + window - now}
-    end
-  end
-  if ipd > 0 then
-    local used = used_today(ik)
-    if used + n > ipd then return {0, i, 2, used, day_left, day_left} end
-  end
-  if conc > 0 then
-    redis.call('ZREMRANGEBYSCORE', sk, '-inf', now)
-    local held = redis.call('ZCARD', sk)
-    if held >= conc then return {0, i, 3, held, 0, 0} end
-  end
-end
-local out = {1, day}
-for i = 0, buckets - 1 do
-  local rpm, ipd, conc = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]),
-                         tonumber(ARGV[6 + 3 * i])
-  local rk, ik, sk = KEYS[1 + 3 * i], KEYS[2 + 3 * i], KEYS[3 + 3 * i]
-  local left, images_left = -1, -1
-  if rpm > 0 then
-    redis.call('ZADD', rk, now, ticket)
-    redis.call('PEXPIRE', rk, window / 1000)
-    left = rpm - redis.call('ZCARD', rk)
-  end
-  if ipd > 0 then
-    local used = used_today(ik) + n
-    redis.call('HSET', ik, 'day', day, 'used', used)
-    redis.call('PEXPIREAT', ik, (day + 1) * dayus / 1000 + 3600000)
-    images_left = ipd - used
-  end
-  if conc > 0 then
-    redis.call('ZADD', sk, now + ttl_ms * 1000, ticket)
-    redis.call('PEXPIRE', sk, ttl_ms)
-  end
-  table.insert(out, left)
-  table.insert(out, images_left)
-end
-table.insert(out, day_left)
-return out
-"""
-
-_RELEASE = """
-local ticket, refund, day = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 0, #KEYS / 2 - 1 do
-  local ik, sk = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  redis.call('ZREM', sk, ticket)
-  if refund > 0 and tonumber(redis.call('HGET', ik, 'day')) == day then
-    if redis.call('HINCRBY', ik, 'used', -refund) < 0 then redis.call('HSET', ik, 'used', 0) end
-  end
-end
-return 1
-"""
-
-_REFUSED_BY: tuple[LimitName, ...] = ("requests_per_minute", "images_per_day", "max_concurrent")
-
-
-class RedisQuotas:
-    """Counts shared by every replica that names the same Redis and `key_prefix`."""
-
-    def __init__(self, url: str, *, key_prefix: str, timeout_s: float = 0.5,
-                 slot_ttl_s: float = 900.0) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # One quick retry covers a pooled connection Redis has dropped; more would hold every
-        # request up when Redis is down, and `on_unavailable` decides what happens then.
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1))
-        self._prefix = key_prefix
-        self._slot_ttl_ms = max(1, math.ceil(slot_ttl_s * 1000))
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._release = self._redis.register_script(_RELEASE)
-
-    def _keys(self, bucket: Bucket) -> tuple[str, str, str]:
-        base = f"{self._prefix}{bucket.scope}:"
-        return base + "requests", base + "images", base + "inflight"
-
-    async def acquire(self, ticket: str, buckets: Sequence[Bucket],
-                      images: int) -> Admitted | Refused:
-        keys: list[str] = []
-        args: list[str | int] = [ticket, images, self._slot_ttl_ms]
-        for b in buckets:
-            keys += self._keys(b)
-            args += [b.limits.requests_per_minute or 0, b.limits.images_per_day or 0,
-                     b.limits.max_concurrent or 0]
-        out = [int(x) for x in await self._call(self._acquire, keys, args)]
-        if out[0] == 0:
-            _, index, which, used, retry_us, reset_us = out
-            limit: LimitName = _REFUSED_BY[which - 1]
-            bucket = buckets[index]
-            value = int(getattr(bucket.limits, limit))
-            if limit == "max_concurrent":
-                retry_us = reset_us = int(CONCURRENCY_RETRY_S * 1e6)
-            return Refused(limit, bucket.scope, Usage(value, max(0, value - used), reset_us / 1e6),
-                           used, retry_us / 1e6)
-        day, day_left = out[1], out[-1] / 1e6
-        requests, counted = [], []
-        for i, b in enumerate(buckets):
-            left, images_left = out[2 + 2 * i], out[3 + 2 * i]
-            if b.limits.requests_per_minute is not None:
-                requests.append(Usage(b.limits.requests_per_minute, left, WINDOW_S))
-            if b.limits.images_per_day is not None:
-                counted.append(Usage(b.limits.images_per_day, images_left, day_left))
-        return Admitted(day, tuple(requests), tuple(counted))
-
-    async def release(self, ticket: str, buckets: Sequence[Bucket], refund: int,
-                      day: int) -> None:
-        keys = [k for b in buckets for k in self._keys(b)[1:]]
-        await self._call(self._release, keys, [ticket, refund, day])
-
-    async def _call(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise Unavailable("The request limits cannot be checked (their store is "
-                             "unavailable); the request was not served.",
-                             code="limits_unavailable", headers={"retry-after": "1"},
-                             detail=f"{type(exc).__name__}: {exc}") from exc
-
-    async def ready(self) -> bool:
-        return bool(await self._redis.ping())
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
 @dataclass(frozen=True, slots=True)
 class Ticket:
     """A request's place in its buckets, given back when its trace is written."""
@@ -345,6 +204,15 @@ class Ticket:
 NO_TICKET = Ticket()
 
 
+@dataclass(slots=True)
+class _Lease:
+    """Slots a request of this replica holds, renewed while `owner` (its ASGI task) runs."""
+
+    owner: asyncio.Task[object] | None
+    renewed_at: float  # monotonic seconds of the last renewal the store confirmed
+    renewing: asyncio.Task[None] | None = None
+
+
 class Quotas:
     """The limits of one app, and the part `/readyz` reports as `limits` when any is set."""
 
@@ -357,11 +225,16 @@ class Quotas:
                                                    *self._tenants.values()))
         self.fail_open = section.on_unavailable == "open"
         self._metrics = metrics
+        self._lease_s = section.slot_lease_s
+        self._leases: dict[str, _Lease] = {}  # ticket id -> its slots' lease
+        self._tasks: set[asyncio.Task[None]] = set()  # renewals and retried releases
         if store is None and section.redis_url and self.enabled:
+            from guard.pipeline.quotas_redis import RedisQuotas
+
             store = RedisQuotas(section.redis_url, key_prefix=section.key_prefix,
-                                timeout_s=section.timeout_s, slot_ttl_s=section.concurrency_ttl_s)
+                                timeout_s=section.timeout_s, slot_lease_s=self._lease_s)
         elif store is None:
-            store = MemoryQuotas(slot_ttl_s=section.concurrency_ttl_s)
+            store = MemoryQuotas(slot_lease_s=self._lease_s)
         self.store = store
 
     def buckets(self, key_id: str, tenant: str) -> tuple[Bucket, ...]:
@@ -389,21 +262,69 @@ class Quotas:
         if isinstance(result, Refused):
             self._metrics.quota_rejections.labels(result.limit, result.scope.split(":")[0]).inc()
             raise _rate_limited(result, images)
+        if any(b.limits.max_concurrent is not None for b in buckets):
+            # Renewed while the request's own task runs: a request whose release is never
+            # called (its response abandoned before it began) lets its slots lapse.
+            lease = self._leases[ticket] = _Lease(asyncio.current_task(), time.monotonic())
+            lease.renewing = self._spawn(self._renew(ticket, buckets, lease))
         return Ticket(ticket, buckets, images, result.day, {
             **_headers("requests", min(result.requests, key=_tightness, default=None)),
             **_headers("images", min(result.images, key=_tightness, default=None))})
 
+    async def _renew(self, ticket: str, buckets: Sequence[Bucket], lease: _Lease) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            if lease.owner is not None and lease.owner.done():
+                return
+            try:
+                await self.store.renew(ticket, buckets)
+            except GuardError as exc:
+                log.warning("could not renew the slots of request %s (%s); trying again in "
+                            "%.3gs", ticket, exc.detail, self._lease_s / 3)
+            else:
+                lease.renewed_at = time.monotonic()
+
     async def release(self, ticket: Ticket, status: int) -> None:
         """Free the request's slots; give its images back if it failed through no fault of
-        the client's (429, 5xx). Never raises: an unreleased slot expires by itself."""
+        the client's (429, 5xx). Never raises; if the store is out of reach, the release is
+        retried in the background until the slots' lease would have expired anyway."""
         if not ticket.buckets:
             return
+        lease = self._leases.pop(ticket.id, None)
+        if lease is not None and lease.renewing is not None:
+            lease.renewing.cancel()
         refund = ticket.images if status == 429 or status >= 500 else 0
         try:
             await self.store.release(ticket.id, ticket.buckets, refund, ticket.day)
-        except GuardError:
-            log.warning("could not release the limits of request %s; its slot expires by "
-                        "itself", ticket.id, exc_info=True)
+        except GuardError as exc:
+            if lease is None and not refund:
+                return  # no slot and no images to give back: nothing to retry
+            expires = (lease.renewed_at if lease else time.monotonic()) + self._lease_s
+            log.warning("could not release the limits of request %s (%s); retrying in the "
+                        "background", ticket.id, exc.detail)
+            self._spawn(self._retry_release(ticket, refund, expires))
+
+    async def _retry_release(self, ticket: Ticket, refund: int, expires: float) -> None:
+        for retry in itertools.count(1):
+            # Backoff with jitter, so that the requests a blip caught do not retry in step.
+            wait = min(self._lease_s / 3, 0.05 * 2**retry) * random.uniform(0.5, 1.0)
+            if time.monotonic() + wait >= expires:
+                log.warning("gave up releasing the limits of request %s: its slots' lease has "
+                            "run out (images not given back: %d)", ticket.id, refund)
+                return
+            await asyncio.sleep(wait)
+            try:
+                await self.store.release(ticket.id, ticket.buckets, refund, ticket.day)
+            except GuardError:
+                continue
+            log.info("released the limits of request %s at retry %d", ticket.id, retry)
+            return
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def ready(self) -> bool:
         # Failing open, this replica serves without Redis: readiness stays true (taking every
@@ -411,6 +332,11 @@ class Quotas:
         return self.fail_open or await self.store.ready()
 
     async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._leases.clear()
         await self.store.aclose()
 
 
