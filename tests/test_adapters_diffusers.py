@@ -54,7 +54,8 @@ def test_generates_through_the_proxy_with_the_openai_sdk(proxy, tiny_sd) -> None
     base = proxy(backends={"sd": {"kind": "diffusers", "model": str(tiny_sd), "steps": 2}},
                  routes={"*": {"backend": "sd"}})
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    result = client.images.generate(prompt="a lighthouse at sunset", n=2, size="64x64")
+    result = client.images.generate(prompt="a lighthouse at sunset", n=2, size="64x64",
+                                    response_format="b64_json")
     pictures = [base64.b64decode(d.b64_json or "") for d in result.data or []]
     assert len(pictures) == 2
     assert [size_of(p) for p in pictures] == [(64, 64), (64, 64)]
@@ -174,5 +175,5 @@ def test_edits_through_the_proxy_with_the_openai_sdk(proxy, tiny_sd) -> None:  #
                  routes={"*": {"backend": "sd"}})
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
     result = client.images.edit(image=("in.png", rgba((0, 90, 200, 255), (80, 64)), "image/png"),
-                                prompt="a red hat", n=2)
+                                prompt="a red hat", n=2, response_format="b64_json")
     assert [size_of(base64.b64decode(d.b64_json or "")) for d in result.data or []] == [(80, 64)] * 2

@@ -49,7 +49,8 @@ def keeping(proxy, tmp_path: Path, fake_backend):  # type: ignore[no-untyped-def
 def edited_request(base: str, backend: Any) -> dict[str, Any]:
     """One request whose first image is unsafe (red) and whose second round is safe (blue)."""
     backend.plan += [["red"], ["blue"]]
-    r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a street at night"},
+    r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a street at night",
+                                                              "response_format": "b64_json"},
                    headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=30)
     assert r.status_code == 200 and r.json()["guard"]["decision"] == "edited", r.text
     t = httpx.get(f"{base}/v1/guard/traces/{r.headers['x-guard-trace-id']}",

@@ -86,7 +86,7 @@ def built() -> Iterator[Any]:
 def generate(base: str, prompt: str) -> tuple[str | None, dict[str, Any]]:
     """One image through the proxy with the openai SDK: its revised prompt and the trace."""
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    raw = client.images.with_raw_response.generate(prompt=prompt)
+    raw = client.images.with_raw_response.generate(prompt=prompt, response_format="b64_json")
     data = raw.parse().data
     assert data and data[0].b64_json
     trace = httpx.get(f"{base}/v1/guard/traces/{raw.headers['x-guard-trace-id']}",

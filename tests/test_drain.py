@@ -71,7 +71,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path: Path) -> None:
 
             def in_flight() -> None:
                 done["response"] = client.images.with_raw_response.generate(
-                    prompt="a lighthouse at dusk")
+                    prompt="a lighthouse at dusk", response_format="b64_json")
                 done["at"] = time.monotonic()
 
             thread = threading.Thread(target=in_flight, daemon=True)

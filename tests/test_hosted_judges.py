@@ -583,7 +583,8 @@ def test_proxy_edits_what_the_service_flags(proxy, tmp_path, fake_backend,  # ty
     base = proxy(judge=section("openai-moderation", url),
                  policy=hosted_policy(tmp_path, "openai-moderation", "refuse"))
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    raw = client.images.with_raw_response.generate(prompt="a duel at dawn")
+    raw = client.images.with_raw_response.generate(prompt="a duel at dawn",
+                                                   response_format="b64_json")
     assert [image.b64_json is not None for image in raw.parse().data or []] == [True]
     t = trace(base, raw.headers["x-guard-trace-id"])
     assert t["decision"] == "edited"
@@ -614,7 +615,7 @@ def test_proxy_follows_on_judge_error_when_the_service_fails(  # type: ignore[no
         assert err.value.body["code"] == "judge_unavailable"  # type: ignore[index]
         trace_id = err.value.response.headers["x-guard-trace-id"]
     else:
-        raw = client.images.with_raw_response.generate(prompt="a cat")
+        raw = client.images.with_raw_response.generate(prompt="a cat", response_format="b64_json")
         assert [image.b64_json is not None for image in raw.parse().data or []] == [True]
         trace_id = raw.headers["x-guard-trace-id"]
     t = trace(base, trace_id)

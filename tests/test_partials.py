@@ -477,7 +477,8 @@ def test_proxy_cancels_an_unsafe_partial_and_returns_the_refined_image(  # type:
     base = proxy(policy="e2e", backends={"fake": {
         "kind": "openai-compatible", "api_base": url, "timeout_s": 5, "partial_images": 2}})
     client = openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    raw = client.images.with_raw_response.generate(prompt="a street at night MARKRED")
+    raw = client.images.with_raw_response.generate(prompt="a street at night MARKRED",
+                                                   model="gpt-image-1")
     result = raw.parse()
     assert result.data and result.data[0].revised_prompt == (
         "a street at night MARKRED, calm and peaceful")

@@ -328,7 +328,7 @@ def test_passthrough_relays_the_backends_image_without_decoding_it(proxy, fake_b
     # as cheap as a relay); a link (response_format: url) needs the bytes, so it checks them.
     base = proxy(guard={"enabled": False})
     fake_backend[0].mode = "badb64"
-    r = generate(base, {"prompt": "a cat"})
+    r = generate(base, {"prompt": "a cat", "response_format": "b64_json"})
     assert r.status_code == 200 and r.json()["data"][0]["b64_json"] == "this is %% not base64!"
     r = generate(base, {"prompt": "a cat", "response_format": "url"})
     assert r.status_code == 502 and r.json()["error"]["code"] == "backend_bad_response"

@@ -126,7 +126,8 @@ def sdk(base: str, key: str = CLIENT_KEY) -> openai.OpenAI:
 
 def generate(base: str, key: str = CLIENT_KEY, **kw: Any) -> Any:
     """A generation through the SDK; the raw response (headers, then `.parse()`)."""
-    return sdk(base, key).images.with_raw_response.generate(prompt="a bowl of fruit", **kw)
+    return sdk(base, key).images.with_raw_response.generate(prompt="a bowl of fruit",
+                                                            response_format="b64_json", **kw)
 
 
 def refused(base: str, key: str = CLIENT_KEY, **kw: Any) -> openai.RateLimitError:

@@ -73,7 +73,8 @@ def test_a_passthrough_answers_with_the_backends_base64_byte_for_byte(proxy) -> 
         base = proxy(guard={"enabled": False},
                      backends={"raw": {"kind": "openai-compatible", "api_base": url + "/v1"}},
                      routes={"*": {"backend": "raw"}})
-        r = httpx.post(base + "/v1/images/generations", json={"prompt": "a cat"},
+        r = httpx.post(base + "/v1/images/generations",
+                       json={"prompt": "a cat", "model": "gpt-image-1"},
                        headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=30)
     assert r.status_code == 200
     assert int(r.headers["content-length"]) == len(r.content)

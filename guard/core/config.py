@@ -170,6 +170,11 @@ class ServerConfig(_Strict):
         30.0, ge=0, description="On SIGTERM, how long requests in flight may still run: the "
         "proxy goes unready and answers new requests 503 (Retry-After) meanwhile, then stops. "
         "Keep it under the orchestrator's grace period before SIGKILL.")
+    default_response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="What a request that names no `response_format` gets: null answers "
+        "as OpenAI does per model (links for dall-e-2, dall-e-3 and no model; base64 for any "
+        "other); `url` or `b64_json` for every model except gpt-image-*, which answer base64 "
+        "only, as their clients expect.")
 
     @field_validator("public_url")
     @classmethod

@@ -29,6 +29,10 @@ _SIZE_RE = re.compile(r"auto|[1-9]\d{1,4}x[1-9]\d{1,4}")  # no 0 side, no leadin
 # The longest prompt each model family accepts (OpenAI reference, CreateImageRequest.prompt).
 _PROMPT_LIMITS = {"dall-e-2": 1000, "dall-e-3": 4000}
 _GPT_IMAGE_PROMPT_LIMIT = 32000
+ResponseFormat = Literal["url", "b64_json"]
+# Models that answer links unless asked otherwise (OpenAI reference, CreateImageRequest
+# .response_format); None: a request naming no model gets OpenAI's default model, dall-e-2.
+_LINKS_BY_DEFAULT = {None, "dall-e-2", "dall-e-3"}
 
 
 class ImageGenerationRequest(BaseModel):
@@ -38,7 +42,7 @@ class ImageGenerationRequest(BaseModel):
     model: StrictStr | None = None
     n: StrictInt | None = Field(None, ge=1, le=10)
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
-    response_format: Literal["url", "b64_json"] | None = None
+    response_format: ResponseFormat | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
     output_compression: StrictInt | None = Field(None, ge=0, le=100)
     stream: StrictBool | None = None
@@ -67,6 +71,20 @@ class ImageGenerationRequest(BaseModel):
     @property
     def count(self) -> int:
         return self.n or 1
+
+    def answer_format(self, deployment_default: ResponseFormat | None = None) -> ResponseFormat:
+        """The format of the images answered: the request's `response_format`, else OpenAI's
+        default for its model, which a deployment's default replaces (`server.
+        default_response_format`) except for the gpt-image models: their clients read base64,
+        the only format OpenAI answers for them."""
+        if self.response_format is not None:
+            return self.response_format
+        model = self.model or None
+        if model is not None and model.startswith("gpt-image"):
+            return "b64_json"
+        if deployment_default is not None:
+            return deployment_default
+        return "url" if model in _LINKS_BY_DEFAULT else "b64_json"
 
     def prompt_limit(self) -> int:
         return _PROMPT_LIMITS.get(self.model or "", _GPT_IMAGE_PROMPT_LIMIT)

@@ -466,8 +466,11 @@ class Engine:
 
     def _violation(self, categories: Sequence[str], what: str) -> PolicyViolation:
         cats = ", ".join(categories) or "unspecified"
+        # OpenAI's words for a refusal: clients that see only the message (litellm's image
+        # calls) recognise a content-policy violation by them.
         return PolicyViolation(
-            f"Your request was rejected by the safety policy ({what} crossed: {cats}).",
+            f"Your request was rejected as a result of the safety system ({what} crossed: "
+            f"{cats}).",
             categories=tuple(categories))
 
     def _count(self, decision: Decision) -> None:

@@ -291,11 +291,14 @@ class Exchange:
     async def _response(self, outcome: Outcome, base_url: str) -> ImagesResponse:
         assert self.job is not None
         req, trace, state = self.job.req, self.trace, self.state
+        # A stream's completed events carry base64 only, as OpenAI's do.
+        links = (not req.stream and
+                 req.answer_format(state.config.server.default_response_format) == "url")
         data = []
         for final in outcome.images:
             revised = (final.prompt if final.prompt != req.prompt
                        else final.image.backend_revised_prompt)
-            if req.response_format == "url" and not req.stream:
+            if links:
                 url = base_url + await state.images.mint(final.image)
                 data.append(ImageObject(url=url, revised_prompt=revised))
             else:
