@@ -199,7 +199,7 @@ class FakeJudge(_Faults):
         self.id = judge_id
         self.words = dict(words or {})
         self.colours = dict(colours or {})
-        self.refine = refine
+        self.rewrite = refine  # not `refine`: that name would make this judge a Refiner
         self.delay_s = delay_s
         self.calls: list[list[JudgeInput]] = []
         self.closed = False
@@ -225,7 +225,7 @@ class FakeJudge(_Faults):
         scores = self.scores(item, policy)
         if not policy.wants_explanation(scores):
             return Verdict(scores=scores, judge_id=self.id)
-        refined = self.refine(item.prompt) if self.refine is not None else None
+        refined = self.rewrite(item.prompt) if self.rewrite is not None else None
         return Verdict(scores=scores, judge_id=self.id,
                        thought=f"{', '.join(policy.decide(scores).flagged)} crossed the "
                                "policy's thresholds",

@@ -142,9 +142,7 @@ async def verdicts_for(items: Sequence[JudgeInput], stopped: Sequence[Verdict | 
 
 
 def _refiner(judge: Judge) -> Refiner | None:
-    # Its class must implement `refine`: an instance attribute of that name (guard.testing's
-    # FakeJudge keeps its prompt rewriter there) is no Refiner, though isinstance says it is.
-    return judge if isinstance(judge, Refiner) and issubclass(type(judge), Refiner) else None
+    return judge if isinstance(judge, Refiner) else None
 
 
 async def _explain(refiner: Refiner, items: list[JudgeInput], view: Policy,
