@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from guard.support.errors import ConfigError
-from guard.support.keyring import keyring_from_env
+from guard.support.keyring import KID, keyring_from_env
 
 MIN_KEY_BYTES = 16
 
@@ -36,9 +35,6 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"safeedit-checkpoint-key\0" + key).hexdigest()[:16]
 
 
-_KID = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
-
-
 class Signer:
     """HMAC-SHA256 keys for checkpoints and anchors, each under a key id: the first key signs,
     every key verifies (see guard.audit.chain)."""
@@ -47,7 +43,7 @@ class Signer:
         if not keys:
             raise ConfigError("audit: no checkpoint key given")
         for kid, key in keys.items():
-            if not _KID.match(kid):
+            if not KID.fullmatch(kid):
                 raise ConfigError(f"audit: checkpoint key id {kid!r} is not 1-32 of "
                                   "[A-Za-z0-9._-]")
             if len(key) < MIN_KEY_BYTES:

@@ -18,8 +18,8 @@ KID = re.compile(r"[A-Za-z0-9._-]{1,32}")
 
 def keyring_from_env(section: str, *, keys_env: str | None, key_env: str | None,
                      keys_option: str, key_option: str) -> dict[str, bytes] | None:
-    """The keys the variable `keys_env` (`kid:secret,...`) holds, or `{None: secret}`-like one key
-    from `key_env` under the kid "" (the caller names it); None when neither option is given.
+    """The keys the variable `keys_env` (`kid:secret,...`) holds, or the one key of `key_env` under
+    the kid "" (the caller derives its kid); None when neither option is given.
     A named but unset variable is a ConfigError: signing would silently stop otherwise."""
     if keys_env and key_env:
         raise ConfigError(f"{section}: give {keys_option} or {key_option}, not both")
