@@ -47,9 +47,9 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -71,6 +71,7 @@ from guard.support.errors import ConfigError, JudgeError
 from guard.support.redact import redact_logs
 from guard.support.retry import Retrying, RetryPolicy
 
+T = TypeVar("T")
 RETRY_STATUS = {408, 409, 425, 429}
 MAX_BACKOFF_S = 10.0
 
@@ -202,11 +203,14 @@ class RemoteJudge:
     # --- the judge ------------------------------------------------------------------------------
 
     async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
+        return await self._each(len(items), lambda i, server: self._one(items[i], policy, server))
+
+    async def _each(self, n: int, ask: Callable[[int, Server | None], Awaitable[T]]) -> list[T]:
+        """`ask(i, server)` for items 0..n-1 at once; with a fleet, one batch on one server."""
         if self.fleet is None:
-            return list(await asyncio.gather(*(self._one(item, policy, None) for item in items)))
-        with self.fleet.busy(self.fleet.pick(), len(items)) as server:  # one batch, one server
-            return list(await asyncio.gather(*(self._one(item, policy, server)
-                                               for item in items)))
+            return list(await asyncio.gather(*(ask(i, None) for i in range(n))))
+        with self.fleet.busy(self.fleet.pick(), n) as server:
+            return list(await asyncio.gather(*(ask(i, server) for i in range(n))))
 
     async def _one(self, item: JudgeInput, policy: Policy, server: Server | None) -> Verdict:
         t0 = time.perf_counter()
@@ -271,12 +275,9 @@ class RemoteJudge:
                                              policy, known, _Stats(), server)
             return Explanation(reasons.thought, reasons.refined_prompt)
 
-        if self.fleet is None:
-            return list(await asyncio.gather(*(one(i, s, None)
-                                               for i, s in zip(items, scores, strict=True))))
-        with self.fleet.busy(self.fleet.pick(), len(items)) as server:
-            return list(await asyncio.gather(*(one(i, s, server)
-                                               for i, s in zip(items, scores, strict=True))))
+        if len(scores) != len(items):
+            raise ValueError("refine: one score mapping per item")
+        return await self._each(len(items), lambda i, server: one(items[i], scores[i], server))
 
     # --- requests -------------------------------------------------------------------------------
 
