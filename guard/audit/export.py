@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Literal
 import orjson
 
 from guard.audit.chain import ChainRow
-from guard.core.types import MAKING_KINDS
+from guard.core.types import made_images
 
 Format = Literal["jsonl", "csv"]
 CSV_FIELDS = ("seq", "id", "time_utc", "created_at", "tenant", "key_id", "endpoint", "model",
@@ -70,7 +70,7 @@ def _round_count(rounds: Iterable[dict[str, Any]]) -> int:
     """As Trace.round_count: rounds that made images (generate or edit, not cancelled),
     counted by index, however many backend calls each had."""
     return len({r.get("index") for r in rounds
-                if r.get("kind") in MAKING_KINDS and not r.get("cancelled")})
+                if made_images(r.get("kind"), r.get("cancelled"))})
 
 
 class _Utf8:

@@ -221,7 +221,12 @@ class RoundRecord(_Model):
     @property
     def counts(self) -> bool:
         """Whether this record is a round that made images (generate or edit, not cancelled)."""
-        return self.kind in MAKING_KINDS and self.cancelled is None
+        return made_images(self.kind, self.cancelled)
+
+
+def made_images(kind: str | None, cancelled: str | None) -> bool:
+    """The rule of what counts as a round, for a RoundRecord or its stored JSON alike."""
+    return kind in MAKING_KINDS and cancelled is None
 
 
 class SlotResult(_Model):
