@@ -1,10 +1,16 @@
 """A separate process that appends traces to an audit store, for the concurrent-writer tests.
 
-    python -m tests.audit_writer '<audit options JSON>' <writer name> <count> <tasks> <go file>
+    python -m tests.audit_writer '<audit options JSON>' <writer name> <count> <tasks> <go file> \
+        [<all writers' names, comma-separated>]
 
 It builds the store from the options exactly as the proxy does, waits until the go file exists
 (so that all writers start together), then writes `count` traces from `tasks` concurrent
 coroutines through the store's ordinary `write`, each trace's key_id naming the writer.
+
+Given the names of all writers, it writes in batches of BATCH with a barrier after each (every
+writer finishes batch k before any starts batch k+1). Inside a batch the writers race freely;
+the barrier only guarantees that every batch holds rows of every writer, so a test of concurrent
+appends cannot pass by one process having run alone (a loaded machine's scheduler can do that).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +56,37 @@ def sample_trace(writer: str, i: int, **fields: Any) -> Trace:
     return Trace(**{**values, **fields})
 
 
-def _wait_for(go: Path) -> None:
-    while not go.exists():
+BATCH = 50
+
+
+def _wait_for(*files: Path) -> None:
+    while not all(f.exists() for f in files):
         time.sleep(0.005)
 
 
 async def main(options: dict[str, object], writer: str, count: int, tasks: int,
-               go: Path) -> None:
+               go: Path, writers: list[str]) -> None:
     store = build_store(options)
     await store.ready()  # connect (and migrate) before the start line
     go.with_name(f"{go.name}.{writer}.ready").touch()  # tells the test this writer is set
     await asyncio.to_thread(_wait_for, go)
-    queue = iter(range(count))
+    step = BATCH if writers else count
+    for batch, start in enumerate(range(0, count, step)):
+        queue = iter(range(start, min(start + step, count)))
 
-    async def worker() -> None:
-        for i in queue:
-            await store.write(sample_trace(writer, i, created_at=time.time()))
+        async def worker(queue: Iterator[int] = queue) -> None:
+            for i in queue:
+                await store.write(sample_trace(writer, i, created_at=time.time()))
 
-    await asyncio.gather(*(worker() for _ in range(tasks)))
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+        if writers:
+            go.with_name(f"{go.name}.{writer}.{batch}").touch()
+            await asyncio.to_thread(_wait_for, *(go.with_name(f"{go.name}.{w}.{batch}")
+                                                 for w in writers))
     await store.aclose()
 
 
 if __name__ == "__main__":
-    opts, name, n, t, go_file = sys.argv[1:]
-    asyncio.run(main(orjson.loads(opts), name, int(n), int(t), Path(go_file)))
+    opts, name, n, t, go_file, *names = sys.argv[1:]
+    asyncio.run(main(orjson.loads(opts), name, int(n), int(t), Path(go_file),
+                     names[0].split(",") if names else []))
