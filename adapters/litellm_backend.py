@@ -51,6 +51,7 @@ from guard.support.errors import (
 )
 from guard.support.redact import redact_logs
 from guard.support.retry import Retrying, RetryPolicy, retry_after_header
+from guard.support.telemetry import trace_headers
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -133,6 +134,8 @@ class LiteLLMBackend:
             extra_body["response_format"] = fmt
         if extra_body:
             kwargs["extra_body"] = extra_body
+        if context := trace_headers():  # the request's trace context goes on (traceparent)
+            kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **context}
         return kwargs
 
     async def generate(self, call: GenerationCall) -> list[GeneratedImage]:

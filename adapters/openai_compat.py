@@ -23,6 +23,8 @@ Options:
     retry ({})               attempts, backoff_s, max_backoff_s, deadline_s (guard.support.retry)
     image_urls ({})          allow_private, allow_networks, max_bytes, max_pixels, max_redirects,
                              timeout_s (adapters.fetch)
+    max_response_bytes (256 MiB)  a larger answer (or stream) is a failed call, read no further
+                             (guard.support.bodies)
     partial_images (0)       0-3: generate with `stream: true, partial_images: N` and show each
                              partial image to the guard as it arrives, so that an unsafe
                              generation is stopped early (its stream closed). Not the client's
@@ -60,8 +62,15 @@ from adapters.options import Options, parse_options, secret_from_env, wants_b64
 from guard.core.types import GeneratedImage, GenerationCall
 from guard.plugins import Preview, PreviewHandler
 from guard.support import b64json
+from guard.support.bodies import (
+    BACKEND_RESPONSE_BYTES,
+    CappedTransport,
+    ResponseTooLarge,
+    too_large,
+)
 from guard.support.errors import BackendError, BackendRateLimited, BackendRejected, BackendTimeout
 from guard.support.retry import Retrying, RetryPolicy, retry_after_header
+from guard.support.telemetry import client_hooks
 
 log = logging.getLogger("safeedit.backends")
 
@@ -82,6 +91,7 @@ class OpenAICompatOptions(Options):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     image_urls: UrlPolicy = Field(default_factory=UrlPolicy)
     partial_images: int = Field(0, ge=0, le=3)
+    max_response_bytes: int = Field(BACKEND_RESPONSE_BYTES, gt=0)
 
 
 class OpenAICompatBackend:
@@ -96,12 +106,14 @@ class OpenAICompatBackend:
         # What an echoing backend could send back: kept out of every error's detail.
         self._secrets = (api_key, *options.extra_headers.values())
         timeout = options.timeout_s
+        limits = httpx.Limits(max_connections=options.max_connections,
+                              max_keepalive_connections=options.max_connections)
         self._client = httpx.AsyncClient(
-            base_url=self.api_base, headers=headers, transport=transport,
+            base_url=self.api_base, headers=headers,
+            transport=CappedTransport(options.max_response_bytes, transport, limits=limits),
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(max_connections=options.max_connections,
-                                max_keepalive_connections=options.max_connections),
-            follow_redirects=False, trust_env=False)
+            follow_redirects=False, trust_env=False,
+            event_hooks=client_hooks())  # the request's trace context goes on (W3C traceparent)
         self._call = Retrying(f"backend {name!r}", options.retry, timeout_s=timeout,
                               max_concurrency=options.max_concurrency)
         self._fetcher = ImageFetcher(name, options.image_urls)
@@ -159,6 +171,8 @@ class OpenAICompatBackend:
             headers={"content-type": "application/json", "accept": "text/event-stream"})
         try:
             response = await self._client.send(request, stream=True)
+        except ResponseTooLarge as exc:
+            raise self._too_large(exc) from None
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"backend {self.name!r} timed out") from exc
         except httpx.HTTPError as exc:
@@ -170,6 +184,8 @@ class OpenAICompatBackend:
                 await response.aread()  # an error, or plain JSON: it ignored `stream`
                 return list(await self._parse(response))
             return await self._events(response, n, on_preview)
+        except ResponseTooLarge as exc:
+            raise self._too_large(exc) from None
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"backend {self.name!r} timed out") from exc
         except httpx.HTTPError as exc:
@@ -287,6 +303,8 @@ class OpenAICompatBackend:
     async def _post(self, path: str, **request: Any) -> list[GeneratedImage]:
         try:
             response = await self._client.post(path, **request)
+        except ResponseTooLarge as exc:
+            raise self._too_large(exc) from None
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"backend {self.name!r} timed out") from exc
         except httpx.HTTPError as exc:
@@ -318,6 +336,10 @@ class OpenAICompatBackend:
             return await self._fetcher.fetch(item["url"], revised_prompt=revised)
         raise BackendError(f"backend {self.name!r} returned an image without data",
                            code="backend_bad_response")
+
+    def _too_large(self, exc: ResponseTooLarge) -> BackendError:
+        return BackendError(f"The image backend {self.name!r} {too_large(exc)}.",
+                            code="backend_bad_response")
 
     def _failure(self, response: httpx.Response) -> BackendError:
         status, name, secrets = response.status_code, self.name, self._secrets

@@ -3,11 +3,13 @@
     Backend / EditingBackend   makes (and edits) images           registry `backends`
     PreviewingBackend          shows previews while it generates   (a Backend capability)
     Judge, Refiner             scores items; explains and refines  registry `judges`
+    Covering                   says what a judge assesses, unasked (a Judge capability)
     judge profiles             prompt layout + parser per model    registry `profiles`
     AuditStore                 keeps every request's trace         registry `audit_stores`
     LabelStore                 keeps auditors' labels of traces    (an AuditStore capability)
     DashboardStore             counts a window for the dashboard   (an AuditStore capability)
     ImageStore                 bytes by sha256 with an expiry      registry `image_stores`
+    UrlFetcher                 fetches a client's image URL safely registry `url_fetchers`
 
 A registry maps a kind (the `kind:` of a config section) to a factory. The built-ins register
 from one list (`BUILTINS`) through the same loader a third party uses, as "module:attribute"
@@ -131,6 +133,25 @@ class Judge(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class Covering(Protocol):
+    """A judge that says without a call what it assesses (optional beside `Judge`)."""
+
+    def coverage(self, policy: Policy) -> Mapping[str, set[str]]:
+        """Per policy category, the inputs ("text": the prompt, "image") it assesses it on; a
+        category it never assesses is absent."""
+        ...
+
+
+def coverage_of(judge: Judge, policy: Policy) -> dict[str, set[str]]:
+    """What `judge` assesses per policy category: its `coverage` (Covering), or for a judge that
+    does not say, every category on both inputs, as its verdicts are read (Verdict.coverage)."""
+    if isinstance(judge, Covering):
+        declared = judge.coverage(policy)
+        return {c: set(declared.get(c, ())) for c in policy.categories}
+    return {c: {"text", "image"} for c in policy.categories}
+
+
 @dataclass(frozen=True, slots=True)
 class Explanation:
     thought: str = ""
@@ -163,6 +184,8 @@ class TraceQuery:
     policy_id: str | None = None
     policy_version: int | None = None
     model: str | None = None
+    endpoint: str | None = None  # "/v1/images/generations" or "/v1/images/edits"
+    q: str | None = None  # words of the request's prompt (guard.audit.search)
     limit: int = 50
     cursor: str | None = None  # opaque; from the previous page's next_cursor
 
@@ -286,6 +309,22 @@ class ImageStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+# --- image URLs a client names -----------------------------------------------------------------
+
+
+@runtime_checkable
+class UrlFetcher(Protocol):
+    """Fetches an image a client names by URL (a moderation's `image_url`), as carefully as a
+    backend's image links are fetched. Factory: `(options) -> UrlFetcher`."""
+
+    async def fetch_image(self, url: str, param: str) -> GeneratedImage:
+        """The checked image; a RequestError naming `param` when the URL may not or cannot be
+        used (a host not allowed, a non-public address, not an image, too large)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 # --- the registries and the built-ins -----------------------------------------------------------
 
 backends: Registry[Backend] = Registry("backend", "safeedit.backends")
@@ -293,6 +332,7 @@ judges: Registry[Judge] = Registry("judge", "safeedit.judges")
 profiles: Registry[Any] = Registry("judge profile", "safeedit.judge_profiles")
 audit_stores: Registry[AuditStore] = Registry("audit store", "safeedit.audit_stores")
 image_stores: Registry[ImageStore] = Registry("image store", "safeedit.image_stores")
+url_fetchers: Registry[UrlFetcher] = Registry("image URL fetcher", "safeedit.url_fetchers")
 
 BUILTINS: dict[Registry[Any], dict[str, str]] = {
     backends: {
@@ -330,6 +370,7 @@ BUILTINS: dict[Registry[Any], dict[str, str]] = {
         "postgres": "guard.imagestore.postgres:PostgresImageStore.from_config",
         "s3": "adapters.imagestore_s3:S3ImageStore.from_config",
     },
+    url_fetchers: {"safe": "adapters.input_urls:InputImageFetcher.from_config"},
 }
 for _registry, _kinds in BUILTINS.items():
     for _kind, _target in _kinds.items():
@@ -383,3 +424,9 @@ def build_image_store(options: Mapping[str, Any]) -> ImageStore:
     """The store a resolved section names (its link options are guard.pipeline.links' to read)."""
     opts = {name: value for name, value in options.items() if name not in LINK_OPTIONS}
     return image_stores.create(opts.pop("kind", "local"), opts)
+
+
+def build_url_fetcher(options: Mapping[str, Any]) -> UrlFetcher:
+    """The fetcher for image URLs a client sends (`moderations.image_urls`)."""
+    opts = dict(options)
+    return url_fetchers.create(opts.pop("kind", "safe"), opts)

@@ -33,6 +33,7 @@ from typing import Literal
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from guard.audit import search
 from guard.audit.common import decode_cursor, encode_cursor
 from guard.core.policy import Policy
 from guard.core.types import GeneratedImage, GenerationCall, JudgeInput, Trace, Verdict
@@ -286,7 +287,7 @@ def _matches(trace: Trace, q: TraceQuery) -> bool:
     return (all(value is None or actual[name] == value for name, value in wanted.items())
             and (q.category is None or q.category in trace.categories)
             and (q.since is None or trace.created_at >= q.since)
-            and (q.until is None or trace.created_at < q.until))
+            and (q.until is None or trace.created_at < q.until) and search.matches(trace, q))
 
 
 @dataclass(slots=True)

@@ -11,6 +11,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# The audit log's signing key (guard.audit.logkeys): PostgreSQL stores need a configured one, and
+# subprocesses (the CLI, writers) inherit it. Tests of the key made at first start unset it.
+LOG_KEYS = "test-log:" + "dGVzdC1sb2cta2V5LW5vdC1mb3ItcHJvZHVjdGlvbiE="  # 32 bytes, base64
+os.environ.setdefault("SAFEEDIT_LOG_SIGNING_KEYS", LOG_KEYS)
 
 from guard.core.config import Config, hash_key, load_config  # noqa: E402
 from guard.plugins import judges

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,9 @@ from starlette.routing import Route
 COLOURS = {"blue": (30, 60, 200), "red": (255, 0, 0), "green": (0, 255, 0), "black": (0, 0, 0)}
 
 
-def png(colour: str, size: int = 64) -> bytes:
+def png(colour: str, size: int = 64, image_format: str = "PNG") -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", (size, size), COLOURS[colour]).save(out, format="PNG")
+    Image.new("RGB", (size, size), COLOURS[colour]).save(out, format=image_format)
     return out.getvalue()
 
 
@@ -35,6 +36,8 @@ class FakeBackend:
     mode: str = "ok"  # ok | error500 | hang | badb64 | ratelimit | url | reject400
     size: int = 64
     latency_s: float = 0.0  # every generation takes this long, as a real model does
+    image_format: str = "PNG"  # or JPEG, WEBP: what its base64 images are
+    finish: Callable[[bytes], bytes] | None = None  # applied to each of them (its own manifest)
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -73,7 +76,7 @@ class FakeBackend:
             elif self.mode == "url":
                 data.append({"url": f"{request.base_url}v1/files/{colour}.png"})
             else:
-                data.append({"b64_json": base64.b64encode(png(colour, self.size)).decode()})
+                data.append({"b64_json": self._b64(colour)})
         return JSONResponse({"created": 1700000000, "data": data})
 
     async def _edit(self, request: Request) -> Response:
@@ -87,7 +90,11 @@ class FakeBackend:
         call = len(self.requests) - 1
         colours = ((self.plan[call] if call < len(self.plan) else []) + ["blue"] * n)[:n]
         return JSONResponse({"created": 1700000000, "data": [
-            {"b64_json": base64.b64encode(png(c, self.size)).decode()} for c in colours]})
+            {"b64_json": self._b64(c)} for c in colours]})
+
+    def _b64(self, colour: str) -> str:
+        image = png(colour, self.size, self.image_format)
+        return base64.b64encode(self.finish(image) if self.finish else image).decode()
 
     async def _file(self, request: Request) -> Response:
         return Response(png(request.path_params["name"].removesuffix(".png"), self.size),

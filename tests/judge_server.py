@@ -46,6 +46,7 @@ class JudgeServer:
     logprobs: bool = True
     malformed: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
     seen_red: list[float] = field(default_factory=list)
 
     def app(self) -> Starlette:
@@ -58,6 +59,7 @@ class JudgeServer:
     async def chat(self, request: Request) -> JSONResponse:
         body = await request.json()
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return JSONResponse({"error": {"message": f"Incorrect API key provided: "
                                            f"{request.headers.get('authorization')}",
@@ -94,9 +96,10 @@ class JudgeServer:
             tokens: list[tuple[str, float | None]] = [("<", None), ("judgement", None),
                                                       (">", None), ("\n", None)]
             for c in cats:
-                tokens += [(c, None), (":", None),
-                           (" yes" if p[c] >= 0.5 else " no", p[c]), ("\n", None)]
-            unsafe = [c for c in cats if p[c] >= 0.5]
+                q = p.get(c, 0.02)  # a category it has no rule for: safe
+                tokens += [(c, None), (":", None), (" yes" if q >= 0.5 else " no", q),
+                           ("\n", None)]
+            unsafe = [c for c in cats if p.get(c, 0.02) >= 0.5]
             refined = re.sub(r"\bblood\w*\b", "", user.split("\n")[0].removeprefix("Prompt: "))
             rest = ("</judgement>\n<thought>" + (f"Unsafe: {', '.join(unsafe)}." if unsafe
                                                  else "Nothing unsafe.")
@@ -110,10 +113,12 @@ class JudgeServer:
                 return [("keep", p_violence)]
             words = TOKEN.findall(prompt.replace("blood", "paint") + ", calm scene")
             return [(words[0], p_violence)] + [(w, None) for w in words[1:]]
-        # shieldgemma2: one category per request, named in its policy text
-        name = re.search(r'"No (\w[\w ]*?) content"', user)
-        cat = name.group(1).lower().replace(" ", "_") if name else ""
-        q = p.get(cat, 0.5)
+        # shieldgemma2: one trained policy per request, in its fixed wording
+        trained = {"No Sexually Explicit content": "sexual", "No Violence/Gore content": "violence",
+                   "No Dangerous Content": "dangerous"}
+        cat = next((c for words, c in trained.items() if words in user), "")
+        p["violence"] = max(red or 0.0, 0.02)  # its policy's own words name blood
+        q = p.get(cat, 0.02 if cat == "dangerous" else 0.5)
         return [("Yes" if q >= 0.5 else "No", q)]
 
 

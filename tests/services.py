@@ -41,6 +41,20 @@ def require_postgres(dsn: str = PG_DSN) -> str:
     return dsn
 
 
+async def drop_schemas(dsn: str, *names: str) -> None:
+    """Drop each schema and the ones the stores make beside it, named after it (`<name>_labels`
+    for labels' anchors, `<name>_heads`, ...), so that a test leaves nothing in the database."""
+    conn = await asyncpg.connect(dsn, timeout=3)
+    try:
+        found = await conn.fetch(
+            "SELECT nspname FROM pg_namespace, unnest($1::text[]) AS given(name)"
+            " WHERE nspname = name OR starts_with(nspname, name || '_')", list(names))
+        for (schema,) in found:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 def require_redis(url: str = REDIS_URL) -> str:
     try:
         with redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2) as client:

@@ -3,7 +3,7 @@
     app        guard.http.app: the composition root, mounting the API and the pages
     edges      guard.http, guard.review, guard.cli      (review and cli build on http)
     pipeline   guard.pipeline, guard.offline
-    parts      guard.judges, guard.audit, guard.imagestore
+    parts      guard.judges, guard.audit, guard.imagestore, guard.provenance
     contracts  guard.plugins (every Protocol and registry), guard.testing's fakes sit above
     core       guard.core
     support    guard.support
@@ -30,7 +30,7 @@ TIER = {
     "guard.support": 0,
     "guard.core": 1,
     "guard.plugins": 2,
-    "guard.judges": 3, "guard.audit": 3, "guard.imagestore": 3,
+    "guard.judges": 3, "guard.audit": 3, "guard.imagestore": 3, "guard.provenance": 3,
     "guard.pipeline": 4, "guard.offline": 4,
     "guard.testing": 5,
     "guard.http": 6, "guard.review": 6, "guard.cli": 6,

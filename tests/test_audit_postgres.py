@@ -27,7 +27,7 @@ from guard.audit.postgres import MIGRATIONS
 from guard.plugins import TraceQuery, build_store
 from tests.audit_writer import BATCH, sample_trace
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY, OTHER_AUDITOR_KEY, write_policy
-from tests.services import PG_DSN, require_postgres
+from tests.services import PG_DSN, drop_schemas, require_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -54,12 +54,7 @@ def pg(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     config.write_text(yaml.safe_dump({"audit": options}))
     yield {"options": options, "config": str(config), "schema": schema}
 
-    async def drop() -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-
-    asyncio.run(drop())
+    asyncio.run(drop_schemas(pg_dsn, schema))
 
 
 async def sql(pg: dict[str, Any], *statements: str) -> list[Any]:

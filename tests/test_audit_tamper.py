@@ -30,6 +30,7 @@ from guard.core.hashchain import link_hash
 from guard.core.labels import Label
 from guard.plugins import build_store
 from tests.audit_writer import sample_trace
+from tests.services import drop_schemas
 from tests.test_audit_postgres import pg_dsn  # noqa: F401 - the fixture: skip or fail without PG
 
 KEYS_ENV = "SAFEEDIT_TEST_CHECKPOINT_KEYS"
@@ -213,8 +214,8 @@ def log(request: pytest.FixtureRequest, tmp_path: Path,
     config.write_text(yaml.safe_dump({"audit": options}))
     _write_log(options)
     yield str(config), db
-    for schema in [*schemas, *(f"{s}_labels" for s in schemas[1:])]:
-        db.run(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    if schemas:
+        asyncio.run(drop_schemas(request.getfixturevalue("pg_dsn"), *schemas))
 
 
 def verify(config: str) -> tuple[int, dict[str, Any]]:

@@ -20,6 +20,7 @@ from guard.offline.calibrate import Point, curve, wilson
 from tests.conftest import CLIENT_KEY
 
 DEFAULT = str(POLICIES_DIR / "default.yaml")
+V = load_policy(DEFAULT).version  # the shipped default's version, whatever it is now
 # violence, labelled: 20 unsafe items scored 0.61, 0.63, ..., 0.99; 20 safe ones, 16 scored
 # 0.10..0.40 and 4 close to the threshold (0.62, 0.64, 0.66, 0.68). At the current threshold
 # (0.6) precision is 20/24; precision reaches 0.9 (18 of 20) at thresholds in (0.64, 0.65]:
@@ -75,7 +76,7 @@ def test_target_precision_from_a_self_contained_csv(tmp_path, capsys) -> None:  
                  "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "Calibration of default v1 for precision >= 0.90 on 40 labelled item(s)" in printed
+    assert f"Calibration of default v{V} for precision >= 0.90 on 40 labelled item(s)" in printed
     # 20 unsafe, 20 safe; 0.6 -> 0.645; precision 18/18+2 with its 95% interval; recall 0.9;
     # four labelled items (scores 0.61-0.64) would now pass
     assert re.search(r"violence\s+20\s+20\s+0\.6\s+0\.645\s+0\.90 \[0\.70-0\.97\]\s+0\.90\s+0\.10"
@@ -87,13 +88,19 @@ def test_target_precision_from_a_self_contained_csv(tmp_path, capsys) -> None:  
 
     proposed = out / "proposed.yaml"
     policy = load_policy(proposed)
-    assert policy.id == "default" and policy.version == 2
+    assert policy.id == "default" and policy.version == V + 1
     assert policy.categories["violence"].threshold == 0.645
     assert policy.categories["sexual"].threshold == 0.5
     assert policy.terms == load_policy(DEFAULT).terms  # everything else as it was
-    assert "#   violence: threshold 0.6 -> 0.645" in proposed.read_text()
+    text = proposed.read_text()
+    assert "#   violence: threshold 0.6 -> 0.645" in text
+    # The original file, comments and layout kept: only the threshold and version moved.
+    original = Path(DEFAULT).read_text()
+    body = text.split("\n\n", 1)[1]
+    assert body == original.replace(f"\nversion: {V}\n", f"\nversion: {V + 1}\n").replace(
+        "  violence:\n    threshold: 0.6\n", "  violence:\n    threshold: 0.645\n")
     assert main(["policy", "validate", str(proposed)]) == 0
-    assert "ok (default v2" in capsys.readouterr().out
+    assert f"ok (default v{V + 1}" in capsys.readouterr().out
 
     report = (out / "report.html").read_text()
     # curves for violence, the one category with unsafe and safe items; notes for the others
@@ -125,8 +132,11 @@ def test_max_false_positive_rate_and_too_few_labels(tmp_path, capsys) -> None:  
     assert ("violence: too few labels to decide: 4 unsafe and 5 safe item(s); at least 10 of "
             "each are needed. Threshold kept.") in printed
     kept = load_policy(out / "proposed.yaml")
-    assert kept.version == 2 and kept.categories["violence"].threshold == 0.6
-    assert "no threshold changed" in (out / "proposed.yaml").read_text()
+    # Nothing changed: the version is not raised, the file is the original under the header.
+    assert kept.version == V and kept.categories["violence"].threshold == 0.6
+    assert f"no threshold changed (see report.html for why); version stays {V}" in \
+        (out / "proposed.yaml").read_text()
+    assert (out / "proposed.yaml").read_text().split("\n\n", 1)[1] == Path(DEFAULT).read_text()
 
 
 def test_bad_labels_files_are_clear_errors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -180,9 +190,10 @@ def test_labels_from_the_store_beside_traces_sent_through_the_proxy(  # type: ig
     assert "Calibration of e2e v7 for precision >= 0.80 on 4 labelled item(s)" in printed
     # the one unsafe item scored 0 and the one safe item 0.97: no threshold separates them
     assert "violence: no threshold reaches precision >= 0.80 on these labels." in printed
-    assert "Replay under e2e v8" in printed and "4 trace(s) re-decided, 0 would change" \
+    # Nothing changed: the proposal keeps version 7, and replays like the running policy.
+    assert "Replay under e2e v7" in printed and "4 trace(s) re-decided, 0 would change" \
         in printed
-    assert load_policy(out / "proposed.yaml").version == 8
+    assert load_policy(out / "proposed.yaml").version == 7
     assert "Stored requests" in (out / "report.html").read_text()
 
     # A CSV naming items by trace id only: scores read from the same store.

@@ -46,7 +46,8 @@ POLICY = Policy.model_validate({
                    "minors": {"threshold": 0.1, "action": "refuse"}},
     "terms": {"violence": {"strong": ["bloodbath"], "weak": ["sword"],
                            "rewrites": {"bloodbath": "water balloon party"}},
-              "sexual": {"weak": ["lingerie"]}}})
+              "sexual": {"weak": ["lingerie"]},
+              "minors": {"strong": ["underage"]}}})  # the builtin judge assesses what has terms
 
 BUILTIN = {"kind": "builtin", "nudenet": False}
 
@@ -264,10 +265,13 @@ async def test_a_stage_that_flags_without_refining_hands_the_item_on_for_its_ref
         judge_server: tuple[JudgeServer, str], built: Any) -> None:
     state, url = judge_server
     judge = built({"kind": "cascade", "stages": [
-        remote(url, profile="shieldgemma2", id="screen"),  # judge only: never refines
-        remote(url, profile="shieldgemma2", id="screen-2"),
+        # judge only: never refines; an image judge, and minors judged on its sexual policy
+        remote(url, profile="shieldgemma2", id="screen",
+               profile_options={"policies": {"minors": "sexual"}}),
+        remote(url, profile="shieldgemma2", id="screen-2",
+               profile_options={"policies": {"minors": "sexual"}}),
         remote(url, model="explainer")]})
-    [verdict] = await judge.judge([item("a knight covered in blood")], POLICY)
+    [verdict] = await judge.judge([item("a knight covered in blood", png(red_rows=19))], POLICY)
     # Both screens are sure (0.95, over `high`) but write no refined prompt: the item goes on
     # to the next stage that writes one, whose verdict (scores too) is the answer.
     stages = verdict.details["stages"]

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -26,7 +25,7 @@ from guard.plugins import DashboardStore, TraceQuery, build_store
 from guard.review import dashboard
 from guard.testing import MemoryAuditStore
 from tests.conftest import AUDITOR_KEY
-from tests.services import PG_DSN, require_postgres
+from tests.services import PG_DSN, drop_schemas, require_postgres
 
 NOW = 1_760_000_000.0
 DAY = 86400.0
@@ -80,9 +79,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     yield built
     await built.aclose()
     if request.param == "postgres":
-        conn = await asyncpg.connect(options["dsn"])
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{options["schema"]}" CASCADE')
-        await conn.close()
+        await drop_schemas(options["dsn"], options["schema"])
 
 
 def same_figures(a: dashboard.Figures, b: dashboard.Figures) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
 import httpx
 import openai
 import pytest
@@ -40,7 +39,7 @@ from guard.core.policy.loader import load, read_files
 from guard.judges.remote import RemoteOptions
 from tests.conftest import AUDITOR_KEY, CLIENT_KEY
 from tests.servers import serve
-from tests.services import PG_DSN, REDIS_URL, require_postgres, require_redis
+from tests.services import PG_DSN, REDIS_URL, drop_schemas, require_postgres, require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -511,13 +510,7 @@ def replicas_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     path.write_text(yaml.safe_dump(raw))
     yield path
 
-    async def drop() -> None:
-        conn = await asyncpg.connect(PG_DSN)
-        for name in (schema, f"{schema}_anchors"):
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-        await conn.close()
-
-    asyncio.run(drop())
+    asyncio.run(drop_schemas(PG_DSN, schema))  # and its _anchors, _anchors_labels...
     with redis.Redis.from_url(REDIS_URL) as client:
         mine = list(client.scan_iter(match=prefix + "*"))
         if mine:

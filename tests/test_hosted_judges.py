@@ -309,27 +309,30 @@ def test_a_policy_category_takes_the_max_and_unknown_service_categories_are_kept
     reading = Reading({"violence": 0.3, "violence/graphic": 0.8, "spam": 0.4},
                       frozenset({"violence", "violence/graphic", "spam"}))
     mapping = {"violence": ("violence",), "violence/graphic": ("violence", "shocking")}
-    scores, details = to_policy(reading, mapping, ["violence", "shocking"], "unsafe")
+    scores, details, on = to_policy(reading, mapping, ["violence", "shocking"])
     assert scores == {"violence": 0.8, "shocking": 0.8}
     assert details == {"unmapped": {"spam": 0.4}, "unassessed": []}
+    assert on == {"violence": ["text"], "shocking": ["text"]}
 
 
-def test_a_category_the_service_did_not_apply_is_never_clean() -> None:
-    # hate was read from the prompt only; sexual was not read at all
-    reading = Reading({"hate": 0.2, "violence": 0.1}, frozenset({"violence"}))
+def test_a_verdict_reports_only_what_the_service_assessed() -> None:
+    # an image: violence read on it, hate on the prompt beside it only, sexual not read at all
+    reading = Reading({"hate": 0.2, "violence": 0.1, "sexual": 0.7}, frozenset({"violence"}),
+                      also_text=frozenset({"hate"}))
     mapping = {"hate": ("hate",), "violence": ("violence",), "sexual": ("sexual",)}
-    cats = ["hate", "violence", "sexual"]
-    scores, details = to_policy(reading, mapping, cats, "unsafe")
-    assert scores == {"hate": 1.0, "violence": 0.1, "sexual": 1.0}
-    assert details["unassessed"] == ["hate", "sexual"]
-    omitted, _ = to_policy(reading, mapping, cats, "omit")
-    assert omitted == {"hate": 0.2, "violence": 0.1}  # the prompt's finding stays a finding
+    scores, details, on = to_policy(reading, mapping, ["hate", "violence", "sexual"],
+                                    image=True)
+    assert scores == {"hate": 0.2, "violence": 0.1}  # a number for nothing assessed: no score
+    assert on == {"hate": ["text"], "violence": ["image"]}
+    assert details["unassessed"] == ["hate", "sexual"]  # not assessed on the image itself
 
 
 def test_an_assessed_category_with_nothing_reported_scores_zero() -> None:
-    scores, details = to_policy(Reading({}, frozenset({"Explicit"})),
-                                {"Explicit": ("sexual",), "Gambling": ()}, ["sexual"], "unsafe")
+    scores, details, on = to_policy(Reading({}, frozenset({"Explicit"})),
+                                    {"Explicit": ("sexual",), "Gambling": ()}, ["sexual"],
+                                    image=True)
     assert scores == {"sexual": 0.0} and details["unassessed"] == []
+    assert on == {"sexual": ["image"]}
 
 
 def test_azure_severity_reads_as_a_threshold() -> None:
@@ -355,8 +358,11 @@ async def test_openai_sends_prompt_and_image_and_reads_only_what_it_applied_to_t
     assert verdict.scores["violence"] == pytest.approx(0.8)
     assert verdict.scores["shocking"] == pytest.approx(0.8)
     assert verdict.scores["sexual"] == 0.0
-    # hate was applied to the prompt only: not assessed on the image, so not clean
-    assert verdict.scores["hate"] == 1.0 and verdict.details["unassessed"] == ["hate"]
+    # hate was applied to the prompt beside the image only: assessed on the text, not the image
+    assert verdict.scores["hate"] == pytest.approx(0.9)
+    assert verdict.assessed_on == {"sexual": ["text", "image"], "violence": ["text", "image"],
+                                   "shocking": ["text", "image"], "hate": ["text"]}
+    assert verdict.details["unassessed"] == ["hate"]
     assert verdict.details["applied"]["hate"] == ["text"]
     # mapped to nothing this policy has, or (illicit) mapped to nothing by the config
     assert set(verdict.details["unmapped"]) == {
@@ -369,17 +375,17 @@ async def test_openai_sends_prompt_and_image_and_reads_only_what_it_applied_to_t
     assert POLICY.decide(verdict.scores).flagged == ("violence", "shocking", "hate")
 
 
-async def test_openai_omit_leaves_unassessed_categories_to_other_judges(
+async def test_openai_image_without_a_prompt_assesses_hate_on_nothing(
         services: tuple[Services, str]) -> None:
     state, url = services
     bare, worded = await judge_with("openai-moderation", url,
-                                    [item(picture(), ""), item(picture(), "a hateword flag")],
-                                    unassessed="omit")
+                                    [item(picture(), ""), item(picture(), "a hateword flag")])
     assert [p["type"] for p in state.seen[0].body["input"]] == ["image_url"]
-    assert "hate" not in bare.scores and bare.details["unassessed"] == ["hate"]
-    # what the prompt said still counts; the image was not assessed for hate either way
+    assert "hate" not in bare.scores and "hate" not in (bare.assessed_on or {})
+    assert bare.details["unassessed"] == ["hate"]
+    # what the prompt said counts, as assessed on the text; the image was not assessed for hate
     assert worded.scores["hate"] == pytest.approx(0.9)
-    assert worded.details["unassessed"] == ["hate"]
+    assert worded.assessed_on is not None and worded.assessed_on["hate"] == ["text"]
 
 
 async def test_openai_prescreen_reads_the_prompt_alone(services: tuple[Services, str]) -> None:
@@ -405,11 +411,12 @@ async def test_azure_analyzes_images_and_prompts_with_severity_scores(
     assert by_path["text:analyze"].body["text"] == "a hateword"
     assert image.scores["violence"] == pytest.approx(2 / 3)  # severity 4: medium
     assert image.scores["sexual"] == 0.0
-    # Hate left out of the answer: not analysed, so not clean; shocking: nothing maps to it
+    # Hate left out of the answer: not analysed, so no score; shocking: nothing maps to it
     assert image.details["unassessed"] == ["shocking", "hate"]
-    assert image.scores["hate"] == 1.0
+    assert "hate" not in image.scores
+    assert image.assessed_on == {"sexual": ["image"], "violence": ["image"]}
     assert image.details["unmapped"] == {"Profanity": pytest.approx(1 / 3), "SelfHarm": 0.0}
-    assert prompt.scores["hate"] == 1.0 and POLICY.decide(prompt.scores).action == "refuse"
+    assert "hate" not in prompt.scores and prompt.details["unassessed"] == ["shocking", "hate"]
 
 
 async def test_google_maps_likelihoods_and_reads_no_prompt(
@@ -424,7 +431,7 @@ async def test_google_maps_likelihoods_and_reads_no_prompt(
     # racy and spoof are not mapped by default; medical was UNKNOWN: no score at all
     assert image.details["unmapped"] == {"racy": 0.5, "spoof": 0.0}
     assert image.details["unassessed"] == ["shocking", "hate"]
-    assert prompt.scores == {c: 1.0 for c in POLICY.categories}
+    assert prompt.scores == {} and prompt.assessed_on == {}  # it read nothing
     assert prompt.details["reads"] == ["image"]
 
 
@@ -438,9 +445,10 @@ async def test_google_per_image_error_is_a_judge_error(services: tuple[Services,
 
 async def test_aws_maps_the_taxonomy_through_boto3(services: tuple[Services, str]) -> None:
     state, url = services
+    big = (96, 96)  # Rekognition's smallest side is 80 px (tests/test_service_limits.py)
     red, green, webp = await judge_with("aws-rekognition", url, [
-        item(picture(red=1.0)), item(picture(green=1.0)),
-        item(picture(fmt="WEBP"), media="image/webp")], min_confidence=20)
+        item(picture(red=1.0, size=big)), item(picture(green=1.0, size=big)),
+        item(picture(fmt="WEBP", size=big), media="image/webp")], min_confidence=20)
     seen = state.seen
     assert all(s.body["MinConfidence"] == 20 for s in seen)
     assert "/eu-west-1/rekognition/aws4_request" in seen[0].headers["authorization"]

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import boto3
 import httpx
 import pytest
@@ -31,7 +30,7 @@ from guard.plugins import ImageStore, build_image_store, resolve_image_store
 from guard.support.errors import ConfigError, GuardError, RequestError
 from tests.conftest import CLIENT_KEY, ProxyFactory
 from tests.fake_backend import png
-from tests.services import require_postgres
+from tests.services import drop_schemas, require_postgres
 from tests.test_audit_postgres import DSN
 
 HOUR, DAY = 3600.0, 86400.0
@@ -46,19 +45,10 @@ S3_ENV = {"SAFEEDIT_TEST_S3_ACCESS": "AKIAEXAMPLETESTKEY42",
 def pg_schema() -> Iterator[tuple[str, str]]:
     """A fresh schema on the test server (skipped without one, failed with
     SAFEEDIT_REQUIRE_POSTGRES=1, as in tests/test_audit_postgres.py), dropped afterwards."""
-    async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(DSN, timeout=3)
-
     require_postgres(DSN)
     schema = f"t_{uuid.uuid4().hex[:12]}"
     yield DSN, schema
-
-    async def drop() -> None:
-        conn = await connect()
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-
-    asyncio.run(drop())
+    asyncio.run(drop_schemas(DSN, schema))
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from tests.conftest import (
     OTHER_AUDITOR_KEY,
     write_policy,
 )
+from tests.services import drop_schemas
 from tests.test_audit_postgres import pg_dsn  # noqa: F401 - the fixture: skip or fail without PG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,7 @@ def site(request: pytest.FixtureRequest, proxy: Any, tmp_path: Path,
                  "schema": f"t_{uuid.uuid4().hex[:12]}", "images_dir": str(tmp_path / "img")}
     yield Site(proxy(policy="e2e", audit=audit), fake_backend[0], audit)
     if request.param == "postgres":
-        _pg(audit["dsn"], f'DROP SCHEMA IF EXISTS "{audit["schema"]}" CASCADE')
+        asyncio.run(drop_schemas(audit["dsn"], audit["schema"]))
 
 
 def _pg(dsn: str, sql: str, *args: Any) -> None:
@@ -282,8 +283,6 @@ def test_the_sample_is_the_same_in_both_stores(kind: str, request: pytest.Fixtur
         finally:
             await store.aclose()
             if kind == "postgres":
-                conn = await asyncpg.connect(options["dsn"])
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-                await conn.close()
+                await drop_schemas(options["dsn"], schema)
 
     asyncio.run(go())

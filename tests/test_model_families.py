@@ -28,7 +28,6 @@ from guard.core.policy import Policy
 from guard.core.types import GeneratedImage, JudgeInput
 from guard.judges.profiles import Message, get_profile
 from guard.judges.profiles.llavaguard import parse_llavaguard
-from guard.judges.profiles.shieldgemma2 import ShieldGemma2Profile
 from guard.judges.vlm import VLMJudge
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, write_policy
 
@@ -117,7 +116,9 @@ def expected_ipr(model: Any, processor: Any, it: JudgeInput, pol: Policy) -> dic
 
     [probe] = get_profile("ipr").probes(it, pol)
     logits = plain_logits(model, processor, probe.messages, it.image, "")
-    keep = float(torch.softmax(logits, dim=-1)[first_token(processor, "keep")])
+    # the decision word in either case ("Keep" is "keep")
+    keep = float(torch.softmax(logits, dim=-1)[[first_token(processor, "keep"),
+                                                 first_token(processor, "Keep")]].sum())
     return {c: (1.0 - keep if pol.categories[c].action == "edit" else 0.0) for c in CATS}
 
 
@@ -142,9 +143,10 @@ def expected_llavaguard(model: Any, processor: Any, it: JudgeInput,
                      processor, "Unsafe", "Safe")
     which = plain_logits(model, processor, probe.messages, it.image,
                          opening + 'Unsafe",\n    "category": "O')
-    digits = [first_token(processor, str(i)) for i in range(1, len(pol.categories) + 1)]
-    codes = torch.softmax(which[digits], dim=-1).tolist()
-    return {c: unsafe * p for c, p in zip(pol.categories, codes, strict=True)}
+    # the nine trained codes O1-O9; sexual is O3 + O4, violence O2 + O8, minors has none
+    digits = [first_token(processor, str(i)) for i in range(1, 10)]
+    codes = dict(zip(range(1, 10), torch.softmax(which[digits], dim=-1).tolist(), strict=True))
+    return {"sexual": unsafe * (codes[3] + codes[4]), "violence": unsafe * (codes[2] + codes[8])}
 
 
 # --- Qwen2.5-VL + the IPR adapter (`ipr`), and `safeeditor` on Qwen2.5-VL ---------------------
@@ -252,16 +254,16 @@ async def test_shieldgemma2_scores_equal_the_shieldgemma2_classifiers_own(
     verdicts = await judge.judge(images, pol)
     # The reference: ShieldGemma 2's own processor (its chat template wraps each policy) and
     # classifier, P("Yes") per policy, as its model card runs it.
+    # Its trained policies in their own wording: sexual and violence; minors is none of them.
     processor = AutoProcessor.from_pretrained(tiny_shieldgemma2_dir)
     classifier = ShieldGemma2ForImageClassification.from_pretrained(tiny_shieldgemma2_dir).eval()
-    policies = {c: ShieldGemma2Profile.policy_text(c, pol) for c in CATS}
     for it, verdict in zip(images, verdicts, strict=True):
         image = Image.open(io.BytesIO(it.image.data)).convert("RGB")  # type: ignore[union-attr]
-        enc = processor(images=[image], custom_policies=policies, policies=list(CATS),
-                        return_tensors="pt")
+        enc = processor(images=[image], policies=["sexual", "violence"], return_tensors="pt")
         with torch.no_grad():
             yes = classifier(**enc).probabilities[:, 0].tolist()
-        assert verdict.scores == pytest.approx(dict(zip(CATS, yes, strict=True)), abs=1e-5)
+        assert verdict.scores == pytest.approx(dict(zip(["sexual", "violence"], yes,
+                                                        strict=True)), abs=1e-5)
         assert verdict.details["decoded_tokens"] == 0 and verdict.raw == ""
     assert len({round(s, 6) for v in verdicts for s in v.scores.values()}) > 1
 
@@ -346,6 +348,11 @@ def test_the_proxy_serves_through_each_family(proxy: Any, tmp_path: Path, reques
     judge: dict[str, Any] = {"model": str(request.getfixturevalue(model)), "profile": family}
     if family == "ipr":
         judge["adapter"] = str(request.getfixturevalue("ipr_adapter_dir"))
+    # minors is no trained category of theirs: mapped onto their sexual ones, as a config would
+    if family == "shieldgemma2":
+        judge["profile_options"] = {"policies": {"minors": "sexual"}}
+    if family == "llavaguard":
+        judge["profile_options"] = {"codes": {"minors": ["O3", "O4"]}}
     base = serve_family(proxy, tmp_path, 1.0, **judge)
     raw = sdk(base).images.with_raw_response.generate(prompt="two street cats", n=2)
     data = raw.parse().data

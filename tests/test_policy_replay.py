@@ -170,7 +170,9 @@ def test_cli_lists_requests_that_would_change_as_a_table_and_a_csv(
                  "--since", "30d", "--csv", str(out_csv)])
     out = capsys.readouterr().out
     assert code == 0
-    lines = out.splitlines()
+    assert out.startswith(f"Traces read from SQLite file {audit_db.resolve()}, from the audit: "
+                          f"of {config}.\n")
+    lines = out.splitlines()[1:]
     assert lines[0].startswith("Replay under house v2 (sha256 ")
     assert lines[0].endswith("): 6 trace(s) re-decided, 3 would change.")
     assert lines[1:5] == [
@@ -186,7 +188,7 @@ def test_cli_lists_requests_that_would_change_as_a_table_and_a_csv(
     assert lines[end + 1:] == [f"CSV of all 6 replayed trace(s): {out_csv}"]
     assert set(table) == {"tr_brawl", "tr_duel", "tr_unjudged"}
     assert "prescreen: violence 0.95 >= 0.65 -> refuse (was edit)" in table["tr_brawl"]
-    assert "round 1 image 0: violence 0.70 >= 0.65 -> refuse (was edit)" in table["tr_duel"]
+    assert "round 1 image 0: violence 0.7 >= 0.65 -> refuse (was edit)" in table["tr_duel"]
     assert "round 1: the judge failed and the candidate fails closed" in table["tr_unjudged"]
 
     rows = {r["trace_id"]: r for r in csv.DictReader(out_csv.open())}
@@ -206,7 +208,7 @@ def test_a_higher_threshold_lets_an_edited_image_through_untouched(tmp_path: Pat
     rows = replayed(policy(candidate(tmp_path, categories__violence={
         "threshold": 0.75, "action": "edit"})))
     assert rows["tr_duel"] == ("passed", "yes",
-                               "round 1 image 0: violence 0.70 < 0.75 -> pass (was edit)")
+                               "round 1 image 0: violence 0.7 < 0.75 -> pass (was edit)")
     # The prescreen still edits the brawl into the prompt the trace recorded: nothing changes.
     assert rows["tr_brawl"][:2] == ("edited", "no")
 
@@ -225,13 +227,15 @@ def test_a_step_the_trace_never_took_gives_the_possible_outcomes(tmp_path: Path)
     # The fruit bowl's image would now be edited, but round 2 was never made: it ends edited or
     # refused, and either way not as recorded.
     assert rows["tr_fruit"] == ("edited or refused", "yes",
-                                "round 1 image 0: sexual 0.20 >= 0.15 -> edit (was pass); "
-                                "image 0 of round 2 was not made when recorded")
+                                "round 1 image 0: sexual 0.2 >= 0.15 -> edit (was pass); "
+                                "image 0 of round 2 would be generated from 'a bowl of fruit'; "
+                                "when recorded it was never generated, so its verdict is not "
+                                "known")
     rows = replayed(policy(candidate(
         tmp_path, categories__hate={"threshold": 0.5, "action": "edit"},
         terms={"hate": {"strong": ["hate symbol"], "rewrites": {"hate symbol": "peace sign"}}})))
     # The hate poster would be rewritten and generated; the trace has no image to judge.
-    assert rows["tr_flag"][:2] == ("edited or refused", "maybe")
+    assert rows["tr_flag"][:2] == ("edited or refused", "not known")
 
 
 # --- traces written by the real proxy -----------------------------------------------------------

@@ -71,7 +71,8 @@ def test_every_mistake_is_reported_at_once_with_line_column_and_what_is_allowed(
     assert code == 1 and err == "7 error(s) in 1 file(s)\n"
     assert lines == [
         f"{f}:6:5: error: categories.sexual.treshold: unknown key 'treshold' "
-        "(did you mean 'threshold'?); allowed keys: threshold, action, description",
+        "(did you mean 'threshold'?); allowed keys: threshold, action, description, "
+        "unassessed",
         f"{f}:7:25: error: categories.violence.threshold: got 1.5; allowed: a number from 0 to 1",
         f"{f}:8:3: error: categories.gore.action: required key 'action' is missing; "
         "allowed: one of edit, refuse, allow",
@@ -163,7 +164,7 @@ def test_json_output_for_tools(folder: Path, capsys: pytest.CaptureFixture[str])
         "file": str(folder / "kids.yaml"), "line": 6, "column": 5,
         "field": "categories.sexual.treshold", "severity": "error",
         "message": "unknown key 'treshold' (did you mean 'threshold'?); allowed keys: "
-                   "threshold, action, description"}
+                   "threshold, action, description, unassessed"}
 
 
 def test_the_proxy_refuses_to_start_on_a_broken_policy_naming_every_problem(

@@ -180,7 +180,8 @@ def test_ipr_prompt_is_the_published_one_and_targets_follow_the_policy() -> None
                                             {"type": "text",
                                              "text": "Original Prompt: a bloody knight"}]
     [slot] = probe.answer
-    assert isinstance(slot, Slot) and slot.options == {"safe": "keep"} and slot.rest == "unsafe"
+    assert isinstance(slot, Slot) and slot.options == {"safe": "keep", "safe:Keep": "Keep"}
+    assert slot.rest == "unsafe"
     assert profile.combine([{"verdict": {"safe": 0.3, "unsafe": 0.7}}], POLICY) == {
         "sexual": 0.7, "violence": 0.7, "minors": 0.0}
     chosen = get_profile("ipr", {"categories": ["violence"]})
@@ -190,7 +191,7 @@ def test_ipr_prompt_is_the_published_one_and_targets_follow_the_policy() -> None
         get_profile("ipr", {"categories": ["drugs"]}).targets(POLICY)
     unsafe = profile.explain(JudgeInput("x", "x"), POLICY, {}, ("violence",))
     safe = profile.explain(JudgeInput("x", "x"), POLICY, {}, ())
-    assert unsafe is not None and unsafe.banned_first == ("keep",)
+    assert unsafe is not None and unsafe.banned_first == ("keep", "Keep")
     assert safe is not None and safe.banned_first == ()
 
 
@@ -200,22 +201,22 @@ def test_llavaguard_reads_safe_and_unsafe_json() -> None:
     safe = parse_llavaguard('{\n    "rating": "Safe",\n    "category": "NA: None applying",\n'
                             '    "rationale": "A landscape."\n}', POLICY)
     assert safe.ok and safe.scores == dict.fromkeys(CATS, 0.0) and safe.thought == "A landscape."
-    unsafe = parse_llavaguard('```json\n{"rating": "Unsafe", "category": "O2: Violence", '
+    unsafe = parse_llavaguard('```json\n{"rating": "Unsafe", "category": "O2: Violence, Harm", '
                               '"rationale": "Blood and gore.",}\n```', POLICY)
     assert unsafe.ok and unsafe.scores == {"sexual": 0.0, "violence": 1.0, "minors": 0.0}
     assert unsafe.thought == "Blood and gore."
 
 
 def test_llavaguard_accepts_a_verdict_cut_before_the_rationale() -> None:
-    parsed = parse_llavaguard('{\n    "rating": "Unsafe",\n    "category": "O1: Sexual",\n    ',
-                              POLICY)
+    parsed = parse_llavaguard('{\n    "rating": "Unsafe",\n    "category": "O3: Sexual Content",'
+                              '\n    ', POLICY)
     assert parsed.ok and parsed.scores["sexual"] == 1.0
 
 
 @pytest.mark.parametrize("text", [
     "The image is safe.",
     '{"rating": "Maybe", "category": "NA: None applying"}',
-    '{"rating": "Unsafe", "category": "O9: Disasters"}',      # not a category of this policy
+    '{"rating": "Unsafe", "category": "O10: Disasters"}',     # not a trained category
     '{"rating": "Unsafe", "category": "NA: None applying"}',
     '["Safe"]',
 ])
@@ -224,42 +225,24 @@ def test_llavaguard_fails_closed_on_malformed_answers(text: str) -> None:
 
 
 def test_llavaguard_scores_are_joint_probabilities() -> None:
+    # The trained codes: sexual is O3 + O4, violence O2 + O8; minors has none (unassessed).
     profile = get_profile("llavaguard")
-    [probe] = profile.probes(JudgeInput("p", "p", IMAGE), POLICY)
-    text = probe.messages[0]["content"][1]["text"]
-    assert "O1: Sexual:\nShould not:\n- Contain explicit sexual content." in text
-    assert '"O3: Minors"|"NA: None applying"' in text
     probs = {"rating": {"unsafe": 0.8, "safe": 0.2},
-             "category": {"sexual": 0.5, "violence": 0.25, "minors": 0.25}}
-    assert profile.combine([probs], POLICY) == pytest.approx(
-        {"sexual": 0.4, "violence": 0.2, "minors": 0.2})
+             "category": {"O2": 0.25, "O3": 0.375, "O4": 0.125, "O8": 0.125, "O9": 0.125}}
+    assert profile.combine([probs], POLICY) == pytest.approx({"sexual": 0.4, "violence": 0.3})
     # A remote answer rated Safe has no category slot: each category gets at most P(unsafe).
     assert profile.combine([{"rating": {"unsafe": 0.1, "safe": 0.9}}], POLICY) == pytest.approx(
-        dict.fromkeys(CATS, 0.1))
+        {"sexual": 0.1, "violence": 0.1})
 
 
-# --- shieldgemma2 --------------------------------------------------------------------------------
+# --- shieldgemma2 (its trained policies: tests/test_profiles_trained.py) -------------------------
 
-def test_shieldgemma2_one_yes_no_answer_per_category() -> None:
-    parsed = parse_shieldgemma2(["No", "Yes, there is blood.", "no."], POLICY)
-    assert parsed.ok and parsed.scores == {"sexual": 0.0, "violence": 1.0, "minors": 0.0}
-    assert unsafe_all(parse_shieldgemma2(["No", "Perhaps", "No"], POLICY))
-    assert unsafe_all(parse_shieldgemma2(["No"], POLICY))
-
-
-def test_shieldgemma2_probes_each_category_with_its_policy_text() -> None:
-    probes = get_profile("shieldgemma2").probes(JudgeInput("p", "p", IMAGE), POLICY)
-    assert [p.key for p in probes] == list(CATS)
-    assert probes[0].messages[0]["content"] == [
-        {"type": "image"},
-        {"type": "text", "text": '"No Sexual content": The image shall not contain explicit '
-                                 'sexual content.'}]
-    wrapped = get_profile("shieldgemma2", {"wrap_instruction": True}).probes(
-        JudgeInput("p", "p", IMAGE), POLICY)
-    text = wrapped[1].messages[0]["content"][1]["text"]
-    assert text.startswith("You are a policy expert")
-    assert "<BEGIN_SAFETY_POLICY>\n\"No Violence content\"" in text
-    assert text.endswith("Your Answer must start with 'Yes' or 'No'.")
+def test_shieldgemma2_one_yes_no_answer_per_trained_policy() -> None:
+    trained = {"sexual": ["sexual"], "violence": ["violence"]}
+    parsed = parse_shieldgemma2(["No", "Yes, there is blood."], POLICY, trained)
+    assert parsed.ok and parsed.scores == {"sexual": 0.0, "violence": 1.0}
+    assert not parse_shieldgemma2(["No", "Perhaps"], POLICY, trained).ok
+    assert not parse_shieldgemma2(["No"], POLICY, trained).ok
 
 
 # --- shared --------------------------------------------------------------------------------------

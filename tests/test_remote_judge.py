@@ -200,16 +200,19 @@ async def test_ipr_profile_reads_the_probability_of_keep(
     assert len(state.requests) == 2
 
 
-async def test_shieldgemma2_asks_once_per_category(judge_server: tuple[JudgeServer, str]) -> None:
+async def test_shieldgemma2_asks_once_per_trained_policy(
+        judge_server: tuple[JudgeServer, str]) -> None:
     state, url = judge_server
     judge = make(url, profile="shieldgemma2", profile_options={"wrap_instruction": True})
     image, text = await judge.judge([item("nude portrait", png(red_rows=6)),
                                      item("nude portrait")], POLICY)
     await judge.aclose()
-    # ShieldGemma 2 judges the image alone; the prompt counts only when there is no image.
-    assert image.scores == pytest.approx({"sexual": 0.03, "violence": 0.3, "minors": 0.01})
-    assert text.scores == pytest.approx({"sexual": 0.9, "violence": 0.02, "minors": 0.01})
-    assert len(state.requests) == 6
+    # ShieldGemma 2 judges the image alone, on its trained policies: minors is none of them,
+    # and a prompt alone is asked nothing (tests/test_profiles_trained.py).
+    assert image.scores == pytest.approx({"sexual": 0.03, "violence": 0.3})
+    assert image.assessed_on == {"sexual": ["image"], "violence": ["image"]}
+    assert text.scores == {} and text.details["unassessed"] == ["sexual", "violence", "minors"]
+    assert len(state.requests) == 2
     assert all(r["max_tokens"] == 1 for r in state.requests)
 
 

@@ -23,7 +23,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import openai
 import pytest
@@ -31,7 +30,7 @@ import yaml
 
 from tests.conftest import ADMIN_KEY, AUDITOR_KEY, CLIENT_KEY
 from tests.conftest import test_keys as configured_keys
-from tests.services import require_postgres
+from tests.services import drop_schemas, require_postgres
 from tests.test_audit_postgres import DSN
 from tests.test_serve_cli import safeedit_serve
 
@@ -42,17 +41,10 @@ POLICY = "id: shared\nversion: {version}\nextends: default\nimage_retention: all
 
 @pytest.fixture
 def schema() -> Iterator[str]:
-    async def run(statement: str) -> None:
-        conn = await asyncpg.connect(DSN, timeout=3)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
     require_postgres(DSN)
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
-    asyncio.run(run(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    asyncio.run(drop_schemas(DSN, name))
 
 
 @pytest.fixture
@@ -112,14 +104,18 @@ def test_two_replicas_share_links_images_chain_and_policies(replicas: dict[str, 
     forged = httpx.get(b + url.removeprefix(a).replace("sig=", "sig=0"), timeout=30)
     assert forged.status_code == 404 and forged.json()["error"]["code"] == "not_found"
 
-    # The image A's trace retained shows on B's review page (and on A's).
-    sha = hashlib.sha256(from_b.content).hexdigest()
+    # The image A's trace retained (as generated; the link serves it as delivered, with its
+    # C2PA manifest) shows on B's review page (and on A's).
+    result = httpx.get(f"{b}/v1/guard/traces/{trace_id}", timeout=30,
+                       headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["results"][0]
+    sha = result["image_sha256"]
+    assert result["delivered_sha256"] == hashlib.sha256(from_b.content).hexdigest()
     for base in (b, a):
         with review_session(base) as auditor:
             page = auditor.get(f"/guard/traces/{trace_id}")
             assert page.status_code == 200 and f"/images/{sha}" in page.text
             image = auditor.get(f"/guard/traces/{trace_id}/images/{sha}")
-            assert image.status_code == 200 and image.content == from_b.content
+            assert image.status_code == 200 and hashlib.sha256(image.content).hexdigest() == sha
 
     # Traces from both replicas form one chain, and it verifies.
     b_trace, before = generate(b, "a red apple on a table")

@@ -249,6 +249,8 @@ def test_refined_prompts_pass_the_same_policy(policy: Policy) -> None:
                 if not decision.unsafe:
                     continue
                 refined = refine_prompt(prompt, decision.flagged, policy)
+                if refined is None:  # nothing benign left ("porn, highly detailed, 8k")
+                    continue
                 after = policy.decide(score_prompt(refined, policy).scores)
                 assert not after.unsafe, (prompt, refined, after)
                 assert refine_prompt(refined, decision.flagged, policy) == refined

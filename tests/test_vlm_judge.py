@@ -237,7 +237,10 @@ async def test_every_profile_scores_every_category(tiny_vlm_dir: Path, make_judg
     # threshold: a refusal's refined prompt would never be used, so it is never explained).
     verdicts = await judge.judge([item(image=png("red")), item()], policy(0.0, minors=1.0))
     for v in verdicts:
-        assert set(v.scores) == set(CATS)
+        # a profile of a model trained on fixed categories scores what it assessed
+        assert set(v.scores) == (set(v.assessed_on) if v.assessed_on is not None else set(CATS))
+        if profile in ("llavaguard", "shieldgemma2"):  # minors: no trained category of theirs
+            assert "minors" in v.details["unassessed"]
         assert all(0.0 <= s <= 1.0 for s in v.scores.values())
         # Profiles that explain decode, the others do not.
         decoded = v.details["decoded_tokens"]

@@ -84,3 +84,9 @@ def test_policy_validate_and_schema_find_the_shipped_files(bin_dir: Path, tmp_pa
     out = run(bin_dir / "safeedit", "policy", "validate", cwd=tmp_path)
     assert sorted(re.findall(r": ok \((\w+) v\d+", out)) == ["default", "permissive", "strict"]
     assert "up to date" in run(bin_dir / "safeedit", "policy", "schema", "--check", cwd=tmp_path)
+
+
+def test_config_example_comes_from_the_wheel(bin_dir: Path, tmp_path: Path) -> None:
+    """`serve --help` points at `safeedit config example`: the wheel must carry what it prints."""
+    out = run(bin_dir / "safeedit", "config", "example", cwd=tmp_path)
+    assert out == (ROOT / "examples" / "config.yaml").read_text()

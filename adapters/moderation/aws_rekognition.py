@@ -12,15 +12,30 @@ run in a worker thread, with boto3's own retries off so that guard.support.retry
 `Confidence` in percent, `TaxonomyLevel` 1-3) are mapped through the label taxonomy: a label
 maps by its own name or, when that is not in the map, by its nearest ancestor's (`ParentName`),
 so `categories:` may name labels at any level; its score is `Confidence / 100`. Rekognition
-applies its whole taxonomy to every image, so a mapped category with no label in the answer is
-assessed at 0.0, which means "below `min_confidence`": keep `min_confidence` under the lowest
-threshold it should serve. The default map holds the level 1 and 2 names of taxonomy versions 6
-and 7. Rekognition reads no text: a prompt-only item is unassessed (adapters.moderation.base).
+applies its whole taxonomy to every image, so a mapped label of the answer's taxonomy with no
+label in the answer is assessed at 0.0, which means "below `min_confidence`": keep
+`min_confidence` under the lowest threshold it should serve. Rekognition reads no text: a
+prompt-only item is unassessed (adapters.moderation.base).
+
+Taxonomy versions: the answer's `ModerationModelVersion` says which taxonomy it labels with
+(`TAXONOMIES`: 6 for 6.x, 7 for 7.x; AWS moved every account to 7 in May-June 2024; a later
+version is read as 7 and says so in `details.taxonomy`). A mapped label the answer's taxonomy
+does not have (a version 6 name such as `Drugs` under model 7) assesses nothing: unless another
+mapped label of that taxonomy covers its category, the category is unassessed, never 0.0. The
+default map holds the names of both versions; for model 7 `illegal_activity` is
+`Drugs & Tobacco` with its level 2 `Products` (level 3 `Pills`) and
+`Drugs & Tobacco Paraphernalia & Use`. Version 7 files tobacco under the same node as drugs and
+answers a label's ancestors with it (`Smoking` comes with its level 2 and level 1 labels): a
+policy that lets tobacco pass maps `Drugs & Tobacco` and `Drugs & Tobacco Paraphernalia & Use`
+to null and keeps `Products`.
 
 Options (besides those of adapters.moderation.base): `region` (us-east-1), `endpoint` (null:
 AWS's own), `access_key_id_env`, `secret_access_key_env`, `session_token_env` (null: boto3's
-credential chain), `min_confidence` (10, percent). Images other than PNG and JPEG are
-re-encoded as JPEG (Rekognition takes no WebP).
+credential chain), `min_confidence` (10, percent).
+
+Limits (the service's, checked before upload, adapters.moderation.base): PNG or JPEG (WebP is
+re-encoded as JPEG), at most 5 MB of image bytes (botocore's model: `Image.Bytes` max 5242880),
+80 to 10,000 px a side; `details.upload` says what was done to fit.
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ from adapters.moderation.base import (
     CategoryMap,
     HostedJudge,
     HostedOptions,
+    ImageLimits,
     Reading,
     Transient,
     parse_options,
@@ -63,12 +79,46 @@ DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "Blood & Gore": ("violence", "shocking"),
     "Visually Disturbing": ("shocking",),
     "Hate Symbols": ("hate",),
+    "Drugs & Tobacco": ("illegal_activity",),
+    "Products": ("illegal_activity",),
+    "Pills": ("illegal_activity",),
+    "Drugs & Tobacco Paraphernalia & Use": ("illegal_activity",),
     # taxonomy version 6
     "Explicit Nudity": ("sexual",),
     "Graphic Violence Or Gore": ("violence", "shocking"),
     "Self Injury": ("self_harm",),
     "Drugs": ("illegal_activity",),
 }
+# Every label of each taxonomy version, levels 1-3 (AWS's "Label categories" tables).
+TAXONOMIES: dict[int, frozenset[str]] = {
+    7: frozenset({
+        "Explicit", "Explicit Nudity", "Exposed Male Genitalia", "Exposed Female Genitalia",
+        "Exposed Buttocks or Anus", "Exposed Female Nipple", "Explicit Sexual Activity",
+        "Sex Toys", "Non-Explicit Nudity of Intimate parts and Kissing", "Non-Explicit Nudity",
+        "Bare Back", "Exposed Male Nipple", "Partially Exposed Buttocks",
+        "Partially Exposed Female Breast", "Implied Nudity", "Obstructed Intimate Parts",
+        "Obstructed Female Nipple", "Obstructed Male Genitalia", "Kissing on the Lips",
+        "Swimwear or Underwear", "Female Swimwear or Underwear", "Male Swimwear or Underwear",
+        "Violence", "Weapons", "Graphic Violence", "Weapon Violence", "Physical Violence",
+        "Self-Harm", "Blood & Gore", "Explosions and Blasts", "Visually Disturbing",
+        "Death and Emaciation", "Emaciated Bodies", "Corpses", "Crashes", "Air Crash",
+        "Drugs & Tobacco", "Products", "Pills", "Drugs & Tobacco Paraphernalia & Use",
+        "Smoking", "Alcohol", "Alcohol Use", "Drinking", "Alcoholic Beverages",
+        "Rude Gestures", "Middle Finger", "Gambling", "Hate Symbols", "Nazi Party",
+        "White Supremacy", "Extremist"}),
+    6: frozenset({
+        "Explicit Nudity", "Nudity", "Graphic Male Nudity", "Graphic Female Nudity",
+        "Sexual Activity", "Illustrated Explicit Nudity", "Adult Toys", "Suggestive",
+        "Female Swimwear Or Underwear", "Male Swimwear Or Underwear", "Partial Nudity",
+        "Barechested Male", "Revealing Clothes", "Sexual Situations", "Violence",
+        "Graphic Violence Or Gore", "Physical Violence", "Weapon Violence", "Weapons",
+        "Self Injury", "Visually Disturbing", "Emaciated Bodies", "Corpses", "Hanging",
+        "Air Crash", "Explosions And Blasts", "Rude Gestures", "Middle Finger", "Drugs",
+        "Drug Products", "Drug Use", "Pills", "Drug Paraphernalia", "Tobacco",
+        "Tobacco Products", "Smoking", "Alcohol", "Drinking", "Alcoholic Beverages",
+        "Gambling", "Hate Symbols", "Nazi Party", "White Supremacy", "Extremist"}),
+}
+LATEST_TAXONOMY = max(TAXONOMIES)
 _THROTTLED = frozenset({"ThrottlingException", "ProvisionedThroughputExceededException",
                         "InternalServerError", "ServiceUnavailableException"})
 _AUTH = frozenset({"AccessDeniedException", "UnrecognizedClientException",
@@ -115,11 +165,31 @@ def read_labels(data: Any, mapping: CategoryMap) -> dict[str, float]:
     return scores
 
 
+def taxonomy_of(model_version: Any) -> tuple[int, str]:
+    """The taxonomy an answer's `ModerationModelVersion` labels with, and how to name it in
+    the trace ("7"; "7 (assumed for model 8.0)" for a version this module does not know)."""
+    text = model_version if isinstance(model_version, str) else ""
+    major = text.split(".", 1)[0]
+    if major.isdigit() and int(major) in TAXONOMIES:
+        return int(major), major
+    return LATEST_TAXONOMY, f"{LATEST_TAXONOMY} (assumed for model {text or 'unnamed'})"
+
+
+def assessed_labels(mapping: CategoryMap, taxonomy: int, answered: Mapping[str, float]
+                    ) -> frozenset[str]:
+    """The mapped labels an answer assessed: those of its taxonomy (applied to every image) and
+    any it answered; a mapped label of another version assesses nothing."""
+    labels = TAXONOMIES[taxonomy]
+    return frozenset(name for name, targets in mapping.items()
+                     if targets and (name in labels or name in answered))
+
+
 class AwsRekognitionJudge(HostedJudge):
     kind = "aws-rekognition"
     defaults = DEFAULT_CATEGORIES
     reads = frozenset({"image"})
-    accepted_images = frozenset({"image/png", "image/jpeg"})
+    image_limits = ImageLimits(max_bytes=5_242_880, min_side=80, max_side=10_000,
+                               formats=frozenset({"image/png", "image/jpeg"}))
 
     def __init__(self, options: AwsRekognitionOptions) -> None:
         key_id = secret(self.kind, options.access_key_id_env)
@@ -171,9 +241,11 @@ class AwsRekognitionJudge(HostedJudge):
             scores = read_labels(answer, self.categories)
         except ValueError as exc:
             raise self.malformed(str(exc), text) from None
-        assessed = frozenset(name for name, targets in self.categories.items() if targets)
-        return Reading(scores, assessed, self.raw(text),
-                       {**extra, "model_version": answer.get("ModerationModelVersion")})
+        version = answer.get("ModerationModelVersion")
+        taxonomy, named = taxonomy_of(version)
+        return Reading(scores, assessed_labels(self.categories, taxonomy, scores),
+                       self.raw(text),
+                       {**extra, "model_version": version, "taxonomy": named})
 
     def _client_error(self, exc: ClientError) -> JudgeError:
         error = exc.response.get("Error", {})
@@ -195,4 +267,5 @@ class AwsRekognitionJudge(HostedJudge):
         await asyncio.to_thread(self._rekognition.close)
 
 
-__all__ = ["DEFAULT_CATEGORIES", "AwsRekognitionJudge", "AwsRekognitionOptions", "read_labels"]
+__all__ = ["DEFAULT_CATEGORIES", "TAXONOMIES", "AwsRekognitionJudge", "AwsRekognitionOptions",
+           "assessed_labels", "read_labels", "taxonomy_of"]

@@ -9,18 +9,15 @@ to a policy category, a list of them, or null (not mapped). A policy category ta
 the service categories mapped to it. A service category that maps to nothing the policy has is
 kept in the verdict's `details.unmapped` with its score, never dropped.
 
-Not assessed: a policy category is assessed for an item when some service category mapped to it
-was applied to the item itself (to the image for an image, to the prompt for a prompt-only
-item): OpenAI says per category which inputs it applied it to, Azure lists the categories it
-analysed, Google answers UNKNOWN, and an image-only service reads no prompt. A category left
-unassessed is listed in `details.unassessed` and is never read as clean; `unassessed:` says what
-it scores:
-
-    unsafe (default)  1.0: fail closed, the policy's action for that category applies
-    omit              left out of the scores, for a judge that another judge (an ensemble)
-                      covers on that category; a standalone judge must not use it, since the
-                      policy reads a missing score as 0. A prompt-only finding (OpenAI scored
-                      the prompt, not the image) still counts as that category's score.
+Not assessed: a policy category is assessed on an input (the image, the prompt) when some
+service category mapped to it was applied to that input: OpenAI says per category which inputs
+it applied it to, Azure lists the categories it analysed, Google answers UNKNOWN, and an
+image-only service reads no prompt. A verdict reports only what was assessed: per category the
+inputs in `assessed_on` (guard.core.types.Verdict), scores only for those, and in
+`details.unassessed` the categories the item's own input (the image, or a prompt alone) was not
+assessed for. What an unassessed category means is the policy's `unassessed` to decide
+(docs/judges.md); the judge's old `unassessed: unsafe | omit` option is accepted and ignored,
+with a warning. `coverage(policy)` says the same without a call.
 
 Failures are JudgeError (503 unless the policy allows unjudged images); a timeout, a connection
 failure, 408, 409, 425, 429 (its Retry-After honoured) and 5xx are retried under guard.support.retry,
@@ -32,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import math
 import os
 import time
@@ -44,30 +42,34 @@ import pybase64
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, ValidationError
 
+from adapters.moderation.auth import BearerToken
 from adapters.options import Options
 from guard.core.policy import Policy
-from guard.core.types import GeneratedImage, JudgeInput, Verdict
+from guard.core.types import INPUTS, GeneratedImage, JudgeInput, Verdict
+from guard.support.bodies import JUDGE_RESPONSE_BYTES, CappedTransport, ResponseTooLarge, too_large
 from guard.support.errors import ConfigError, JudgeError
 from guard.support.redact import redact
 from guard.support.retry import Retrying, RetryPolicy, retry_after_header
+from guard.support.telemetry import client_hooks
 
 CategoryMap = Mapping[str, tuple[str, ...]]
-UNASSESSED_SCORE = 1.0
 RAW_CHARS = 4000
 MAX_BACKOFF_S = 10.0
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 
 T = TypeVar("T")
+log = logging.getLogger("safeedit.judge")
 
 
 class HostedOptions(Options):
     categories: dict[str, str | list[str] | None] = Field(default_factory=dict)
-    unassessed: Literal["unsafe", "omit"] = "unsafe"
+    unassessed: Literal["unsafe", "omit"] | None = None  # decides nothing: the policy does
     timeout_s: float = Field(10.0, gt=0, le=600)
     retries: int = Field(2, ge=0, le=10)
     backoff_s: float = Field(0.25, ge=0, le=30)
     max_concurrency: int = Field(8, ge=1, le=1024)
     max_image_side: int | None = Field(2048, ge=32, le=16_384)
+    max_response_bytes: int = Field(JUDGE_RESPONSE_BYTES, gt=0)
     id: str | None = None
 
 
@@ -109,61 +111,129 @@ class Reading:
     assessed: frozenset[str]        # service categories it applied to the item itself
     raw: str = ""                   # its answer as text
     details: Mapping[str, Any] = field(default_factory=dict)  # service-specific, for the trace
+    # for an image: service categories it applied to the prompt sent beside it (OpenAI)
+    also_text: frozenset[str] = frozenset()
 
 
-def to_policy(reading: Reading, mapping: CategoryMap, categories: Iterable[str],
-              unassessed: Literal["unsafe", "omit"]) -> tuple[dict[str, float], dict[str, Any]]:
-    """A reading in the policy's categories: the scores and `unmapped` / `unassessed` details."""
+Assessed = dict[str, list[str]]  # policy category -> the inputs it was assessed on
+
+
+def to_policy(reading: Reading, mapping: CategoryMap, categories: Iterable[str], *,
+              image: bool = False) -> tuple[dict[str, float], dict[str, Any], Assessed]:
+    """A reading in the policy's categories: the scores of what was assessed, the details
+    (`unmapped`; `unassessed`: what the item's own input was not assessed for) and per category
+    the inputs it was assessed on. A score for nothing assessed is no finding."""
     wanted = list(categories)
     known = set(wanted)
+    own = "image" if image else "text"
     evidence: dict[str, float] = {}
-    covered: set[str] = set()
+    on: dict[str, set[str]] = {}
     unmapped: dict[str, float] = {}
-    for name in sorted({*reading.scores, *reading.assessed}):
+    for name in sorted({*reading.scores, *reading.assessed, *reading.also_text}):
         score = reading.scores.get(name)
         targets = [p for p in mapping.get(name, ()) if p in known]
         if not targets:
             if score is not None:
                 unmapped[name] = score
             continue
-        for target in targets:
-            if name in reading.assessed:
-                covered.add(target)
-                evidence.setdefault(target, 0.0)  # assessed and not reported: below its floor
-            if score is not None:
-                evidence[target] = max(evidence.get(target, 0.0), score)
-    scores: dict[str, float] = {}
-    missing: list[str] = []
-    for category in wanted:
-        if category in covered:
-            scores[category] = evidence[category]
-            continue
-        missing.append(category)
-        if unassessed == "unsafe":
-            scores[category] = UNASSESSED_SCORE
-        elif category in evidence:
-            scores[category] = evidence[category]
-    return scores, {"unmapped": unmapped, "unassessed": missing}
+        inputs = {own} if name in reading.assessed else set()
+        if name in reading.also_text:
+            inputs.add("text")
+        for target in targets if inputs else ():
+            on.setdefault(target, set()).update(inputs)
+            # assessed and not reported: below the service's floor
+            evidence[target] = max(evidence.get(target, 0.0), score or 0.0)
+    assessed_on = {c: [i for i in INPUTS if i in on[c]] for c in wanted if c in on}
+    missing = [c for c in wanted if own not in on.get(c, ())]
+    return ({c: evidence[c] for c in assessed_on}, {"unmapped": unmapped, "unassessed": missing},
+            assessed_on)
 
 
-def prepare_image(image: GeneratedImage, max_side: int | None,
-                  accepted: frozenset[str]) -> tuple[bytes, str, tuple[int, int] | None]:
-    """The bytes to upload: as they are when the service takes them, else downscaled to
-    `max_side` (and re-encoded as JPEG, which every service takes); the new size when resized."""
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """What a service documents it takes as an image: checked before every upload."""
+
+    max_bytes: int                  # of the image as uploaded (before any base64)
+    formats: frozenset[str]         # media types
+    min_side: int = 1               # px, each side
+    max_side: int | None = None     # px, each side
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """The bytes that go to the service, and what was done to fit its limits (for the trace:
+    empty when the image went as it was)."""
+
+    data: bytes
+    media_type: str
+    done: Mapping[str, Any] = field(default_factory=dict)
+
+
+_QUALITIES = (90, 80, 70, 60)
+
+
+def prepare_image(image: GeneratedImage, limits: ImageLimits,
+                  max_side: int | None = None) -> Upload:
+    """The image fitted to `limits` (and the judge's own `max_side`): as it is when it fits,
+    else re-encoded as JPEG (every service takes it), downscaled to the largest side allowed,
+    upscaled to the smallest, and at falling quality, then size, until it is under `max_bytes`."""
     data = image.data
+    sides = [s for s in (max_side, limits.max_side) if s is not None]
+    largest = min(sides) if sides else None
     try:
         with Image.open(io.BytesIO(data)) as im:
             media_type = Image.MIME.get(im.format or "", image.media_type)
-            if (max_side is None or max(im.size) <= max_side) and media_type in accepted:
-                return data, media_type, None
-            out = im.convert("RGB")
-            if max_side is not None:
-                out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            buffer = io.BytesIO()
-            out.save(buffer, format="JPEG", quality=90)
+            size = im.size
+            why = [*([f"{media_type} not taken"] if media_type not in limits.formats else []),
+                   *([f"larger than {largest} px"] if largest and max(size) > largest else []),
+                   *([f"smaller than {limits.min_side} px"] if min(size) < limits.min_side
+                     else []),
+                   *([f"over {limits.max_bytes} bytes"] if len(data) > limits.max_bytes
+                     else [])]
+            if not why:
+                return Upload(data, media_type)
+            out = _fitted(im.convert("RGB"), largest, limits.min_side)
+            encoded, quality = _jpeg_under(out, limits.max_bytes)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise JudgeError("hosted judge could not read the image to upload") from exc
-    return buffer.getvalue(), "image/jpeg", out.size
+    if encoded is None:
+        raise JudgeError(f"hosted judge could not fit the image into {limits.max_bytes} bytes")
+    done: dict[str, Any] = {"why": why, "from": {"size": list(size), "bytes": len(data),
+                                                 "media_type": media_type},
+                            "to": {"size": list(encoded[1]), "bytes": len(encoded[0]),
+                                   "media_type": "image/jpeg", "quality": quality}}
+    return Upload(encoded[0], "image/jpeg", done)
+
+
+def _fitted(im: Image.Image, largest: int | None, smallest: int) -> Image.Image:
+    w, h = im.size
+    scale = 1.0
+    if largest is not None and max(w, h) > largest:
+        scale = largest / max(w, h)
+    elif min(w, h) < smallest:
+        scale = smallest / min(w, h)
+        if largest is not None:
+            scale = min(scale, largest / max(w, h))  # a sliver: as near as both limits allow
+    if scale == 1.0:
+        return im
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return im.resize(size, Image.Resampling.LANCZOS)
+
+
+def _jpeg_under(im: Image.Image, max_bytes: int
+                ) -> tuple[tuple[bytes, tuple[int, int]] | None, int | None]:
+    """JPEG bytes under `max_bytes` at the best quality that fits, then at 3/4 the size each
+    time (never under 16 px)."""
+    while True:
+        for quality in _QUALITIES:
+            buffer = io.BytesIO()
+            im.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= max_bytes:
+                return (buffer.getvalue(), im.size), quality
+        w, h = im.size
+        if min(w, h) * 3 // 4 < 16:
+            return None, None
+        im = im.resize((w * 3 // 4, h * 3 // 4), Image.Resampling.LANCZOS)
 
 
 class Transient(JudgeError):
@@ -176,8 +246,8 @@ class HostedJudge:
     kind: ClassVar[str]
     defaults: ClassVar[CategoryMap]
     reads: ClassVar[frozenset[str]]  # "image", "text"
-    accepted_images: ClassVar[frozenset[str]] = frozenset(
-        {"image/png", "image/jpeg", "image/webp"})
+    image_limits: ClassVar[ImageLimits]
+    max_text_chars: ClassVar[int | None] = None  # longer text is read in pieces of this size
 
     def __init__(self, options: HostedOptions, *, default_id: str,
                  secrets: Sequence[str | None] = (), headers: Mapping[str, str] | None = None
@@ -185,8 +255,14 @@ class HostedJudge:
         self.options = options
         self.id = options.id or default_id
         self.categories = category_map(self.defaults, options.categories)
-        self._secrets = tuple(s for s in secrets if s)
+        if options.unassessed is not None:
+            log.warning("judge (%s): `unassessed: %s` no longer decides anything: a judge reports "
+                        "only what it assessed, and the policy's `unassessed` decides what the "
+                        "rest means (docs/judges.md)", self.kind, options.unassessed)
+        self._keys = self._secrets = tuple(s for s in secrets if s)
+        self._tokens: tuple[str, ...] = ()
         self._headers = dict(headers or {})
+        self.token: BearerToken | None = None  # a subclass's credential (adapters.moderation.auth)
         self._client: httpx.AsyncClient | None = None
         self._closed = False
         policy = RetryPolicy(attempts=options.retries + 1, backoff_s=options.backoff_s,
@@ -213,17 +289,49 @@ class HostedJudge:
             reading = await self.read(item)
         else:
             reading = Reading({}, frozenset(), details={"reads": sorted(self.reads)})
-        scores, details = to_policy(reading, self.categories, policy.categories,
-                                    self.options.unassessed)
+        scores, details, assessed_on = to_policy(reading, self.categories, policy.categories,
+                                                 image=item.image is not None)
         return Verdict(scores=scores, judge_id=self.id, raw=reading.raw,
                        latency_ms=(time.perf_counter() - t0) * 1000.0,
-                       details={**details, **reading.details})
+                       details={**details, **reading.details}, assessed_on=assessed_on)
+
+    def applies_to(self, name: str) -> frozenset[str]:
+        """The inputs the service applies its category `name` to (by default all it reads)."""
+        return self.reads
+
+    def coverage(self, policy: Policy) -> dict[str, set[str]]:
+        """Per policy category, the inputs the mapped service categories are applied to."""
+        out: dict[str, set[str]] = {}
+        for name, targets in self.categories.items():
+            for target in targets:
+                if target in policy.categories:
+                    out.setdefault(target, set()).update(self.applies_to(name))
+        return out
 
     async def upload(self, image: GeneratedImage) -> tuple[bytes, str, dict[str, Any]]:
-        """The image's bytes for the service, and what the trace records of a resize."""
-        data, media_type, resized = await asyncio.to_thread(
-            prepare_image, image, self.options.max_image_side, self.accepted_images)
-        return data, media_type, {"resized_to": list(resized)} if resized else {}
+        """The image's bytes for the service, and what the trace records of fitting it to the
+        service's limits (`upload`; `resized_to` when its size changed)."""
+        fitted = await asyncio.to_thread(prepare_image, image, self.image_limits,
+                                         self.options.max_image_side)
+        if not fitted.done:
+            return fitted.data, fitted.media_type, {}
+        extra: dict[str, Any] = {"upload": dict(fitted.done)}
+        if fitted.done["to"]["size"] != fitted.done["from"]["size"]:
+            extra["resized_to"] = fitted.done["to"]["size"]
+        return fitted.data, fitted.media_type, extra
+
+    def text_pieces(self, text: str) -> list[str]:
+        """`text` in pieces the service takes (`max_text_chars`), cut at spaces where it can."""
+        limit = self.max_text_chars
+        if limit is None or len(text) <= limit:
+            return [text]
+        pieces: list[str] = []
+        while len(text) > limit:
+            cut = text.rfind(" ", limit // 2, limit + 1)
+            cut = cut if cut > 0 else limit
+            pieces.append(text[:cut])
+            text = text[cut:]
+        return [*pieces, text] if text else pieces
 
     @staticmethod
     def b64(data: bytes) -> str:
@@ -238,10 +346,12 @@ class HostedJudge:
         if self._client is None:
             if self._closed:
                 raise JudgeError(f"judge ({self.kind}) is closed")
+            limits = httpx.Limits(max_connections=self.options.max_concurrency)
             self._client = httpx.AsyncClient(
                 headers=self._headers, timeout=self.options.timeout_s, trust_env=False,
                 follow_redirects=False,
-                limits=httpx.Limits(max_connections=self.options.max_concurrency))
+                transport=CappedTransport(self.options.max_response_bytes, limits=limits),
+                event_hooks=client_hooks())  # the request's trace context goes on
         return self._client
 
     async def post_json(self, url: str, body: Mapping[str, Any]) -> tuple[Any, str]:
@@ -249,8 +359,11 @@ class HostedJudge:
         return await self._call(lambda: self._post(url, body))
 
     async def _post(self, url: str, body: Mapping[str, Any]) -> tuple[Any, str]:
+        headers = await self.token.headers() if self.token is not None else None
         try:
-            resp = await self._http().post(url, json=body)
+            resp = await self._http().post(url, json=body, headers=headers)
+        except ResponseTooLarge as exc:
+            raise JudgeError(f"judge ({self.kind}) {too_large(exc)}") from None
         except httpx.TimeoutException as exc:
             raise Transient(f"judge ({self.kind}) timed out after "
                             f"{self.options.timeout_s:g} s") from exc
@@ -278,6 +391,12 @@ class HostedJudge:
             f"judge ({self.kind}) {what}", detail=f"HTTP {status}: {text}",
             headers=retry_after_header(retry_after),
             secrets=self._secrets)
+
+    def remember(self, secret: str) -> None:
+        """A secret learnt later (a token): kept out of errors and traces like the key."""
+        if secret and secret not in self._secrets:
+            self._tokens = (*self._tokens[-3:], secret)  # the last few: some may be in use
+            self._secrets = (*self._keys, *self._tokens)
 
     def malformed(self, why: str, text: str) -> JudgeError:
         return JudgeError(f"judge ({self.kind}) answered in an unexpected shape: {why}",

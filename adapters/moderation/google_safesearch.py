@@ -19,25 +19,34 @@ the answer is a judge failure (retried when its code says the service is busy). 
 reads no text: every category of a prompt-only item (the prescreen) is unassessed, see
 `unassessed` in adapters.moderation.base.
 
+Limits (the service's, checked before upload, adapters.moderation.base): a request's JSON is at
+most 10 MB and base64 adds a third, so an image goes as at most 7,000,000 bytes (PNG, JPEG or
+WebP; others re-encoded as JPEG); `details.upload` says what was done to fit.
+
 Options (besides those of adapters.moderation.base): `api_base`
-(https://vision.googleapis.com/v1), `api_key_env` (null).
+(https://vision.googleapis.com/v1), `api_key_env` (null), `auth` (key): `key` sends
+`api_key_env`'s key, `adc` an OAuth token of the application default credentials,
+`service_account` one of the service account in `credentials_file`; `quota_project` (null)
+(adapters.moderation.auth).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+from adapters.moderation.auth import google_credentials
 from adapters.moderation.base import (
     HostedJudge,
     HostedOptions,
+    ImageLimits,
     Reading,
     Transient,
     parse_options,
     secret,
 )
 from guard.core.types import JudgeInput
-from guard.support.errors import JudgeError
+from guard.support.errors import ConfigError, JudgeError
 
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "adult": ("sexual",),
@@ -55,6 +64,9 @@ _BUSY_CODES = frozenset({4, 8, 13, 14})
 class GoogleSafeSearchOptions(HostedOptions):
     api_base: str = "https://vision.googleapis.com/v1"
     api_key_env: str | None = None
+    auth: Literal["key", "adc", "service_account"] = "key"
+    credentials_file: str | None = None
+    quota_project: str | None = None
 
 
 def read_safesearch(data: Any) -> tuple[dict[str, float], frozenset[str]]:
@@ -84,11 +96,26 @@ class GoogleSafeSearchJudge(HostedJudge):
     kind = "google-safesearch"
     defaults = DEFAULT_CATEGORIES
     reads = frozenset({"image"})
+    image_limits = ImageLimits(max_bytes=7_000_000,
+                               formats=frozenset({"image/png", "image/jpeg", "image/webp"}))
 
-    def __init__(self, options: GoogleSafeSearchOptions) -> None:
+    def __init__(self, options: GoogleSafeSearchOptions, *, credentials: Any = None) -> None:
+        """`credentials`: google.auth credentials for `auth: adc | service_account` (default:
+        google.auth.default(), or the service account file)."""
+        if options.auth != "key" and options.api_key_env:
+            raise ConfigError(f"judge ({self.kind}): auth: {options.auth} sends a token, not a "
+                              "key; drop api_key_env")
         key = secret(self.kind, options.api_key_env)
+        fixed: dict[str, str] = {"x-goog-api-key": key} if key else {}
+        token = None
+        if options.auth != "key":
+            token, extra = google_credentials(self.kind, options.auth, credentials,
+                                              options.credentials_file, options.quota_project,
+                                              self.remember)
+            fixed.update(extra)
         super().__init__(options, default_id="google-safesearch", secrets=(key,),
-                         headers={"x-goog-api-key": key} if key else None)
+                         headers=fixed or None)
+        self.token = token
         self.url = options.api_base.rstrip("/") + "/images:annotate"
 
     @classmethod

@@ -7,11 +7,16 @@
 Each item is one `POST {api_base}/moderations` with `model` and a multimodal `input`: the
 prompt as a `text` part and, for an image, the image as an `image_url` part (a data URI). Scores
 are read from `results[0].category_scores`; `category_applied_input_types` says which inputs each
-category was applied to, and a policy category counts as assessed for an image only through a
+category was applied to: a policy category counts as assessed on the image only through a
 service category applied to the image (omni-moderation applies harassment, hate, illicit and
-sexual/minors to text only). A category applied to no input at all is no finding and is left
+sexual/minors to text only), and as assessed on the text (the prompt sent beside the image)
+through one applied to the text. A category applied to no input at all is no finding and is left
 out. Without that field (older text models) an image is assessed on nothing and a prompt on
 everything.
+
+Limits (checked before upload, adapters.moderation.base): OpenAI's image inputs are PNG, JPEG,
+WebP or non-animated GIF of at most 20 MB each; others are re-encoded as JPEG, larger ones
+made smaller, and `details.upload` says so.
 
 Options (besides those of adapters.moderation.base): `api_base` (https://api.openai.com/v1),
 `api_key_env` (null; sent as a Bearer token), `model` (omni-moderation-latest).
@@ -25,6 +30,7 @@ from typing import Any
 from adapters.moderation.base import (
     HostedJudge,
     HostedOptions,
+    ImageLimits,
     Reading,
     parse_options,
     secret,
@@ -47,6 +53,10 @@ DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
     "violence": ("violence",),
     "violence/graphic": ("violence", "shocking"),
 }
+# What omni-moderation applies to images as well as text (OpenAI's moderation guide); the rest
+# it applies to text only. What `coverage` declares; a verdict reports what the answer says.
+IMAGE_CATEGORIES = frozenset({"sexual", "self-harm", "self-harm/intent",
+                              "self-harm/instructions", "violence", "violence/graphic"})
 
 
 class OpenAIModerationOptions(HostedOptions):
@@ -86,6 +96,8 @@ class OpenAIModerationJudge(HostedJudge):
     kind = "openai-moderation"
     defaults = DEFAULT_CATEGORIES
     reads = frozenset({"image", "text"})
+    image_limits = ImageLimits(max_bytes=20_000_000, formats=frozenset(
+        {"image/png", "image/jpeg", "image/webp", "image/gif"}))
 
     def __init__(self, options: OpenAIModerationOptions) -> None:
         key = secret(self.kind, options.api_key_env)
@@ -114,7 +126,15 @@ class OpenAIModerationJudge(HostedJudge):
                 answer, "text" if item.image is None else "image")
         except ValueError as exc:
             raise self.malformed(str(exc), text) from None
-        return Reading(scores, assessed, self.raw(text), {**extra, "applied": applied})
+        # an image's prompt went beside it: what was applied to the text counts for the prompt
+        beside = read_moderation(answer, "text")[1] if parts[0]["type"] == "text" \
+            and item.image is not None else frozenset()
+        return Reading(scores, assessed, self.raw(text), {**extra, "applied": applied},
+                       also_text=beside)
+
+    def applies_to(self, name: str) -> frozenset[str]:
+        return self.reads if name in IMAGE_CATEGORIES and not self.model.startswith("text-") \
+            else frozenset({"text"})
 
 
 __all__ = ["DEFAULT_CATEGORIES", "OpenAIModerationJudge", "OpenAIModerationOptions",

@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import ChainSource, Signer
 from guard.audit.images import RetainedImages
+from guard.audit.tlog import TransparencyLog
 from guard.core.hashchain import VerifyReport
 from guard.core.types import Trace
 from guard.plugins import AuditStore
@@ -39,6 +40,14 @@ class ChainedStore(AuditStore, ChainSource, Protocol):
     async def verify(self) -> VerifyReport:
         """Walk the chain; check it against the checkpoints and the anchorer's anchors."""
         ...
+
+
+@runtime_checkable
+class LoggedStore(AuditStore, Protocol):
+    """A store that keeps a transparency log (guard.audit.tlog) beside its chains."""
+
+    log: TransparencyLog | None
+    accept_log_reset: bool
 
 
 @runtime_checkable

@@ -113,7 +113,10 @@ class FileAnchorSink:
             if not line.strip():
                 continue
             try:
-                anchors.append(Anchor.from_dict(orjson.loads(line)))
+                record = orjson.loads(line)
+                if isinstance(record, dict) and ("tree_size" in record or "reset" in record):
+                    continue  # a signed tree head sharing the file (guard.audit.heads)
+                anchors.append(Anchor.from_dict(record))
             except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ConfigError(f"anchors: {self.path} line {number} is not an anchor "
                                   f"({type(exc).__name__})") from exc

@@ -44,9 +44,13 @@ def common_options(opts: dict[str, Any], audit: Mapping[str, Any],
     opts.pop("session_key_env", None)  # read by guard.review
     signer = Signer.from_options(opts.pop("checkpoint_keys_env", None),
                                  opts.pop("checkpoint_key_env", None))
+    # `anchor` is the tree heads' sink (guard.audit.heads); with HMAC checkpoint keys the chain
+    # heads are also anchored there as before (guard.audit.anchor).
+    anchor = opts.pop("anchor", None)
     return CommonOptions(images=RetainedImages.from_options(opts, images, audit),
                          signer=signer, checkpoint_every=every,
-                         anchorer=Anchorer.from_options(opts.pop("anchor", None), signer))
+                         anchorer=Anchorer.from_options(anchor, signer)
+                         if signer is not None and isinstance(anchor, Mapping) else None)
 
 
 def encode_cursor(seq: int) -> str:

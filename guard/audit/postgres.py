@@ -31,10 +31,12 @@ import functools
 import itertools
 import re
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, Unpack
 
 import asyncpg
 
+from guard.audit import policies, search
 from guard.audit.common import where_sql
 from guard.audit.sql import Appending, ChainOptions, Row, SQLStore
 from guard.support.errors import ConfigError
@@ -131,6 +133,35 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     CREATE INDEX IF NOT EXISTS trace_figures_created ON trace_figures (created_at);
     CREATE INDEX IF NOT EXISTS trace_figures_tenant ON trace_figures (tenant, created_at);
     """),
+    (5, "the q and endpoint filters' table", search.POSTGRES_MIGRATION),
+    (6, "the transparency log: row signatures, Merkle tree, signed heads", """
+    CREATE TABLE IF NOT EXISTS entry_sigs (
+        chain text NOT NULL, seq bigint NOT NULL, kid text NOT NULL, sig text NOT NULL,
+        PRIMARY KEY (chain, seq)
+    );
+    CREATE TABLE IF NOT EXISTS log_state (
+        id smallint PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL, hash text,
+        trace_seq bigint NOT NULL, label_seq bigint NOT NULL,
+        legacy_trace_seq bigint NOT NULL, legacy_label_seq bigint NOT NULL
+    );
+    INSERT INTO log_state VALUES (1, 0, NULL, 0, 0,
+        (SELECT coalesce(max(seq), 0) FROM traces), (SELECT coalesce(max(seq), 0) FROM labels))
+        ON CONFLICT DO NOTHING;
+    CREATE TABLE IF NOT EXISTS log_leaves (
+        idx bigint PRIMARY KEY, kind text NOT NULL, ref text NOT NULL, seq bigint,
+        data text NOT NULL, leaf_hash text NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS log_leaves_ref ON log_leaves (kind, ref);
+    CREATE TABLE IF NOT EXISTS log_nodes (
+        level integer NOT NULL, idx bigint NOT NULL, hash text NOT NULL,
+        PRIMARY KEY (level, idx)
+    );
+    CREATE TABLE IF NOT EXISTS log_heads (
+        n bigserial PRIMARY KEY, tree_size bigint NOT NULL, root_hash text NOT NULL,
+        timestamp bigint NOT NULL, key_id text NOT NULL, signature text NOT NULL
+    );
+    """),
+    (7, "the policy history", policies.POSTGRES_MIGRATION),
 ]
 
 
@@ -157,6 +188,12 @@ class PostgresStore(SQLStore):
                                ("schema", "pool_min_size", "pool_max_size", "command_timeout_s")
                                if name in opts}}
 
+    @classmethod
+    def log_defaults(cls, own: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+        """Replicas share the store, so a configured key; heads in a schema of their own."""
+        return None, {"kind": "postgres", "dsn": own["dsn"],
+                      "schema": f"{own.get('schema', 'public')}_heads"}
+
     async def migrations(self) -> list[tuple[int, str]]:
         """Applied migrations, oldest first."""
         rows = await self.dialect.fetch("SELECT version, name FROM safeedit_migrations"
@@ -168,6 +205,7 @@ class PostgresDialect:
     """An asyncpg pool, opened on first use on the running event loop (guard.support.pg)."""
 
     has_category = "categories @> ?::text[]"
+    prompt_match: search.PromptMatch | None = search.POSTGRES  # full-text search
     # As guard.audit.labels.sample_point: the first 32 bits of md5(id), in [0, 1).
     sample_point = "('x' || substr(md5(id), 1, 8))::bit(32)::bigint / 4294967296.0"
     bucket = "floor(created_at / ?)::bigint"

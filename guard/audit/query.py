@@ -6,7 +6,8 @@ as a unix timestamp, an ISO date or datetime, or a window back from now (`90m`, 
 `2w`); whole numbers in ASCII digits within what both databases' columns hold; `limit` from 1 to
 1000; `cursor` as the previous page gave it. An empty value is a filter not given; an unknown
 filter or a bad value is a RequestError naming it. An auditor is always limited to their own
-tenant (guard.core.auth.tenant_scope).
+tenant (guard.core.auth.tenant_scope). The trace list's `q` (words of the request's prompt) and
+`endpoint` (`generations`, `edits` or the path) are guard.audit.search's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from guard.audit import search
 from guard.audit.common import decode_cursor
 from guard.core.auth import Principal, tenant_scope
 from guard.core.labels import VERDICTS
@@ -22,8 +24,10 @@ from guard.plugins import TraceQuery
 from guard.support.errors import RequestError
 from guard.support.timewindow import parse_since
 
-TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
-TRACE_FILTERS = frozenset({*TEXT_FILTERS, "since", "until", "policy_version", "limit", "cursor"})
+TEXT_FILTERS = ("q", "decision", "category", "endpoint", "tenant", "key_id", "policy", "model")
+# (`policy_id`: the name `policy` had before; either may be given, not both)
+TRACE_FILTERS = frozenset({*TEXT_FILTERS, "policy_id", "since", "until", "policy_version", "limit",
+                           "cursor"})
 LABEL_FILTERS = frozenset({"trace_id", "verdict", "category", "tenant", "since", "until", "all",
                            "limit", "cursor"})
 DEFAULT_LIMIT = 50
@@ -36,7 +40,12 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 def parse_trace_query(params: Mapping[str, str], principal: Principal,
                       default_limit: int = DEFAULT_LIMIT) -> TraceQuery:
     """A TraceQuery from filter values."""
-    return TraceQuery(**_parse(params, TRACE_FILTERS, principal, default_limit))
+    values = _parse(params, TRACE_FILTERS, principal, default_limit)
+    if "policy" in values:
+        if "policy_id" in values:
+            raise RequestError("Give 'policy' or 'policy_id', not both.", param="policy_id")
+        values["policy_id"] = values.pop("policy")
+    return TraceQuery(**values)
 
 
 def parse_label_filters(params: Mapping[str, str], principal: Principal) -> dict[str, Any]:
@@ -82,6 +91,11 @@ def _verdict(name: str, value: str) -> str:
     return value
 
 
+def _words(name: str, value: str) -> str:
+    search.words(value)  # a RequestError here: no word in it, or too many
+    return value
+
+
 def _flag(name: str, value: str) -> bool:
     if value not in ("true", "false", "1", "0"):
         raise RequestError(f"Invalid '{name}': true or false.", param=name)
@@ -95,5 +109,7 @@ _FIELDS: dict[str, Callable[[str, str], Any]] = {
     "limit": lambda name, value: whole_number(name, value, 1, MAX_LIMIT),
     "cursor": _cursor,
     "verdict": _verdict,
+    "q": _words,
+    "endpoint": lambda name, value: search.endpoint(value),
     "all": _flag,
 }

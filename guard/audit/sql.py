@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol, Self, TypedDict
 
 import orjson
 
+from guard.audit import search
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -43,6 +45,7 @@ from guard.audit.chain import (
     verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor, where_sql
+from guard.audit.figures import nearest_ranks, trace_figures
 from guard.audit.images import RetainedImages
 from guard.audit.labels import (
     LABEL_TABLES,
@@ -53,6 +56,8 @@ from guard.audit.labels import (
     label_query,
     label_row,
 )
+from guard.audit.logcheck import verify_log
+from guard.audit.tlog import LogSetup, TransparencyLog, log_setup
 from guard.core.hashchain import VerifyReport, link_hash
 from guard.core.labels import Label, LabelPage, QueuePage, QueueQuery, bind_label
 from guard.core.types import Trace
@@ -79,47 +84,13 @@ FIGURES_INSERT = ("INSERT INTO trace_figures (seq, created_at, tenant, decision,
                   " ON CONFLICT DO NOTHING")
 
 
-def nearest_ranks(counts: Sequence[tuple[float, int]], percentiles: Sequence[int]
-                  ) -> dict[int, float]:
-    """Percentiles by nearest rank (the k-th smallest, k = ceil(p * n / 100)) of values given
-    as (value, how many) in ascending order."""
-    total, out, seen = sum(n for _, n in counts), {}, 0
-    ranks = sorted((-(-p * total // 100), p) for p in percentiles)
-    for value, n in counts:
-        seen += n
-        while ranks and ranks[0][0] <= seen:
-            out[ranks.pop(0)[1]] = value
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class TraceFigures:
-    """What the dashboard counts of one trace (guard.plugins.WindowFigures says how)."""
-
-    rounds: int
-    request_ms: float
-    judge_ms: list[float]
-    backend_ms: list[float]
-    flags: list[tuple[str, str]]  # (category, action)
-
-
-def trace_figures(trace: Trace) -> TraceFigures:
-    judge, backend, flags = [], [], []
-    for rnd in trace.rounds:
-        if rnd.images:
-            judge.append(rnd.judge_ms)
-        if rnd.counts and not (rnd.error and not rnd.images):
-            backend.append(rnd.backend_ms)
-        flags += [(category, item.action) for item in rnd.images for category in item.flagged]
-    return TraceFigures(trace.round_count(), trace.duration_ms, judge, backend, flags)
-
-
 class Dialect(Protocol):
     """What the SQL audit store needs of one database (its SQL has `?` placeholders)."""
 
     # A WHERE clause: the categories column holds the category in `?`, which is passed as
     # `categories_column([category])`.
     has_category: str
+    prompt_match: search.PromptMatch | None  # how `q` finds prompts (guard.audit.search)
     # A trace's sample point in [0, 1) in SQL, as guard.audit.labels.sample_point(id).
     sample_point: str
     # created_at in buckets of `?` seconds, rounded down: a whole number.
@@ -166,6 +137,7 @@ class ChainOptions(TypedDict, total=False):
     checkpoint_every: int
     anchorer: Anchorer | None
     label_anchorer: Anchorer | None
+    log: LogSetup | None
 
 
 class SQLStore(ABC):
@@ -178,8 +150,12 @@ class SQLStore(ABC):
                  signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  anchorer: Anchorer | None = None,
-                 label_anchorer: Anchorer | None = None) -> None:
+                 label_anchorer: Anchorer | None = None, log: LogSetup | None = None) -> None:
         self.dialect = dialect
+        # The transparency log (guard.audit.tlog): rows signed at write, a Merkle tree, heads.
+        self.log = TransparencyLog(dialect, log.keys, log.sink, log.every_s, log.public) \
+            if log else None
+        self.accept_log_reset = log.accept_reset if log else False
         self.images = images
         self.signer = signer
         self.checkpoint_every = checkpoint_every
@@ -198,16 +174,24 @@ class SQLStore(ABC):
         own = cls.own_options(opts)
         labels_anchor = label_anchor_options(opts.get("anchor"))
         common = common_options(opts, {"kind": cls.kind, **options}, images)
+        log = log_setup(opts, options.get("anchor"), *cls.log_defaults(own))
         if opts:
             raise ConfigError(f"audit ({cls.kind}): unknown options {sorted(opts)}")
         return cls(**own, images=common.images, signer=common.signer,
                    checkpoint_every=common.checkpoint_every, anchorer=common.anchorer,
-                   label_anchorer=Anchorer.from_options(labels_anchor, common.signer))
+                   label_anchorer=Anchorer.from_options(labels_anchor, common.signer)
+                   if common.anchorer else None, log=log)
 
     @classmethod
     @abstractmethod
     def own_options(cls, opts: dict[str, Any]) -> dict[str, Any]:
         """Pops the store's own options from `opts`: its constructor's other arguments."""
+
+    @classmethod
+    @abstractmethod
+    def log_defaults(cls, own: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+        """Where this store keeps a log key it makes itself (None: it needs a configured one),
+        and its default tree-head sink (guard.audit.heads.build_head_sink)."""
 
     # --- sealing: the one append path of both chains ------------------------------------------
 
@@ -220,12 +204,14 @@ class SQLStore(ABC):
             return
 
         def statements(seq: int, prev: str | None) -> list[Statement]:
-            rows, checkpoints = [], []
+            rows, checkpoints, sigs = [], [], []
             for i, (id_, body) in enumerate(bodies):
                 seq += 1
                 hash_ = link_hash(prev, body)
                 rows.append(row(i, seq, prev, hash_))
                 prev = hash_
+                if self.log is not None:
+                    sigs.append(self.log.entry_signature(chain.rows, seq, hash_))
                 if self.signer is not None and seq % self.checkpoint_every == 0:
                     cp = self.signer.sign(seq, id_, hash_)
                     checkpoints.append((cp.seq, cp.trace_id, cp.hash, cp.created_at,
@@ -233,6 +219,9 @@ class SQLStore(ABC):
             marks = ", ".join("?" * len(rows[0]))
             out: list[Statement] = [
                 (f"INSERT INTO {chain.rows} ({chain.columns}) VALUES ({marks})", rows)]
+            if sigs:
+                out.append(("INSERT INTO entry_sigs (chain, seq, kid, sig) VALUES (?, ?, ?, ?)",
+                            sigs))
             if checkpoints:
                 out.append((f"INSERT INTO {chain.checkpoints} ({chain.checkpoint_columns})"
                             " VALUES (?, ?, ?, ?, ?, ?, ?)", checkpoints))
@@ -265,7 +254,8 @@ class SQLStore(ABC):
                     prev, hash_)
 
         await self._append(self.traces_tables, bodies, row,
-                           [(FIGURES_INSERT, [self._figures_row(t) for t in traces])])
+                           [(FIGURES_INSERT, [self._figures_row(t) for t in traces]),
+                            search.insert(traces)])
         if self.anchorer is not None:
             self.anchorer.note_write()
 
@@ -275,6 +265,7 @@ class SQLStore(ABC):
         return _load(rows[0]) if rows else None
 
     async def query(self, q: TraceQuery) -> TracePage:
+        await search.backlog(self)
         where, args = self._where(q)
         if q.cursor:
             where.append("seq < ?")
@@ -291,13 +282,18 @@ class SQLStore(ABC):
         return await self.dialect.ready()
 
     async def start(self) -> None:
-        """Start anchoring the chain heads (when configured), off the request path."""
+        """Sign tree heads and anchor chain heads off the request path (the app checks the
+        log against its last head first: `TransparencyLog.check_start`)."""
+        if self.log is not None:
+            self.log.start()
         if self.anchorer is not None:
             self.anchorer.start(self.chain_head)
         if self.label_anchorer is not None:
             self.label_anchorer.start(self.label_chain.chain_head)
 
     async def aclose(self) -> None:
+        if self.log is not None:
+            await self.log.aclose()
         if self.anchorer is not None:
             await self.anchorer.aclose(self.chain_head)
         if self.label_anchorer is not None:
@@ -336,9 +332,8 @@ class SQLStore(ABC):
         return label_page(await self.dialect.fetch(sql, args), limit)
 
     async def review_queue(self, q: QueueQuery) -> QueuePage:
-        where, args = self._where(TraceQuery(tenant=q.tenant, category=q.category,
-                                             policy_id=q.policy_id,
-                                             policy_version=q.policy_version))
+        await search.backlog(self)
+        where, args = self._where(search.trace_query(q))
         where += [UNLABELLED, "(decision IN ('refused', 'edited')"
                   f" OR (decision = 'passed' AND {self.dialect.sample_point} < ?))"]
         args.append(q.sample)
@@ -360,6 +355,8 @@ class SQLStore(ABC):
         if other:  # filters on columns only the traces table has
             where.append(f"seq IN (SELECT seq FROM traces{where_sql(other)})")
             args += other_args
+        await search.backlog(self)
+        where.append(search.NOT_REFUSED_CALLER)
         fetch, dialect = self.dialect.fetch, self.dialect
 
         def of(column: str | None = None) -> str:
@@ -472,6 +469,8 @@ class SQLStore(ABC):
         report = await verify(self, self.signer, checkpoint_every=self.checkpoint_every,
                               anchors=anchors)
         report.labels = await self.verify_labels()
+        if self.log is not None:
+            await verify_log(self.log, report)
         return report
 
     # --- rows -----------------------------------------------------------------------------------
@@ -489,6 +488,7 @@ class SQLStore(ABC):
         if q.category:
             where.append(self.dialect.has_category)
             args.append(self.dialect.categories_column([column_text(q.category)]))
+        where, args = search.clauses(self.dialect, q, where, args)  # q, endpoint
         if q.since is not None:
             where.append("created_at >= ?")
             args.append(q.since)

@@ -26,6 +26,7 @@ from typing import Any, Unpack
 
 import orjson
 
+from guard.audit import policies, search
 from guard.audit.labels import sample_point
 from guard.audit.sql import Appending, ChainOptions, Row, SQLStore
 
@@ -125,6 +126,37 @@ _MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS trace_figures_created ON trace_figures(created_at);
     CREATE INDEX IF NOT EXISTS trace_figures_tenant ON trace_figures(tenant, created_at);
     """,
+    search.SQLITE_MIGRATION,  # the `q` and `endpoint` filters' table (guard.audit.search)
+    # The transparency log (guard.audit.tlog): row signatures, the Merkle tree, signed heads.
+    # Rows written before it are legacy (unsigned); the bounds are fixed here, once.
+    """
+    CREATE TABLE IF NOT EXISTS entry_sigs (
+        chain TEXT NOT NULL, seq INTEGER NOT NULL, kid TEXT NOT NULL, sig TEXT NOT NULL,
+        PRIMARY KEY (chain, seq)
+    );
+    CREATE TABLE IF NOT EXISTS log_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT,
+        trace_seq INTEGER NOT NULL, label_seq INTEGER NOT NULL,
+        legacy_trace_seq INTEGER NOT NULL, legacy_label_seq INTEGER NOT NULL
+    );
+    INSERT OR IGNORE INTO log_state VALUES (1, 0, NULL, 0, 0,
+        (SELECT coalesce(max(seq), 0) FROM traces), (SELECT coalesce(max(seq), 0) FROM labels));
+    CREATE TABLE IF NOT EXISTS log_leaves (
+        idx INTEGER PRIMARY KEY, kind TEXT NOT NULL, ref TEXT NOT NULL, seq INTEGER,
+        data TEXT NOT NULL, leaf_hash TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS log_leaves_ref ON log_leaves(kind, ref);
+    CREATE TABLE IF NOT EXISTS log_nodes (
+        level INTEGER NOT NULL, idx INTEGER NOT NULL, hash TEXT NOT NULL,
+        PRIMARY KEY (level, idx)
+    );
+    CREATE TABLE IF NOT EXISTS log_heads (
+        n INTEGER PRIMARY KEY AUTOINCREMENT, tree_size INTEGER NOT NULL,
+        root_hash TEXT NOT NULL, timestamp INTEGER NOT NULL, key_id TEXT NOT NULL,
+        signature TEXT NOT NULL
+    );
+    """,
+    policies.SQLITE_MIGRATION,  # the policy history (guard.audit.policies)
 ]
 
 
@@ -136,6 +168,13 @@ class SQLiteStore(SQLStore):
         super().__init__(SQLiteDialect(self.path), **options)
 
     @classmethod
+    def log_defaults(cls, own: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+        """A key made at first start in keys/ beside the file; heads in `<file>.anchors`
+        (var/keys/ and var/audit.anchors with the embedded defaults)."""
+        path = Path(own["path"])
+        return path.parent / "keys", {"kind": "file", "path": str(path.with_suffix(".anchors"))}
+
+    @classmethod
     def own_options(cls, opts: dict[str, Any]) -> dict[str, Any]:
         return {"path": Path(opts.pop("path", "var/audit.db"))}
 
@@ -144,6 +183,7 @@ class SQLiteDialect:
     """One connection to the file, opened on first use, used by one worker thread at a time."""
 
     has_category = "instr(categories, ?) > 0"
+    prompt_match = search.sqlite_prompt_match()  # FTS5 where this SQLite has it, else LIKE
     sample_point = "sample_point(id)"  # guard.audit.labels.sample_point, defined on connecting
     bucket = "CAST(created_at / ? AS INTEGER)"  # created_at is never negative
     elements = "json_each({}) AS e"
@@ -172,6 +212,7 @@ class SQLiteDialect:
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: index pages of large logs
             conn.create_function("sample_point", 1, sample_point, deterministic=True)
             _migrate(conn)
+            search.prepare_sqlite(conn)
             self._conn = conn
         return self._conn
 

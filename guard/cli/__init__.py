@@ -14,11 +14,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 COMMAND_MODULES = [
     "guard.cli.serve",
+    "guard.cli.config",
     "guard.cli.policy",
     "guard.cli.audit",
     "guard.cli.eval",
     "guard.cli.judge",
     "guard.cli.dataset",
+    "guard.cli.provenance",
 ]
 
 

@@ -24,14 +24,17 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from guard.audit import ChainedStore, ImageKeepingStore
+from guard.audit import ChainedStore, ImageKeepingStore, LoggedStore
 from guard.plugins import LabelStore
 from guard.support.errors import ConfigError
 from guard.support.timewindow import time_option
 
 
 def register(sub: Any) -> None:
-    audit = sub.add_parser("audit", help="verify, export and purge the audit log")
+    audit = sub.add_parser("audit", help="verify, export and purge the audit log",
+                           description="The audit log's tools: verify its hash chain, checkpoints "
+                                       "and anchors, export traces, purge expired images. Each "
+                                       "reads the store from the config's `audit:` section.")
     cmds = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -45,6 +48,21 @@ def register(sub: Any) -> None:
                    help="an anchor file (JSON lines) to check the chain against (default: the "
                         "audit config's `anchor` sink)")
     p.set_defaults(func=run_verify)
+
+    p = cmds.add_parser("witness", help="check a log's signed tree head from outside (public "
+                                        "key only): exit 1 on a rollback, fork, wipe or bad "
+                                        "signature")
+    p.add_argument("--url", required=True, help="the proxy's base URL (http://host:port)")
+    p.add_argument("--state", required=True, metavar="FILE",
+                   help="where the witness keeps the head it saw last and the pinned keys")
+    p.add_argument("--keys", metavar="PEM|URL", help="the log's public keys (default: pinned in "
+                   "the state file, else fetched from the log on first use)")
+    p.add_argument("--every", type=float, metavar="S", help="check every S seconds, forever "
+                   "(default: once)")
+    p.add_argument("--max-age", type=float, metavar="S", help="fail when the newest head is "
+                   "older than S seconds (a log that stopped signing; it signs one a minute "
+                   "while healthy)")
+    p.set_defaults(func=run_witness)
 
     p = cmds.add_parser("export", help="stream traces as JSON Lines or CSV")
     common(p)
@@ -77,6 +95,7 @@ def _store(args: argparse.Namespace) -> Any:
 def run_verify(args: argparse.Namespace) -> int:
     from guard.audit.anchor import AnchorSink, FileAnchorSink
     from guard.audit.chain import verify
+    from guard.audit.logcheck import verify_log
 
     async def go() -> Any:
         store = _store(args)
@@ -92,6 +111,8 @@ def run_verify(args: argparse.Namespace) -> int:
                                   anchors=anchors)
             if isinstance(store, LabelStore):
                 report.labels = await store.verify_labels()
+            if isinstance(store, LoggedStore) and store.log is not None:
+                await verify_log(store.log, report)
             return report, store.signer, sink
         finally:
             await store.aclose()
@@ -124,6 +145,14 @@ def run_verify(args: argparse.Namespace) -> int:
               + (f", latest at seq {report.last_anchor_seq}" if report.last_anchor_seq else "")
               + (" (signatures NOT checked)" if report.anchors_unchecked else "")
               + f"; not yet anchored: {report.unanchored} rows")
+    if report.log is not None:
+        facts = report.log
+        print(f"log: {facts['signed_rows']} rows with valid log signatures"
+              + (f", {facts['legacy_rows']} written before the log (unsigned)"
+                 if facts["legacy_rows"] else "")
+              + f"; Merkle tree of {facts['tree_size']} leaves; {facts['heads']} signed tree "
+              f"heads in the database, {facts['sink_heads']} in {facts['sink'] or 'no sink'}"
+              + (f" ({facts['resets']} accepted reset(s))" if facts["resets"] else ""))
     labels = report.labels
     if labels is not None:
         print(f"labels: checked {labels.traces} (seq 1..{labels.last_seq}) in their own chain;"
@@ -131,7 +160,8 @@ def run_verify(args: argparse.Namespace) -> int:
               + ("" if labels.anchors is None else f", {labels.anchors} anchors"
                  + f", not yet anchored: {labels.unanchored}"))
     if report.ok:
-        print("OK: the chain is intact" + (" (traces and labels)" if labels else ""))
+        print("OK: the chain is intact" + (" (traces and labels)" if labels else "")
+              + (" and the log matches its signed tree heads" if report.log else ""))
         return 0
     for part, what in ((report, ""), (labels, " (labels)")):
         if part is None or not part.problems:
@@ -195,3 +225,22 @@ def run_purge(args: argparse.Namespace) -> int:
     print(f"{verb} {result.removed} images ({result.freed_bytes / 1e6:.1f} MB) from {where!r}; "
           f"{result.kept} kept. Traces keep each image's sha256, so the chain still verifies.")
     return 0
+
+
+def run_witness(args: argparse.Namespace) -> int:
+    from guard.audit.transparency import LogCheckFailed, witness
+
+    while True:
+        try:
+            print(witness(args.url, args.state, keys=args.keys, max_age_s=args.max_age),
+                  flush=True)
+        except LogCheckFailed as exc:
+            print(f"FAILED: {exc}", flush=True)
+            return 1
+        except (ConnectionError, OSError, ValueError, ConfigError) as exc:
+            print(f"safeedit: error: {exc}", file=sys.stderr, flush=True)
+            if args.every is None:
+                return 2
+        if args.every is None:
+            return 0
+        time.sleep(args.every)

@@ -24,7 +24,10 @@ from guard.support.timewindow import time_option
 
 
 def register(sub: Any) -> None:
-    dataset = sub.add_parser("dataset", help="export judged items as a training dataset")
+    dataset = sub.add_parser("dataset", help="export judged items as a training dataset",
+                             description="Judged items from the audit log as a training "
+                                         "dataset, for `safeedit judge finetune` "
+                                         "(docs/finetune.md).")
     cmds = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     p = cmds.add_parser("export", help="one record per judged item, with labels and the "
                                        "images the policy retained (Hugging Face layout)",
@@ -101,6 +104,17 @@ def register_finetune(actions: Any) -> None:
                        help=f"{d[name].description} (default {d[name].default})")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (a 7B on one GPU)")
+    p.add_argument("--allow-one-class", action="store_true",
+                   help="train even when every example is safe, or every one unsafe")
+    p.add_argument("--no-eval", action="store_true",
+                   help="write the adapter without judging it on a held-back split (>= 10 "
+                        "items of each class)")
+    p.add_argument("--max-recall-drop", type=float, default=d["max_recall_drop"].default,
+                   help="write the adapter only when unsafe recall on the held-back split falls "
+                        "by no more than this (absolute; default %(default)s); else exit 1")
+    p.add_argument("--eval-only", type=Path, metavar="ADAPTER",
+                   help="judge ADAPTER on the held-back split against the base model; train "
+                        "nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_finetune)
 
@@ -127,4 +141,5 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
         print("\n".join(report.lines()))
-    return 0
+    # an adapter that failed its held-back evaluation is not written: a failure to act on
+    return 0 if report.written or options.eval_only is not None else 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from guard.core.policy import POLICIES_DIR, Policy, load_policy
+from guard.core.policy import Policy, load_policy
 from guard.offline.evaluate import EvalResult, evaluate, read_prompts
 from guard.plugins import Judge, build_judge
 from guard.support.errors import ConfigError
@@ -51,11 +51,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _policy(spec: str) -> Policy:
-    path = Path(spec)
-    if not path.exists() and (POLICIES_DIR / f"{spec}.yaml").exists():
-        path = POLICIES_DIR / f"{spec}.yaml"
-    return load_policy(path)
+def _policy(spec: str, config: Path | None) -> Policy:
+    """A file, or a shipped or configured id: the resolver of every `safeedit policy` command."""
+    from guard.cli.policy import policy_file
+
+    return load_policy(policy_file(spec, config))
 
 
 def _judge(config: Path | None) -> Judge:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be 0 or more")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be 1 or more")
-    policy = _policy(args.policy)
+    policy = _policy(args.policy, args.config)
     skipped: dict[str, int] = {}
     if args.labels is not None:
         rows, skipped = asyncio.run(_labelled(policy, args))

@@ -12,6 +12,9 @@ latency too, since the first call pays one-time costs (CUDA kernels, compilation
 judge (`ensemble`, `cascade`) works the same; a cascade's deciding stage is printed as `stage`,
 an ensemble's members under `details.members`.
 
+`safeedit judge coverage [--config F] [--policy P]` prints what the judge assesses per policy
+category, on the prompt and on the image (guard.judges.coverage), without a call.
+
 `safeedit judge finetune --dataset DIR --model M` trains a LoRA adapter for the `vlm` judge on a
 dataset from `safeedit dataset export` (guard.offline.finetune, docs/finetune.md).
 """
@@ -55,7 +58,20 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
     from guard.cli.dataset import register_finetune
 
-    register_finetune(p.add_subparsers(dest="judge_command", metavar="ACTION"))
+    actions = p.add_subparsers(dest="judge_command", metavar="ACTION")
+    register_finetune(actions)
+    c = actions.add_parser(
+        "coverage", help="what the judge assesses per policy category, on text and on images",
+        description="Print the coverage table the proxy logs at start: per policy category, "
+                    "whether each judge (each member of an ensemble or cascade) assesses it on "
+                    "the prompt and on the image, and what the policy's `unassessed` makes of "
+                    "a category no judge assesses on images (docs/judges.md). Makes no call.")
+    c.add_argument("--config", type=Path, help="operators' config whose `judge:` to use")
+    c.add_argument("--policy", help="policy file or shipped policy id (default: config's)")
+    c.add_argument("--kind", help="judge kind (default: the config's, else builtin)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other judge option; VALUE is read as YAML (repeatable)")
+    c.set_defaults(func=coverage)
 
 
 def judge_section(args: argparse.Namespace) -> tuple[dict[str, Any], str, list[str]]:
@@ -135,8 +151,22 @@ async def judge_once(args: argparse.Namespace) -> dict[str, Any]:
         "policy": policy.ref, "action": decision.action, "flagged": list(decision.flagged),
         "scores": {c: round(s, 6) for c, s in verdict.scores.items()},
         "thought": verdict.thought, "refined_prompt": verdict.refined_prompt, "raw": verdict.raw,
-        "details": dict(verdict.details), "timings_ms": timings,
+        "assessed_on": verdict.assessed_on, "details": dict(verdict.details),
+        "timings_ms": timings,
     }
+
+
+def coverage(args: argparse.Namespace) -> int:
+    from guard.judges.coverage import coverage_table
+
+    section, policy_id, policy_paths = judge_section(args)
+    policy = pick_policy(args.policy, policy_id, policy_paths)
+    judge = build_judge(section)
+    try:
+        sys.stdout.write(coverage_table(judge, policy))
+    finally:
+        asyncio.run(judge.aclose())
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,19 +32,26 @@ if TYPE_CHECKING:
     from guard.core.config import Config
 
 log = logging.getLogger("safeedit.serve")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 CUT_AFTER_DRAIN_S = 1  # how long requests cancelled at the drain timeout have to answer
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the proxy (embedded defaults without --config)")
-    p.add_argument("--config", help="operators' config file (YAML); see examples/config.yaml")
+    p.add_argument("--config", help="operators' config file (YAML); `safeedit config example` "
+                                    "prints one with every option")
     p.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default from config: 8000)")
     p.add_argument("--policies", action="append", default=[], metavar="DIR",
                    help="a folder (or file) of policies; repeatable. Read after the shipped "
                         "policies, ./policies/ and the config's policy_paths: later ones win on "
                         "equal ids")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower,
+                   help="what the proxy logs (default: %(default)s)")
+    p.add_argument("--accept-log-reset", action="store_true",
+                   help="start although the audit log no longer matches its last signed tree "
+                        "head (wiped, cut, forked, or its head sink lost): begins a new history "
+                        "and records the reset in the log")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes serving the one port, each with its own state "
                         "(default: %(default)s)")
@@ -75,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     # The bind address is a trusted Host by default (guard.http.middleware.hosts), so --host goes into the config.
     config = config.model_copy(update={"server": config.server.model_copy(update={"host": host})})
     port = args.port if args.port is not None else config.server.port
+    if args.accept_log_reset:
+        config = config.model_copy(update={"audit": {**config.audit, "accept_log_reset": True}})
     if args.workers < 1:
         print("safeedit: --workers must be 1 or more.", file=sys.stderr)
         return 2

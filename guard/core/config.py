@@ -1,4 +1,5 @@
-"""The operators' config: server, keys, policies, backends and routes, judge, audit, telemetry.
+"""The operators' config: server, keys, policies, backends and routes, judge, audit, telemetry,
+provenance.
 
 Vendor options live with their adapter: a backend, judge or store section is `{kind: ..., ...}`
 and the rest of the section is validated by that kind's own `from_config`.
@@ -198,6 +199,74 @@ class GuardConfig(_Strict):
     enabled: bool = Field(True, description="false = passthrough: no judging, traces still kept.")
 
 
+class C2paConfig(_Strict):
+    """`provenance.c2pa:`: the certificate chain and key C2PA manifests are signed with. With
+    neither, a development chain is made at first start under `dev_dir` (readers: untrusted)."""
+
+    cert_file: str | None = Field(
+        None, description="PEM file: the signing certificate first, then its intermediates "
+        "(not the root).")
+    cert_env: str | None = Field(None, description="Environment variable holding that PEM chain.")
+    key_file: str | None = Field(
+        None, description="PEM file with the certificate's private key (EC P-256/384/521, "
+        "Ed25519 or RSA), unencrypted; keep it mode 0600.")
+    key_env: str | None = Field(None, description="Environment variable holding that PEM key.")
+    tsa_url: str | None = Field(
+        None, description="RFC 3161 timestamp authority asked at every signature (none: the "
+        "manifest carries no trusted time).")
+    dev_dir: str | None = Field(
+        None, description="Where the development chain is made and kept when no certificate "
+        "is configured (its key mode 0600); default: `keys/` beside a SQLite audit database "
+        "(var/keys with the embedded defaults), else var/keys.")
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> C2paConfig:
+        for what in ("cert", "key"):
+            if getattr(self, f"{what}_file") and getattr(self, f"{what}_env"):
+                raise ValueError(f"give {what}_file or {what}_env, not both")
+        if bool(self.cert_file or self.cert_env) != bool(self.key_file or self.key_env):
+            raise ValueError("a certificate needs its key and a key its certificate")
+        if self.tsa_url is not None and urlsplit(self.tsa_url).scheme not in ("http", "https"):
+            raise ValueError("tsa_url must be an http(s) URL")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.cert_file or self.cert_env)
+
+
+class ProvenanceConfig(_Strict):
+    """`provenance:`: a C2PA manifest on every image the guard judged and delivers."""
+
+    enabled: bool = Field(True, description="false: images leave without a C2PA manifest.")
+    on_error: Literal["refuse", "unmarked"] = Field(
+        "refuse", description="When signing fails: refuse = a 500 (code provenance_failed), "
+        "no image leaves; unmarked = the image leaves without a manifest. Traced either way.")
+    c2pa: C2paConfig = Field(default_factory=C2paConfig)
+
+
+class ImageUrlsConfig(_Strict):
+    """`moderations.image_urls:`: whether an `image_url` input may name an http(s) URL, fetched
+    by the SSRF-safe fetcher (adapters.fetch) from the listed hosts only, on every redirect."""
+
+    enabled: bool = Field(False, description="Off: only data URIs (data:image/...;base64,).")
+    allow: list[Annotated[str, AfterValidator(pattern_name)]] = Field(
+        default_factory=list, description="Hosts an image URL may name (and redirect to): "
+        "names, `*.example.com`, or `*` for any public host.")
+    allow_private: bool = Field(
+        False, description="Also fetch from non-public addresses (private, loopback, ...).")
+    allow_networks: list[Annotated[str, AfterValidator(_network)]] = Field(
+        default_factory=list, description="Non-public networks fetched from all the same.")
+    max_bytes: int = Field(20_000_000, gt=0, description="Largest image fetched.")
+    timeout_s: float = Field(10.0, gt=0, description="Seconds per connection and read.")
+
+
+class ModerationsConfig(_Strict):
+    """`moderations:`: POST /v1/moderations (guard.pipeline.moderations)."""
+
+    image_urls: ImageUrlsConfig = Field(default_factory=ImageUrlsConfig)
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     keys: list[KeyConfig] = Field(default_factory=list)
@@ -223,7 +292,9 @@ class Config(_Strict):
         "See guard.imagestore.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    moderations: ModerationsConfig = Field(default_factory=ModerationsConfig)
 
     @model_validator(mode="after")
     def _any_host_needs_keys(self) -> Config:
@@ -266,6 +337,14 @@ class Config(_Strict):
     def tenant_limits(self, tenant: str) -> Limits:
         found = self.tenants.get(tenant)
         return found.limits if isinstance(found, TenantConfig) else Limits()
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where keys made at first start live: `keys/` beside a SQLite audit database."""
+        path = self.audit.get("path")
+        if self.audit.get("kind") == "sqlite" and isinstance(path, str) and path != ":memory:":
+            return Path(path).parent / "keys"
+        return Path("var/keys")
 
     @property
     def open_mode(self) -> bool:

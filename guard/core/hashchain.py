@@ -27,6 +27,13 @@ ProblemKind = Literal[
     "anchor_invalid",       # an anchor's signature is invalid
     "anchor_mismatch",      # the row at an anchored seq has another hash: rewritten or replaced
     "anchor_missing_rows",  # an anchored seq has no row: the log was cut or wiped
+    # the transparency log (guard.audit.tlog)
+    "signature",            # a row without a valid log signature: appended without the key
+    "tree",                 # a leaf does not match the row it logs, or leaves are missing
+    "fork",                 # a signed tree head's root differs from the log's: rewritten
+    "behind",               # the log is smaller than a signed tree head: cut or wiped
+    "head_sink",            # the tree-head sink is missing, empty or behind the database
+    "head_invalid",         # a tree head's signature is invalid or its key unknown
 ]
 
 
@@ -56,10 +63,18 @@ class VerifyReport:
     elapsed_s: float = 0.0
     noun: str = "trace"
     labels: VerifyReport | None = None  # the label chain's report (a store that keeps labels)
+    log: dict[str, Any] | None = None  # the transparency log's counts (None: no log)
+    max_problems: int = 50
 
     @property
     def ok(self) -> bool:
         return not self.problems and (self.labels is None or self.labels.ok)
+
+    def add(self, kind: ProblemKind, seq: int, row_id: str | None, message: str) -> None:
+        if len(self.problems) < self.max_problems:
+            self.problems.append(Problem(kind, seq, row_id, message))
+        else:
+            self.truncated = True
 
     @property
     def first(self) -> Problem | None:
@@ -87,6 +102,8 @@ class VerifyReport:
         }
         if self.labels is not None:
             report["label_chain"] = self.labels.to_dict()
+        if self.log is not None:
+            report["log"] = self.log
         return report
 
     def _problem_dict(self, p: Problem) -> dict[str, Any]:

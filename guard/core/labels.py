@@ -87,6 +87,11 @@ class QueueQuery:
     category: str | None = None
     policy_id: str | None = None
     policy_version: int | None = None
+    decision: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    q: str | None = None  # words of the request's prompt, as TraceQuery.q
     sample: float = 0.1  # the share of passed traces in the queue, in [0, 1]
     limit: int = 50
 

@@ -19,6 +19,7 @@ those categories has a hit too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from bisect import bisect_left, bisect_right
@@ -37,6 +38,7 @@ from guard.core.words import (
     split_words,
     squeeze,
     stretched,
+    strip_format,
 )
 from guard.support.errors import ConfigError
 
@@ -209,8 +211,12 @@ class TermMatcher:
         return out
 
     def scan(self, prompt: str) -> TextScores:
-        """Score `prompt` per category, with the hits behind each score."""
-        raw = self._raw_hits(prompt)
+        """Score `prompt` per category, with the hits behind each score. Format characters and
+        NUL are not read (`na\u200bked` is `naked`); hits' spans are in `prompt` as given."""
+        clean, where = strip_format(prompt)
+        raw = self._raw_hits(clean)
+        if where is not None:
+            raw = {cat: [_moved(h, prompt, where) for h in hits] for cat, hits in raw.items()}
         scored: dict[str, tuple[Hit, ...]] = {}
         for cat in self.categories:
             found = tuple(raw.get(cat, ()))
@@ -283,6 +289,12 @@ class TermMatcher:
                                      if h.kind == "pattern" or h.start not in negated])
                 for cat, hits in out.items()}
         return {cat: hits for cat, hits in kept.items() if hits}
+
+
+def _moved(hit: Hit, prompt: str, where: list[int]) -> Hit:
+    """A hit in the prompt with format characters removed, put back in the prompt as given."""
+    start, end = where[hit.start], where[hit.end - 1] + 1
+    return dataclasses.replace(hit, start=start, end=end, text=prompt[start:end])
 
 
 def _roots(keys: Iterable[str]) -> dict[str, str]:

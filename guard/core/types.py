@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,6 +154,26 @@ class Verdict:
     raw: str = ""
     latency_ms: float = 0.0
     details: Mapping[str, Any] = field(default_factory=dict)
+    # Per category, the inputs the judge assessed it on, a subset of INPUTS ("text": the prompt,
+    # "image"); a category it did not assess is absent or empty, and has no score. None: the
+    # judge does not say (see `coverage`).
+    assessed_on: dict[str, list[str]] | None = None
+
+    def coverage(self, categories: Iterable[str], *, image: bool) -> dict[str, list[str]]:
+        """Per category, the inputs this verdict assessed it on (`image`: the item had one).
+
+        A judge that does not say is taken to assess every category on every input it was given,
+        except what its `details.unassessed` lists, which it did not look at in the item itself
+        (the convention before `assessed_on`)."""
+        if self.assessed_on is not None:
+            return {c: [i for i in INPUTS if i in self.assessed_on.get(c, ())]
+                    for c in categories}
+        skipped = set(self.details.get("unassessed") or ())
+        given = list(INPUTS) if image else ["text"]
+        return {c: (["text"] if image else []) if c in skipped else given for c in categories}
+
+
+INPUTS = ("text", "image")  # what a judge may assess a category on: the prompt, the image
 
 
 # --- the audit trace -------------------------------------------------------------------------
@@ -176,6 +196,10 @@ class JudgedImage(_Model):
     raw: str = ""
     judge_ms: float = 0.0
     details: dict[str, Any] = Field(default_factory=dict)
+    # Policy categories the item could not be judged for on its own input (an image's, or the
+    # prompt's at the prescreen), and what decided each: "prompt" (the prompt's verdict stood),
+    # "refuse" or "pass" (the policy's `unassessed`), "image" (a prescreen: left to the image).
+    unassessed: dict[str, str] = Field(default_factory=dict)
     # Each slot keeps its own clock: the round this image was made in, how long its backend call
     # took, and who wrote the prompt it was made from (a judge's id, "rules" for the rule
     # refiner, None for the client's own prompt). None in traces written before these existed.
@@ -234,8 +258,13 @@ class SlotResult(_Model):
     decision: ImageDecision
     rounds: int
     prompt: str
-    image_sha256: str | None = None
+    image_sha256: str | None = None  # the image as generated (what the judge saw)
     categories: list[str] = Field(default_factory=list)
+    # The image as delivered: with its C2PA manifest (guard.provenance), else image_sha256's bytes.
+    # `provenance`: "c2pa" when marked, "unmarked: <why>" when sent without a manifest under
+    # `provenance.on_error: unmarked`, None when provenance is off (or in passthrough).
+    delivered_sha256: str | None = None
+    provenance: str | None = None
 
 
 class TraceError(_Model):
@@ -265,6 +294,9 @@ class Trace(_Model):
     categories: list[str] = Field(default_factory=list)
     error: TraceError | None = None
     status: int = 200
+    # The OpenTelemetry trace (W3C, 32 hex digits) the request ran under: the caller's when it
+    # sent a traceparent, else the proxy's own; None when there was none (export off, no caller's).
+    otel_trace_id: str | None = None
     prev_hash: str | None = None
     hash: str | None = None
 
@@ -316,9 +348,18 @@ class Trace(_Model):
             "id": self.id, "created_at": self.created_at, "decision": self.decision,
             "categories": self.categories, "status": self.status, "model": self.model,
             "tenant": self.tenant, "key_id": self.key_id, "policy": self.policy,
+            "endpoint": self.endpoint, "prompt": _shortened(self.request.get("prompt")),
             "rounds": self.round_count(),
             "duration_ms": self.duration_ms,
         }
+
+
+SUMMARY_PROMPT_CHARS = 300  # a trace list's prompt; the trace itself has all of it
+
+
+def _shortened(prompt: Any) -> str:
+    text = prompt if isinstance(prompt, str) else ""
+    return text if len(text) <= SUMMARY_PROMPT_CHARS else text[:SUMMARY_PROMPT_CHARS - 1] + "…"
 
 
 @dataclass

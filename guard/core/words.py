@@ -1,6 +1,9 @@
 """Words of a prompt as the builtin judge's term matcher (guard.core.terms) compares them:
 split with their spans, folded (case, accents, look-alike letters), leetspeak undone, and the
-alternatives of a word written apart (`n.a.k.e.d`, `n-ked`, `n a k e d`)."""
+alternatives of a word written apart (`n.a.k.e.d`, `n-ked`, `n a k e d`); format characters
+(zero-width spaces and joiners, soft hyphens, direction marks) and NUL, which split a word past
+every list, removed first. Also the closed classes of English words (articles, prepositions,
+pronouns) the rule refiner (guard.core.refiner) reads phrases by."""
 
 from __future__ import annotations
 
@@ -24,6 +27,67 @@ _RAW_WORD = re.compile(r"[\w@$*!'’.\-]+", re.UNICODE)
 _SEPARATORS = re.compile(r"[.\-_]+")
 VOWELS = set("aeiou")
 NEGATORS = frozenset({"no", "not", "without", "non", "anti", "zero", "never"})
+
+
+def strip_format(text: str) -> tuple[str, list[int] | None]:
+    """`text` without format characters (Unicode category Cf) and NUL, and where each character
+    left came from (None when nothing was removed)."""
+    if text.isprintable() or not any(_invisible(c) for c in text):
+        return text, None
+    where = [i for i, c in enumerate(text) if not _invisible(c)]
+    return "".join(text[i] for i in where), where
+
+
+def _invisible(ch: str) -> bool:
+    return ch == "\0" or (not ch.isprintable() and unicodedata.category(ch) == "Cf")
+
+
+# --- closed word classes, for reading phrases ------------------------------------------------
+
+ARTICLES = frozenset({"a", "an", "the"})
+# Words that stand before a noun and mean nothing without one.
+DETERMINERS = ARTICLES | frozenset({
+    "his", "her", "their", "its", "my", "your", "our", "this", "that", "these", "those", "some",
+    "any", "each", "every", "another", "several", "many", "few", "one", "two", "three", "four",
+    "five", "six", "seven", "eight", "nine", "ten", "lots", "lot", "bunch", "pair"})
+PREPOSITIONS = frozenset({
+    "about", "above", "across", "after", "against", "along", "amid", "among", "around", "as",
+    "at", "before", "behind", "below", "beneath", "beside", "besides", "between", "beyond", "by",
+    "despite", "down", "during", "except", "for", "from", "in", "inside", "into", "like", "near",
+    "of", "off", "on", "onto", "out", "outside", "over", "past", "per", "through",
+    "throughout", "to", "toward", "towards", "under", "underneath", "until", "up", "upon", "via",
+    "with", "within", "without"})
+CONJUNCTIONS = frozenset({"and", "or", "but", "nor", "&", "while", "whilst", "whereas", "so"})
+# An object that goes with the verb it follows ("choking each other", "beating him").
+OBJECT_PRONOUNS = frozenset({
+    "him", "her", "them", "it", "me", "us", "you", "himself", "herself", "themselves", "itself",
+    "myself", "yourself", "ourselves", "each", "one"})
+AUXILIARIES = frozenset({
+    "be", "is", "are", "was", "were", "been", "being", "has", "have", "had", "having", "do",
+    "does", "did", "doing", "get", "gets", "got", "getting", "gotten"})
+# Words ending in -ing that are things, not doings ("a painting of a king").
+ING_NOUNS = frozenset({
+    "anything", "awning", "bedding", "being", "beings", "bling", "building", "buildings",
+    "ceiling", "clothing", "darling", "dressing", "dumpling", "evening", "everything", "feeling",
+    "king", "kings", "lighting", "morning", "nothing", "offspring", "painting", "paintings",
+    "pudding", "ring", "rings", "sibling", "something", "spring", "sterling", "string",
+    "swing", "thing", "things", "viking", "vikings", "wedding", "wing", "wings", "ping",
+    "ding", "sling", "fling", "sing", "bring", "sting", "cling", "wring", "during"})
+# Words that describe the picture rather than what is in it: a prompt of only these (and
+# function words) has nothing left to show.
+STYLE_WORDS = frozenset({
+    "art", "artwork", "artstation", "award", "winning", "beautiful", "cinematic", "concept",
+    "detail", "detailed", "details", "digital", "dramatic", "epic", "high", "highly", "hd",
+    "hdr", "hyperrealistic", "hyper", "illustration", "intricate", "k", "lighting", "masterpiece",
+    "octane", "painting", "photo", "photograph", "photography", "photorealistic", "portrait",
+    "quality", "realistic", "render", "resolution", "sharp", "focus", "style", "trending",
+    "ultra", "unreal", "engine", "uhd", "4k", "8k", "16k", "volumetric", "hq", "closeup",
+    "close-up", "full", "body", "shot", "image", "picture", "very", "extremely", "insanely",
+    "stunning", "amazing", "best", "professional", "smooth", "elegant", "vivid", "colors",
+    "colours", "lens", "mm", "f"})
+FUNCTION_WORDS = (DETERMINERS | PREPOSITIONS | CONJUNCTIONS | OBJECT_PRONOUNS | AUXILIARIES
+                  | frozenset({"he", "she", "they", "i", "we", "who", "which", "what", "there",
+                               "not", "no", "very", "just", "also", "other", "s"}))
 
 
 def fold(text: str) -> str:

@@ -20,20 +20,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from guard.audit import LoggedStore
 from guard.core.config import Config, load_config
 from guard.http import audit
 from guard.http import labels as labels_api
+from guard.http import log as log_api
 from guard.http.errors import status_of
 from guard.http.images import edits, generations, served_image
 from guard.http.middleware.drain import Drain
 from guard.http.middleware.forwarded import ForwardedClient
 from guard.http.middleware.hosts import TrustedHostMiddleware
+from guard.http.moderations import GUARDRAIL, MODERATIONS, litellm_guardrail, moderations
 from guard.http.openapi import openapi_document
 from guard.http.policy_reload import PolicyReloader
+from guard.http.policy_reload import history as policy_history
 from guard.http.responses import JSONResponse, api
 from guard.pipeline.exchange import GuardState, build_state
 from guard.review import routes as review_routes
-from guard.support.errors import GuardError, MethodNotAllowed, NotFound
+from guard.support.errors import ConfigError, GuardError, MethodNotAllowed, NotFound
 from guard.support.lifecycle import close_all, start_all
 
 log = logging.getLogger("safeedit.proxy")
@@ -67,12 +71,21 @@ def routes() -> list[BaseRoute]:
         Route("/v1/images/generations", generations, methods=["POST"]),
         Route("/v1/images/edits", edits, methods=["POST"]),
         Route("/v1/guard/images/{image_id}", served_image, methods=["GET"]),
+        Route(MODERATIONS, moderations, methods=["POST"]),
+        Route(GUARDRAIL, litellm_guardrail, methods=["POST"]),
         Route("/v1/guard/traces", api(audit.list_traces, "auditor"), methods=["GET"]),
         Route("/v1/guard/traces/{trace_id}", api(audit.get_trace, "auditor"), methods=["GET"]),
         Route("/v1/guard/traces/{trace_id}/labels", api(labels_api.add_label, "auditor"),
               methods=["POST"]),
         Route("/v1/guard/labels", api(labels_api.list_labels, "auditor"), methods=["GET"]),
         Route("/v1/guard/policies/reload", api(audit.reload_policies, "admin"), methods=["POST"]),
+        Route("/v1/guard/policies/history", api(policy_history, "auditor"), methods=["GET"]),
+        Route("/v1/guard/log/keys", log_api.endpoint(log_api.keys), methods=["GET"]),
+        Route("/v1/guard/log/sth", log_api.endpoint(log_api.sth), methods=["GET"]),
+        Route("/v1/guard/log/proof/inclusion", log_api.endpoint(log_api.inclusion),
+              methods=["GET"]),
+        Route("/v1/guard/log/proof/consistency", log_api.endpoint(log_api.consistency),
+              methods=["GET"]),
         Route("/healthz", audit.healthz, methods=["GET"]),
         Route("/readyz", audit.readyz, methods=["GET"]),
         Route("/metrics", audit.metrics, methods=["GET"]),
@@ -90,6 +103,14 @@ def create_app(config: Config | None = None, *,
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         state = build_state(config, status_of, span_exporter)
         app.state.guard = state
+        store = state.store
+        if isinstance(store, LoggedStore) and store.log is not None:
+            # Before any request: a log that shrank, forked or lost its heads is not served.
+            try:
+                await store.log.check_start(store.accept_log_reset)
+            except ConfigError as exc:
+                log.critical("%s", exc)
+                raise
         app.state.policy_reloader = reloader = PolicyReloader.start(state)
         if state.auth.open_mode:
             log.warning("no API keys configured: open mode, any key is accepted "
@@ -106,8 +127,10 @@ def create_app(config: Config | None = None, *,
             state.telemetry.shutdown()
 
     served = routes()
-    # Probes and metrics answer while draining; the images API refuses itself, with a trace.
-    drain = Drain(exempt=("/healthz", "/readyz", "/metrics", "/v1/images/"))
+    # Probes and metrics answer while draining; the images API and the checks refuse
+    # themselves, with a trace.
+    drain = Drain(exempt=("/healthz", "/readyz", "/metrics", "/v1/images/", MODERATIONS,
+                          GUARDRAIL))
     # Every route answers only to trusted Host names (guard.http.middleware.hosts: DNS rebinding, links).
     app = Starlette(routes=served, lifespan=lifespan, middleware=[Middleware(
         TrustedHostMiddleware, hosts=config.server.hosts(), public_url=config.server.public_url),

@@ -40,8 +40,10 @@ async def readyz(request: Request) -> Response:
     checks = {**await readiness(state_of(request).parts()),
               "accepting": not request.app.state.drain.draining}
     ok = all(checks.values())
-    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
-                         200 if ok else 503)
+    # Stale policy files do not make the proxy unready: it serves the versions it had.
+    stale = list(request.app.state.policy_reloader.stale.values())
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks,
+                         "details": {"stale_policies": stale}}, 200 if ok else 503)
 
 
 async def metrics(request: Request) -> Response:

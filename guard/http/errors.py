@@ -24,6 +24,7 @@ from guard.support.errors import (
     PayloadTooLarge,
     PermissionDenied,
     PolicyViolation,
+    ProvenanceFailed,
     RateLimited,
     RequestError,
     Unavailable,
@@ -48,6 +49,7 @@ STATUS: dict[type[GuardError], int] = {
     JudgeError: 503,
     DeadlineExceeded: 504,
     Unavailable: 503,
+    ProvenanceFailed: 500,  # the guard's own signing failed: neither the client's nor the backend's
     Unsupported: 501,
     Draining: 503,
     ConfigError: 500,

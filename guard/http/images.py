@@ -35,7 +35,7 @@ async def edits(request: Request) -> Response:
 
 async def _serve(request: Request, endpoint: str, parse: Parser) -> Response:
     state = state_of(request)
-    exchange = Exchange(state, endpoint)
+    exchange = Exchange(state, endpoint, request.headers)
     refused = await exchange.admit(request.headers.get("authorization"),
                                    request.headers.get("x-guard-policy"),
                                    request.app.state.drain.unless_draining(

@@ -16,6 +16,12 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from guard.core.labels import MAX_NOTE, VERDICTS, Label
+from guard.core.moderation import (
+    GuardrailRequest,
+    GuardrailResponse,
+    ModerationRequest,
+    ModerationResponse,
+)
 from guard.core.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
 from guard.core.types import Trace
 
@@ -39,6 +45,8 @@ _ERRORS = {
     404: "Not found.",
     413: "The body is larger than the server's limit.",
     429: "The image backend is rate limiting (Retry-After).",
+    500: "An internal error; or the image could not be given its C2PA manifest (code "
+         "`provenance_failed`, under `provenance.on_error: refuse`): nothing was served.",
     502: "The image backend failed.",
     503: "A judge or the audit store is unavailable; nothing was served.",
     504: "The image backend timed out, or the request's deadline passed (policy "
@@ -86,7 +94,7 @@ _IMAGES_OK = {
     "headers": {"x-guard-trace-id": {"schema": {"type": "string"},
                                      "description": "The request's trace."}},
 }
-_IMAGES_ERRORS = (400, 401, 403, 413, 429, 502, 503, 504)
+_IMAGES_ERRORS = (400, 401, 403, 413, 429, 500, 502, 503, 504)
 _TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
 _PUBLIC: list[dict[str, list[str]]] = []  # an operation without authentication
 
@@ -106,6 +114,26 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"},
                          "mask": {"contentType": "image/png"}}}}},
         "responses": _responses(_IMAGES_OK, *_IMAGES_ERRORS),
+    },
+    ("POST", "/v1/moderations"): {
+        "operationId": "createModeration", "tags": ["Moderations"],
+        "summary": "OpenAI's moderations, served by the guard's judge under the caller's "
+                   "policy (categories under OpenAI's names, docs/gateways.md).",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("ModerationRequest")}}},
+        "responses": _responses(_json(_ref("ModerationResponse"), "One result per input."),
+                                400, 401, 403, 413, 429, 503),
+    },
+    ("POST", "/beta/litellm_basic_guardrail_api"): {
+        "operationId": "litellmGuardrail", "tags": ["Moderations"],
+        "summary": "LiteLLM's Generic Guardrail API: the prescreen; the key as Authorization "
+                   "or `x-api-key`.",
+        "security": [{"bearer": []}, {"x-api-key": []}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("GuardrailRequest")}}},
+        "responses": _responses(_json(_ref("GuardrailResponse"), "NONE, GUARDRAIL_INTERVENED "
+                                      "(refined texts) or BLOCKED."),
+                                400, 401, 403, 413, 429, 503),
     },
     ("GET", "/v1/guard/images/{image_id}"): {
         "operationId": "getServedImage", "tags": ["Guard"], "security": _PUBLIC,
@@ -131,6 +159,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             _query("until", {"type": "string"}, "As `since`."),
             *(_query(name, {"type": "string"}, f"Only traces with this {name}.")
               for name in _TEXT_FILTERS),
+            _query("q", {"type": "string", "maxLength": 500}, "Words of the request's prompt "
+                   "(1 to 16): each must begin a word of it, in any order and case."),
+            _query("endpoint", {"enum": ["generations", "edits", "/v1/images/generations",
+                                         "/v1/images/edits"]}, "Only traces of this endpoint."),
+            _query("policy", {"type": "string"}, "Only traces with this policy id (or "
+                   "`policy_id`, not both)."),
             _query("policy_version", {"type": "integer", "minimum": 0,
                                       "maximum": 2**31 - 1}, "Only this policy version."),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
@@ -170,6 +204,20 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                    "Page size."),
             _query("cursor", {"type": "string"}, "`next_cursor` of the previous page.")],
         "responses": _responses(_json(_ref("LabelList"), "One page of labels."), 400, 401, 403),
+    },
+    ("GET", "/v1/guard/policies/history"): {
+        "operationId": "policyHistory", "tags": ["Audit"],
+        "summary": "Every policy version served (its sha256, effective content kept in the "
+                   "audit store), each start and reload, and with `a` and `b` the differences "
+                   "between two versions.",
+        "parameters": [
+            _query("policy", {"type": "string"}, "Only this policy id."),
+            _query("a", {"type": "string"}, "sha256 of a version to compare (with `b`)."),
+            _query("b", {"type": "string"}, "sha256 of the version to compare it with."),
+        ],
+        "responses": _responses(_json({"type": "object", "required": ["object", "data",
+                                                                      "events"]},
+                                      "The history."), 400, 401, 403, 404),
     },
     ("POST", "/v1/guard/policies/reload"): {
         "operationId": "reloadPolicies", "tags": ["Operations"],
@@ -229,7 +277,9 @@ def _components() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(ImageGenerationRequest, "validation"), (ImageEditRequest, "validation"),
          (ImagesResponse, "serialization"), (Trace, "serialization"),
-         (Label, "serialization")], ref_template=_REF)
+         (Label, "serialization"), (ModerationRequest, "validation"),
+         (ModerationResponse, "serialization"), (GuardrailRequest, "validation"),
+         (GuardrailResponse, "serialization")], ref_template=_REF)
     schemas: dict[str, Any] = defs["$defs"]
     schemas["Label"]["properties"].update({
         "object": {"const": "guard.label"},
@@ -275,7 +325,12 @@ def _components() -> dict[str, Any]:
         "Readiness": {"type": "object", "required": ["status", "checks"],
                       "properties": {"status": {"enum": ["ready", "not ready"]},
                                      "checks": {"type": "object",
-                                                "additionalProperties": {"type": "boolean"}}}},
+                                                "additionalProperties": {"type": "boolean"}},
+                                     "details": {"type": "object", "properties": {
+                                         "stale_policies": {"type": "array", "description":
+                                             "Policy files changed under a version already "
+                                             "served; that version's content is served "
+                                             "until the file's version is raised."}}}}},
     })
     return {
         "schemas": schemas,
@@ -283,7 +338,10 @@ def _components() -> dict[str, Any]:
                       for status, description in _ERRORS.items()},
         "securitySchemes": {"bearer": {
             "type": "http", "scheme": "bearer",
-            "description": "An API key from the config's `keys` (any key in open mode)."}},
+            "description": "An API key from the config's `keys` (any key in open mode)."},
+            "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                          "description": "The same key, as LiteLLM sends a guardrail's "
+                                         "(the guardrail endpoint only)."}},
     }
 
 

@@ -178,6 +178,12 @@ class NudityDetector:
 IMAGE_CATEGORIES = ("sexual",)  # what the image check (NudeNet) can see
 
 
+def text_categories(policy: Policy) -> list[str]:
+    """The policy categories its term lists look for in a prompt (they have terms or patterns)."""
+    return [c for c in policy.categories
+            if (t := policy.terms.get(c)) is not None and (t.strong or t.weak or t.patterns)]
+
+
 class BuiltinJudge:
     """Term lists and patterns on prompts, NudeNet on images, the rule-based refiner."""
 
@@ -226,6 +232,14 @@ class BuiltinJudge:
 
     async def ready(self) -> bool:
         return not self.nudenet or self._detector is not None
+
+    def coverage(self, policy: Policy) -> dict[str, set[str]]:
+        """Term lists on the prompt; NudeNet on the image, for nudity only."""
+        out = {c: {"text"} for c in text_categories(policy)}
+        for c in IMAGE_CATEGORIES if self.nudenet else ():
+            if c in policy.categories:
+                out.setdefault(c, set()).add("image")
+        return out
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -309,7 +323,8 @@ class BuiltinJudge:
     def _verdict(self, item: JudgeInput, text: TextScores,
                  detections: list[dict[str, Any]] | None, policy: Policy,
                  latency: float) -> Verdict:
-        scores = dict(text.scores)
+        assessed_on = {c: ["text"] for c in text_categories(policy)}
+        scores = {c: s for c, s in text.scores.items() if c in assessed_on}
         details: dict[str, Any] = {"hits": text.hits_dict()}
         image_score = None
         if detections is not None:
@@ -321,11 +336,16 @@ class BuiltinJudge:
             details["image_scores"] = {"sexual": image_score}
         elif item.image is not None:
             details["image_checked"] = False
-        if item.image is not None:
-            # What the image itself was not checked for (NudeNet sees nudity only): a low score
-            # there is "not looked at", never "clean"; a cascade hands such items on.
-            seen = IMAGE_CATEGORIES if detections is not None else ()
-            details["unassessed"] = [c for c in policy.categories if c not in seen]
+        seen = IMAGE_CATEGORIES if detections is not None else ()
+        for c in seen:
+            if c in policy.categories:
+                assessed_on.setdefault(c, []).append("image")
+        # What the item's own input was not checked for (NudeNet sees nudity only; a category
+        # without terms is not looked for in a prompt): "not looked at", never "clean".
+        own = "image" if item.image is not None else "text"
+        missing = [c for c in policy.categories if own not in assessed_on.get(c, ())]
+        if item.image is not None or missing:
+            details["unassessed"] = missing
         thought, refined = "", None
         decision = policy.decide(scores)  # which categories to explain and refine
         if decision.unsafe:  # the rules' thought costs nothing: kept for refusals too
@@ -334,7 +354,7 @@ class BuiltinJudge:
         if policy.wants_explanation(scores):
             refined = refine_prompt(item.prompt, decision.flagged, policy)
         return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
-                       latency_ms=latency, details=details)
+                       latency_ms=latency, details=details, assessed_on=assessed_on)
 
 
 def _explain(decision: Decision, scores: Mapping[str, float], text: TextScores,

@@ -7,10 +7,12 @@
       choose: {sexual: 1}
       on_member_error: fail
 
-`ensemble`: every member judges the same items concurrently. Per category the verdict takes the
-highest of the members' scores, or the score of the member `choose` names for that category (a
-member index, or its judge id when no other member has it; when that member was skipped or gave no
-score for the category, the highest of the others). Where `policy.wants_explanation` says so for
+`ensemble`: every member judges the same items concurrently, and the verdict combines them by
+coverage: per category, the highest score of the members that assessed it (Verdict.coverage), or
+the score of the member `choose` names for that category (a member index, or its judge id when no
+other member has it; when that member was skipped or did not assess the category, the highest of
+the others). The verdict's `assessed_on` is the union of the members': only a category no member
+assessed is unassessed, and the policy's `unassessed` decides what that means. Where `policy.wants_explanation` says so for
 the combined scores, the refiner (a judge section; default the builtin rule refiner, without
 NudeNet) writes the thought and the refined prompt: a `guard.judges.Refiner` is handed the combined
 scores, any other judge sees them as the last entry of the item's history (a model judge used
@@ -21,13 +23,15 @@ fails). `details.members` lists each member's judge id, scores, time and error.
 `cascade`: the first stage judges every item; an item moves on to the next stage while it is
 uncertain, i.e. while some policy category's score s lies in the band `low <= s < high` (a score
 under `low` is surely safe, one at or over `high` surely unsafe; a category the stage did not
-score counts as 0). An item is handed on too while the stage says it could not assess some
-policy category for it (`details.unassessed`: the builtin judge's image check sees nudity only,
-a hosted service may not apply a category to images), so a low score there is never read as
-safe. An item a stage flags (`policy.wants_explanation`) without a refined prompt
+score counts as 0). An item is handed on too while the stage did not assess some policy
+category on the item's own input (the image, or a prompt alone: the builtin judge's image check
+sees nudity only, a hosted service may not apply a category to images), so a low score there is
+never read as safe. An item a stage flags (`policy.wants_explanation`) without a refined prompt
 is handed on as well, so that a later stage that can refine writes it; the verdict is then the
 later stage's, scores included, as it saw more (when no later stage refines, the engine's rule
-refiner does). The last stage decides whatever it says. `details.stage` names the deciding stage
+refiner does). The last stage decides whatever it says, combined by coverage with the stages
+before it: for a category it did not assess on some input an earlier stage did, the higher of
+its score and that stage's; `assessed_on` is the union along the way. `details.stage` names the deciding stage
 (index and judge id); `details.stages` lists each stage the item went through with its scores,
 its time (the stage's call for the batch) and why it handed the item on.
 
@@ -47,7 +51,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guard.core.policy import Policy
-from guard.core.types import HistoryEntry, JudgeInput, Verdict
+from guard.core.types import INPUTS, HistoryEntry, JudgeInput, Verdict
+from guard.judges.coverage import declared
 from guard.plugins import Explanation, Judge, Refiner, build_judge
 from guard.support.errors import ConfigError, GuardError, JudgeError
 from guard.support.lifecycle import Startable, close_all
@@ -111,6 +116,18 @@ def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
     return {c: round(float(s), 6) for c, s in scores.items()}
 
 
+Covered = dict[str, set[str]]  # category -> the inputs it was assessed on
+
+
+def _covered(verdict: Verdict, policy: Policy, item: JudgeInput) -> Covered:
+    cov = verdict.coverage(policy.categories, image=item.image is not None)
+    return {c: set(inputs) for c, inputs in cov.items() if inputs}
+
+
+def _listed(on: Covered) -> dict[str, list[str]]:
+    return {c: [i for i in INPUTS if i in inputs] for c, inputs in on.items()}
+
+
 @dataclass(slots=True)
 class _Run:
     """One judge's call on a batch: its verdicts, or why it failed, and how long it took."""
@@ -135,9 +152,19 @@ class _Parts:
     """Lifecycle of the judges a composite holds."""
 
     parts: list[Judge]
+    judges: list[Judge]  # those whose verdicts it combines (members, stages; not a refiner)
 
     async def start(self) -> None:
         await asyncio.gather(*(p.start() for p in self.parts if isinstance(p, Startable)))
+
+    def coverage(self, policy: Policy) -> Covered:
+        """The union of what its judges assess (guard.plugins.Covering)."""
+        out: Covered = {}
+        for judge in self.judges:
+            for category, inputs in declared(judge, policy).items():
+                if inputs:
+                    out.setdefault(category, set()).update(inputs)
+        return out
 
     async def ready(self) -> bool:
         return all(await asyncio.gather(*(p.ready() for p in self.parts)))
@@ -185,6 +212,7 @@ class EnsembleJudge(_Parts):
         self.on_member_error = on_member_error
         self.id = id or "ensemble(" + "+".join(m.id for m in self.members) + ")"
         self.parts = [*self.members, refiner]
+        self.judges = self.members
 
     def _member_index(self, category: str, ref: int | str) -> int:
         ids = [m.id for m in self.members]
@@ -227,8 +255,9 @@ class EnsembleJudge(_Parts):
             what = "every ensemble member failed; " if len(failed) == len(runs) else ""
             raise JudgeError(f"{what}ensemble member {i} ({self.members[i].id}) failed: "
                              f"{_reason(error)}") from error
-        combined = [self._combine([r.verdicts[k] if r.verdicts else None for r in runs])
-                    for k in range(len(items))]
+        both = [self._combine([r.verdicts[k] if r.verdicts else None for r in runs], policy,
+                              items[k]) for k in range(len(items))]
+        combined = [scores for scores, _ in both]
         wanted = [k for k, scores in enumerate(combined) if policy.wants_explanation(scores)]
         explained: dict[int, Explanation] = {}
         if wanted:
@@ -240,21 +269,30 @@ class EnsembleJudge(_Parts):
                                  f"{_reason(exc)}") from exc
             explained = dict(zip(wanted, answers, strict=True))
         latency = _ms(started)
-        return [self._verdict(k, runs, combined[k], explained.get(k), latency)
+        return [self._verdict(k, runs, *both[k], explained.get(k), latency)
                 for k in range(len(items))]
 
-    def _combine(self, verdicts: Sequence[Verdict | None]) -> dict[str, float]:
+    def _combine(self, verdicts: Sequence[Verdict | None], policy: Policy, item: JudgeInput
+                 ) -> tuple[dict[str, float], Covered]:
+        """Per category, the highest score of the members that assessed it (the chosen
+        member's, where `choose` names one that did); what they assessed it on, together."""
         scores: dict[str, float] = {}
-        for verdict in verdicts:
+        on: Covered = {}
+        covered = [_covered(v, policy, item) if v is not None else {} for v in verdicts]
+        for verdict, cov in zip(verdicts, covered, strict=True):
             for cat, score in (verdict.scores if verdict else {}).items():
-                scores[cat] = max(scores.get(cat, 0.0), float(score))
+                if cat in cov or cat not in policy.categories:  # a score only for what it saw
+                    scores[cat] = max(scores.get(cat, 0.0), float(score))
+            for cat, inputs in cov.items():
+                on.setdefault(cat, set()).update(inputs)
+                scores.setdefault(cat, 0.0)
         for cat, index in self.choose.items():
             chosen = verdicts[index]
-            if chosen is not None and cat in chosen.scores:
+            if chosen is not None and cat in covered[index] and cat in chosen.scores:
                 scores[cat] = float(chosen.scores[cat])
-        return scores
+        return scores, on
 
-    def _verdict(self, k: int, runs: Sequence[_Run], scores: dict[str, float],
+    def _verdict(self, k: int, runs: Sequence[_Run], scores: dict[str, float], on: Covered,
                  explanation: Explanation | None, latency: float) -> Verdict:
         members: list[dict[str, Any]] = []
         raws: list[str] = []
@@ -266,6 +304,8 @@ class EnsembleJudge(_Parts):
             else:
                 verdict = run.verdicts[k]
                 entry["scores"] = _rounded(verdict.scores)
+                if verdict.assessed_on is not None:
+                    entry["assessed_on"] = dict(verdict.assessed_on)
                 if verdict.details:
                     entry["details"] = dict(verdict.details)
                 if verdict.raw:
@@ -277,7 +317,7 @@ class EnsembleJudge(_Parts):
         explanation = explanation or Explanation()
         return Verdict(scores=scores, judge_id=self.id, thought=explanation.thought,
                        refined_prompt=explanation.refined_prompt, raw="\n---\n".join(raws),
-                       latency_ms=latency, details=details)
+                       latency_ms=latency, details=details, assessed_on=_listed(on))
 
 
 class CascadeJudge(_Parts):
@@ -294,7 +334,7 @@ class CascadeJudge(_Parts):
         self.stages = list(stages)
         self.band = band
         self.id = id or "cascade(" + ">".join(s.id for s in self.stages) + ")"
-        self.parts = list(self.stages)
+        self.parts = self.judges = list(self.stages)
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> CascadeJudge:
@@ -307,19 +347,21 @@ class CascadeJudge(_Parts):
         return any(self.band.low <= scores.get(cat, 0.0) < self.band.high
                    for cat in policy.categories)
 
-    def _hand_on(self, verdict: Verdict, policy: Policy) -> str | None:
+    def _hand_on(self, verdict: Verdict, policy: Policy, item: JudgeInput) -> str | None:
         if self.uncertain(verdict.scores, policy):
             return "uncertain"
-        unassessed = verdict.details.get("unassessed") or ()
-        if any(cat in policy.categories for cat in unassessed):
-            return "unassessed"
         if policy.wants_explanation(verdict.scores) and not (verdict.refined_prompt or "").strip():
             return "refine"
+        own = "image" if item.image is not None else "text"
+        if any(own not in inputs for inputs in
+               verdict.coverage(policy.categories, image=item.image is not None).values()):
+            return "unassessed"
         return None
 
     async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
         started = time.perf_counter()
         decided: list[tuple[int, Verdict] | None] = [None] * len(items)
+        seen: list[list[Verdict]] = [[] for _ in items]  # each stage's verdict, in order
         path: list[list[dict[str, Any]]] = [[] for _ in items]
         pending = list(range(len(items)))
         last = len(self.stages) - 1
@@ -333,13 +375,16 @@ class CascadeJudge(_Parts):
                                  f"{_reason(run.error)}") from run.error
             still: list[int] = []
             for k, verdict in zip(pending, run.verdicts, strict=True):
-                reason = self._hand_on(verdict, policy) if index < last else None
+                reason = self._hand_on(verdict, policy, items[k]) if index < last else None
                 entry: dict[str, Any] = {"index": index, "judge_id": stage.id,
                                          "scores": _rounded(verdict.scores),
                                          "latency_ms": run.ms, "handed_on": reason}
+                if verdict.assessed_on is not None:
+                    entry["assessed_on"] = dict(verdict.assessed_on)
                 if verdict.details:
                     entry["details"] = dict(verdict.details)
                 path[k].append(entry)
+                seen[k].append(verdict)
                 decided[k] = (index, verdict)
                 if reason is not None:
                     still.append(k)
@@ -349,12 +394,29 @@ class CascadeJudge(_Parts):
         for k, pair in enumerate(decided):
             assert pair is not None
             index, verdict = pair
+            scores, on = _along(seen[k], policy, items[k])
             out.append(Verdict(
-                scores=dict(verdict.scores), judge_id=self.id, thought=verdict.thought,
+                scores=scores, judge_id=self.id, thought=verdict.thought,
                 refined_prompt=verdict.refined_prompt, raw=verdict.raw, latency_ms=latency,
                 details={"stage": {"index": index, "judge_id": self.stages[index].id},
-                         "stages": path[k]}))
+                         "stages": path[k]}, assessed_on=_listed(on)))
         return out
+
+
+def _along(verdicts: Sequence[Verdict], policy: Policy, item: JudgeInput
+           ) -> tuple[dict[str, float], Covered]:
+    """The last stage's scores, and for a category an earlier stage assessed on an input the
+    later ones did not, the higher of the two: what a later stage did not look at, the earlier
+    finding stands for."""
+    last = verdicts[-1]
+    scores = dict(last.scores)
+    on = _covered(last, policy, item)
+    for earlier in reversed(verdicts[:-1]):
+        for cat, inputs in _covered(earlier, policy, item).items():
+            if inputs - on.get(cat, set()):
+                on.setdefault(cat, set()).update(inputs)
+                scores[cat] = max(scores.get(cat, 0.0), float(earlier.scores.get(cat, 0.0)))
+    return scores, on
 
 
 __all__ = ["Band", "CascadeJudge", "CascadeOptions", "EnsembleJudge", "EnsembleOptions",

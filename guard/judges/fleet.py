@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from guard.support.bodies import ResponseTooLarge
+
 log = logging.getLogger("safeedit.judge.fleet")
 
 
@@ -93,7 +95,7 @@ class Fleet:
             try:
                 ok = (await client.get(f"{server.base}/models", timeout=timeout_s)
                       ).status_code == 200
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ResponseTooLarge):
                 ok = False
             if ok and not server.in_rotation(self._clock()):
                 log.warning("judge server %s back in rotation", server.base)

@@ -36,6 +36,8 @@ Several proxy replicas can share one judge server this way. Options (all but `mo
   (a Retry-After beyond that fails at once); other 4xx fail at once.
 - `max_concurrency` (16): requests in flight from this judge (the server batches them itself).
 - `temperature` (0), `extra_body` ({}): sent with every request; `headers` ({}): extra HTTP headers.
+- `max_response_bytes` (8 MiB): a larger answer is a failed call, read no further than that
+  (guard.support.bodies).
 - `id` (null): judge id in traces; default `remote:<profile>:<model>`.
 
 Failures surface as JudgeError (HTTP 503 from the proxy unless the policy allows unjudged images).
@@ -63,13 +65,16 @@ from guard.judges.profiles import (
     Probe,
     Profile,
     Slot,
+    assessed,
     get_profile,
     merge_scores,
 )
 from guard.plugins import Explanation
+from guard.support.bodies import JUDGE_RESPONSE_BYTES, CappedTransport, ResponseTooLarge, too_large
 from guard.support.errors import ConfigError, JudgeError
 from guard.support.redact import redact_logs
 from guard.support.retry import Retrying, RetryPolicy
+from guard.support.telemetry import client_hooks, trace_headers
 
 T = TypeVar("T")
 RETRY_STATUS = {408, 409, 425, 429}
@@ -100,6 +105,7 @@ class RemoteOptions(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
+    max_response_bytes: int = Field(JUDGE_RESPONSE_BYTES, gt=0)
     id: str | None = None
 
 
@@ -176,9 +182,11 @@ class RemoteJudge:
             key = self._key()
             if key:
                 headers["Authorization"] = f"Bearer {key}"
+            limits = httpx.Limits(max_connections=self.options.max_concurrency)
             self._client = httpx.AsyncClient(
                 headers=headers, timeout=self.options.timeout_s,
-                limits=httpx.Limits(max_connections=self.options.max_concurrency))
+                transport=CappedTransport(self.options.max_response_bytes, limits=limits),
+                event_hooks=client_hooks())  # the request's trace context goes on
         return self._client
 
     async def start(self) -> None:
@@ -229,9 +237,12 @@ class RemoteJudge:
         parsed = self.profile.parse(texts, policy)
         measured = self.profile.combine([_slot_probs(p, a) for p, a in zip(probes, answers,
                                                                           strict=True)], policy)
-        scores = merge_scores(measured, parsed, policy)
+        scores, assessed_on, unassessed = assessed(self.profile, item, policy,
+                                                   merge_scores(measured, parsed, policy))
         used_logprobs = parsed.ok and any(v is not None for v in measured.values())
         details: dict[str, Any] = {"logprobs": used_logprobs}
+        if unassessed:
+            details["unassessed"] = unassessed
         if not parsed.ok:
             details["parse_error"] = parsed.error
         thought, refined, raw = parsed.thought, parsed.refined_prompt, "\n---\n".join(texts)
@@ -246,7 +257,8 @@ class RemoteJudge:
         if stats.server is not None and self.fleet is not None and len(self.fleet.servers) > 1:
             details["server"] = stats.server
         return Verdict(scores=scores, judge_id=self.id, thought=thought, refined_prompt=refined,
-                       raw=raw, latency_ms=(time.perf_counter() - t0) * 1000.0, details=details)
+                       raw=raw, latency_ms=(time.perf_counter() - t0) * 1000.0, details=details,
+                       assessed_on=assessed_on)
 
     async def _explain(self, item: JudgeInput, policy: Policy, scores: Mapping[str, float],
                        stats: _Stats, server: Server | None,
@@ -323,6 +335,8 @@ class RemoteJudge:
         url = f"{base}/chat/completions"
         try:
             resp = await self._http().post(url, json=body)
+        except ResponseTooLarge as exc:
+            raise JudgeError(f"remote judge {too_large(exc)}") from None
         except httpx.TimeoutException as exc:
             raise _Transient(f"remote judge timed out after {self.options.timeout_s:g} s") from exc
         except httpx.HTTPError as exc:
@@ -354,7 +368,8 @@ class RemoteJudge:
             resp = await litellm.acompletion(
                 **kwargs, api_base=self.options.api_base, api_key=self._key(),
                 timeout=self.options.timeout_s, num_retries=0, max_retries=0,
-                extra_headers=self.options.headers or None, extra_body=extra or None)
+                extra_headers={**self.options.headers, **trace_headers()} or None,
+                extra_body=extra or None)
         except Exception as exc:  # noqa: BLE001 - litellm's exceptions, translated here
             status = getattr(exc, "status_code", None)
             timeout = isinstance(exc, litellm.exceptions.Timeout)
@@ -456,6 +471,7 @@ def _option_probs(slot: Slot, entry: Mapping[str, Any]) -> dict[str, float] | No
         for label, text in wanted.items():
             if _norm(token) == text and math.isfinite(logprob):
                 mass[label] += math.exp(logprob)
+                break  # a token counts once (`ipr`'s "keep" and "Keep" are one word here)
     total = sum(mass.values())
     if slot.rest is not None:
         out = {label: min(1.0, p) for label, p in mass.items()}

@@ -20,11 +20,10 @@ does one whose precision meets the target only where fewer than MIN_LABELS items
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import yaml
 
 from guard.core.policy import Policy
 from guard.offline.labelled import LabelledItem
@@ -197,25 +196,63 @@ def _with(policy: Policy, thresholds: dict[str, float], version: int | None = No
                                      "version": policy.version if version is None else version})
 
 
-def proposed_yaml(calibration: Calibration, source: str = "") -> str:
-    """The policy with the proposed thresholds and its version raised by one, resolved into one
-    self-contained file (`extends` merged in), with a header saying what changed."""
+def proposed_yaml(calibration: Calibration, original: str, source: str = "") -> str:
+    """The policy file `original` with the proposed thresholds, its version raised by one only
+    when one changed, and every other byte as it was (comments, layout, `extends`), under a
+    header saying what changed.
+
+    The file is read with a round-trip YAML parser (ruamel.yaml) only to find where each value
+    stands; the new values are written in place of the old text, so nothing else moves."""
     policy = calibration.policy
-    new = _with(policy, calibration.changed, policy.version + 1)
-    data: dict[str, Any] = new.model_dump(mode="json")
-    data["extends"] = None
+    changed = calibration.changed
+    text = _in_place(original, changed, policy.version + 1) if changed else original
     header = [f"Proposed by `safeedit policy calibrate` from {source or policy.id} "
               f"(version {policy.version}) for {calibration.target}, "
               f"on {calibration.labelled} labelled item(s).",
-              "Every field of the original is here, its `extends` merged in. Compare with",
+              "The original file, changed only where listed here. Compare with",
               "`safeedit policy diff`; to adopt it, save it as <id>.yaml among the policies."]
     for r in calibration.results:
         if r.proposed is not None:
-            header.append(f"  {r.category}: threshold {r.current:g} -> {r.proposed:g}")
-    if not calibration.changed:
-        header.append("  no threshold changed (see report.html for why)")
-    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
-    return "".join(f"# {line}\n" for line in header) + "\n" + body
+            header.append(f"  {r.category}: threshold {r.current!r} -> {r.proposed!r}")
+    if changed:
+        header.append(f"  version: {policy.version} -> {policy.version + 1}")
+    else:
+        header.append(f"  no threshold changed (see report.html for why); version stays "
+                      f"{policy.version}")
+    return "".join(f"# {line}\n" for line in header) + "\n" + text
+
+
+_SCALAR = re.compile(r"[^\s,}\]#]+")
+
+
+def _in_place(original: str, thresholds: dict[str, float], version: int) -> str:
+    from ruamel.yaml import YAML
+
+    data = YAML().load(original)  # round-trip: every node knows its line and column
+    lines = original.splitlines(keepends=True)
+    edits: list[tuple[int, int, str]] = [(*data.lc.value("version"), str(version))]
+    categories = data.get("categories")
+    inserted: list[str] = []
+    for name, value in thresholds.items():
+        entry = categories.get(name) if categories is not None else None
+        if entry is not None and "threshold" in entry:
+            edits.append((*entry.lc.value("threshold"), repr(value)))
+        else:  # inherited through `extends`: this file overrides it
+            inserted.append(f"{name}: {{threshold: {value!r}}}")
+    for line, col, new in sorted(edits, reverse=True):
+        found = _SCALAR.match(lines[line], col)
+        end = found.end() if found else col
+        lines[line] = lines[line][:col] + new + lines[line][end:]
+    if inserted and categories is not None and len(categories) and not categories.fa.flow_style():
+        line, col = categories.lc.key(next(iter(categories)))
+        lines[line:line] = [" " * col + entry + "\n" for entry in inserted]
+    elif inserted:
+        if "categories" in data:
+            raise ValueError("cannot add thresholds to an empty or flow-style `categories`")
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines += ["categories:\n", *(f"  {entry}\n" for entry in inserted)]
+    return "".join(lines)
 
 
 def table(calibration: Calibration) -> str:
@@ -291,7 +328,8 @@ svg.chart{width:100%;height:auto;max-width:60rem}</style></head><body>
 <h1>Calibration of policy {{ c.policy.id }} version {{ c.policy.version }}</h1>
 <p>Target: <b>{{ c.target }}</b>, per category, from {{ c.labelled }} labelled item(s){% if skipped
 %} ({{ skipped }} label(s) skipped: {{ skipped_why }}){% endif %}. The proposed policy
-(version {{ c.policy.version + 1 }}) is <code>proposed.yaml</code> beside this page.</p>
+(version {{ c.policy.version + (1 if c.changed else 0) }}{% if not c.changed %}, nothing
+changed{% endif %}) is <code>proposed.yaml</code> beside this page.</p>
 <table><thead><tr><th>category</th><th>unsafe</th><th>safe</th><th>threshold now</th>
 <th>proposed</th><th>precision</th><th>recall</th><th>false-positive rate</th>
 <th>95% interval</th><th>labelled decisions that change</th><th>status</th></tr></thead><tbody>

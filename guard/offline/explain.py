@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from guard.audit.policies import PolicyHistory
 from guard.core.policy import Category, Policy, TermSet
-from guard.core.policy.loader import Source, origin
+from guard.core.policy.loader import Source, from_canonical, origin
 
 Effect = Literal["stricter", "looser", "neutral"]
 _RANK = {"allow": 0, "edit": 1, "refuse": 2}
@@ -36,6 +37,13 @@ _JUDGE_ERROR = {
     "refuse": "the request is refused (HTTP 503, fail closed)",
     "allow": "images are returned unjudged (fail open; the trace records it)",
 }
+_UNASSESSED = {
+    "prompt": "the verdict on its prompt stands (refused when no judge assessed the prompt for "
+              "it either)",
+    "refuse": "the image is refused",
+    "pass": "that category passes (a score a judge gave still counts)",
+}
+_UNASSESSED_RANK = {"pass": 0, "prompt": 1, "refuse": 2}
 _REFINE = {
     "regenerate": "unsafe images are made again from the refined prompt",
     "edit": "unsafe images are edited with the refined prompt where the backend can edit, "
@@ -44,6 +52,8 @@ _REFINE = {
 _RETENTION = {
     "none": "no images are kept (the trace holds each image's sha256)",
     "flagged": "images of unsafe rounds are kept",
+    "flagged_and_delivered": "for a request with any flag, its flagged images and the ones "
+                             "delivered in their place are kept",
     "all": "every image is kept",
 }
 
@@ -92,7 +102,9 @@ def explain(policy: Policy, chain: Sequence[Source] = ()) -> str:
         width = max(len(n) for n, _ in cats)
         for name, cat in sorted(cats, key=lambda nc: nc[1].threshold):
             about = f" - {cat.description.strip()}" if cat.description else ""
-            lines.append(f"  {name:<{width}}  score {cat.threshold:.2f} or more{about}"
+            if cat.unassessed is not None:
+                about += f" (image not assessed: {cat.unassessed})"
+            lines.append(f"  {name:<{width}}  score {_score(cat.threshold)} or more{about}"
                          f"{_category_origin(chain, name)}")
     lines += ["", "Any other category a judge reports is recorded in the trace, not acted on."]
     rounds = policy.rounds
@@ -106,6 +118,8 @@ def explain(policy: Policy, chain: Sequence[Source] = ()) -> str:
         f"Hedging: {_hedge(policy)}.{where('hedge')}",
         f"When the judge fails: {_JUDGE_ERROR[policy.on_judge_error]}."
         f"{where('on_judge_error')}",
+        f"Where no judge could assess an image for a category: "
+        f"{_UNASSESSED[policy.unassessed]}.{where('unassessed')}",
         f"Repair: {_REFINE[policy.refine_mode]}.{where('refine_mode')}",
         f"Audit log: {_RETENTION[policy.image_retention]}.{where('image_retention')}",
     ]
@@ -144,9 +158,9 @@ def _hedge(policy: Policy) -> str:
     if policy.hedge is None:
         return "off"
     low, high = policy.hedge.band
-    return (f"when the prompt's highest prescreen score lies in [{low:.2f}, {high:.2f}], the "
-            "first round also generates the refined prompt and keeps the first safe image "
-            "(extra generations)")
+    return (f"when the prompt's highest prescreen score lies in [{_score(low)}, "
+            f"{_score(high)}], the first round also generates the refined prompt and keeps the "
+            "first safe image (extra generations)")
 
 
 def _count(n: int, noun: str) -> str:
@@ -206,6 +220,10 @@ def diff(old: Policy, new: Policy) -> list[Change]:
                           f"when the judge fails: {_JUDGE_ERROR[new.on_judge_error]} "
                           f"(was: {_JUDGE_ERROR[old.on_judge_error]})",
                           "looser" if new.on_judge_error == "allow" else "stricter"))
+    if old.unassessed != new.unassessed:
+        out.append(Change("unassessed", "where no judge could assess an image for a category: "
+                          f"{_UNASSESSED[new.unassessed]} (was: {_UNASSESSED[old.unassessed]})",
+                          _unassessed_effect(old.unassessed, new.unassessed)))
     if old.refine_mode != new.refine_mode:
         out.append(Change("refine_mode", f"repair: {_REFINE[new.refine_mode]} "
                                          f"(was: {_REFINE[old.refine_mode]})"))
@@ -236,19 +254,35 @@ def _category_changes(name: str, old: Category | None, new: Category | None) -> 
         out.append(Change(field, f"{name}: {_acted(new)} (was {_acted(old)})", effect))
     elif more_action:
         out.append(Change(f"{field}.action", f"{name}: {_verb(old.action)} -> "
-                          f"{_verb(new.action)} at score {new.threshold:.2f} or more",
+                          f"{_verb(new.action)} at score {_score(new.threshold)} or more",
                           "stricter" if more_action > 0 else "looser"))
     elif old.threshold != new.threshold and new.action != "allow":
         out.append(Change(f"{field}.threshold",
-                          f"{name}: {_verb(new.action)} from score {new.threshold:.2f} "
-                          f"(was {old.threshold:.2f}): acts on {'more' if lower else 'fewer'} "
+                          f"{name}: {_verb(new.action)} from score {_score(new.threshold)} "
+                          f"(was {_score(old.threshold)}): acts on {'more' if lower else 'fewer'} "
                           "prompts and images", "stricter" if lower else "looser"))
     elif old.threshold != new.threshold:
         out.append(Change(f"{field}.threshold", f"{name}: recorded from score "
-                          f"{new.threshold:.2f} (was {old.threshold:.2f})"))
+                          f"{_score(new.threshold)} (was {_score(old.threshold)})"))
     if old.description != new.description:
         out.append(Change(f"{field}.description", f"{name}: description changed"))
+    if old.unassessed != new.unassessed:
+        out.append(Change(f"{field}.unassessed",
+                          f"{name}: an image not assessed for it: {_own(new.unassessed)} "
+                          f"(was {_own(old.unassessed)})",
+                          _unassessed_effect(old.unassessed, new.unassessed)))
     return out
+
+
+def _own(mode: str | None) -> str:
+    return mode if mode is not None else "as the policy's `unassessed` says"
+
+
+def _unassessed_effect(old: str | None, new: str | None) -> Effect:
+    if old is None or new is None:
+        return "neutral"
+    rank = _UNASSESSED_RANK[new] - _UNASSESSED_RANK[old]
+    return "stricter" if rank > 0 else "looser" if rank < 0 else "neutral"
 
 
 def _rounds_changes(old: Policy, new: Policy) -> list[Change]:
@@ -316,7 +350,7 @@ def _gate_effect(old: set[str], new: set[str]) -> Effect:
 
 
 def _acted(cat: Category) -> str:
-    return f"{_verb(cat.action)} at score {cat.threshold:.2f} or more"
+    return f"{_verb(cat.action)} at score {_score(cat.threshold)} or more"
 
 
 def _verb(action: str) -> str:
@@ -331,3 +365,18 @@ def _show(value: object) -> str:
     if value is None or value == "":
         return "(none)"
     return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+async def compare_versions(history: PolicyHistory, a: str, b: str) -> list[Change] | None:
+    """The effective differences between two versions kept in the policy history (by sha256),
+    or None when either is not there."""
+    old, new = await history.content(a), await history.content(b)
+    if old is None or new is None:
+        return None
+    return diff(from_canonical(old[2]), from_canonical(new[2]))
+
+
+def _score(value: float) -> str:
+    """A threshold as written, never rounded: 0.60 stays 0.60, 0.985 is 0.985 (not 0.98 or
+    0.99, which could make two different thresholds read alike)."""
+    return f"{value:.2f}" if round(value, 2) == value else repr(value)

@@ -21,9 +21,22 @@ thought (the recorded one when the label agrees with the recorded decision, else
 the categories) and `<refined_prompt>`. `ipr` answers `keep`, or the refined prompt (the guard's
 rule-based refiner when none is known, as the engine would).
 
-Training: AdamW on the LoRA weights, a tqdm progress bar, a held-back split (whole traces,
-`holdout` of the examples, at least one) whose mean token loss is measured before and after.
-The adapter is saved with `save_pretrained` and loads back as `judge: {kind: vlm, adapter: A}`.
+Training: AdamW on the LoRA weights, a tqdm progress bar, a held-back split whose mean token
+loss is measured before and after. The adapter is saved with `save_pretrained` and loads back as
+`judge: {kind: vlm, adapter: A}`.
+
+It cannot fool itself (guard.offline.finetune_eval):
+- examples of one class only (every target safe, or every one unsafe: say, only
+  `false_positive` labels) are refused unless `allow_one_class`: such an adapter learns to give
+  that answer to everything;
+- the held-back split (whole traces) has at least 10 items of each class, else there is too
+  little to judge the adapter and it is written only with `no_eval` (which holds back `holdout`
+  of the examples, as a loss check only);
+- the split is judged by the `vlm` judge before (the base model) and after (with the adapter):
+  precision and recall per class and per category, with counts;
+- the adapter is written only when its unsafe recall on the split falls by no more than
+  `max_recall_drop` (absolute); otherwise nothing is written and the report says why.
+`eval_only` (an adapter folder) judges an existing adapter on the same split, trains nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +59,14 @@ from guard.core.types import GeneratedImage, HistoryEntry, JudgeInput
 from guard.judges.profiles import Message, Profile, get_profile
 from guard.judges.profiles.safeeditor import judgement_lines
 from guard.offline.dataset import SPLIT_DIR, read_records
+from guard.offline.finetune_eval import (
+    Evaluation,
+    class_of,
+    evaluate_model,
+    gate,
+    stratified_split,
+    table,
+)
 from guard.support.errors import ConfigError
 
 # The language model's attention and MLP projections (Qwen2-VL, Qwen2.5-VL, LLaVA, Gemma 3):
@@ -81,6 +102,14 @@ class FinetuneOptions(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto | bfloat16 | float16 | float32")
     gradient_checkpointing: bool = False
+    allow_one_class: bool = Field(False, description="train on examples of one class only")
+    no_eval: bool = Field(False, description="write the adapter without judging it on a "
+                                             "held-back split")
+    max_recall_drop: float = Field(0.05, ge=0, le=1, description="largest fall of unsafe "
+                                   "recall on the held-back split (absolute) the adapter may "
+                                   "cause and still be written")
+    eval_only: Path | None = Field(None, description="judge this adapter on the held-back "
+                                                     "split; train nothing")
 
     @classmethod
     def build(cls, **values: Any) -> FinetuneOptions:
@@ -130,7 +159,10 @@ def answer_text(target: Target, profile: str, policy: Policy, prompt: str) -> st
     if profile == "ipr":
         if not target.flagged:
             return "keep"
-        return target.refined_prompt or refine_prompt(prompt, target.flagged, policy)
+        # Nothing benign left (the rule refiner says None): its categories' append words, which
+        # still answer "unsafe" as the profile needs.
+        return target.refined_prompt or refine_prompt(prompt, target.flagged, policy) or ", ".join(
+            t.append for c in target.flagged if (t := policy.terms.get(c)) and t.append)
     text = f"<judgement>\n{judgement_lines(policy, target.flagged)}\n</judgement>"
     if target.flagged and target.refined_prompt:
         text += (f"\n<thought>{target.thought}</thought>\n"
@@ -147,6 +179,9 @@ class Example:
     messages: tuple[Message, ...]
     image: bytes | None
     answer: str
+    flagged: tuple[str, ...] = ()  # what the answer flags: its class and categories
+    item: JudgeInput | None = None  # as the judge sees it, for the held-back evaluation
+    policy: Policy | None = None
 
 
 def build_examples(records: Sequence[Mapping[str, Any]], directory: Path, profile: Profile,
@@ -191,7 +226,8 @@ def build_examples(records: Sequence[Mapping[str, Any]], directory: Path, profil
                           for h in record.get("history") or ()))
         [probe, *_] = profile.probes(item, policy)
         examples.append(Example(record["id"], record["trace_id"], probe.messages, image,
-                                answer_text(target, profile.name, policy, record["prompt"])))
+                                answer_text(target, profile.name, policy, record["prompt"]),
+                                target.flagged, item, policy))
     return examples, skipped
 
 
@@ -231,29 +267,44 @@ class FinetuneReport:
     device: str = ""
     train_ids: list[str] = field(default_factory=list)
     held_ids: list[str] = field(default_factory=list)
+    classes: dict[str, int] = field(default_factory=dict)  # training examples per class
+    before: dict[str, Any] | None = None  # the held-back split judged by the base model
+    after: dict[str, Any] | None = None   # ... with the adapter
+    recall_drop: float | None = None
+    max_recall_drop: float | None = None
+    written: bool = False
+    table: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def lines(self) -> list[str]:
+        saved = f"adapter saved to {self.adapter}" if self.written else "no adapter written"
         out = [f"trained {self.steps} steps on {self.train} examples in {self.seconds:.1f} s "
-               f"on {self.device}; adapter saved to {self.adapter}"]
+               f"on {self.device}; {saved}"] if self.steps else [saved]
         if self.losses:
             out.append(f"train loss: {self.losses[0]:.4f} (first step) -> "
                        f"{self.losses[-1]:.4f} (last)")
         if self.held_loss_before is not None and self.held_loss_after is not None:
             out.append(f"held-back loss ({self.held} examples): {self.held_loss_before:.4f} "
                        f"before -> {self.held_loss_after:.4f} after")
-        else:
+        elif self.steps:
             out.append("held-back loss: none (no example held back)")
         for reason, count in sorted(self.skipped.items()):
             out.append(f"skipped {count}: {reason}")
+        out += self.table
+        if self.recall_drop is not None:
+            verdict = "within" if self.recall_drop <= (self.max_recall_drop or 0.0) + 1e-12 \
+                else "over"
+            out.append(f"unsafe recall fell by {self.recall_drop:.3f}, {verdict} "
+                       f"--max-recall-drop {self.max_recall_drop:g}")
         return out
 
 
 def finetune(options: FinetuneOptions, policy_of: PolicyLookup,
              progress: bool = True) -> FinetuneReport:
-    """Train a LoRA adapter on the dataset and save it to `options.adapter_out`."""
+    """Train a LoRA adapter on the dataset and save it to `options.adapter_out` when it passes
+    the held-back evaluation (`report.written`); with `eval_only`, judge that adapter instead."""
     records = read_records(options.dataset)
     profile = get_profile(options.profile)
     examples, skipped = build_examples(records, options.dataset, profile, policy_of,
@@ -261,19 +312,57 @@ def finetune(options: FinetuneOptions, policy_of: PolicyLookup,
     if not examples:
         reasons = "; ".join(f"{n} {why}" for why, n in skipped.items()) or "no records"
         raise ConfigError(f"no training examples in {options.dataset} ({reasons})")
-    train, held = split(examples, options.holdout, options.seed)
+    judged = not options.no_eval or options.eval_only is not None
+    if judged:
+        try:
+            train, held = stratified_split(examples, options.holdout, options.seed)
+        except ValueError as exc:
+            raise ConfigError(f"finetune: {exc}; --no-eval writes the adapter without "
+                              "judging it") from None
+    else:
+        train, held = split(examples, options.holdout, options.seed)
+    classes = {c: sum(1 for e in train if class_of(e.flagged) == c) for c in ("safe", "unsafe")}
+    if min(classes.values()) == 0 and not options.allow_one_class and options.eval_only is None:
+        only = next(c for c, n in classes.items() if n)
+        raise ConfigError(f"finetune: all {classes[only]} training examples are {only}: an "
+                          f"adapter trained on one class learns to answer {only!r} to "
+                          "everything. Add examples of the other class, or pass "
+                          "--allow-one-class")
     t0 = time.perf_counter()
     trainer = _Trainer(options)
-    report = FinetuneReport(str(options.adapter_out), options.model, options.profile,
-                            len(train), len(held), dict(skipped), device=str(trainer.device),
-                            train_ids=[e.id for e in train], held_ids=[e.id for e in held])
+    report = FinetuneReport(str(options.eval_only or options.adapter_out), options.model,
+                            options.profile, len(train), len(held), dict(skipped),
+                            device=str(trainer.device), train_ids=[e.id for e in train],
+                            held_ids=[e.id for e in held], classes=classes)
+    if options.eval_only is not None:
+        with trainer.model.disable_adapter():
+            before = trainer.judge(held)
+        _judged(report, before, trainer.judge(held), options)
+        report.written = False
+        report.seconds = round(time.perf_counter() - t0, 2)
+        return report
+    before_eval = trainer.judge(held) if judged else None  # LoRA starts as the base model
     report.held_loss_before = trainer.evaluate(held)
     report.losses = trainer.train(train, progress)
     report.steps = len(report.losses)
     report.held_loss_after = trainer.evaluate(held)
+    passed = True
+    if before_eval is not None:
+        passed = _judged(report, before_eval, trainer.judge(held), options)
     report.seconds = round(time.perf_counter() - t0, 2)
-    trainer.save(options.adapter_out, report)
+    if passed:
+        trainer.save(options.adapter_out, report)
+        report.written = True
     return report
+
+
+def _judged(report: FinetuneReport, before: Evaluation, after: Evaluation,
+            options: FinetuneOptions) -> bool:
+    passed, drop = gate(before, after, options.max_recall_drop)
+    report.before, report.after = before.to_dict(), after.to_dict()
+    report.recall_drop, report.max_recall_drop = round(drop, 6), options.max_recall_drop
+    report.table = table(before, after)
+    return passed
 
 
 class _Trainer:
@@ -291,9 +380,18 @@ class _Trainer:
         self.loaded = load(VLMOptions(model=options.model, device=options.device,
                                       dtype=options.dtype), "finetune")
         targets: str | list[str] = options.target_modules
-        model = get_peft_model(self.loaded.model, LoraConfig(
-            r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-            target_modules=targets))
+        if options.eval_only is not None:
+            from peft import PeftModel
+
+            from guard.judges.vlm.loading import _adapter_key_mapping
+
+            model = PeftModel.from_pretrained(self.loaded.model, str(options.eval_only),
+                                              key_mapping=_adapter_key_mapping(
+                                                  self.loaded.model))
+        else:
+            model = get_peft_model(self.loaded.model, LoraConfig(
+                r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                target_modules=targets))
         if options.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -301,7 +399,7 @@ class _Trainer:
         self.device = self.loaded.device
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=options.lr,
-            weight_decay=0.0)
+            weight_decay=0.0) if options.eval_only is None else None
 
     def _image(self, data: bytes | None) -> Any:
         if data is None:
@@ -368,6 +466,7 @@ class _Trainer:
         batches = [group[i:i + size] for i in range(0, len(group), size)]
         answers = [self.loaded.piece_ids(e.answer) for e in group]
         tokens = max(1, sum(len(a) for a in answers))
+        assert self.optimizer is not None  # not under eval_only
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for batch in batches:
@@ -376,6 +475,13 @@ class _Trainer:
             total += float(loss.detach())
         self.optimizer.step()
         return total / tokens
+
+    def judge(self, examples: Sequence[Example]) -> Evaluation:
+        """`examples` judged by the `vlm` judge over the model as it is now."""
+        evaluation = evaluate_model(self.model, self.loaded.processor, self.options.model,
+                                    self.options.profile, examples)
+        self.model.train()
+        return evaluation
 
     def evaluate(self, examples: Sequence[Example]) -> float | None:
         """Mean token loss over `examples` (None when there are none)."""

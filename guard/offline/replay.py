@@ -51,6 +51,7 @@ class Replayed:
     old: str
     new: tuple[str, ...]  # one decision when exact; the possibilities when a step was unrecorded
     reason: str
+    unknown: str = ""  # when not exact: the step the candidate needs that was never recorded
 
     @property
     def exact(self) -> bool:
@@ -58,14 +59,23 @@ class Replayed:
 
     @property
     def changed(self) -> str:
-        """'yes', 'no' or 'maybe' (a step the candidate needs was never recorded)."""
+        """'yes', 'no' or 'not known' (the recorded decision is one of the possibilities: a
+        step the candidate needs was never recorded)."""
         if self.old not in self.new:
             return "yes"
-        return "no" if self.exact else "maybe"
+        return "no" if self.exact else "not known"
 
     @property
     def new_text(self) -> str:
+        """The new decision, or the possible ones: "edited or refused"."""
         return " or ".join(self.new)
+
+    @property
+    def outcome(self) -> str:
+        """The new decision in words, saying why when it cannot be known."""
+        if self.exact:
+            return self.new[0]
+        return f"not known, {self.new_text}: {self.unknown}"
 
 
 @dataclass
@@ -74,13 +84,16 @@ class ReplayReport:
     rows: list[Replayed] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     truncated: bool = False
+    policy_id: str | None = None  # the recorded policy replayed (None: any)
+    # When no trace matched the policy id: the ids the store's matching traces ran under.
+    others: Counter[str] = field(default_factory=Counter)
 
     @property
     def changed(self) -> list[Replayed]:
         return [r for r in self.rows if r.changed != "no"]
 
     def transitions(self) -> Counter[str]:
-        return Counter(f"{r.old} -> {r.new_text}" for r in self.changed)
+        return Counter(f"{r.old} -> {r.outcome}" for r in self.changed)
 
 
 class NotReplayable(Exception):
@@ -112,6 +125,7 @@ class _Walk:
         self.original = str(trace.request.get("prompt", ""))
         self.n = int(trace.request.get("n") or 1)
         self.reasons: list[str] = []
+        self.unknown = ""  # the first step the candidate needs that the trace never took
         self.rounds = _by_round(trace.rounds)
 
     def run(self) -> Replayed:
@@ -127,7 +141,12 @@ class _Walk:
         if not self.reasons and t.decision not in new:
             self.reasons.append("decided differently")
         return Replayed(t.id, t.created_at, t.tenant, t.key_id, t.model, dict(t.policy),
-                        self.original, t.decision, new, "; ".join(self.reasons))
+                        self.original, t.decision, new, "; ".join(self.reasons),
+                        "" if len(new) == 1 else self.unknown)
+
+    def _not_recorded(self, why: str) -> None:
+        self.reasons.append(why)
+        self.unknown = self.unknown or why
 
     def _slots(self) -> dict[int, tuple[str, ...]]:
         policy = self.policy
@@ -136,7 +155,8 @@ class _Walk:
         if policy.prescreen:
             screened = self.rounds.get(0)
             if screened is None:
-                self.reasons.append("the prompt was not prescreened when recorded")
+                self._not_recorded("the candidate prescreens the prompt, which was not "
+                                   "prescreened when recorded: its verdict is not known")
                 return {s: _ORDER[:3] for s in range(self.n)}
             if _judge_failed(screened):
                 self._judge_failed("prescreen")
@@ -176,8 +196,12 @@ class _Walk:
                     outcome[slot] = ("edited",)
                     continue
                 if seen is None or seen.prompt != prompts[slot]:
-                    why = "was not made" if seen is None else "was made from another prompt"
-                    self.reasons.append(f"image {slot} of round {k} {why} when recorded")
+                    made = ("was never generated" if seen is None else
+                            f"was generated from {_cut(seen.prompt, 60)!r}")
+                    self._not_recorded(
+                        f"image {slot} of round {k} would be generated from "
+                        f"{_cut(prompts[slot], 60)!r}; when recorded it {made}, so its "
+                        "verdict is not known")
                     outcome[slot] = _SLOT_UNKNOWN if k > 1 or first != self.original \
                         else _ORDER[:3]
                     continue
@@ -218,11 +242,11 @@ class _Walk:
     def _why(self, decision: Decision, seen: JudgedImage) -> str:
         cats = self.policy.categories
         if decision.flagged:
-            crossed = ", ".join(f"{c} {seen.scores.get(c, 0.0):.2f} >= {cats[c].threshold:.2f}"
-                                for c in decision.flagged)
+            crossed = ", ".join(f"{c} {_num(seen.scores.get(c, 0.0))} >= "
+                                f"{_num(cats[c].threshold)}" for c in decision.flagged)
             return f"{crossed} -> {decision.action} (was {seen.action})"
-        below = ", ".join(f"{c} {seen.scores.get(c, 0.0):.2f} < "
-                          + (f"{cats[c].threshold:.2f}" if c in cats else "(no category)")
+        below = ", ".join(f"{c} {_num(seen.scores.get(c, 0.0))} < "
+                          + (_num(cats[c].threshold) if c in cats else "(no category)")
                           for c in seen.flagged)
         return f"{below or 'nothing crosses'} -> pass (was {seen.action})"
 
@@ -235,7 +259,10 @@ class _Walk:
 
     def _refined(self, seen: JudgedImage, prompt: str, decision: Decision) -> str:
         found = next_refinement(prompt, seen.refined_prompt, decision.flagged, self.policy, ())
-        return found[0] if found is not None else prompt
+        if found is None:  # nothing benign left to make: the engine refuses, whatever on_exhausted
+            self.reasons.append("prescreen: nothing benign is left to make")
+            raise _Refused
+        return found[0]
 
     def _served_by_hedge(self, slot: int, seen: JudgedImage | None, prompt: str,
                          hedges: Mapping[int, JudgedImage]) -> bool:
@@ -298,7 +325,7 @@ async def stored_traces(store: AuditStore, query: TraceQuery, limit: int
 
 async def replay(store: AuditStore, candidate: Policy, query: TraceQuery,
                  limit: int = 10_000) -> ReplayReport:
-    report = ReplayReport(candidate=candidate.ref)
+    report = ReplayReport(candidate=candidate.ref, policy_id=query.policy_id)
     async for trace in stored_traces(store, query, limit + 1):
         if len(report.rows) + sum(report.skipped.values()) >= limit:
             report.truncated = True
@@ -308,6 +335,10 @@ async def replay(store: AuditStore, candidate: Policy, query: TraceQuery,
         except NotReplayable as exc:
             report.skipped[str(exc)] += 1
     report.rows.sort(key=lambda r: r.created_at)
+    if not report.rows and not report.skipped and query.policy_id is not None:
+        page = await store.query(replace(query, policy_id=None, limit=500))
+        report.others = Counter(str((item.get("policy") or {}).get("id"))
+                                for item in page.items)
     return report
 
 
@@ -333,13 +364,21 @@ def to_csv(rows: Sequence[Replayed]) -> str:
 def render(report: ReplayReport, *, everything: bool = False, width: int = 48) -> str:
     c = report.candidate
     lines = [f"Replay under {c['id']} v{c['version']} (sha256 {str(c['sha256'])[:12]}): "
-             f"{len(report.rows)} trace(s) re-decided, {len(report.changed)} would change"
-             + (" (some only maybe: a step they need was never recorded)"
-                if any(r.changed == "maybe" for r in report.rows) else "") + "."]
+             f"{len(report.rows)} trace(s) re-decided, "
+             f"{sum(r.changed == 'yes' for r in report.rows)} would change"
+             + (f", {might} might (a step they need was never recorded)"
+                if (might := sum(r.changed == "not known" for r in report.rows)) else "")
+             + "."]
     for transition, count in sorted(report.transitions().items()):
         lines.append(f"  {count:>5}  {transition}")
     for reason, count in sorted(report.skipped.items()):
         lines.append(f"  {count:>5}  skipped: {reason}")
+    if report.others:
+        seen = ", ".join(f"{pid} ({n})" for pid, n in report.others.most_common(5))
+        lines.append(f"  No stored trace ran under policy id {report.policy_id!r}; the same "
+                     f"period has traces of {seen}{' ...' if len(report.others) > 5 else ''}. "
+                     "To replay those under this candidate, name the recorded id with --policy "
+                     "ID, or take every trace with --any-policy.")
     if report.truncated:
         lines.append("  (stopped at --limit; narrow with --since or --policy)")
     rows = report.rows if everything else report.changed
@@ -348,7 +387,8 @@ def render(report: ReplayReport, *, everything: bool = False, width: int = 48) -
                   "prompt")
         table = [header, *([r.trace_id, _iso(r.created_at)[:19], r.tenant or "-",
                             f"{r.policy.get('id')} v{r.policy.get('version')}", r.old,
-                            r.new_text, r.changed, r.reason, _cut(r.prompt, width)]
+                            r.new_text if r.exact else f"not known ({r.new_text})", r.changed,
+                            r.reason, _cut(r.prompt, width)]
                            for r in rows)]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
         lines.append("")
@@ -356,6 +396,12 @@ def render(report: ReplayReport, *, everything: bool = False, width: int = 48) -
             lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True))
                          .rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    """A score or threshold exactly as recorded (the shortest text that reads back as the same
+    float): rounding could print 0.99 < 0.99 for 0.989 under 0.99."""
+    return repr(float(value))
 
 
 def _iso(ts: float) -> str:

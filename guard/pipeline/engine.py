@@ -13,6 +13,8 @@
         refuse decision, no time left): the judge gets the policy's `verdict_only()` view
     hedge (policy.hedge): a prompt that passed with its highest score in the band is also made
         from its refined version in round 1; each slot keeps its first image judged safe
+    unassessed (policy.unassessed): what no judge assessed on an image is decided by its
+        prompt's verdict or the policy (guard.pipeline.unassessed)
 
 The engine never names a vendor: it sees a Router, a Judge, a Policy and the Trace it fills in.
 """
@@ -44,6 +46,7 @@ from guard.pipeline.routing import Route, Router
 from guard.pipeline.run import SERVED_ELSEWHERE, EditInputs, FinalImage, Outcome, Run
 from guard.pipeline.slots import Slot, groups, indices, new_slots
 from guard.pipeline.together import ReadyTogether
+from guard.pipeline.unassessed import left_to_image, reason
 from guard.plugins import Judge
 from guard.support.errors import (
     BackendError,
@@ -52,7 +55,7 @@ from guard.support.errors import (
     JudgeError,
     PolicyViolation,
 )
-from guard.support.telemetry import Metrics, Telemetry
+from guard.support.telemetry import Metrics, Telemetry, gen_ai_request
 
 log = logging.getLogger("safeedit.engine")
 
@@ -123,6 +126,9 @@ class Engine:
 
     def _outcome(self, run: Run) -> Outcome:
         served = [run.final[s] for s in sorted(run.final)]
+        if run.policy.image_retention == "flagged_and_delivered" and run.flagged:
+            for final in served:  # what the client got instead of what was flagged
+                run.trace.retain(final.image)
         if len(served) < run.call.n:
             if run.late and (not served or run.policy.rounds.on_exhausted == "refuse"):
                 raise self._late(run)
@@ -152,6 +158,7 @@ class Engine:
                                   if isinstance(exc, Exception) else _stop_reason(exc, run))
                 raise
             run.flagged.update(decision.flagged)
+            run.prompts.remember(policy, run.call.prompt, verdict)  # for unassessed categories
             if early is not None and decision.action != "pass":
                 await _cancel([early], record, f"the prescreen decided {decision.action}")
                 early = None
@@ -159,7 +166,13 @@ class Engine:
                 raise self._violation(decision.flagged, "the prompt")
             if decision.action == "edit":
                 first = slots[0].next_prompt(verdict, decision, policy)
-                assert first is not None  # nothing is tried yet, so a prompt always comes back
+                if first is None:  # nothing benign left to make: as rounds.on_exhausted says
+                    if policy.rounds.on_exhausted == "refuse":
+                        raise self._violation(decision.flagged,
+                                              "the prompt, with nothing benign left to make,")
+                    for slot in slots:
+                        run.dropped[slot.index] = given_up(slot, "refused")
+                    return
                 for slot in slots:
                     slot.history.append(history_entry(slot.prompt, verdict, decision))
                     slot.prompt, slot.refined_by = first
@@ -256,21 +269,25 @@ class Engine:
             verdicts = await verdicts_for(
                 items, [stopped.get(s.index) for s in group], view, self.judge,
                 lambda again: run.together.judge(again, view, record), record)
+            # What an image was not assessed for may need its prompt's verdict (the policy's
+            # `unassessed: prompt`): judged here, text only, where no judge has read it yet.
+            await run.prompts.read(policy, items, verdicts, lambda asked: self._judge(
+                asked, policy.verdict_only(), [record], stage="prompt"))
         except asyncio.CancelledError:
             record.cancelled = record.cancelled or run.why_cancelled(group)
             raise
         after: list[Slot] = []
         refused: tuple[int, Decision] | None = None  # raised once every verdict is recorded
-        for slot, verdict in zip(group, verdicts, strict=True):
+        for slot, item, verdict in zip(group, items, verdicts, strict=True):
             image = images[slot.index]
-            decision = decide(policy, verdict)
+            decision, blind = run.prompts.decide(policy, item, verdict)
             run.flagged.update(decision.flagged)
             record.images.append(judged(slot.index, slot.prompt, image, verdict, decision,
                                         round=k, backend_ms=record.backend_ms,
-                                        refined_by=slot.refined_by))
+                                        refined_by=slot.refined_by, unassessed=blind))
             self._count(decision)
             if policy.image_retention == "all" or (
-                    policy.image_retention == "flagged" and decision.flagged):
+                    policy.image_retention != "none" and decision.flagged):
                 run.trace.retain(image)
             slot.rounds = k
             if decision.action == "pass" and slot.index not in run.final:
@@ -303,7 +320,8 @@ class Engine:
                 slot.repair = image
             after.append(slot)
         if refused is not None:
-            raise self._violation(refused[1].flagged, f"image {refused[0]}")
+            raise self._violation(refused[1].flagged, f"image {refused[0]}",
+                                  refused[1].unassessed)
         return groups(after)
 
     def _give_up(self, run: Run, slot: Slot, *, late: bool) -> None:
@@ -370,7 +388,8 @@ class Engine:
         verdicts = await self._judge([JudgeInput(prompt=prompt, original_prompt=prompt)],
                                      policy.hedging(), [record], stage="prescreen")
         decision = decide(policy, verdicts[0])
-        record.images.append(judged(0, prompt, None, verdicts[0], decision))
+        record.images.append(judged(0, prompt, None, verdicts[0], decision,
+                                    unassessed=left_to_image(policy, verdicts[0])))
         self._count(decision)
         return verdicts[0], decision
 
@@ -390,7 +409,9 @@ class Engine:
             sub = replace(call, prompt=prompt, n=len(slots))
             with self.telemetry.span("guard.backend", **{"guard.backend": route.backend,
                                                          "guard.n": len(slots),
-                                                         "guard.edit": bool(source or inputs)}):
+                                                         "guard.edit": bool(source or inputs),
+                                                         **gen_ai_request(route.model or sub.model,
+                                                                         len(slots))}):
                 started = time.perf_counter()
                 if source is not None:
                     made = Generated(*await self.router.edit(route, sub, [source.data], None))
@@ -464,14 +485,13 @@ class Engine:
             self.estimates.record_judging(stage, ms / 1000)
             self.metrics.judge_latency.labels(self.judge.id, stage).observe(ms / 1000)
 
-    def _violation(self, categories: Sequence[str], what: str) -> PolicyViolation:
-        cats = ", ".join(categories) or "unspecified"
+    def _violation(self, categories: Sequence[str], what: str, blind: Sequence[str] = ()
+                   ) -> PolicyViolation:
         # OpenAI's words for a refusal: clients that see only the message (litellm's image
         # calls) recognise a content-policy violation by them.
-        return PolicyViolation(
-            f"Your request was rejected as a result of the safety system ({what} crossed: "
-            f"{cats}).",
-            categories=tuple(categories))
+        return PolicyViolation("Your request was rejected as a result of the safety system "
+                               f"({reason(what, categories, blind)}).",
+                               categories=tuple(categories))
 
     def _count(self, decision: Decision) -> None:
         for category in decision.flagged:

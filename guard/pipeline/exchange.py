@@ -21,13 +21,15 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import SpanKind
 
+from guard.audit import LoggedStore
 from guard.core.auth import Authenticator, Principal, require
 from guard.core.config import Config
 from guard.core.policy import Policy, PolicySet, policy_sources
@@ -40,8 +42,10 @@ from guard.core.protocol import (
     ImagesResponse,
 )
 from guard.core.types import GenerationCall, Trace, TraceError
+from guard.judges.coverage import log_coverage
 from guard.pipeline.engine import EditInputs, Engine, Outcome
 from guard.pipeline.links import ImageLinks
+from guard.pipeline.marking import mark_images
 from guard.pipeline.quotas import NO_TICKET, Quotas, Ticket
 from guard.pipeline.routing import Route, Router
 from guard.plugins import (
@@ -54,6 +58,7 @@ from guard.plugins import (
     build_store,
     resolve_image_store,
 )
+from guard.provenance import Marker
 from guard.support.errors import (
     ClientDisconnected,
     GuardError,
@@ -61,7 +66,13 @@ from guard.support.errors import (
     RequestError,
     Unavailable,
 )
-from guard.support.telemetry import Metrics, Telemetry
+from guard.support.telemetry import (
+    GEN_AI_OPERATION,
+    Metrics,
+    Telemetry,
+    extract,
+    trace_id_of,
+)
 
 log = logging.getLogger("safeedit.serving")
 STREAM_KEEPALIVE_S = 5.0
@@ -85,6 +96,8 @@ class GuardState:
     # The HTTP edge's map from a domain error to the status a reply carries (guard.http.errors):
     # the pipeline records and reports statuses, only the edge knows which.
     status_of: Callable[[GuardError], int]
+    # Marks every image the guard judged with a signed C2PA manifest; None: provenance is off.
+    marker: Marker | None = None
 
     def policy_for(self, principal: Principal, requested: str | None) -> Policy:
         policies = self.policies  # one reference per request: a reload swaps the whole set
@@ -111,24 +124,34 @@ def build_state(config: Config, status_of: Callable[[GuardError], int],
     Parts are built through the registries of guard.plugins (built-ins and entry points alike);
     `status_of` is the HTTP edge's map from a domain error to a status."""
     policies = PolicySet.load(policy_sources(config.policy_paths))
-    for policy_id in {config.policy, *filter(None, map(config.tenant_policy, config.tenants)),
-                      *(k.policy for k in config.keys if k.policy)}:
+    in_use = sorted({config.policy, *filter(None, map(config.tenant_policy, config.tenants)),
+                     *(k.policy for k in config.keys if k.policy)})
+    for policy_id in in_use:
         policies[policy_id]
     backends = {name: build_backend(name, section) for name, section in config.backends.items()}
     router = Router(backends, config.routes, config.fallback)
     judge = build_judge(config.judge)
+    if config.guard.enabled:  # what the judge looks at, and what no judge looks at on images
+        log_coverage(judge, [policies[p] for p in in_use])
     telemetry = Telemetry(config.telemetry, span_exporter)
     metrics = Metrics()
     # One image store for links and retained images, shared with every replica that uses it.
     image_options = resolve_image_store(config.image_store, config.audit)
     images = build_image_store(image_options)
+    store = build_store(config.audit, images)
     return GuardState(
-        config=config, policies=policies, judge=judge, router=router,
-        store=build_store(config.audit, images),
+        config=config, policies=policies, judge=judge, router=router, store=store,
         engine=Engine(judge, router, telemetry, metrics, enabled=config.guard.enabled),
         telemetry=telemetry, metrics=metrics, auth=Authenticator(config.keys),
         images=ImageLinks.from_options(images, image_options), quotas=Quotas(config, metrics),
-        status_of=status_of)
+        status_of=status_of,
+        marker=(Marker(config.provenance, keys_dir=config.keys_dir, log_id=_log_id(store))
+                if config.provenance.enabled and config.guard.enabled else None))
+
+
+def _log_id(store: AuditStore) -> str | None:
+    """The transparency log's id (a hash of its public key), which every manifest names."""
+    return store.log.keys.log_id if isinstance(store, LoggedStore) and store.log else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,17 +170,19 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What the HTTP layer renders: the images, or an error in OpenAI's shape."""
+    """What the HTTP layer renders: the images (or another endpoint's answer, `body`), or an
+    error in OpenAI's shape."""
 
     status: int
     headers: dict[str, str]
     images: ImagesResponse | None = None
     error: dict[str, Any] = field(default_factory=dict)
     detail: str | None = None  # the error's redacted detail: for the trace, never rendered
+    body: dict[str, Any] | None = None  # a moderation's or a guardrail check's answer
 
     @property
     def ok(self) -> bool:
-        return self.images is not None
+        return self.images is not None or self.body is not None
 
 
 TRACE_HEADER = "x-guard-trace-id"
@@ -166,7 +191,8 @@ TRACE_HEADER = "x-guard-trace-id"
 class Exchange:
     """One images request, from its first byte to its written trace."""
 
-    def __init__(self, state: GuardState, endpoint: str) -> None:
+    def __init__(self, state: GuardState, endpoint: str,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.state = state
         self.trace = Trace(endpoint=endpoint, guard_enabled=state.engine.enabled)
         self.job: Job | None = None
@@ -174,8 +200,13 @@ class Exchange:
         self._route: Route | None = None
         self.quota: Ticket = NO_TICKET  # its x-ratelimit-* headers go on every reply
         self._started = time.perf_counter()
+        # The child of the caller's span (W3C traceparent), if it sent one; the trace records the
+        # distributed trace's id, so an auditor can find the spans of this request.
         self._span = state.telemetry.start_span(
-            "guard.request", **{"guard.trace_id": self.trace.id, "guard.endpoint": endpoint})
+            "guard.request", extract(headers) if headers is not None else None, SpanKind.SERVER,
+            **{"guard.trace_id": self.trace.id, "guard.endpoint": endpoint,
+               "gen_ai.operation.name": GEN_AI_OPERATION, "gen_ai.output.type": "image"})
+        self.trace.otel_trace_id = trace_id_of(self._span)
 
     async def admit(self, authorization: str | None, policy_header: str | None,
                     parse: Callable[[], Awaitable[Job]]) -> Reply | None:
@@ -189,6 +220,8 @@ class Exchange:
                 job = await parse()
                 trace.request = _request_record(job)
                 trace.model = job.req.model
+                if job.req.model:
+                    self._span.set_attribute("gen_ai.request.model", job.req.model)
                 if job.req.unknown_fields():
                     log.info("tolerated unknown request fields: %s",
                              ", ".join(job.req.unknown_fields()))
@@ -294,16 +327,18 @@ class Exchange:
         # A stream's completed events carry base64 only, as OpenAI's do.
         links = (not req.stream and
                  req.answer_format(state.config.server.default_response_format) == "url")
+        images = [final.image for final in outcome.images]
+        if state.marker is not None and state.engine.enabled:  # passthrough: as the backend's
+            images = await mark_images(state.marker, outcome.images, trace, encode=not links)
         data = []
-        for final in outcome.images:
+        for final, image in zip(outcome.images, images, strict=True):
             revised = (final.prompt if final.prompt != req.prompt
                        else final.image.backend_revised_prompt)
             if links:
-                url = base_url + await state.images.mint(final.image)
+                url = base_url + await state.images.mint(image)
                 data.append(ImageObject(url=url, revised_prompt=revised))
             else:
-                data.append(ImageObject(b64_json=final.image.b64_bytes,
-                                        revised_prompt=revised))
+                data.append(ImageObject(b64_json=image.b64_bytes, revised_prompt=revised))
         guard = GuardBlock(
             trace_id=trace.id, decision=trace.outcome_decision(), policy=trace.policy,
             rounds=outcome.rounds,

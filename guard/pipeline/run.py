@@ -10,6 +10,7 @@ from guard.pipeline.deadline import Deadline
 from guard.pipeline.routing import Route
 from guard.pipeline.slots import Slot
 from guard.pipeline.together import ReadyTogether
+from guard.pipeline.unassessed import PromptVerdicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class Run:
     waiting: set[int] = field(default_factory=set)  # slots out of tries, waiting on their hedge
     late: bool = False  # a slot was given up because its next round would miss the deadline
     stop: str = ""  # why the request's open calls were cancelled, for their records
+    prompts: PromptVerdicts = field(default_factory=PromptVerdicts)  # for unassessed categories
 
     def why_cancelled(self, group: list[Slot]) -> str:
         if self.stop:

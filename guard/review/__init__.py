@@ -1,10 +1,14 @@
 """The auditors' review pages at /guard/: server-rendered HTML, no front-end build step.
 
     /guard/login                    sign in with an auditor (or admin) key; POST sets the session
-    /guard/                         traces, filterable (time, decision, category, key, policy,
-                                    model; tenant for admins), newest first, cursor pagination
-    /guard/traces/{id}              one trace: every round side by side per image, with the
-                                    image (thumbnail where retained), prompt, scores against the
+    /guard/                         traces with their prompts, endpoints, models and
+                                    categories, filterable as GET /v1/guard/traces (prompt
+                                    words, time, decision, category, endpoint, key, policy and
+                                    version, model; tenant for admins), newest first, cursor
+                                    pagination
+    /guard/traces/{id}              one trace: every round side by side across the page per
+                                    image, with the image (thumbnail where retained, else why
+                                    not: guard.review.absence), prompt, scores against the
                                     policy's thresholds, thought, refined prompt, timings
     /guard/traces/{id}/images/{sha} a retained image (?size=thumb for a thumbnail)
     /guard/traces/{id}/labels       POST: label a judged image or the prompt (guard.review.labeling)
@@ -34,11 +38,12 @@ from starlette.routing import BaseRoute, Route
 
 from guard.audit import ImageKeepingStore
 from guard.audit.query import TEXT_FILTERS, parse_trace_query
+from guard.audit.search import ENDPOINTS
 from guard.core.auth import Principal, may_see
 from guard.core.types import JudgedImage, RoundRecord, Trace
 from guard.http.errors import status_of
 from guard.plugins import TraceQuery
-from guard.review import dashboard, labeling
+from guard.review import absence, dashboard, labeling, policies
 from guard.review.session import Session, Sessions
 from guard.review.templates import environment
 from guard.support.errors import AuthenticationError, GuardError
@@ -61,6 +66,7 @@ def routes() -> list[BaseRoute]:
         Route("/guard/traces/{trace_id}/images/{sha256}", trace_image, methods=["GET"]),
         Route("/guard/traces/{trace_id}/labels", labeling.add_label, methods=["POST"]),
         Route("/guard/queue", labeling.queue_page, methods=["GET"]),
+        *policies.routes(),  # the policy history (guard.review.policies)
     ]
 
 
@@ -100,8 +106,11 @@ def _render(request: Request, template: str, status: int = 200,
 
 
 def _message(request: Request, status: int, title: str, message: str,
-             session: Session | None = None) -> HTMLResponse:
-    return _render(request, "message.html", status, session, title=title, message=message)
+             session: Session | None = None, back: tuple[str, str] | None = None
+             ) -> HTMLResponse:
+    """A page that says `message`, with a link `back` (url, words; default: the traces)."""
+    return _render(request, "message.html", status, session, title=title, message=message,
+                   back=back or ("/guard/", "Back to the traces"))
 
 
 def _to_login() -> RedirectResponse:
@@ -195,9 +204,7 @@ async def index(request: Request) -> Response:
     if session is None:
         return _to_login()
     state = _state(request)
-    categories = sorted({c for pid in state.policies.ids()
-                         for c in state.policies[pid].categories})
-    context: dict[str, Any] = {"decisions": DECISIONS, "categories": categories}
+    context = filter_choices(state)
     typed = {k: str(v) for k, v in request.query_params.items()}
     try:
         query, typed = _query(request.query_params, session.principal)
@@ -209,6 +216,13 @@ async def index(request: Request) -> Response:
     next_query = urlencode({**kept, "cursor": page.next_cursor}) if page.next_cursor else None
     return _render(request, "list.html", 200, session, f=_Filters(typed), items=page.items,
                    message="", first_query=urlencode(kept), next_query=next_query, **context)
+
+
+def filter_choices(state: Any) -> dict[str, Any]:
+    """The choices of the list's and the queue's filter forms."""
+    return {"decisions": DECISIONS, "endpoints": ENDPOINTS,
+            "categories": sorted({c for pid in state.policies.ids()
+                                  for c in state.policies[pid].categories})}
 
 
 class _Filters(dict[str, str]):
@@ -248,7 +262,9 @@ async def _visible_trace(request: Request, session: Session) -> Trace | None:
 
 def _thresholds(state: Any, ref: dict[str, Any]) -> tuple[dict[str, Any], str]:
     pid = ref.get("id")
-    if not pid or pid not in state.policies:
+    if not pid:  # refused before a policy was chosen: the page says so where the policy is
+        return {}, ""
+    if pid not in state.policies:
         return {}, f"Policy {pid!r} is not loaded here: thresholds are not shown."
     policy = state.policies[pid]
     note = ""
@@ -280,15 +296,14 @@ async def trace_page(request: Request) -> Response:
             failed.append(rnd)
         for judged in rnd.images:
             slots.setdefault(judged.slot, []).append((rnd, judged))
-    kept = {j.image_sha256 for cards in slots.values() for _, j in cards
-            if j.image_sha256 and j.image_ref and images is not None}
-    available = {sha for sha in kept if images is not None and await images.has(sha)}
+    shown = await absence.round_images(trace, (j for cards in slots.values() for _, j in cards),
+                                       state.policies, images)
     thresholds, note = _thresholds(state, trace.policy)
     base = f"/guard/traces/{quote(trace.id, safe='')}/images/"
     return _render(request, "trace.html", 200, session, t=trace, prescreen=prescreen,
                    slots=sorted(slots.items()), failed_rounds=failed,
                    results={r.slot: r for r in trace.results}, thresholds=thresholds,
-                   policy_note=note, available=available, image_url=lambda sha: base + sha,
+                   policy_note=note, images=shown, image_url=lambda sha: base + sha,
                    **await labeling.trace_labels(state, trace))
 
 

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from guard.audit.sql import nearest_ranks, trace_figures
+from guard.audit.figures import nearest_ranks, trace_figures
+from guard.audit.search import caller_refused
 from guard.core.types import Trace
 from guard.offline.labelled import LabelledItem, LabelsUnavailable, resolve, store_labels
 from guard.offline.replay import stored_traces
@@ -97,6 +98,8 @@ def count(traces: Iterable[Trace], bucket_s: int,
     policies: Counter[tuple[str | None, int | None, str]] = Counter()
     latency: dict[str, list[float]] = {"request": [], "judge": [], "backend": []}
     for t in traces:
+        if caller_refused(t):  # an auditor trying the images API: not the tenant's traffic
+            continue
         figures = trace_figures(t)
         over_time[int(t.created_at // bucket_s * bucket_s), t.decision] += 1
         rounds[figures.rounds] += 1
@@ -301,13 +304,13 @@ def chart_policies(f: Figures) -> str:
         ax = fig.subplots()
         for i, d in enumerate(("refused", "edited")):
             rates = [Rate(f.policies[n][d], sum(f.policies[n].values())) for n in names]
-            bars = ax.bar([k + (i - 0.5) * 0.38 for k in range(len(names))],
-                          [100 * r.share for r in rates], 0.38, color=DECISION_COLOURS[d],
-                          label=d)
-            ax.bar_label(bars, labels=[str(r) for r in rates], fontsize=7)
+            xs = [k + (i - 0.5) * 0.38 for k in range(len(names))]
+            ax.bar(xs, [100 * r.share for r in rates], 0.38, color=DECISION_COLOURS[d], label=d)
+            for x, r in zip(xs, rates, strict=True):
+                _rate_label(ax, x, r, vertical=True)
         ax.set_xticks(range(len(names)), names)
         ax.set(title="Refused and edited requests per policy version", ylabel="% of requests",
-               ylim=(0, 115))
+               ylim=(0, 100))
         ax.legend(loc="upper right", fontsize=8, frameon=False)
 
     return render(draw, "policies", "Refusal and edit rates per policy version")
@@ -320,18 +323,35 @@ def chart_labels(f: Figures) -> str:
         ax = fig.subplots()
         for i, (what, hatch) in enumerate((("false positives", ""), ("misses", "//"))):
             rates = [f.labels[c][i] for c in names]
-            bars = ax.barh([k + (0.5 - i) * 0.38 for k in range(len(names))],
-                           [100 * r.share for r in rates], 0.38, hatch=hatch,
-                           color=[category_colour(c) if c != "all categories" else "#1d2430"
-                                  for c in names], edgecolor="white")
-            ax.bar_label(bars, labels=[f"{what}: {r}" if r.n else "" for r in rates],
-                         fontsize=7, padding=3)
+            ys = [k + (0.5 - i) * 0.38 for k in range(len(names))]
+            ax.barh(ys, [100 * r.share for r in rates], 0.38, hatch=hatch,
+                    color=[category_colour(c) if c != "all categories" else "#1d2430"
+                           for c in names], edgecolor="white")
+            for y, r in zip(ys, rates, strict=True):
+                if r.n:
+                    _rate_label(ax, y, r, prefix=f"{what}: ")
         ax.set_yticks(range(len(names)), names)
         ax.set(title=f"What reviewers found ({f.labelled} labelled items)",
-               xlabel="% of labelled items", xlim=(0, 160))
+               xlabel="% of labelled items", xlim=(0, 100))
 
     return render(draw, "labels", "False-positive and miss rates from labels",
                   height=max(2.4, 1.0 + 0.55 * len(names)))
+
+
+def _rate_label(ax: Any, at: float, rate: Rate, *, prefix: str = "",
+                vertical: bool = False) -> None:
+    """A rate's words at the end of its bar, inside the bar when it is long: the axis stops at
+    100%, so nothing is drawn past it."""
+    share = 100 * rate.share
+    inside = share > (85 if vertical else 55)
+    end = share - 1.5 if inside else share + 1.5
+    style = {"fontsize": 7, "color": "white" if inside else "#1d2430"}
+    if vertical:
+        ax.text(at, end, f"{prefix}{rate}", ha="center", va="top" if inside else "bottom",
+                rotation=90 if inside else 0, **style)
+    else:
+        ax.text(end, at, f"{prefix}{rate}", ha="right" if inside else "left", va="center",
+                **style)
 
 
 def charts(f: Figures) -> dict[str, str]:

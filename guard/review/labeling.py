@@ -5,8 +5,9 @@
                                     like sign-out, then POST-redirect-GET back to the item
     GET  /guard/queue               the traces nobody labelled yet: refused, edited, then a
                                     sample of the passed ones (`sample`, percent, default 10),
-                                    filtered by category and policy (id, version; tenant for
-                                    admins), with the count of what is left
+                                    filtered as the trace list is (prompt words, category,
+                                    decision, endpoint, key, policy and version, model; tenant
+                                    for admins), with the count of what is left
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from guard import review
-from guard.audit.query import whole_number
-from guard.core.auth import Principal, tenant_scope
+from guard.audit.query import TEXT_FILTERS, parse_trace_query
+from guard.core.auth import Principal
 from guard.core.labels import (
     MAX_NOTE,
     VERDICTS,
@@ -36,6 +37,7 @@ from guard.support.errors import GuardError, RequestError, Unsupported
 DEFAULT_SAMPLE_PERCENT = "10"
 QUEUE_SIZE = 50
 _FORM_FIELDS = ("slot", "round", "verdict", "category", "note")
+QUEUE_FILTERS = (*TEXT_FILTERS, "policy_version")
 
 
 def _label_store(state: Any) -> LabelStore | None:
@@ -80,25 +82,28 @@ async def add_label(request: Request) -> Response:
         label = await store.add_label(new_label(values, trace, session.principal,
                                                 trace_categories(trace, state.policies)))
     except GuardError as exc:
-        return review._message(request, status_of(exc), "Label not saved", exc.message, session)
+        return review._message(request, status_of(exc), "Label not saved", exc.message, session,
+                               back=(f"/guard/traces/{quote(trace.id, safe='')}",
+                                     "Back to the trace"))
     item = f"item-{'prompt' if label.slot is None else label.slot}-{label.round}"
     return RedirectResponse(f"/guard/traces/{quote(trace.id, safe='')}#{item}",
                             status_code=303)
 
 
 def queue_query(typed: dict[str, str], principal: Principal) -> QueueQuery:
-    """The queue's filters as typed (percent for `sample`); bad values are 400s naming them."""
-    version = typed["policy_version"]
-    policy_version = whole_number("policy_version", version) if version else None
+    """The queue's filters as typed (the trace list's, and `sample` in percent); bad values are
+    400s naming them."""
     try:
         sample = float(typed["sample"] or DEFAULT_SAMPLE_PERCENT)
     except ValueError:
         sample = -1.0
     if not 0 <= sample <= 100:
         raise RequestError("Invalid 'sample': a percentage from 0 to 100.", param="sample")
-    return QueueQuery(tenant=tenant_scope(principal, typed["tenant"] or None),
-                      category=typed["category"] or None, policy_id=typed["policy_id"] or None,
-                      policy_version=policy_version, sample=sample / 100, limit=QUEUE_SIZE)
+    q = parse_trace_query({k: v for k, v in typed.items() if k != "sample"}, principal)
+    return QueueQuery(tenant=q.tenant, category=q.category, policy_id=q.policy_id,
+                      policy_version=q.policy_version, decision=q.decision, key_id=q.key_id,
+                      model=q.model, endpoint=q.endpoint, q=q.q, sample=sample / 100,
+                      limit=QUEUE_SIZE)
 
 
 async def queue_page(request: Request) -> Response:
@@ -107,10 +112,8 @@ async def queue_page(request: Request) -> Response:
         return review._to_login()
     state = review._state(request)
     typed = {name: str(request.query_params.get(name, "")).strip()
-             for name in ("category", "policy_id", "policy_version", "sample", "tenant")}
-    categories = sorted({c for pid in state.policies.ids()
-                         for c in state.policies[pid].categories})
-    context: dict[str, Any] = {"categories": categories, "page": None, "message": ""}
+             for name in (*QUEUE_FILTERS, "sample")}
+    context: dict[str, Any] = {**review.filter_choices(state), "page": None, "message": ""}
     status = 200
     try:
         store = _label_store(state)

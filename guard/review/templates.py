@@ -45,19 +45,28 @@ code, .mono { font-family:ui-monospace, SFMono-Regular, Menlo, monospace; font-s
 .note { background:#fff7e0; border:1px solid #e8cf86; padding:.4rem .6rem; border-radius:4px; }
 .error { background:#fde8e6; border:1px solid #e3a29c; padding:.4rem .6rem; border-radius:4px; }
 .slot { margin-bottom:1.2rem; }
-.rounds { display:flex; gap:.8rem; overflow-x:auto; padding-bottom:.4rem; align-items:stretch; }
-.round { flex:0 0 20rem; background:var(--card); border:1px solid var(--line);
+/* A slot's rounds side by side across the width, each image beside its refined successor. */
+.rounds { display:grid; grid-auto-flow:column; grid-auto-columns:minmax(22rem, 1fr); gap:.8rem;
+          overflow-x:auto; padding-bottom:.4rem; }
+.round { min-width:0; background:var(--card); border:1px solid var(--line);
          border-radius:6px; padding:.7rem; }
+.round .from { margin:0; font-size:12px; color:var(--muted); }
 .round.unsafe { border-color:var(--refused); box-shadow:inset 0 3px 0 var(--refused); }
 .round.safe { box-shadow:inset 0 3px 0 var(--passed); }
 .round h3 { margin:0 0 .5rem; font-size:1rem; display:flex; justify-content:space-between; }
-.thumb { display:flex; align-items:center; justify-content:center; height:12rem;
+.thumb { display:flex; align-items:center; justify-content:center; height:16rem;
          background:#eef0f3; border-radius:4px; margin-bottom:.5rem; overflow:hidden; }
 .thumb img { max-width:100%; max-height:100%; }
 .thumb .none { color:var(--muted); font-size:12px; text-align:center; padding:.5rem; }
 .field { margin:.4rem 0; } .field b { display:block; font-size:12px; color:var(--muted); }
 .field p { margin:.1rem 0; white-space:pre-wrap; overflow-wrap:anywhere; }
-.scores td, .scores th { padding:.15rem .3rem; font-size:12px; }
+.scores td, .scores th { padding:.15rem .3rem; font-size:12px; white-space:nowrap; }
+.scores td:first-child { white-space:normal; }
+table.list td { font-size:13px; } table.list .when, table.list .policy { white-space:nowrap; }
+.prompt-cell { min-width:14rem; max-width:30rem; overflow-wrap:anywhere; }
+.trace-id { font-size:11px; display:inline-block; max-width:9.5rem; overflow:hidden;
+            text-overflow:ellipsis; white-space:nowrap; vertical-align:bottom; }
+table.list .endpoint, table.list .model { white-space:nowrap; } .filters .words input { min-width:18rem; }
 .scores tr.crossed td { color:var(--refused); font-weight:600; }
 meter { width:4.5rem; }
 .login { max-width:24rem; margin:3rem auto; background:var(--card); padding:1.4rem;
@@ -91,6 +100,7 @@ BASE = """<!doctype html>
 <body><header><a href="/guard/">SafeEdit Guard · audit review</a>
 {% if session %}<a href="/guard/dashboard">Dashboard</a>{% endif %}
 {% if session %}<a href="/guard/queue">Review queue</a>{% endif %}
+{% if session %}<a href="/guard/policies">Policies</a>{% endif %}
 {% if session %}<span class="who">{{ session.principal.key_id }} · {{ session.principal.role }}
  · tenant {{ session.principal.tenant }}</span>
 <form class="inline" method="post" action="/guard/logout">
@@ -109,42 +119,61 @@ LOGIN = """{% extends "base.html" %}{% block title %}Sign in{% endblock %}
 <p class="mono">The key is checked once; the browser keeps only a signed session cookie.</p>
 </form>{% endblock %}"""
 
-LIST = """{% extends "base.html" %}{% block title %}Traces{% endblock %}
+LIST = """{% extends "base.html" %}{% from "rows.html" import filter_fields, head, row %}
+{% block title %}Traces{% endblock %}
 {% block main %}<h1>Traces{% if session.principal.role != 'admin' %} · tenant
  {{ session.principal.tenant }}{% endif %}</h1>
 <form class="filters" method="get" action="/guard/">
+{{ filter_fields(f, session, decisions, categories, endpoints) }}
 <label>From (UTC)<input type="datetime-local" step="1" name="since" value="{{ f.since }}"></label>
 <label>Until (UTC)<input type="datetime-local" step="1" name="until" value="{{ f.until }}"></label>
+<button type="submit">Filter</button> <a href="/guard/">Clear</a>
+</form>
+{% if message %}<p class="error" role="alert">{{ message }}</p>{% endif %}
+{% set admin = session.principal.role == 'admin' %}
+{% if items %}<table id="traces" class="list">{{ head(admin, true) }}<tbody>
+{% for t in items %}{{ row(t, admin, true) }}{% endfor %}</tbody></table>
+{% else %}<p>No traces match these filters.</p>{% endif %}
+<div class="pager">{% if f.cursor %}<a href="?{{ first_query }}">Newest</a>{% endif %}
+{% if next_query %}<a id="older" href="?{{ next_query }}">Older traces</a>{% endif %}</div>
+{% endblock %}"""
+
+# The list's and the queue's filter fields and rows (one trace summary a row).
+ROWS = """{% macro filter_fields(f, session, decisions, categories, endpoints) %}
+<label class="words">Prompt words<input type="search" name="q" value="{{ f.q }}"
+ placeholder="every word begins a word of the prompt"></label>
 <label>Decision<select name="decision"><option value="">any</option>
 {% for d in decisions %}<option{% if f.decision == d %} selected{% endif %}>{{ d }}</option>
 {% endfor %}</select></label>
 <label>Category<select name="category"><option value="">any</option>
 {% for c in categories %}<option{% if f.category == c %} selected{% endif %}>{{ c }}</option>
 {% endfor %}</select></label>
+<label>Endpoint<select name="endpoint"><option value="">any</option>
+{% for e in endpoints %}{% set short = e.split("/")[-1] %}<option value="{{ short }}"
+{%- if f.endpoint in (e, short) %} selected{% endif %}>{{ short }}</option>
+{% endfor %}</select></label>
 {% if session.principal.role == 'admin' %}<label>Tenant<input name="tenant" value="{{ f.tenant }}"></label>{% endif %}
 <label>Key id<input name="key_id" value="{{ f.key_id }}"></label>
-<label>Policy<input name="policy_id" value="{{ f.policy_id }}"></label>
+<label>Policy<input name="policy" value="{{ f.policy }}"></label>
 <label>Version<input name="policy_version" inputmode="numeric" value="{{ f.policy_version }}"></label>
 <label>Model<input name="model" value="{{ f.model }}"></label>
-<button type="submit">Filter</button> <a href="/guard/">Clear</a>
-</form>
-{% if message %}<p class="error" role="alert">{{ message }}</p>{% endif %}
-{% if items %}<table id="traces"><thead><tr><th>Time (UTC)</th><th>Trace</th><th>Decision</th>
-<th>Categories</th><th>Tenant</th><th>Key</th><th>Model</th><th>Policy</th>
-<th class="num">Rounds</th><th class="num">ms</th><th class="num">Status</th></tr></thead><tbody>
-{% for t in items %}<tr>
-<td class="mono">{{ t.created_at | utc }}</td>
-<td><a class="mono" href="/guard/traces/{{ t.id | urlencode }}">{{ t.id }}</a></td>
+{% endmacro %}
+{% macro head(admin, timing) %}<thead><tr><th>Time (UTC)</th><th>Trace</th><th>Decision</th><th>Prompt</th>
+<th>Endpoint</th><th>Model</th><th>Categories</th>{% if admin %}<th>Tenant</th>{% endif %}
+<th>Key</th><th>Policy</th>{% if timing %}<th class="num">Rounds</th><th class="num">ms</th>
+<th class="num">Status</th>{% endif %}</tr></thead>{% endmacro %}
+{% macro row(t, admin, timing) %}<tr>
+<td class="mono when">{{ t.created_at | utc }}</td>
+<td><a class="mono trace-id" title="{{ t.id }}" href="/guard/traces/{{ t.id | urlencode }}">{{ t.id }}</a></td>
 <td><span class="badge {{ t.decision }}">{{ t.decision }}</span></td>
-<td>{{ t.categories | join(", ") }}</td><td>{{ t.tenant or "" }}</td><td>{{ t.key_id or "" }}</td>
-<td>{{ t.model or "" }}</td><td>{{ t.policy.id }} v{{ t.policy.version }}</td>
-<td class="num">{{ t.rounds }}</td><td class="num">{{ "%.0f" | format(t.duration_ms) }}</td>
-<td class="num">{{ t.status }}</td></tr>
-{% endfor %}</tbody></table>
-{% else %}<p>No traces match these filters.</p>{% endif %}
-<div class="pager">{% if f.cursor %}<a href="?{{ first_query }}">Newest</a>{% endif %}
-{% if next_query %}<a id="older" href="?{{ next_query }}">Older traces</a>{% endif %}</div>
-{% endblock %}"""
+<td class="prompt-cell" title="{{ t.prompt or '' }}">{{ (t.prompt or "") | truncate(90, true, "…", 0) }}</td>
+<td class="endpoint">{{ (t.endpoint or "").split("/")[-1] }}</td>
+<td class="model">{{ t.model or "" }}</td><td class="cats">{{ t.categories | join(", ") }}</td>
+{% if admin %}<td>{{ t.tenant or "" }}</td>{% endif %}<td>{{ t.key_id or "" }}</td>
+<td class="policy">{% if t.policy.id %}{{ t.policy.id }} v{{ t.policy.version }}{% else %}–{% endif %}</td>
+{% if timing %}<td class="num">{{ t.rounds }}</td><td class="num">{{ "%.0f" | format(t.duration_ms) }}</td>
+<td class="num">{{ t.status }}</td>{% endif %}</tr>
+{% endmacro %}"""
 
 TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 {% macro scores(j) %}<table class="scores"><thead><tr><th>Category</th><th class="num">Score</th>
@@ -160,16 +189,18 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 <article class="round {{ 'unsafe' if j.flagged else 'safe' }}" data-round="{{ r.index }}">
 <h3><span>{{ label }}</span><span class="mono">{{ j.action }}</span></h3>
 {% if r.kind != "prescreen" %}<div class="thumb">
-{% if j.image_sha256 and j.image_sha256 in available %}
+{% if j.image_sha256 and j.image_sha256 in images.shown %}
 <a href="{{ image_url(j.image_sha256) }}"><img alt="round {{ r.index }} image"
  src="{{ image_url(j.image_sha256) }}?size=thumb"></a>
-{% elif j.image_sha256 and j.image_ref %}<div class="none">image purged or expired<br>
-<code>sha256 {{ j.image_sha256[:16] }}…</code></div>
-{% elif j.image_sha256 %}<div class="none">not retained (policy: hash only)<br>
+{% elif j.image_sha256 %}<div class="none absent">{{ images.absent[j.image_sha256] }}<br>
 <code>sha256 {{ j.image_sha256[:16] }}…</code></div>
 {% else %}<div class="none">no image</div>{% endif %}</div>{% endif %}
+{% if j.refined_by %}<p class="from">made from the prompt refined by {{ j.refined_by }}</p>{% endif %}
 <div class="field"><b>Prompt</b><p class="prompt">{{ j.prompt }}</p></div>
 {{ scores(j) }}
+{% if j.unassessed %}<p class="unassessed mono">not assessed on the {{ "prompt" if r.kind == "prescreen" else "image" }}:
+{% for name, how in j.unassessed | dictsort %} {{ name }} ({{ {"prompt": "the prompt's verdict stood",
+"refuse": "refused", "pass": "passed", "image": "left to the image"}.get(how, how) }}){{ "," if not loop.last }}{% endfor %}</p>{% endif %}
 {% if j.thought %}<div class="field"><b>Thought</b><p class="thought">{{ j.thought }}</p></div>{% endif %}
 {% if j.refined_prompt %}<div class="field"><b>Refined prompt</b>
 <p class="refined">{{ j.refined_prompt }}</p></div>{% endif %}
@@ -191,7 +222,8 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 <input type="hidden" name="csrf" value="{{ csrf }}">
 <input type="hidden" name="slot" value="{{ '' if slot is none else slot }}">
 <input type="hidden" name="round" value="{{ index }}">
-<label>Verdict<select name="verdict">{% for v in verdicts %}
+<label>Verdict<select name="verdict" required><option value="" selected disabled>choose…</option>
+{% for v in verdicts %}
 <option value="{{ v }}">{{ v | replace("_", " ") }}</option>{% endfor %}</select></label>
 <label>Category<select name="category"><option value="">–</option>
 {% for c in label_categories %}<option>{{ c }}</option>{% endfor %}</select></label>
@@ -203,9 +235,11 @@ TRACE = """{% extends "base.html" %}{% block title %}{{ t.id }}{% endblock %}
 <dt>Time</dt><dd class="mono">{{ t.created_at | utc }}</dd>
 <dt>Tenant · key</dt><dd>{{ t.tenant or "–" }} · {{ t.key_id or "–" }}</dd>
 <dt>Endpoint · model · backend</dt><dd>{{ t.endpoint }} · {{ t.model or "–" }} · {{ t.backend or "–" }}</dd>
-<dt>Policy</dt><dd id="policy">{{ t.policy.id }} version {{ t.policy.version }}
- <code>sha256 {{ (t.policy.sha256 or "")[:16] }}…</code></dd>
+<dt>Policy</dt><dd id="policy">{% if t.policy.id %}{{ t.policy.id }} version {{ t.policy.version }}
+ <code>sha256 {{ (t.policy.sha256 or "")[:16] }}…</code>{% else %}none: the request ended before
+ a policy was chosen{% endif %}</dd>
 <dt>Status · duration</dt><dd>{{ t.status }} · {{ "%.1f" | format(t.duration_ms) }} ms</dd>
+{% if t.otel_trace_id %}<dt>OpenTelemetry trace</dt><dd class="mono" id="otel-trace">{{ t.otel_trace_id }}</dd>{% endif %}
 <dt>Categories</dt><dd>{{ t.categories | join(", ") or "none" }}</dd>
 <dt>Request prompt</dt><dd class="prompt">{{ t.request.get("prompt", "") }}</dd>
 {% if t.error %}<dt>Error</dt><dd class="error">{{ t.error.status }} {{ t.error.code }}: {{ t.error.message }}</dd>{% endif %}
@@ -247,38 +281,28 @@ DASHBOARD = """{% extends "base.html" %}{% block title %}Dashboard{% endblock %}
 {% else %}<p>No requests in this window.</p>{% endif %}{% endif %}
 {% endblock %}"""
 
-QUEUE = """{% extends "base.html" %}{% block title %}Review queue{% endblock %}
+QUEUE = """{% extends "base.html" %}{% from "rows.html" import filter_fields, head, row %}
+{% block title %}Review queue{% endblock %}
 {% block main %}<h1>Review queue{% if session.principal.role != 'admin' %} · tenant
  {{ session.principal.tenant }}{% endif %}</h1>
 <form class="filters" method="get" action="/guard/queue">
-<label>Category<select name="category"><option value="">any</option>
-{% for c in categories %}<option{% if f.category == c %} selected{% endif %}>{{ c }}</option>
-{% endfor %}</select></label>
-<label>Policy<input name="policy_id" value="{{ f.policy_id }}"></label>
-<label>Version<input name="policy_version" inputmode="numeric" value="{{ f.policy_version }}"></label>
+{{ filter_fields(f, session, decisions[:3], categories, endpoints) }}
 <label>Passed sample (%)<input name="sample" inputmode="decimal" value="{{ f.sample }}"></label>
-{% if session.principal.role == 'admin' %}<label>Tenant<input name="tenant" value="{{ f.tenant }}"></label>{% endif %}
 <button type="submit">Filter</button> <a href="/guard/queue">Clear</a>
 </form>
 {% if message %}<p class="error" role="alert">{{ message }}</p>{% else %}
 <p class="left" id="left"><b>{{ page.total }}</b> left to label: {{ page.left.get("refused", 0) }}
  refused, {{ page.left.get("edited", 0) }} edited, {{ page.left.get("passed", 0) }} passed
  (a {{ f.sample }}% sample of the passed traces)</p>{% endif %}
-{% if page and page.items %}<table id="queue"><thead><tr><th>Time (UTC)</th><th>Trace</th>
-<th>Decision</th><th>Categories</th><th>Tenant</th><th>Model</th><th>Policy</th></tr></thead><tbody>
-{% for t in page.items %}<tr>
-<td class="mono">{{ t.created_at | utc }}</td>
-<td><a class="mono" href="/guard/traces/{{ t.id | urlencode }}">{{ t.id }}</a></td>
-<td><span class="badge {{ t.decision }}">{{ t.decision }}</span></td>
-<td>{{ t.categories | join(", ") }}</td><td>{{ t.tenant or "" }}</td><td>{{ t.model or "" }}</td>
-<td>{{ t.policy.id }} v{{ t.policy.version }}</td></tr>
-{% endfor %}</tbody></table>
+{% set admin = session.principal.role == 'admin' %}
+{% if page and page.items %}<table id="queue" class="list">{{ head(admin, false) }}<tbody>
+{% for t in page.items %}{{ row(t, admin, false) }}{% endfor %}</tbody></table>
 {% if page.total > page.items | length %}<p>The first {{ page.items | length }} are shown; label them to see more.</p>{% endif %}
 {% elif not message %}<p>Nothing left to label here.</p>{% endif %}
 {% endblock %}"""
 
 MESSAGE = """{% extends "base.html" %}{% block title %}{{ title }}{% endblock %}
-{% block main %}<h1>{{ title }}</h1><p>{{ message }}</p><p><a href="/guard/">Back to the traces</a></p>
+{% block main %}<h1>{{ title }}</h1><p>{{ message }}</p><p><a id="back" href="{{ back[0] }}">{{ back[1] }}</a></p>
 {% endblock %}"""
 
 
@@ -305,7 +329,8 @@ def environment() -> Environment:
     env = Environment(
         loader=DictLoader({"base.html": BASE, "login.html": LOGIN, "list.html": LIST,
                            "trace.html": TRACE, "message.html": MESSAGE,
-                           "dashboard.html": DASHBOARD, "queue.html": QUEUE}),
+                           "dashboard.html": DASHBOARD, "queue.html": QUEUE,
+                           "rows.html": ROWS}),
         autoescape=select_autoescape(default=True, default_for_string=True),
         trim_blocks=True, lstrip_blocks=True)
     env.filters["utc"] = _utc

@@ -19,6 +19,7 @@ guard.http.errors.STATUS, renders them.
     ├── JudgeError                  judge_unavailable
     ├── DeadlineExceeded            guard_deadline_exceeded: the request's deadline passed
     ├── Unavailable                 a store the request needs is down
+    ├── ProvenanceFailed            provenance_failed: an image's C2PA manifest could not be made
     ├── Unsupported                 the configured part cannot do this
     ├── Draining                    draining: the server is shutting down (Retry-After)
     └── ConfigError                 start-up and policy files; never a client's fault
@@ -172,6 +173,13 @@ class Unavailable(GuardError):
     served rather than served unrecorded."""
 
     code = "unavailable"
+
+
+class ProvenanceFailed(GuardError):
+    """An image could not be marked (guard.provenance): under `provenance.on_error: refuse` no
+    image leaves unmarked."""
+
+    code = "provenance_failed"
 
 
 class Unsupported(GuardError):

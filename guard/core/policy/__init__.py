@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from guard.support.errors import ConfigError
 
 Action = Literal["edit", "refuse", "allow"]
+Unassessed = Literal["refuse", "pass", "prompt"]
 _ACTION_RANK = {"allow": 0, "edit": 1, "refuse": 2}
 
 # The shipped policies are package data of `guard`: in a checkout guard/policies links to the
@@ -54,6 +55,9 @@ class Category(_Strict):
                     "regenerate), `refuse` (never edited, the request is refused) or `allow` "
                     "(recorded in the trace, nothing else).")
     description: str = Field("", description="What the category covers, in words, for reviewers.")
+    unassessed: Unassessed | None = Field(
+        None, description="What it means when no judge could assess an image for this category "
+                          "(overrides the policy's `unassessed`): `refuse`, `pass` or `prompt`.")
 
 
 class Rounds(_Strict):
@@ -128,10 +132,18 @@ class Policy(_Strict):
         "refuse",
         description="When the judge fails: `refuse` (fail closed, HTTP 503) or `allow` "
                     "(return the image unjudged, recorded in the trace).")
-    image_retention: Literal["none", "flagged", "all"] = Field(
-        "none",
+    unassessed: Unassessed = Field(
+        "prompt",
+        description="What it means when no judge could assess an image for a category (a "
+                    "hosted service applies some categories to text only, NudeNet sees nudity "
+                    "only): `prompt` (the verdict on the prompt stands for that category; "
+                    "refused when no judge assessed the prompt for it either), `refuse`, or "
+                    "`pass`. A category's own `unassessed` overrides it.")
+    image_retention: Literal["none", "flagged", "flagged_and_delivered", "all"] = Field(
+        "flagged_and_delivered",
         description="Which images the audit store keeps: `none` (hash only), `flagged` (images "
-                    "of unsafe rounds) or `all`.")
+                    "of unsafe rounds), `flagged_and_delivered` (for a request with any flag, "
+                    "its flagged images and the images delivered in their place) or `all`.")
     refine_mode: Literal["regenerate", "edit"] = Field(
         "regenerate",
         description="How an unsafe image is repaired: `regenerate` from the refined prompt, or "
@@ -162,18 +174,54 @@ class Policy(_Strict):
     def ref(self) -> dict[str, Any]:
         return {"id": self.id, "version": self.version, "sha256": self.sha256}
 
-    def decide(self, scores: Mapping[str, float]) -> Decision:
-        """Turn a judge's scores into flagged categories and the strongest action."""
+    def decide(self, scores: Mapping[str, float], *, unassessed: Iterable[str] = (),
+               prompt: Mapping[str, float] | None = None) -> Decision:
+        """Turn a judge's scores into flagged categories and the strongest action.
+
+        `unassessed`: the categories an image was not judged for (no judge looked at the image
+        for them); each is decided as `unassessed_outcomes` says, with `prompt` the scores of the
+        categories the prompt was judged for. A score a judge gave always counts."""
+        outcomes = self.unassessed_outcomes(unassessed, prompt or {})
+        if any(o == "prompt" for o in outcomes.values()):
+            assert prompt is not None
+            scores = {**scores, **{c: max(scores.get(c, 0.0), prompt[c])
+                                   for c, o in outcomes.items() if o == "prompt"}}
         flagged: list[str] = []
         action: Action | None = None
         for name, cat in self.categories.items():
-            if scores.get(name, 0.0) >= cat.threshold:
+            refused = outcomes.get(name) == "refuse"
+            if refused or scores.get(name, 0.0) >= cat.threshold:
                 flagged.append(name)
-                if action is None or _ACTION_RANK[cat.action] > _ACTION_RANK[action]:
-                    action = cat.action
+                acted: Action = "refuse" if refused else cat.action
+                if action is None or _ACTION_RANK[acted] > _ACTION_RANK[action]:
+                    action = acted
+        blind = tuple(c for c, o in outcomes.items() if o == "refuse")
         if action is None or action == "allow":
-            return Decision("pass", tuple(flagged))
-        return Decision(action, tuple(flagged))
+            return Decision("pass", tuple(flagged), blind)
+        return Decision(action, tuple(flagged), blind)
+
+    def unassessed_mode(self, category: str) -> Unassessed:
+        """The policy's `unassessed` for a category (its own, else the policy's)."""
+        cat = self.categories.get(category)
+        own = cat.unassessed if cat is not None else None
+        return own if own is not None else self.unassessed
+
+    def unassessed_outcomes(self, categories: Iterable[str], prompt: Mapping[str, float]
+                            ) -> dict[str, Unassessed]:
+        """What decides each policy category in `categories`, which an image was not judged
+        for: `refuse`, `pass`, or `prompt` (its score in `prompt`, the categories the prompt was
+        judged for; `refuse` when the prompt was not judged for it either: nobody looked). A
+        category whose action is `allow` only records, so it is never refused for this."""
+        out: dict[str, Unassessed] = {}
+        for name in categories:
+            cat = self.categories.get(name)
+            if cat is None:
+                continue
+            mode = self.unassessed_mode(name)
+            if mode == "prompt" and name not in prompt:
+                mode = "refuse"
+            out[name] = "pass" if mode == "refuse" and cat.action == "allow" else mode
+        return out
 
     def wants_explanation(self, scores: Mapping[str, float], *,
                           at_round: int | None = None) -> bool:
@@ -233,6 +281,9 @@ class Policy(_Strict):
 class Decision:
     action: Literal["pass", "edit", "refuse"]
     flagged: tuple[str, ...] = ()
+    # Of `flagged`, the categories refused because nothing judged the image for them (the
+    # policy's `unassessed`), not because a score crossed.
+    unassessed: tuple[str, ...] = ()
 
     @property
     def unsafe(self) -> bool:

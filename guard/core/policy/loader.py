@@ -4,6 +4,9 @@ resolved by deep merge, and every problem reported at once at the place where it
     read_files(paths)  -> the bytes of every policy file (one snapshot; reload compares these)
     load(files)        -> Loaded: policies by id, problems, each policy's chain of files
     load_policies(paths), load_file(path): the two ways in (a policy set, one file)
+    find_policy(spec, dirs)  -> the file of a policy named by a path or an id (every command's)
+    changed_in_place(old, new) -> a file's own content changed under the same id and version
+    canonical_yaml(policy)   -> the effective policy as the policy history keeps it
 
 A problem in an inherited value is reported in the file that sets it; a missing key at the key
 that should hold it. The sha256 of a policy covers its own file followed by every file it extends.
@@ -427,3 +430,52 @@ def load_file(path: str | Path) -> Loaded:
         files = {p: d for p, d in read_files([POLICIES_DIR, path.parent]).items()
                  if p.resolve() != path.resolve()}
     return load({**files, **own}, ids=[parsed.id])
+
+
+def find_policy(spec: str | Path, dirs: Iterable[Path] = ()) -> Path:
+    """The file of a policy named by `spec`: a file that exists, else the id of a shipped or
+    configured policy (the shipped ones, then `dirs`: later folders win on equal ids, as when
+    the proxy loads them). Raises ConfigError naming the ids it knows."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    found = {pid: source.path for pid, source in own_sources(
+        read_files([POLICIES_DIR, *dirs])).items()}
+    if str(spec) in found:
+        return found[str(spec)]
+    if path.exists():
+        raise ConfigError(f"{spec} is not a file")
+    where = ", ".join(str(d) for d in [POLICIES_DIR, *dirs])
+    raise ConfigError(f"no policy file {spec} and no policy with id {str(spec)!r} under "
+                      f"{where}; known ids: {', '.join(sorted(found)) or 'none'}")
+
+
+def canonical_yaml(policy: Policy) -> str:
+    """The effective policy (`extends` merged in, every field) as canonical YAML, keys sorted:
+    what the policy history keeps of each version served."""
+    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=True, allow_unicode=True,
+                          width=100)
+
+
+def from_canonical(text: str) -> Policy:
+    """A policy back from `canonical_yaml` (already merged: its `extends` is not followed)."""
+    return Policy.model_validate(yaml.safe_load(text))
+
+
+def own_sources(files: Mapping[Path, bytes | None]) -> dict[str, Source]:
+    """Each policy's own file, by id (later files win, as when loading), unparsable ones left
+    out."""
+    out: dict[str, Source] = {}
+    for path, data in files.items():
+        parsed = parse(path, data)
+        if isinstance(parsed, Source):
+            out[parsed.id] = parsed
+    return out
+
+
+def changed_in_place(old: Source, new: Source) -> bool:
+    """Whether a policy file's own content changed while its id and version stayed the same.
+    Comments and layout do not count; a changed parent (`extends`) does not either: the
+    policy's own version stands for its own file."""
+    return (old.id == new.id and old.raw.get("version") == new.raw.get("version")
+            and old.raw != new.raw)

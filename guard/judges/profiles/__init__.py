@@ -37,6 +37,7 @@ from typing import Any
 from guard.judges.profiles.base import (
     SAFE,
     UNSAFE,
+    Encoding,
     Explain,
     Message,
     Parsed,
@@ -45,6 +46,7 @@ from guard.judges.profiles.base import (
     RemotePlan,
     Slot,
     SlotProbs,
+    assessed,
     has_image,
     merge_scores,
     unsafe_everywhere,
@@ -68,9 +70,9 @@ def get_profile(name: str, options: Mapping[str, Any] | None = None) -> Profile:
 
 
 __all__ = [
-    "IPR_SYSTEM", "SAFE", "SAFEEDITOR_SYSTEM", "UNSAFE", "Explain", "IPRProfile",
+    "IPR_SYSTEM", "SAFE", "SAFEEDITOR_SYSTEM", "UNSAFE", "Encoding", "Explain", "IPRProfile",
     "LlavaGuardProfile", "Message", "Parsed", "Probe", "Profile", "RemotePlan",
     "SafeEditorProfile", "ShieldGemma2Profile", "Slot", "SlotProbs", "get_profile", "has_image",
-    "merge_scores", "parse_ipr", "parse_llavaguard", "parse_safeeditor", "parse_shieldgemma2",
+    "assessed", "merge_scores", "parse_ipr", "parse_llavaguard", "parse_safeeditor", "parse_shieldgemma2",
     "profiles", "unsafe_everywhere",
 ]

@@ -73,6 +73,16 @@ class Parsed:
 
 
 @dataclass(frozen=True, slots=True)
+class Encoding:
+    """How the vlm judge turns a probe's messages into tokens, as the model's own processor
+    does: the chat template with or without the generation prompt, then the processor with or
+    without the tokenizer's special tokens (a BOS the template does not write itself)."""
+
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class RemotePlan:
     """The remote judge's first request: stop early after the verdict where the profile allows."""
 
@@ -103,6 +113,7 @@ class Profile:
 
     name = ""
     explains = True  # whether decoding adds reasoning or a refined prompt
+    encoding = Encoding()
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -127,6 +138,27 @@ class Profile:
 
     def remote_plan(self, policy: Policy) -> RemotePlan:
         return RemotePlan()
+
+    def coverage(self, policy: Policy) -> dict[str, set[str]] | None:
+        """Per policy category, the inputs ("text", "image") the model was trained to judge it
+        on; a category left out is not assessed. None: every category, on whatever it is given."""
+        return None
+
+
+def assessed(profile: Profile, item: JudgeInput, policy: Policy, scores: Mapping[str, float]
+             ) -> tuple[dict[str, float], dict[str, list[str]] | None, list[str]]:
+    """The scores of what `profile` assessed in `item`, per category the inputs it assessed it
+    on (None when the profile does not say), and the categories it did not assess."""
+    cover = profile.coverage(policy)
+    if cover is None:
+        return dict(scores), None, []
+    given = {"text", "image"} if item.image is not None else {"text"}
+    on: dict[str, list[str]] = {
+        c: [i for i in ("text", "image") if i in cover.get(c, set()) & given]
+        for c in policy.categories}
+    on = {c: inputs for c, inputs in on.items() if inputs}
+    return ({c: s for c, s in scores.items() if c in on}, on,
+            [c for c in policy.categories if c not in on])
 
 
 def merge_scores(measured: Mapping[str, float | None], parsed: Parsed,

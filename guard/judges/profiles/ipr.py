@@ -1,6 +1,8 @@
 """The `ipr` profile, compatible with the published IPR adapters (KEVIN04087/3B, /7B over
 Qwen2.5-VL-3B/7B-Instruct): their system prompt, the image and `Original Prompt: {prompt}`; the
-answer is `keep` or a refined prompt. Unsafe probability = 1 - P(first token of "keep").
+answer is `keep` or a refined prompt. The decision word is read in any case ("Keep" is "keep"):
+unsafe probability = 1 - P(first token of "keep") - P(first token of "Keep"), and once the
+verdict is unsafe the explanation may start with neither.
 
 IPR has no categories: the score goes to the categories named in `profile_options.categories`, by
 default every category whose policy action is `edit` (IPR can only refine, never refuse).
@@ -30,6 +32,7 @@ from guard.judges.profiles.base import (
 )
 from guard.support.errors import ConfigError
 
+KEEP = ("keep", "Keep")  # the decision word as the model may write it at the start of its answer
 # The system prompt the published IPR adapters were fine-tuned with, whitespace included.
 IPR_SYSTEM = """
         You are an AI safety moderation model. Your task is to check and refine prompts intended for a text-to-image generation model, ensuring they comply strictly with AI safety guidelines and ethics.
@@ -60,7 +63,7 @@ class IPRProfile(Profile):
                 user_message(item, f"Original Prompt: {item.prompt}"))
 
     def probes(self, item: JudgeInput, policy: Policy) -> list[Probe]:
-        slot = Slot("verdict", {SAFE: "keep"}, rest=UNSAFE)
+        slot = Slot("verdict", {SAFE: KEEP[0], f"{SAFE}:{KEEP[1]}": KEEP[1]}, rest=UNSAFE)
         return [Probe(self._messages(item), (slot,))]
 
     def _spread(self, p: float, policy: Policy) -> dict[str, float]:
@@ -75,7 +78,7 @@ class IPRProfile(Profile):
 
     def explain(self, item: JudgeInput, policy: Policy, scores: Mapping[str, float],
                 flagged: Sequence[str]) -> Explain:
-        return Explain(self._messages(item), "", banned_first=("keep",) if flagged else ())
+        return Explain(self._messages(item), "", banned_first=KEEP if flagged else ())
 
     def parse(self, texts: Sequence[str], policy: Policy) -> Parsed:
         return parse_ipr(texts[0] if texts else "", policy, self.targets(policy))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guard.judges.profiles import Message, has_image
+from guard.judges.profiles import Encoding, Message, has_image
 from guard.judges.vlm.loading import Loaded
 
 
@@ -21,14 +21,18 @@ class Encoded:
     other: dict[str, Any]
 
 
-def encode_prompt(loaded: Loaded, messages: Sequence[Message], image: Any) -> Encoded:
-    kwargs: dict[str, Any] = {"return_tensors": "pt", "add_special_tokens": False}
+def encode_prompt(loaded: Loaded, messages: Sequence[Message], image: Any,
+                  encoding: Encoding | None = None) -> Encoded:
+    """The prompt's tokens as the model's processor makes them (`encoding`: the profile's)."""
+    encoding = encoding or Encoding()
+    kwargs: dict[str, Any] = {"return_tensors": "pt",
+                              "add_special_tokens": encoding.add_special_tokens}
     if image is not None and has_image(messages):
         kwargs["images"] = [image]
     # Called from several threads at once: safe because every call uses the same settings
     # (one text, no padding, no truncation), so the fast tokenizer's state never changes.
     text = loaded.processor.apply_chat_template(
-        list(messages), add_generation_prompt=True, tokenize=False)
+        list(messages), add_generation_prompt=encoding.add_generation_prompt, tokenize=False)
     enc = loaded.processor(text=[text], **kwargs)
     ids = enc["input_ids"]
     per_token, other = {}, {}

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from guard.core.policy import Policy
 from guard.core.types import JudgeInput, Verdict
 from guard.judges.batching import MicroBatcher
-from guard.judges.profiles import Explain, Probe, Profile, Slot, get_profile
+from guard.judges.profiles import Explain, Probe, Profile, Slot, assessed, get_profile
 from guard.judges.vlm.collate import Encoded, collate, encode_prompt
 from guard.judges.vlm.generation import decode
 from guard.judges.vlm.loading import Loaded, load
@@ -171,17 +171,22 @@ class VLMJudge:
                  latency_ms: float) -> Verdict:
         details: dict[str, Any] = {"batch_size": sc.batch_size,
                                    "forward_ms": round(sc.forward_ms, 3), "decoded_tokens": 0}
+        # what the profile's model was not trained to judge has no score (profiles.assessed)
+        scores, assessed_on, unassessed = assessed(self.profile, prep.item, prep.policy,
+                                                   sc.scores)
+        if unassessed:
+            details["unassessed"] = unassessed
         if ex is None:
-            return Verdict(scores=sc.scores, judge_id=self.id, latency_ms=latency_ms,
-                           details=details)
+            return Verdict(scores=scores, judge_id=self.id, latency_ms=latency_ms,
+                           details=details, assessed_on=assessed_on)
         parsed = self.profile.parse([ex.text], prep.policy)
         details.update(decoded_tokens=ex.tokens, decode_ms=round(ex.decode_ms, 3),
                        explain_batch_size=ex.batch_size, reused_prefill=ex.reused_prefill)
         if not parsed.ok:
             details["parse_error"] = parsed.error
-        return Verdict(scores=sc.scores, judge_id=self.id, thought=parsed.thought,
+        return Verdict(scores=scores, judge_id=self.id, thought=parsed.thought,
                        refined_prompt=parsed.refined_prompt, raw=ex.text, latency_ms=latency_ms,
-                       details=details)
+                       details=details, assessed_on=assessed_on)
 
     async def _explain_job(self, prep: _Prepared, sc: _Scored,
                            flagged: Sequence[str]) -> _ExplainJob:
@@ -210,7 +215,7 @@ class VLMJudge:
         loaded = self._loaded()
         rows = []
         for probe in self.profile.probes(item, policy):
-            encoded = encode_prompt(loaded, probe.messages, image)
+            encoded = encode_prompt(loaded, probe.messages, image, self.profile.encoding)
             answer: list[int] = []
             slots = []
             before = ""
@@ -246,8 +251,9 @@ class VLMJudge:
     def _score_batch(self, batch: list[_Prepared]) -> list[_Scored | BaseException]:
         t0 = time.perf_counter()
         loaded = self._loaded()
-        per_row, kvs = read_slots(loaded, [row for prep in batch for _, row in prep.rows],
-                                  keep_prompts=loaded.reuse_prefill and self.profile.explains)
+        rows = [row for prep in batch for _, row in prep.rows]
+        per_row, kvs = read_slots(loaded, rows, keep_prompts=loaded.reuse_prefill
+                                  and self.profile.explains) if rows else ([], [])
         forward_ms = (time.perf_counter() - t0) * 1000.0
         out: list[_Scored | BaseException] = []
         r = 0
