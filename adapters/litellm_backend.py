@@ -19,6 +19,10 @@ Options:
     extra ({})               other provider keywords (aws_region_name, vertex_project, ...); a
                              keyword that looks like a secret is refused here: use credentials_env
     timeout_s (60), max_concurrency (null), retry ({}), image_urls ({}): as openai-compatible
+    max_response_bytes (256 MiB)  for `openai/` models (OpenAI and OpenAI-compatible servers)
+                             generation answers are read through the guard's own client with
+                             this cap (guard.support.bodies): a larger one is a failed call.
+                             Other providers are read by litellm's own clients, uncapped here.
     response_format (auto)   auto | b64_json | url | null, sent in `extra_body` as litellm needs;
                              auto asks OpenAI and Azure models other than gpt-image-* for b64_json
 Secrets are read once at start-up and are never put in a trace, a log line or an error message.
@@ -41,6 +45,12 @@ from pydantic import Field
 from adapters.fetch import ImageFetcher, UrlPolicy, image_from_b64
 from adapters.options import Options, parse_options, secret_from_env, wants_b64
 from guard.core.types import GeneratedImage, GenerationCall
+from guard.support.bodies import (
+    BACKEND_RESPONSE_BYTES,
+    CappedTransport,
+    ResponseTooLarge,
+    too_large,
+)
 from guard.support.errors import (
     BackendError,
     BackendRateLimited,
@@ -74,6 +84,7 @@ class LiteLLMOptions(Options):
     response_format: Literal["auto", "b64_json", "url"] | None = "auto"
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     image_urls: UrlPolicy = Field(default_factory=UrlPolicy)
+    max_response_bytes: int = Field(BACKEND_RESPONSE_BYTES, gt=0)
 
 
 class LiteLLMBackend:
@@ -94,6 +105,7 @@ class LiteLLMBackend:
         self._call = Retrying(f"backend {name!r}", options.retry, timeout_s=options.timeout_s,
                               max_concurrency=options.max_concurrency)
         self._fetcher = ImageFetcher(name, options.image_urls)
+        self._openai: Any = None  # the capped client for `openai/` generations, made on first use
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> LiteLLMBackend:
@@ -138,8 +150,27 @@ class LiteLLMBackend:
             kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **context}
         return kwargs
 
+    def _capped_client(self, kwargs: Mapping[str, Any]) -> Any:
+        """An AsyncOpenAI client whose answers are read through CappedTransport (an `openai/`
+        model: litellm uses the client given to it as it is)."""
+        if self._openai is None:
+            import httpx
+            from openai import AsyncOpenAI
+
+            key = kwargs.get("api_key") or os.environ.get("OPENAI_API_KEY") or "unused"
+            # the SDK takes an httpx client as well as its httpx2 one, timeouts and all
+            # (openai._httpx2); the cap is an httpx transport
+            client = httpx.AsyncClient(transport=CappedTransport(self.options.max_response_bytes),
+                                       timeout=self.options.timeout_s)
+            self._openai = AsyncOpenAI(
+                api_key=key, base_url=self.options.api_base, max_retries=0,
+                timeout=self.options.timeout_s, http_client=client)  # type: ignore[arg-type]
+        return self._openai
+
     async def generate(self, call: GenerationCall) -> list[GeneratedImage]:
         kwargs = self._kwargs(call, _FORWARDED)
+        if str(kwargs["model"]).startswith("openai/"):
+            kwargs["client"] = self._capped_client(kwargs)
         return await self._call(lambda: self._attempt(self._litellm.aimage_generation, kwargs))
 
     async def edit(self, call: GenerationCall, images: list[bytes],
@@ -196,6 +227,9 @@ class LiteLLMBackend:
                                            _provider_error(exc), detail=_said(exc),
                                            secrets=secrets) from None
         except lt.APIConnectionError as exc:
+            if (big := _caused_by(exc, ResponseTooLarge)) is not None:
+                raise BackendError(f"The image backend {name!r} {too_large(big)}.",
+                                   code="backend_bad_response") from None
             if "timeout" in type(exc.__cause__).__name__.lower() or \
                     "timed out" in str(exc).lower():
                 raise BackendTimeout(f"backend {name!r} timed out") from exc
@@ -213,6 +247,20 @@ class LiteLLMBackend:
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
+        if self._openai is not None:
+            await self._openai.close()
+
+
+def _caused_by(exc: BaseException, kind: type[ResponseTooLarge]) -> ResponseTooLarge | None:
+    """The `kind` exception somewhere in `exc`'s chain of causes (the SDK wraps it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _said(exc: Exception) -> str:

@@ -1,4 +1,5 @@
-"""How well the rule refiner writes prompts, before (git HEAD, or --source DIR) and after (this tree).
+"""How well the rule refiner writes prompts, before (git HEAD, --before REV, or --source DIR) and
+after (this tree).
 
 On the shared prompt sets only (../shared/data: i2p_dev.csv, coco_dev.csv; see their README), each
 tree judged with its own code and its own shipped policy (`--policy`, default `default`), prompt
@@ -15,8 +16,9 @@ only, as the builtin judge's prescreen does:
   COCO changed      benign captions the prescreen edits or refuses (the bar is 1%)
   catch per category  per I2P label, the share of its prompts the prescreen flags
 
-Run: .venv/bin/python benchmarks/refiner_quality.py [--source DIR] [--policy default]
-     [--examples N] [--json out.json]
+Run: .venv/bin/python benchmarks/refiner_quality.py [--before REV | --source DIR]
+     [--policy default] [--examples N] [--json out.json]
+(issue 20's figures: --before d10a8a5, the tree before the phrase refiner)
 """
 
 from __future__ import annotations
@@ -134,9 +136,9 @@ def measure(data: Path, policy_name: str, examples: int) -> dict[str, Any]:
     }
 
 
-def head_tree(into: Path) -> Path:
-    """The files of git HEAD (guard/ and policies/), unpacked into `into`."""
-    blob = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD", "guard",
+def git_tree(rev: str, into: Path) -> Path:
+    """The files of git revision `rev` (guard/ and policies/), unpacked into `into`."""
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "guard",
                            "policies"], check=True, capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(blob)) as tar:
         tar.extractall(into, filter="tar")
@@ -179,7 +181,8 @@ def table(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", type=Path, help="the tree to compare with (default: git HEAD)")
+    ap.add_argument("--source", type=Path, help="the tree to compare with")
+    ap.add_argument("--before", default="HEAD", help="else this git revision (default HEAD)")
     ap.add_argument("--policy", default="default", help="shipped policy id or a policy file")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--examples", type=int, default=0, help="print N refinements of each tree")
@@ -190,7 +193,7 @@ def main() -> None:
         print(json.dumps(measure(args.data, args.policy, args.examples)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        source = args.source.resolve() if args.source else head_tree(Path(tmp))
+        source = args.source.resolve() if args.source else git_tree(args.before, Path(tmp))
         before = run_in(source, args)
         after = run_in(ROOT, args)
     print(f"before: {before['tree']}\nafter:  {after['tree']}\n"

@@ -17,6 +17,7 @@ from guard.core.types import (
 from guard.plugins import (
     AuditStore,
     Backend,
+    Covering,
     EditingBackend,
     Explanation,
     ImageStore,
@@ -56,7 +57,7 @@ from guard.support.retry import Retrying, RetryPolicy
 
 __all__ = [
     "AuditStore", "Backend", "BackendError", "BackendRateLimited", "BackendRejected",
-    "BackendTimeout", "ConfigError", "EditingBackend", "Explanation", "GeneratedImage",
+    "BackendTimeout", "ConfigError", "Covering", "EditingBackend", "Explanation", "GeneratedImage",
     "GenerationCall", "GuardError", "ImageStore", "Judge", "JudgeError", "JudgeInput",
     "LabelStore", "Policy", "PolicyViolation", "Preview", "PreviewAction", "PreviewHandler",
     "PreviewingBackend", "PurgeResult", "Refiner", "RequestError",

@@ -17,7 +17,7 @@ LOG_KEYS = "test-log:" + "dGVzdC1sb2cta2V5LW5vdC1mb3ItcHJvZHVjdGlvbiE="  # 32 by
 os.environ.setdefault("SAFEEDIT_LOG_SIGNING_KEYS", LOG_KEYS)
 
 from guard.core.config import Config, hash_key, load_config  # noqa: E402
-from guard.plugins import judges
+from guard.plugins import judges  # noqa: E402
 from tests.fake_backend import FakeBackend  # noqa: E402
 from tests.judge_server import judge_server, judge_server_process  # noqa: E402, F401
 from tests.servers import serve  # noqa: E402

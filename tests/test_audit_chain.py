@@ -184,7 +184,7 @@ def test_rewritten_chain_is_caught_by_the_signed_checkpoint(audit) -> None:  # t
         conn.execute("UPDATE chain_head SET hash = ?", (prev,))
     code, out = verify(audit["config"])
     assert code == 1
-    assert reported(out, 
+    assert reported(out,
         f"FAILED: changed: the chain was rewritten between seq 1 and 5: the signed checkpoint "
         f"at seq 5 names trace {ids[4]} with hash {signed_hash}, the store has {ids[4]} with "
         f"hash {row(audit['db'], 5)[3]}")

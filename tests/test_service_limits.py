@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
+import openai
 import pytest
 from botocore.stub import ANY, Stubber
 from PIL import Image
@@ -31,6 +33,7 @@ from guard.core.policy import Policy
 from guard.core.types import GeneratedImage, GenerationCall, JudgeInput, Verdict
 from guard.plugins import build_judge
 from guard.support.errors import BackendError, JudgeError
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, E2E_POLICY, write_policy
 from tests.servers import serve
 
 POLICY = Policy.model_validate({"id": "t", "version": 1, "categories": {
@@ -342,3 +345,47 @@ async def test_a_backend_stops_reading_an_answer_at_its_cap(endless: tuple[Endle
         await backend.aclose()
     assert err.value.code == "backend_bad_response"
     assert service.sent < 16 * CAP
+
+
+async def test_the_litellm_backend_stops_reading_an_openai_answer_at_its_cap(
+        endless: tuple[Endless, str]) -> None:
+    from adapters.litellm_backend import LiteLLMBackend
+
+    service, url = endless
+    service.sent = 0
+    backend = LiteLLMBackend.from_config("lite", {
+        "model": "openai/img", "api_base": f"{url}/v1", "max_response_bytes": CAP,
+        "retry": {"attempts": 1}})
+    try:
+        with pytest.raises(BackendError, match="max_response_bytes") as err:
+            await backend.generate(GenerationCall(prompt="a lighthouse", n=1))
+    finally:
+        await backend.aclose()
+    assert err.value.code == "backend_bad_response"
+    assert service.sent < 16 * CAP
+
+
+def test_the_proxy_fails_a_call_whose_answer_is_too_large(
+        proxy: Any, tmp_path: Any, endless: tuple[Endless, str]) -> None:
+    """Through the proxy and the openai SDK: a backend, then a judge, answering without end."""
+    _, url = endless
+    write_policy(tmp_path, E2E_POLICY)
+    client_of = lambda base: openai.OpenAI(base_url=base + "/v1", api_key=CLIENT_KEY,  # noqa: E731
+                                           max_retries=0)
+    backend = proxy(policy="e2e", backends={"big": {
+        "kind": "openai-compatible", "api_base": f"{url}/v1", "max_response_bytes": CAP,
+        "timeout_s": 10}}, routes={"*": {"backend": "big"}})
+    judge = proxy(policy="e2e", judge={"kind": "openai-moderation", "api_base": f"{url}/v1",
+                                       "max_response_bytes": CAP, "retries": 0})
+    for base, status, code in ((backend, 502, "backend_bad_response"),
+                               (judge, 503, "judge_unavailable")):
+        with pytest.raises(openai.APIStatusError) as err:
+            client_of(base).images.generate(prompt="a lighthouse at dawn")
+        assert err.value.status_code == status, err.value.body
+        trace_id = err.value.response.headers["x-guard-trace-id"]
+        r = httpx.get(f"{base}/v1/guard/traces/{trace_id}",
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 200 and r.json()["decision"] == "failed"
+        assert "max_response_bytes (1048576 bytes)" in r.text  # the trace says why
+        if code == "backend_bad_response":
+            assert err.value.code == code

@@ -135,6 +135,16 @@ def test_the_api_filters_by_prompt_words_endpoint_and_more(  # type: ignore[no-u
     assert summary["prompt"] == "a street at night"
     assert summary["endpoint"] == "/v1/images/generations" and summary["model"] == "dall-e-3"
     assert summary["categories"] == ["violence"]
+    # flagged_and_delivered (the default policy's): the flagged image and the one delivered in
+    # its place are kept; nothing of a request without a flag.
+    def refs(name: str) -> list[str | None]:
+        trace = httpx.get(f"{base}/v1/guard/traces/{ids[name]}",
+                          headers={"authorization": f"Bearer {AUDITOR_KEY}"}).json()
+        return [i["image_ref"] for r in trace["rounds"] if r["kind"] != "prescreen"
+                for i in r["images"]]
+
+    assert len(refs("edited")) == 2 and all(refs("edited"))
+    assert refs("beach") == [None] and refs("edit") == [None]
     for name, value in (("q", "%_%"), ("endpoint", "variations"), ("q", "w " * 17)):
         r = httpx.get(f"{base}/v1/guard/traces", params={name: value},
                       headers={"authorization": f"Bearer {AUDITOR_KEY}"})

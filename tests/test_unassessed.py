@@ -377,7 +377,7 @@ async def test_a_cascade_keeps_what_an_earlier_stage_saw_and_a_later_one_did_not
     assert verdict.assessed_on == {"violence": ["image"], "weapons": ["image"]}
 
 
-# --- `safeedit judge coverage` ----------------------------------------------------------------------
+# --- `safeedit judge coverage` ---------------------------------------------------------------
 
 def test_the_coverage_cli_prints_the_table_of_the_no_gpu_recipe(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],

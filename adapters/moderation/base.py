@@ -19,6 +19,13 @@ assessed for. What an unassessed category means is the policy's `unassessed` to 
 (docs/judges.md); the judge's old `unassessed: unsafe | omit` option is accepted and ignored,
 with a warning. `coverage(policy)` says the same without a call.
 
+The service's limits (`image_limits`, `max_text_chars` of each kind): an image is fitted before
+upload (`prepare_image`: re-encoded as JPEG when its format is not taken, scaled into the sides
+allowed, then at falling quality and size under the byte limit), and `details.upload` says what
+was done; a longer text is read in pieces (`text_pieces`). Every answer is read through
+`guard.support.bodies.CappedTransport`: more than `max_response_bytes` (8 MiB) is a failed call,
+read no further. Credentials beyond keys (Entra ID, Google's): adapters.moderation.auth.
+
 Failures are JudgeError (503 unless the policy allows unjudged images); a timeout, a connection
 failure, 408, 409, 425, 429 (its Retry-After honoured) and 5xx are retried under guard.support.retry,
 other 4xx fail at once. What a service answers on failure is kept only as the error's redacted

@@ -107,11 +107,6 @@ def witness(url: str, state_file: str | Path, *, keys: str | None = None,
         if state.get("keys") and keys is None else load_keys(client, keys)
     head = checked_head(client.get("/v1/guard/log/sth"), pinned)
     note = ""
-    if max_age_s is not None and time.time() * 1000 - head.timestamp > max_age_s * 1000:
-        raise LogCheckFailed(
-            f"the newest tree head is {int(time.time() - head.timestamp / 1000)} s old (more "
-            f"than {max_age_s:g} s): the log stopped signing heads (a forged or unsigned row "
-            "stops it; see the server's log and `safeedit audit verify`)")
     last = TreeHead.from_dict(state["head"]) if state.get("head") else None
     if last is not None:
         if head.tree_size < last.tree_size:
@@ -136,6 +131,11 @@ def witness(url: str, state_file: str | Path, *, keys: str | None = None,
     else:
         note = " (first check: keys pinned, trust on first use)" if keys is None else \
             " (first check)"
+    if max_age_s is not None and time.time() * 1000 - head.timestamp > max_age_s * 1000:
+        raise LogCheckFailed(
+            f"the newest tree head is {int(time.time() - head.timestamp / 1000)} s old (more "
+            f"than {max_age_s:g} s): the log stopped signing heads (a forged or unsigned row "
+            "stops it; see the server's log and `safeedit audit verify`)")
     state = {"url": url, "keys": [public_entry(k, v) for k, v in pinned.items()],
              "head": head.to_dict(), "checked_at": time.time()}
     tmp = path.with_name(path.name + ".tmp")

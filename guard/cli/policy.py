@@ -173,10 +173,9 @@ def validate(args: argparse.Namespace) -> int:
     ok: list[str] = []
     for file in files:
         loaded = load_file(file)
-        problems += [p for p in loaded.problems if p not in problems]
-        if args.against is not None:
-            problems += _changed_in_place(file, args.against)
-        for policy in loaded.policies.values():
+        stale = _changed_in_place(file, args.against) if args.against is not None else []
+        problems += [p for p in [*loaded.problems, *stale] if p not in problems]
+        for policy in loaded.policies.values() if not stale else ():
             ok.append(f"{file}: ok ({policy.id} v{policy.version}, sha256 {policy.sha256[:12]})")
     problems.sort(key=lambda p: (p.path, p.line, p.column))
     errors = [p for p in problems if p.severity == "error"]
@@ -186,8 +185,7 @@ def validate(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem)
         for line in ok:
-            if not any(p.path == line.split(": ok (")[0] for p in errors):
-                print(line)
+            print(line)
         bad = len({p.path for p in errors})
         if errors:
             print(f"{len(errors)} error(s) in {bad} file(s)", file=sys.stderr)
@@ -201,9 +199,9 @@ def _changed_in_place(file: Path, against: Path) -> list[Problem]:
 
     if not against.is_dir():
         return [Problem(str(against), 1, 1, "", "--against takes the folder of live policies")]
-    own = own_sources(read_files([file])).get(_id_of(file))
+    own = next(iter(own_sources(read_files([file])).values()), None)
     if own is None:
-        return []
+        return []  # it does not parse: load_file reports that
     live = own_sources(read_files([against])).get(own.id)
     if live is None or live.path.resolve() == own.path.resolve() \
             or not changed_in_place(live, own):
@@ -211,12 +209,6 @@ def _changed_in_place(file: Path, against: Path) -> list[Problem]:
     return [own.problem(("version",), f"policy {own.id} version {own.raw.get('version')} is "
                         f"already live in {live.path} with other content; raise `version` "
                         "(a proxy keeps serving the live content of an unchanged version)")]
-
-
-def _id_of(file: Path) -> str:
-    from guard.core.policy.loader import own_sources, read_files
-
-    return next(iter(own_sources(read_files([file]))), "")
 
 
 def explain(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ _WORD = re.compile(r"[\w'’]+(?:-[\w'’]+)*")
 # What ends a clause between two words: a phrase is never read across it.
 _BOUNDARY = re.compile(r"[^\s\-'’]")
 _LINKS = PREPOSITIONS | CONJUNCTIONS
+_NEXT_WORD = re.compile(r"\s*([\w'’]+(?:-[\w'’]+)*)")
 _SUBJECTS = frozenset({"he", "she", "it", "they", "there", "who", "which"})
 
 
@@ -153,7 +154,8 @@ def _rewrite(text: str, hits: list[Hit], tables: _Tables) -> str:
     # Terms side by side go as one phrase ("marijuana blunts").
     merged: list[Hit] = []
     for h in chosen:
-        if (merged and not _replacement(h, tables) and not _replacement(merged[-1], tables)
+        if (merged and h.kind == merged[-1].kind == "term" and not _replacement(h, tables)
+                and not _replacement(merged[-1], tables)
                 and not text[merged[-1].end:h.start].strip()):
             h = dataclasses.replace(h, start=merged.pop().start)
         merged.append(h)
@@ -173,17 +175,16 @@ def _rewrite(text: str, hits: list[Hit], tables: _Tables) -> str:
     for e in edits:
         before = out + text[pos:e.start]
         if e.new:
-            new, rest = e.new, text[e.end:].lstrip()
-            nxt = _WORD.match(rest)
+            new, nxt = e.new, _NEXT_WORD.match(text, e.end)
             while (new.split()[-1].lower() in PREPOSITIONS and len(new.split()) > 1
-                   and (nxt is None or fold(nxt.group(0)) in _LINKS)):
+                   and (nxt is None or fold(nxt.group(1)) in _LINKS)):
                 new = new.rsplit(maxsplit=1)[0]  # "pointing at" with nothing to point at
             out, pos = _fix_article(before, new) + new, e.end
             continue
-        rest = text[e.end:].lstrip(" -")
-        out, pos = before.rstrip(" -"), len(text) - len(rest)
-        if out and rest[:1].isalnum():  # a word follows: one space, and its article
-            out = _fix_article(out, rest)
+        pos = e.end + len(text[e.end:e.end + 64]) - len(text[e.end:e.end + 64].lstrip(" -"))
+        out = before.rstrip(" -")
+        if out and text[pos:pos + 1].isalnum():  # a word follows: one space, and its article
+            out = _fix_article(out, text[pos:pos + 64])
             out += "" if out.endswith(("(", "[", '"', "“")) else " "
     return out + text[pos:]
 
@@ -233,8 +234,9 @@ def _phrase(text: str, words: list[_Word], bounds: tuple[list[int], list[int]],
           or (left() in ARTICLES and _verb(words, a - 2) and not cut(a - 1))):
         # The head of a noun phrase: its article and words between ("a brutal [suicide]"), and
         # the verb or preposition it hangs on.
-        for n in (1, 2, 3):
-            if (a - n >= 0 and not cut(a - n + 1) and words[a - n].w in DETERMINERS
+        for n in (1, 2, 3):  # not at the start of a clause: "a cat [genocide]" keeps its cat
+            if (a - n >= 1 and not any(cut(k) for k in range(a - n, a + 1))
+                    and words[a - n].w in DETERMINERS
                     and not any(_verb(words, k) or words[k].w in FUNCTION_WORDS
                                 or words[k].w.endswith(("'s", "’s"))
                                 for k in range(a - n + 1, a))):
@@ -253,7 +255,7 @@ def _phrase(text: str, words: list[_Word], bounds: tuple[list[int], list[int]],
     # What would dangle: "an [...] on", "of [...],", "and [...].", "[...] and".
     while True:
         lw, rw = left(), right()
-        if lw in DETERMINERS and (rw is None or rw in _LINKS | ARTICLES):
+        if lw in DETERMINERS and (rw is None or rw in _LINKS | DETERMINERS):
             a -= 1
         elif lw in PREPOSITIONS and (rw is None or rw in _LINKS):
             a -= 1

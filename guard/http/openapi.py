@@ -321,7 +321,10 @@ def _components() -> dict[str, Any]:
                                         "changed": {"type": "array"},
                                         "policies": {"type": "array"},
                                         "warnings": {"type": "array",
-                                                     "items": {"type": "string"}}}},
+                                                     "items": {"type": "string"}},
+                                        "stale": {"type": "array", "description":
+                                                  "Files changed under a version already "
+                                                  "served: the running content is kept."}}},
         "Readiness": {"type": "object", "required": ["status", "checks"],
                       "properties": {"status": {"enum": ["ready", "not ready"]},
                                      "checks": {"type": "object",

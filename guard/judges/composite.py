@@ -12,13 +12,14 @@ coverage: per category, the highest score of the members that assessed it (Verdi
 the score of the member `choose` names for that category (a member index, or its judge id when no
 other member has it; when that member was skipped or did not assess the category, the highest of
 the others). The verdict's `assessed_on` is the union of the members': only a category no member
-assessed is unassessed, and the policy's `unassessed` decides what that means. Where `policy.wants_explanation` says so for
-the combined scores, the refiner (a judge section; default the builtin rule refiner, without
-NudeNet) writes the thought and the refined prompt: a `guard.judges.Refiner` is handed the combined
-scores, any other judge sees them as the last entry of the item's history (a model judge used
-this way wants `explain: always`). `on_member_error`: `fail` (default: a failing member fails the
-verdict, fail closed) or `skip` (judge with the others, record the error; all failing still
-fails). `details.members` lists each member's judge id, scores, time and error.
+assessed is unassessed, and the policy's `unassessed` decides what that means. Where
+`policy.wants_explanation` says so for the combined scores, the refiner (a judge section; default
+the builtin rule refiner, without NudeNet) writes the thought and the refined prompt: a
+`guard.judges.Refiner` is handed the combined scores, any other judge sees them as the last entry
+of the item's history (a model judge used this way wants `explain: always`). `on_member_error`:
+`fail` (default: a failing member fails the verdict, fail closed) or `skip` (judge with the
+others, record the error; all failing still fails). `details.members` lists each member's judge
+id, scores, what it assessed, time and error.
 
 `cascade`: the first stage judges every item; an item moves on to the next stage while it is
 uncertain, i.e. while some policy category's score s lies in the band `low <= s < high` (a score
@@ -31,9 +32,10 @@ is handed on as well, so that a later stage that can refine writes it; the verdi
 later stage's, scores included, as it saw more (when no later stage refines, the engine's rule
 refiner does). The last stage decides whatever it says, combined by coverage with the stages
 before it: for a category it did not assess on some input an earlier stage did, the higher of
-its score and that stage's; `assessed_on` is the union along the way. `details.stage` names the deciding stage
-(index and judge id); `details.stages` lists each stage the item went through with its scores,
-its time (the stage's call for the batch) and why it handed the item on.
+its score and that stage's; `assessed_on` is the union along the way. `details.stage` names the
+deciding stage (index and judge id); `details.stages` lists each stage the item went through
+with its scores, what it assessed, its time (the stage's call for the batch) and why it handed
+the item on.
 
 Lifecycle: `start()` starts every Startable member, stage and refiner concurrently; `ready()` is
 true when all of them are ready (a cascade needs its last stage for any uncertain item, an

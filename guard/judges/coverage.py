@@ -59,9 +59,10 @@ def unseen(policy: Policy, covered: Covered) -> dict[str, str]:
     return out
 
 
-def coverage_table(judge: Judge, policy: Policy) -> str:
+def coverage_table(judge: Judge, policy: Policy, *, warn: bool = True) -> str:
     """The table: one row per policy category, a column per judge (and their union for a
-    composite), and what an image's verdict is where no judge looks at the image."""
+    composite), and what an image's verdict is where no judge looks at the image; then the
+    warnings, unless `warn` is false."""
     columns: list[tuple[str, Covered]] = [(p.id, declared(p, policy)) for p in parts(judge)]
     together = declared(judge, policy)
     columns.append(("together" if columns else judge.id, together))
@@ -74,7 +75,7 @@ def coverage_table(judge: Judge, policy: Policy) -> str:
              " (text: the prompt; image: the image itself)"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
               for row in [header, *rows]]
-    return "\n".join(lines + warnings(policy, together, blind)) + "\n"
+    return "\n".join(lines + (warnings(policy, together, blind) if warn else [])) + "\n"
 
 
 def warnings(policy: Policy, covered: Covered, blind: dict[str, str] | None = None
@@ -95,7 +96,6 @@ def warnings(policy: Policy, covered: Covered, blind: dict[str, str] | None = No
 def log_coverage(judge: Judge, policies: Sequence[Policy]) -> None:
     """At start: the table (info) and its warnings (warning) for each policy in use."""
     for policy in policies:
-        table = coverage_table(judge, policy)
-        log.info("coverage:\n%s", table.rstrip())
+        log.info("coverage:\n%s", coverage_table(judge, policy, warn=False).rstrip())
         for line in warnings(policy, declared(judge, policy)):
             log.warning("policy %s: %s", policy.id, line.removeprefix("warning: "))

@@ -170,6 +170,13 @@ class RemoteJudge:
         bases = [s.base for s in self.fleet.servers] if self.fleet else self.options.api_base
         return f"RemoteJudge(id={self.id!r}, api_base={bases!r})"
 
+    def coverage(self, policy: Policy) -> dict[str, set[str]]:
+        """What the profile's model assesses (a model trained on fixed categories, such as
+        ShieldGemma 2's or LlavaGuard's, says nothing of the rest): guard.plugins.Covering."""
+        declared = self.profile.coverage(policy)
+        return declared if declared is not None else {c: {"text", "image"}
+                                                      for c in policy.categories}
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def _key(self) -> str | None:

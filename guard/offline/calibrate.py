@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from guard.core.policy import Policy
 from guard.offline.labelled import LabelledItem
+from guard.support.errors import ConfigError
 
 MIN_LABELS = 10  # of each, positives and negatives, before a threshold is proposed
 Z95 = 1.959964
@@ -248,7 +249,9 @@ def _in_place(original: str, thresholds: dict[str, float], version: int) -> str:
         lines[line:line] = [" " * col + entry + "\n" for entry in inserted]
     elif inserted:
         if "categories" in data:
-            raise ValueError("cannot add thresholds to an empty or flow-style `categories`")
+            raise ConfigError("calibrate adds an inherited category's threshold under "
+                              "`categories:`, which this file writes in flow style or empty: "
+                              "write it as a block mapping first")
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
         lines += ["categories:\n", *(f"  {entry}\n" for entry in inserted)]

@@ -156,23 +156,27 @@ def gate(before: Evaluation, after: Evaluation, max_recall_drop: float) -> tuple
 
 
 def _fmt(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:6.3f}"
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _cells(counts: Counts) -> str:
+    return (f"{_fmt(counts.precision):>7} {_fmt(counts.recall):>7} "
+            f"{f'{counts.tp}/{counts.fp}/{counts.fn}':>10}")
 
 
 def table(before: Evaluation, after: Evaluation | None) -> list[str]:
-    """The figures side by side: per class, then per category."""
-    head = (f"{'':24} {'before: P':>9} {'R':>6} {'tp/fp/fn':>10} | "
-            f"{'after: P':>8} {'R':>6} {'tp/fp/fn':>10} | support")
-    out = [f"held-back split: {before.items} items", head]
+    """The figures side by side: per class, then per category (P precision, R recall,
+    tp/fp/fn the counts, n the positives)."""
+    out = [f"held-back split: {before.items} items",
+           f"{'':22} {'before P':>7} {'R':>7} {'tp/fp/fn':>10} | {'after P':>7} {'R':>7} "
+           f"{'tp/fp/fn':>10} | {'n':>4}"]
     rows = [(f"class {c}", before.classes[c], after.classes[c] if after else None)
             for c in CLASSES]
     rows += [(f"  {c}", counts, after.categories.get(c) if after else None)
              for c, counts in before.categories.items()]
     for name, b, a in rows:
-        line = f"{name:24} {_fmt(b.precision):>9} {_fmt(b.recall)} {b.tp:>4}/{b.fp}/{b.fn:<4}"
-        if a is not None:
-            line += f" | {_fmt(a.precision):>8} {_fmt(a.recall)} {a.tp:>4}/{a.fp}/{a.fn:<4}"
-        out.append(f"{line} | {b.support}")
+        right = _cells(a) if a is not None else f"{'':>7} {'':>7} {'':>10}"
+        out.append(f"{name:22} {_cells(b)} | {right} | {b.support:>4}")
     return out
 
 

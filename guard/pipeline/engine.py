@@ -126,9 +126,6 @@ class Engine:
 
     def _outcome(self, run: Run) -> Outcome:
         served = [run.final[s] for s in sorted(run.final)]
-        if run.policy.image_retention == "flagged_and_delivered" and run.flagged:
-            for final in served:  # what the client got instead of what was flagged
-                run.trace.retain(final.image)
         if len(served) < run.call.n:
             if run.late and (not served or run.policy.rounds.on_exhausted == "refuse"):
                 raise self._late(run)
@@ -136,6 +133,9 @@ class Engine:
                 raise self._violation(tuple(sorted(run.flagged)),
                                       f"{run.call.n} image(s) after "
                                       f"{max(s.rounds for s in run.slots)} rounds")
+        if run.policy.image_retention == "flagged_and_delivered" and run.flagged:
+            for final in served:  # what the client got instead of what was flagged
+                run.trace.retain(final.image)
         return Outcome(images=served, rounds=max(run.trace.round_count(), 1))
 
     # --- the loop -----------------------------------------------------------------------------

@@ -137,6 +137,13 @@ class VLMJudge:
         assert self._loading is not None
         return self._loading.result()
 
+    def coverage(self, policy: Policy) -> dict[str, set[str]]:
+        """What the profile's model assesses (a model trained on fixed categories, such as
+        ShieldGemma 2's or LlavaGuard's, says nothing of the rest): guard.plugins.Covering."""
+        declared = self.profile.coverage(policy)
+        return declared if declared is not None else {c: {"text", "image"}
+                                                      for c in policy.categories}
+
     # --- the judge ------------------------------------------------------------------------------
 
     async def judge(self, items: Sequence[JudgeInput], policy: Policy) -> list[Verdict]:
