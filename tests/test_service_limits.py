@@ -216,6 +216,9 @@ async def test_a_mapped_label_the_answers_taxonomy_lacks_is_unassessed(rekogniti
     # model 6 has `Drugs`: assessed, nothing found
     assert v6.details["taxonomy"] == "6" and "illegal_activity" not in v6.details["unassessed"]
     assert v6.scores["illegal_activity"] == 0.0
+    # and said without a call: today's model (7) cannot produce `Drugs`
+    assert not judge.coverage(POLICY).get("illegal_activity")
+    assert judge.coverage(POLICY)["violence"] == {"image"}
 
 
 async def test_a_model_version_not_known_here_is_read_as_the_latest(rekognition: Any) -> None:

@@ -33,8 +33,8 @@ from guard.audit.tlog import leaf_data
 from guard.core.config import load_config
 from guard.plugins import build_store
 from tests.audit_writer import sample_trace
-from tests.services import drop_schemas, require_postgres
 from tests.servers import serve
+from tests.services import drop_schemas, require_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SAFEEDIT = str(Path(sys.executable).with_name("safeedit"))

@@ -210,6 +210,11 @@ class AwsRekognitionJudge(HostedJudge):
                           connect_timeout=min(10.0, timeout), read_timeout=timeout,
                           max_pool_connections=options.max_concurrency))
 
+    def applies_to(self, name: str) -> frozenset[str]:
+        # Said without a call (coverage): every account answers with the latest model, so a
+        # label only an older taxonomy has (`Drugs`) is applied to nothing
+        return self.reads if name in TAXONOMIES[LATEST_TAXONOMY] else frozenset()
+
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> AwsRekognitionJudge:
         return cls(parse_options(AwsRekognitionOptions, cls.kind, options))

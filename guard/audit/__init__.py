@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from guard.audit.anchor import Anchorer
 from guard.audit.chain import ChainSource, Signer
 from guard.audit.images import RetainedImages
+from guard.audit.spool import Spool
 from guard.audit.tlog import TransparencyLog
 from guard.core.hashchain import VerifyReport
 from guard.core.types import Trace
@@ -48,6 +49,13 @@ class LoggedStore(AuditStore, Protocol):
 
     log: TransparencyLog | None
     accept_log_reset: bool
+
+
+@runtime_checkable
+class SpoolingStore(AuditStore, Protocol):
+    """A store that spools the traces it cannot take to a local file (guard.audit.spool)."""
+
+    spool: Spool | None
 
 
 @runtime_checkable

@@ -45,7 +45,7 @@ from guard.audit.chain import (
     verify,
 )
 from guard.audit.common import common_options, decode_cursor, encode_cursor, where_sql
-from guard.audit.figures import nearest_ranks, trace_figures
+from guard.audit.figures import count_window, trace_figures
 from guard.audit.images import RetainedImages
 from guard.audit.labels import (
     LABEL_TABLES,
@@ -57,6 +57,7 @@ from guard.audit.labels import (
     label_row,
 )
 from guard.audit.logcheck import verify_log
+from guard.audit.spool import Spool
 from guard.audit.tlog import LogSetup, TransparencyLog, log_setup
 from guard.core.hashchain import VerifyReport, link_hash
 from guard.core.labels import Label, LabelPage, QueuePage, QueueQuery, bind_label
@@ -75,7 +76,6 @@ RowMaker = Callable[[int, int, str | None, str], tuple[Any, ...]]
 TRACE_COLUMNS = ("seq, id, created_at, tenant, key_id, decision, status, categories, policy_id,"
                  " policy_version, model, body, prev_hash, hash")
 CHECKPOINT_COLUMNS = "seq, trace_id, hash, created_at, key_fingerprint, signature, kid"
-LATENCY_SAMPLE = 10_000  # traces whose latencies a window's percentiles are taken from, at most
 # A trace's row of figures, its seq found by its id (written after the trace, or for a trace
 # written before the table was).
 FIGURES_INSERT = ("INSERT INTO trace_figures (seq, created_at, tenant, decision, policy_id,"
@@ -138,6 +138,7 @@ class ChainOptions(TypedDict, total=False):
     anchorer: Anchorer | None
     label_anchorer: Anchorer | None
     log: LogSetup | None
+    spool: Spool | None
 
 
 class SQLStore(ABC):
@@ -150,8 +151,10 @@ class SQLStore(ABC):
                  signer: Signer | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  anchorer: Anchorer | None = None,
-                 label_anchorer: Anchorer | None = None, log: LogSetup | None = None) -> None:
+                 label_anchorer: Anchorer | None = None, log: LogSetup | None = None,
+                 spool: Spool | None = None) -> None:
         self.dialect = dialect
+        self.spool = spool  # where traces wait while the database is down (guard.audit.spool)
         # The transparency log (guard.audit.tlog): rows signed at write, a Merkle tree, heads.
         self.log = TransparencyLog(dialect, log.keys, log.sink, log.every_s, log.public) \
             if log else None
@@ -175,12 +178,14 @@ class SQLStore(ABC):
         labels_anchor = label_anchor_options(opts.get("anchor"))
         common = common_options(opts, {"kind": cls.kind, **options}, images)
         log = log_setup(opts, options.get("anchor"), *cls.log_defaults(own))
+        spool = Spool.from_options(opts, Path(own["path"]).with_suffix(".spool") if "path" in own
+                                   else Path("var/audit.spool"), log.keys)
         if opts:
             raise ConfigError(f"audit ({cls.kind}): unknown options {sorted(opts)}")
         return cls(**own, images=common.images, signer=common.signer,
                    checkpoint_every=common.checkpoint_every, anchorer=common.anchorer,
                    label_anchorer=Anchorer.from_options(labels_anchor, common.signer)
-                   if common.anchorer else None, log=log)
+                   if common.anchorer else None, log=log, spool=spool)
 
     @classmethod
     @abstractmethod
@@ -286,12 +291,16 @@ class SQLStore(ABC):
         log against its last head first: `TransparencyLog.check_start`)."""
         if self.log is not None:
             self.log.start()
+        if self.spool is not None:
+            self.spool.start(self)
         if self.anchorer is not None:
             self.anchorer.start(self.chain_head)
         if self.label_anchorer is not None:
             self.label_anchorer.start(self.label_chain.chain_head)
 
     async def aclose(self) -> None:
+        if self.spool is not None:
+            await self.spool.aclose(self)
         if self.log is not None:
             await self.log.aclose()
         if self.anchorer is not None:
@@ -357,37 +366,7 @@ class SQLStore(ABC):
             args += other_args
         await search.backlog(self)
         where.append(search.NOT_REFUSED_CALLER)
-        fetch, dialect = self.dialect.fetch, self.dialect
-
-        def of(column: str | None = None) -> str:
-            rows = f", {dialect.elements.format(column)}" if column else ""
-            return f" FROM trace_figures{rows}{where_sql(where)}"
-
-        buckets = await fetch(f"SELECT {dialect.bucket}, decision, count(*){of()}"
-                              " GROUP BY 1, 2", [float(bucket_s), *args])
-        rounds = await fetch(f"SELECT rounds, count(*){of()} GROUP BY rounds", args)
-        policies = await fetch(f"SELECT policy_id, policy_version, decision, count(*){of()}"
-                               f"{' AND' if where else ' WHERE'} (policy_id IS NOT NULL OR"
-                               " policy_version IS NOT NULL) GROUP BY 1, 2, 3", args)
-        flags = await fetch(f"SELECT e.value, count(*){of('flags')} GROUP BY e.value", args)
-        # Latencies from every k-th trace (by seq) of a window of more than LATENCY_SAMPLE, so
-        # that a long window sorts no more values than a short one.
-        stride = -(-sum(n for _, _, n in buckets) // LATENCY_SAMPLE)
-        if stride > 1:
-            where, args = [*where, "seq % ? = 0"], [*args, stride]
-        values = " UNION ALL ".join((f"SELECT 'request' AS what, request_ms AS v{of()}",
-                                     f"SELECT 'judge', e.value{of('judge_ms')}",
-                                     f"SELECT 'backend', e.value{of('backend_ms')}"))
-        counted: dict[str, list[tuple[float, int]]] = {}
-        for what, v, n in await fetch(f"SELECT what, v, count(*) FROM ({values}) AS s"
-                                      " GROUP BY 1, 2 ORDER BY 1, 2", [*args, *args, *args]):
-            counted.setdefault(what, []).append((v, n))
-        latency = {what: nearest_ranks(counts, percentiles) for what, counts in counted.items()}
-        return WindowFigures(
-            over_time={(int(b) * bucket_s, d): n for b, d, n in buckets},
-            rounds={r: n for r, n in rounds},
-            flags={(f.partition(":")[2], f.partition(":")[0]): n for f, n in flags},
-            policies={(p, v, d): n for p, v, d, n in policies}, latency_ms=latency)
+        return await count_window(self.dialect, where, args, bucket_s, percentiles)
 
     def _figures_row(self, trace: Trace) -> tuple[Any, ...]:
         c, f = index_columns(vars(trace)), trace_figures(trace)

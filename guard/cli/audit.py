@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from guard.audit import ChainedStore, ImageKeepingStore, LoggedStore
+from guard.audit import ChainedStore, ImageKeepingStore, LoggedStore, SpoolingStore
 from guard.plugins import LabelStore
 from guard.support.errors import ConfigError
 from guard.support.timewindow import time_option
@@ -113,6 +113,13 @@ def run_verify(args: argparse.Namespace) -> int:
                 report.labels = await store.verify_labels()
             if isinstance(store, LoggedStore) and store.log is not None:
                 await verify_log(store.log, report)
+            if isinstance(store, SpoolingStore) and store.spool is not None:
+                spooled = store.spool.records()
+                for record in spooled:
+                    if (problem := store.spool.check(record)) is not None:
+                        report.add("signature", 0, str(record["trace"].get("id")), problem)
+                report.spooled = [str(r["trace"].get("id")) for r in spooled]
+                report.spool_path = str(store.spool.path)
             return report, store.signer, sink
         finally:
             await store.aclose()
@@ -153,6 +160,11 @@ def run_verify(args: argparse.Namespace) -> int:
               + f"; Merkle tree of {facts['tree_size']} leaves; {facts['heads']} signed tree "
               f"heads in the database, {facts['sink_heads']} in {facts['sink'] or 'no sink'}"
               + (f" ({facts['resets']} accepted reset(s))" if facts["resets"] else ""))
+    spooled = report.spooled
+    if spooled:
+        print(f"spool: {len(spooled)} traces served while the store was down, spooled and not "
+              f"yet in the log ({report.spool_path}; replayed when the proxy runs): "
+              + ", ".join(spooled[:10]) + (" ..." if len(spooled) > 10 else ""))
     labels = report.labels
     if labels is not None:
         print(f"labels: checked {labels.traces} (seq 1..{labels.last_seq}) in their own chain;"

@@ -64,6 +64,8 @@ class VerifyReport:
     noun: str = "trace"
     labels: VerifyReport | None = None  # the label chain's report (a store that keeps labels)
     log: dict[str, Any] | None = None  # the transparency log's counts (None: no log)
+    spooled: list[str] = field(default_factory=list)  # trace ids spooled, not yet in the store
+    spool_path: str | None = None
     max_problems: int = 50
 
     @property
@@ -104,6 +106,8 @@ class VerifyReport:
             report["label_chain"] = self.labels.to_dict()
         if self.log is not None:
             report["log"] = self.log
+        if self.spool_path is not None:
+            report["spool"] = {"path": self.spool_path, "traces": self.spooled}
         return report
 
     def _problem_dict(self, p: Problem) -> dict[str, Any]:

@@ -4,10 +4,14 @@ The labels API is guard.http.labels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 
+from guard.audit import SpoolingStore
 from guard.audit.query import parse_trace_query
+from guard.audit.spool import Spool
 from guard.core.auth import Principal, may_see
 from guard.http.responses import JSONResponse, state_of
 from guard.support.errors import NotFound
@@ -42,11 +46,22 @@ async def readyz(request: Request) -> Response:
     ok = all(checks.values())
     # Stale policy files do not make the proxy unready: it serves the versions it had.
     stale = list(request.app.state.policy_reloader.stale.values())
+    details: dict[str, Any] = {"stale_policies": stale}
+    if (spool := _spool(request)) is not None:
+        # Traces wait in the spool while the audit store is down: served, not yet logged.
+        details["audit_spool"] = {**spool.pending(), "path": str(spool.path)}
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks,
-                         "details": {"stale_policies": stale}}, 200 if ok else 503)
+                         "details": details}, 200 if ok else 503)
+
+
+def _spool(request: Request) -> Spool | None:
+    store = state_of(request).store
+    return store.spool if isinstance(store, SpoolingStore) else None
 
 
 async def metrics(request: Request) -> Response:
+    if (spool := _spool(request)) is not None:
+        state_of(request).metrics.spool_pending.set(spool.pending()["traces"])
     return Response(state_of(request).metrics.render(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -47,8 +47,10 @@ _ERRORS = {
     429: "The image backend is rate limiting (Retry-After).",
     500: "An internal error; or the image could not be given its C2PA manifest (code "
          "`provenance_failed`, under `provenance.on_error: refuse`): nothing was served.",
+    501: "The configured part cannot do this (e.g. an audit store without a transparency log).",
     502: "The image backend failed.",
-    503: "A judge or the audit store is unavailable; nothing was served.",
+    503: "A judge or the audit store is unavailable; nothing was served (for the log: it "
+         "signs no tree head, code `log_blocked`).",
     504: "The image backend timed out, or the request's deadline passed (policy "
          "`rounds.deadline_s`, header `x-guard-deadline-s`; code `guard_deadline_exceeded`).",
 }
@@ -97,6 +99,14 @@ _IMAGES_OK = {
 _IMAGES_ERRORS = (400, 401, 403, 413, 429, 500, 502, 503, 504)
 _TEXT_FILTERS = ("decision", "category", "tenant", "key_id", "policy_id", "model")
 _PUBLIC: list[dict[str, list[str]]] = []  # an operation without authentication
+
+_STH = {"type": "object", "required": ["tree_size", "root_hash", "timestamp", "key_id",
+                                      "signature"], "properties": {
+    "tree_size": {"type": "integer"}, "root_hash": {"type": "string", "description": "base64"},
+    "timestamp": {"type": "integer", "description": "milliseconds since the epoch"},
+    "key_id": {"type": "string"}, "signature": {"type": "string", "description": "base64"}}}
+_LOG_KEYS = {"type": "object", "required": ["log_id", "keys"], "properties": {
+    "log_id": {"type": "string"}, "keys": {"type": "array", "items": {"type": "object"}}}}
 
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/images/generations"): {
@@ -218,6 +228,43 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "responses": _responses(_json({"type": "object", "required": ["object", "data",
                                                                       "events"]},
                                       "The history."), 400, 401, 403, 404),
+    },
+    ("GET", "/v1/guard/log/keys"): {
+        "operationId": "logKeys", "tags": ["Transparency log"],
+        "summary": "The log's Ed25519 public keys (the signing key first) and its log id; "
+                   "open to anyone with `audit.public_log: true`, else auditors.",
+        "responses": _responses(_json(_LOG_KEYS, "The keys."), 401, 403, 501),
+    },
+    ("GET", "/v1/guard/log/sth"): {
+        "operationId": "logTreeHead", "tags": ["Transparency log"],
+        "summary": "The newest signed tree head (RFC 9162), signing one first when rows wait.",
+        "responses": _responses(_json(_STH, "The signed tree head."), 401, 403, 501, 503),
+    },
+    ("GET", "/v1/guard/log/proof/inclusion"): {
+        "operationId": "logInclusionProof", "tags": ["Transparency log"],
+        "summary": "A trace's (or label's) leaf, its index and audit path under a signed head.",
+        "parameters": [_query("trace_id", {"type": "string"}, "The trace (or give label_id)."),
+                       _query("label_id", {"type": "string"}, "The label (or give trace_id).")],
+        "responses": _responses(_json({"type": "object", "required": [
+            "leaf_index", "tree_size", "leaf", "leaf_hash", "audit_path", "sth"], "properties": {
+            "leaf_index": {"type": "integer"}, "tree_size": {"type": "integer"},
+            "leaf": {"type": "object"}, "leaf_hash": {"type": "string"},
+            "audit_path": {"type": "array", "items": {"type": "string"}}, "sth": _STH}},
+            "The inclusion proof."), 400, 401, 403, 404, 501, 503),
+    },
+    ("GET", "/v1/guard/log/proof/consistency"): {
+        "operationId": "logConsistencyProof", "tags": ["Transparency log"],
+        "summary": "The consistency proof between two tree sizes (1 <= first <= second <= the "
+                   "newest head's).",
+        "parameters": [_query("first", {"type": "integer", "minimum": 1}, "The older size.",
+                              required=True),
+                       _query("second", {"type": "integer", "minimum": 1}, "The newer size.",
+                              required=True)],
+        "responses": _responses(_json({"type": "object", "required": [
+            "first", "second", "proof", "sth"], "properties": {
+            "first": {"type": "integer"}, "second": {"type": "integer"},
+            "proof": {"type": "array", "items": {"type": "string"}}, "sth": _STH}},
+            "The consistency proof."), 400, 401, 403, 501, 503),
     },
     ("POST", "/v1/guard/policies/reload"): {
         "operationId": "reloadPolicies", "tags": ["Operations"],

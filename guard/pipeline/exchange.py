@@ -29,7 +29,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanKind
 
-from guard.audit import LoggedStore
+from guard.audit import LoggedStore, SpoolingStore
 from guard.core.auth import Authenticator, Principal, require
 from guard.core.config import Config
 from guard.core.policy import Policy, PolicySet, policy_sources
@@ -285,8 +285,10 @@ class Exchange:
                      (time.perf_counter() - self._started) * 1000)
         try:
             await state.store.write(trace)
-        except Exception:  # noqa: BLE001 - fail closed: no audit record, no image
+        except Exception:  # noqa: BLE001 - fail closed: no durable record, no image
             log.exception("audit store failed for trace %s", trace.id)
+            if await self._spooled(trace):
+                return await self._done(reply)
             reply = self._failure(Unavailable(
                 "The audit store is unavailable; the request was not served.",
                 code="audit_unavailable"))
@@ -295,6 +297,19 @@ class Exchange:
                 await state.store.write(trace)
             except Exception:  # noqa: BLE001 - logged; the client gets the 503 either way
                 log.error("audit store failed again; trace %s is lost", trace.id)
+        return await self._done(reply)
+
+    async def _spooled(self, trace: Trace) -> bool:
+        """The trace kept in the store's spool (signed, fsync'd): the reply may leave."""
+        store = self.state.store
+        spool = store.spool if isinstance(store, SpoolingStore) else None
+        if spool is None or not await spool.keep(trace):
+            return False
+        self.state.metrics.spooled.inc()
+        return True
+
+    async def _done(self, reply: Reply) -> Reply:
+        state, trace = self.state, self.trace
         await state.quotas.release(self.quota, reply.status)
         reply = replace(reply, headers={**self.quota.headers, **reply.headers})
         self._span.set_attribute("guard.decision", trace.decision)

@@ -41,6 +41,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     ProcessCollector,
@@ -270,6 +271,13 @@ class Metrics:
             "Images requests that found the limits' store (Redis) unreachable, by what was done "
             "(refused: on_unavailable closed; served uncounted: open).",
             ["action"], registry=r)
+        self.spooled = Counter(
+            "guard_audit_spooled", "Traces the audit store could not take, kept in the local "
+            "spool (guard.audit.spool) and served; replayed into the store once it is back.",
+            registry=r)
+        self.spool_pending = Gauge(
+            "guard_audit_spool_pending", "Traces in the spool, not yet in the audit store.",
+            registry=r)
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
         # process_start_time_seconds... (Linux /proc), as every Prometheus client names them.
         ProcessCollector(registry=r)
