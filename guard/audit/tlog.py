@@ -182,15 +182,14 @@ class TransparencyLog:
         out.sort(key=lambda e: (e[2]["time"], e[0], e[1]))
         return out
 
-    async def integrate(self) -> int:
-        """Append the signed rows not in the tree yet; the number of leaves added."""
-        added = 0
+    async def integrate(self) -> tuple[int, bytes]:
+        """Append the signed rows not in the tree yet; the tree's size and root after."""
         async with self._lock:
             while True:
-                size, _, tseq, lseq, tlegacy, llegacy = await self.state()
+                size, root, tseq, lseq, tlegacy, llegacy = await self.state()
                 pending = await self._pending(tseq, lseq, tlegacy, llegacy)
                 if not pending:
-                    return added
+                    return size, root
                 try:
                     await self._append_leaves(size, [e for _, _, e in pending],
                                               max([tseq, *(s for c, s, _ in pending
@@ -199,7 +198,6 @@ class TransparencyLog:
                                                            if c == "labels")]))
                 except _Moved:
                     continue
-                added += len(pending)
 
     async def _append_leaves(self, size: int, entries: Sequence[Mapping[str, Any]],
                              tseq: int, lseq: int) -> None:
@@ -272,10 +270,9 @@ class TransparencyLog:
     async def sign_head(self, *, force: bool = False) -> TreeHead | None:
         """Integrate, then sign a head when the tree grew (or `force`, or a heartbeat is due);
         kept in the database and in the sink. None when nothing was signed."""
-        await self.integrate()
+        size, root = await self.integrate()
         if self.blocked:
             return None
-        size, root, *_ = await self.state()
         last = self._last_signed or await self.latest_head()
         now = int(time.time() * 1000)
         if last is not None and last.tree_size == size and last.root_hash == root and not force \

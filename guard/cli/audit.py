@@ -64,6 +64,12 @@ def register(sub: Any) -> None:
                    "while healthy)")
     p.set_defaults(func=run_witness)
 
+    p = cmds.add_parser("new-log-key", help="print a new Ed25519 signing key for the audit "
+                                            "log (kid:base64-seed, for SAFEEDIT_LOG_SIGNING_KEYS)"
+                                            " and its public key")
+    p.add_argument("--kid", default=None, help="its key id (default: from the public key)")
+    p.set_defaults(func=run_new_log_key)
+
     p = cmds.add_parser("export", help="stream traces as JSON Lines or CSV")
     common(p)
     p.add_argument("--since", type=time_option("since"),
@@ -256,3 +262,19 @@ def run_witness(args: argparse.Namespace) -> int:
         if args.every is None:
             return 0
         time.sleep(args.every)
+
+
+def run_new_log_key(args: argparse.Namespace) -> int:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from guard.audit.logkeys import key_id_of, new_seed, public_entry
+
+    seed = new_seed()
+    public = Ed25519PrivateKey.from_private_bytes(base64.b64decode(seed)).public_key()
+    kid = args.kid or key_id_of(public)
+    print(f"{kid}:{seed}")
+    print(f"# public key ({kid}); auditors and witnesses get it from /v1/guard/log/keys:\n"
+          + public_entry(kid, public)["pem"], file=sys.stderr, end="")
+    return 0

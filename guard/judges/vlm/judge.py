@@ -248,7 +248,7 @@ class VLMJudge:
                   if probe.messages == explain.messages), None)
         # The same prompt was scored: its encoding, and its KV cache where the pass kept it.
         encoded = prep.rows[j][1].encoded if j is not None else encode_prompt(
-            loaded, explain.messages, self._image(prep.item))
+            loaded, explain.messages, self._image(prep.item), self.profile.encoding)
         kv = prompts[j] if j is not None else None
         banned = [loaded.option_id(explain.prefix, word) for word in explain.banned_first]
         return _ExplainJob(explain, encoded, loaded.piece_ids(explain.prefix), banned, kv)
