@@ -166,7 +166,7 @@ def test_eval_against_labels_in_the_audit_store(e2e, tmp_path, capsys) -> None: 
 
     import openai
 
-    from guard.audit.sqlite import SQLiteStore
+    from guard.plugins import build_store
     from guard.core.labels import Label
     from tests.conftest import CLIENT_KEY
 
@@ -180,7 +180,8 @@ def test_eval_against_labels_in_the_audit_store(e2e, tmp_path, capsys) -> None: 
     refused_id = refused.value.response.headers["x-guard-trace-id"]
 
     async def label() -> None:
-        store = SQLiteStore(tmp_path / "audit.db")
+        # Built as the proxy builds it: labels are rows of the log, signed at write.
+        store = build_store({"kind": "sqlite", "path": str(tmp_path / "audit.db")})
         try:
             for trace_id, slot, round_, verdict, category in (
                     (refused_id, None, 0, "correct", None),       # the prompt: hate
@@ -199,8 +200,10 @@ def test_eval_against_labels_in_the_audit_store(e2e, tmp_path, capsys) -> None: 
     assert main(["eval", "--policy", str(tmp_path / "e2e.yaml"), "--labels", "store",
                  "--config", str(config), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "judge marker, 2 prompts from labels (store)" in printed
+    # The labelled image counts: the default policy (which e2e extends) keeps flagged requests'
+    # images and the ones delivered in their place (image_retention: flagged_and_delivered).
+    assert "judge marker, 3 prompts from labels (store)" in printed
     assert re.search(r"hate\s+1\s+1\s+1\s+1\.00\s+1\.00", printed), printed
     assert re.search(r"sexual\s+1\s+0\s+0\s+-\s+0\.00", printed), printed
-    # the e2e policy keeps no images: the labelled image cannot be judged again
-    assert "(1 labelled item(s) skipped: image not retained)" in printed
+    assert re.search(r"violence\s+1\s+0\.00%\s+100\.00%", printed), printed
+    assert "skipped: image not retained" not in printed

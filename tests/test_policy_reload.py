@@ -96,7 +96,7 @@ def test_a_broken_file_is_rejected_with_its_line_and_the_running_version_kept(
         "file": str(tmp_path / "live.yaml"), "line": 4, "column": 30, "severity": "error",
         "field": "categories.violence.acton",
         "message": "unknown key 'acton' (did you mean 'action'?); allowed keys: threshold, "
-                   "action, description"}]
+                   "action, description, unassessed"}]
     # The error is logged; the watcher, seeing the same broken file, keeps version 1 running.
     deadline = time.monotonic() + 20
     while "policy reload rejected, running policies kept" not in caplog.text:

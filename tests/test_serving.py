@@ -25,8 +25,16 @@ def break_served_writes(db: Path) -> None:
                      "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
 
 
-def test_streamed_request_under_audit_failure_ends_with_error_event_and_trace(e2e, tmp_path):  # type: ignore[no-untyped-def]
-    base, backend = e2e
+@pytest.fixture
+def e2e_refusing(proxy, tmp_path, fake_backend):  # type: ignore[no-untyped-def]
+    """The e2e proxy with `audit.on_unavailable: refuse`: fail closed, no spool."""
+    write_policy(tmp_path, E2E_POLICY)
+    return proxy(policy="e2e", audit={"kind": "sqlite", "path": str(tmp_path / "audit.db"),
+                                      "on_unavailable": "refuse"}), fake_backend[0]
+
+
+def test_streamed_request_under_audit_failure_ends_with_error_event_and_trace(e2e_refusing, tmp_path):  # type: ignore[no-untyped-def]
+    base, backend = e2e_refusing
     generate(base, {"prompt": "a cat"})  # creates the database
     break_served_writes(tmp_path / "audit.db")
     with pytest.raises(openai.APIError) as info:
@@ -39,14 +47,30 @@ def test_streamed_request_under_audit_failure_ends_with_error_event_and_trace(e2
     assert backend.requests, "the image was made, but never left the proxy"
 
 
-def test_json_request_under_audit_failure_is_503_without_image(e2e, tmp_path):  # type: ignore[no-untyped-def]
-    base, _ = e2e
+def test_json_request_under_audit_failure_is_503_without_image(e2e_refusing, tmp_path):  # type: ignore[no-untyped-def]
+    base, _ = e2e_refusing
     generate(base, {"prompt": "a cat"})
     break_served_writes(tmp_path / "audit.db")
     r = generate(base, {"prompt": "a quiet harbour"})
     assert r.status_code == 503
     assert "data" not in r.json() and r.json()["error"]["code"] == "audit_unavailable"
     assert trace(base, r.headers["x-guard-trace-id"])["status"] == 503
+
+
+def test_by_default_a_trace_the_store_refuses_is_spooled_and_the_image_served(e2e, tmp_path):  # type: ignore[no-untyped-def]
+    """`audit.on_unavailable: spool` (the default): the trace is signed and fsync'd to the spool
+    (guard.audit.spool) before the reply leaves; the store takes it once it can."""
+    import orjson
+
+    base, _ = e2e
+    generate(base, {"prompt": "a cat"})
+    break_served_writes(tmp_path / "audit.db")
+    r = generate(base, {"prompt": "a quiet harbour"})
+    assert r.status_code == 200 and r.json()["data"]
+    (line,) = (tmp_path / "audit.spool").read_bytes().splitlines()
+    spooled = orjson.loads(line)
+    assert spooled["trace"]["id"] == r.headers["x-guard-trace-id"] and spooled["sig"]
+    assert httpx.get(f"{base}/readyz").json()["details"]["audit_spool"]["traces"] == 1
 
 
 def test_a_streamed_request_is_one_request_span_with_its_decision(proxy, tmp_path):  # type: ignore[no-untyped-def]
