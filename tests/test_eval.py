@@ -166,8 +166,8 @@ def test_eval_against_labels_in_the_audit_store(e2e, tmp_path, capsys) -> None: 
 
     import openai
 
-    from guard.plugins import build_store
     from guard.core.labels import Label
+    from guard.plugins import build_store
     from tests.conftest import CLIENT_KEY
 
     base, backend = e2e

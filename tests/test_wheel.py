@@ -23,8 +23,15 @@ from tests.test_serve_cli import ROOT, safeedit_serve
 pytestmark = pytest.mark.slow
 
 # The build runs on a copy, so that build/ and the egg-info never land in the working tree.
-NOT_BUILT = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*.egg-info",
-                                   "__pycache__", ".*_cache", "tests", "benchmarks")
+_NOT_BUILT = shutil.ignore_patterns(".git", ".venv", "var", "build", "dist", "*.egg-info",
+                                    "__pycache__", ".*_cache")
+
+
+def NOT_BUILT(directory: str, names: list[str]) -> set[str]:  # noqa: N802 - as ignore_patterns
+    """What the copy leaves out: build leftovers anywhere, the suite and benchmarks at the top
+    (policies/tests/, the example policy cases, ships)."""
+    top = {"tests", "benchmarks"} & set(names) if Path(directory) == ROOT else set()
+    return set(_NOT_BUILT(directory, names)) | top
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
