@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 import orjson
 
 from guard.audit.chain import Signer
+from guard.support.durable import append_durably
 from guard.support.errors import ConfigError
 from guard.support.pg import dsn_from, plain_schema
 
@@ -91,17 +91,9 @@ class FileAnchorSink:
         self.path = Path(path)
         self.location = str(self.path)
 
-    def _append(self, line: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     async def append(self, anchor: Anchor) -> None:
-        await asyncio.to_thread(self._append, orjson.dumps(anchor.to_dict()) + b"\n")
+        await asyncio.to_thread(append_durably, self.path,
+                                orjson.dumps(anchor.to_dict()) + b"\n")
 
     def _read(self) -> list[Anchor]:
         try:

@@ -21,7 +21,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import os
 import sqlite3
 import struct
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from guard.support.durable import append_durably
 from guard.support.errors import ConfigError
 from guard.support.pg import dsn_from, plain_schema
 
@@ -103,17 +103,8 @@ class FileHeadSink:
         self.path = Path(path)
         self.location = str(self.path)
 
-    def _append(self, line: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     async def append(self, record: Mapping[str, Any]) -> None:
-        await asyncio.to_thread(self._append, orjson.dumps(dict(record)) + b"\n")
+        await asyncio.to_thread(append_durably, self.path, orjson.dumps(dict(record)) + b"\n")
 
     def _read(self) -> list[dict[str, Any]]:
         try:

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +32,7 @@ import orjson
 
 from guard.audit.logkeys import LogKeys
 from guard.core.types import Trace
+from guard.support.durable import append_durably, replace_durably
 from guard.support.errors import ConfigError
 
 log = logging.getLogger("safeedit.audit.spool")
@@ -88,16 +88,10 @@ class Spool:
         return orjson.dumps(record) + b"\n"
 
     def _append(self, line: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         size = self.path.stat().st_size if self.path.exists() else 0
         if size + len(line) > self.max_bytes:
             raise OSError(f"the spool {self.path} is full ({size} bytes)")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_durably(self.path, line, 0o600)
 
     async def keep(self, trace: Trace) -> bool:
         """Spool `trace` durably; False when that failed too (full, unwritable)."""
@@ -167,14 +161,7 @@ class Spool:
         if not rest:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"".join(line + b"\n" for line in rest))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self.path)
+        replace_durably(self.path, b"".join(line + b"\n" for line in rest))
 
     def start(self, store: TraceSink) -> None:
         if self._task is None:
