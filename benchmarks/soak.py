@@ -141,13 +141,17 @@ def pytest_running() -> bool:
     return subprocess.run(["pgrep", "-f", "pytest"], capture_output=True).returncode == 0
 
 
-def wait_no_pytest(until: float | None = None) -> bool:
-    """Wait (polling every 20 s) until no pytest runs here; False if `until` came first."""
+def wait_no_pytest(until: float, poll_s: float) -> bool:
+    """Wait until no pytest runs here (the suite needs PostgreSQL and Redis up); False if
+    `until` came first."""
+    said = False
     while pytest_running():
-        if until is not None and time.monotonic() + 20 > until:
+        if time.monotonic() + poll_s > until:
             return False
-        print("soak: a pytest is running; the fault waits", file=sys.stderr, flush=True)
-        time.sleep(20)
+        if not said:
+            print("soak: a pytest is running; the fault waits", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(poll_s)
     return True
 
 
@@ -181,10 +185,10 @@ def plan_faults(start: float, seconds: float, pg: int, redis: int) -> list[tuple
 
 
 def inject(plan: list[tuple[float, str]], end: float, outage_s: float, t0: float,
-           log: list[str]) -> None:
+           log: list[str], poll_s: float) -> None:
     for at, kind in plan:
         time.sleep(max(0.0, at - time.monotonic()))
-        if not wait_no_pytest(until=end - outage_s - 10):
+        if not wait_no_pytest(end - outage_s - 10, poll_s):
             log.append(f"{kind}: skipped (a pytest ran until the run's end)")
             continue
         began = time.monotonic() - t0
@@ -275,6 +279,8 @@ def main() -> int:
     parser.add_argument("--restart-redis", type=int, default=0, metavar="K")
     parser.add_argument("--outage-s", type=float, default=5.0,
                         help="how long each restarted server stays down")
+    parser.add_argument("--pytest-poll-s", type=float, default=20.0,
+                        help="a fault waits while a pytest runs here, checking this often")
     parser.add_argument("--keep-schema", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -303,13 +309,12 @@ def main() -> int:
         rss_start = psutil.Process(proc.pid).memory_info().rss
         tally.latencies.clear()
         tally.served.clear()
-        if args.restart_postgres or args.restart_redis:
-            wait_no_pytest()
         t0 = time.monotonic()
         seconds = args.minutes * 60
         plan = plan_faults(t0, seconds, args.restart_postgres, args.restart_redis)
         injector = threading.Thread(target=inject, daemon=True,
-                                    args=(plan, t0 + seconds, args.outage_s, t0, faults))
+                                    args=(plan, t0 + seconds, args.outage_s, t0, faults,
+                                          args.pytest_poll_s))
         injector.start()
         asyncio.run(_run(base, t0 + seconds, args.clients, tally))
         injector.join()

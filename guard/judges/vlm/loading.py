@@ -4,6 +4,7 @@ adapter over it, device and dtype, and the tokenizer helpers the judge reads and
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,9 @@ class Loaded:
         return self.token_cache[key]
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load(opts: VLMOptions, judge_id: str, given: tuple[Any, Any] | None = None) -> Loaded:
     """Load `opts.model` (and its adapter), or prepare the already loaded `given` model and
     processor the same way."""
@@ -77,10 +81,14 @@ def load(opts: VLMOptions, judge_id: str, given: tuple[Any, Any] | None = None) 
     else:
         common = {"trust_remote_code": opts.trust_remote_code,
                   "local_files_only": opts.local_files_only}
-        processor = _load_processor(opts.model, common)
         extra = {"attn_implementation": opts.attn_implementation} \
             if opts.attn_implementation else {}
-        model = _load_model(opts.model, dtype=dtype, **common, **extra)
+        # One load at a time in the process: transformers builds a model under a device context
+        # that is global, not per thread, so two judges loading at once (an ensemble, a judge
+        # still loading in a closed app's thread) could leave each other's weights on "meta".
+        with _LOAD_LOCK:
+            processor = _load_processor(opts.model, common)
+            model = _load_model(opts.model, dtype=dtype, **common, **extra)
         if opts.adapter:
             from peft import PeftModel
 
