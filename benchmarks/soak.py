@@ -138,7 +138,8 @@ async def _run(base: str, deadline: float, clients: int, tally: Tally) -> None:
 
 
 def pytest_running() -> bool:
-    return subprocess.run(["pgrep", "-f", "pytest"], capture_output=True).returncode == 0
+    found = subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, text=True).stdout
+    return any(int(pid) != os.getpid() for pid in found.split())
 
 
 def wait_no_pytest(until: float, poll_s: float) -> bool:
@@ -279,7 +280,7 @@ def main() -> int:
     parser.add_argument("--restart-redis", type=int, default=0, metavar="K")
     parser.add_argument("--outage-s", type=float, default=5.0,
                         help="how long each restarted server stays down")
-    parser.add_argument("--pytest-poll-s", type=float, default=20.0,
+    parser.add_argument("--test-poll-s", type=float, default=20.0,
                         help="a fault waits while a pytest runs here, checking this often")
     parser.add_argument("--keep-schema", action="store_true")
     parser.add_argument("--json", help="also write the results here")
@@ -314,7 +315,7 @@ def main() -> int:
         plan = plan_faults(t0, seconds, args.restart_postgres, args.restart_redis)
         injector = threading.Thread(target=inject, daemon=True,
                                     args=(plan, t0 + seconds, args.outage_s, t0, faults,
-                                          args.pytest_poll_s))
+                                          args.test_poll_s))
         injector.start()
         asyncio.run(_run(base, t0 + seconds, args.clients, tally))
         injector.join()

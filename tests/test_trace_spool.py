@@ -205,3 +205,26 @@ def test_refuse_and_a_full_spool_answer_503(proxy, relay, tmp_path: Path, extra)
     finally:
         server.restore()
         asyncio.run(drop_schemas(dsn, audit["schema"]))
+
+
+def test_a_trace_stored_and_spooled_both_is_written_once(tmp_path: Path) -> None:
+    """A write can commit as its connection dies (PostgreSQL shutting down): the proxy sees a
+    failure and spools a trace the store holds already. The replay must not stop at it (the
+    fault soak found the spool stuck behind such a duplicate) nor write it twice."""
+    from guard.plugins import build_store
+    from tests.audit_writer import sample_trace
+
+    async def go() -> tuple[list[str], list[str], int]:
+        store = build_store({"kind": "sqlite", "path": str(tmp_path / "audit.db"),
+                             "spool": {"path": str(tmp_path / "audit.spool")}})
+        first, second = sample_trace("app", 1), sample_trace("app", 2)
+        await store.write(first)
+        assert await store.spool.keep(first) and await store.spool.keep(second)
+        replayed = await store.spool.replay(store)
+        ids = [r.id async for r in store.chain_rows()]
+        await store.aclose()
+        return ids, [first.id, second.id], replayed
+
+    ids, expected, replayed = asyncio.run(go())
+    assert ids == expected and replayed == 2
+    assert not (tmp_path / "audit.spool").exists()

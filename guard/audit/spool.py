@@ -48,6 +48,8 @@ def spool_message(trace_id: str, content_sha256: str) -> bytes:
 class TraceSink(Protocol):
     async def write_many(self, traces: list[Trace]) -> None: ...
 
+    async def get(self, trace_id: str) -> Trace | None: ...
+
 
 class Spool:
     def __init__(self, path: str | Path, keys: LogKeys | None,
@@ -146,7 +148,13 @@ class Spool:
                 if (problem := self.check(record)) is not None:
                     raise ValueError(problem)
                 traces.append(Trace.model_validate(record["trace"]))
-            await store.write_many(traces)
+            # A write can commit while its connection dies (a server shutting down): the trace
+            # is stored and spooled both. What the store holds already is not written twice.
+            stored = {t.id for t in traces if await store.get(t.id) is not None}
+            if stored:
+                log.warning("%d spooled trace(s) were stored already (committed as the "
+                            "connection failed): not written again", len(stored))
+            await store.write_many([t for t in traces if t.id not in stored])
             async with self._lock:
                 await asyncio.to_thread(self._drop, len(chunk))
             done += len(chunk)
@@ -173,7 +181,8 @@ class Spool:
                 if self.path.exists():
                     await self.replay(store)
             except Exception as exc:  # noqa: BLE001 - still down: the next tick retries
-                log.info("the audit store does not take the spool yet (%s)", type(exc).__name__)
+                log.warning("the audit store does not take the spool yet (%s: %s)",
+                            type(exc).__name__, str(exc)[:200])
             await asyncio.sleep(REPLAY_EVERY_S)
 
     async def aclose(self, store: TraceSink) -> None:

@@ -285,10 +285,11 @@ class Exchange:
                      (time.perf_counter() - self._started) * 1000)
         try:
             await state.store.write(trace)
-        except Exception:  # noqa: BLE001 - fail closed: no durable record, no image
-            log.exception("audit store failed for trace %s", trace.id)
-            if await self._spooled(trace):
+        except Exception as exc:  # noqa: BLE001 - fail closed: no durable record, no image
+            if await self._spooled(trace):  # (the spool logs it, one line a trace)
+                log.debug("audit store failed for trace %s: %r", trace.id, exc)
                 return await self._done(reply)
+            log.exception("audit store failed for trace %s", trace.id)
             reply = self._failure(Unavailable(
                 "The audit store is unavailable; the request was not served.",
                 code="audit_unavailable"))
