@@ -407,3 +407,18 @@ def test_serve_refuses_a_wiped_log_unless_accepted(tmp_path: Path) -> None:
     code, report = verify(log)
     assert code == 0, report["problems"]
     assert report["log"]["resets"] == 1
+
+
+def test_a_leaf_lists_only_the_images_delivered() -> None:
+    """verify-image --log trusts a leaf's `delivered`: a refused or failed request delivered
+    nothing, and a withheld image is not delivered (a marked copy is named by its own hash)."""
+    from guard.audit.tlog import delivered_of
+
+    def body(status: int, *results: dict[str, Any]) -> bytes:
+        return orjson.dumps({"status": status, "results": list(results)})
+
+    shown = {"decision": "edited", "image_sha256": "a" * 64, "delivered_sha256": "b" * 64}
+    plain = {"decision": "passed", "image_sha256": "c" * 64}
+    withheld = {"decision": "refused", "image_sha256": "d" * 64}
+    assert delivered_of(body(200, shown, plain, withheld)) == ["b" * 64, "c" * 64]
+    assert delivered_of(body(400, plain)) == [] and delivered_of(body(503, shown)) == []

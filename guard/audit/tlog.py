@@ -70,9 +70,13 @@ def leaf_data(entry: Mapping[str, Any]) -> bytes:
 
 
 def delivered_of(body: bytes | str) -> list[str]:
-    """The sha256 of every image a trace delivered (as marked, else as generated)."""
-    results = orjson.loads(body).get("results") or []
-    return [h for r in results if (h := r.get("delivered_sha256") or r.get("image_sha256"))]
+    """The sha256 of every image a trace delivered (as marked, else as generated): none for a
+    request that failed or was refused, and none of an image withheld."""
+    trace = orjson.loads(body)
+    if trace.get("status") != 200:
+        return []
+    return [h for r in trace.get("results") or [] if r.get("decision") in ("passed", "edited")
+            and (h := r.get("delivered_sha256") or r.get("image_sha256"))]
 
 
 def trace_entry(seq: int, id_: str, hash_: str, created_at: float, body: bytes | str
