@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, Literal
 
 import httpx
@@ -169,15 +169,7 @@ class OpenAICompatBackend:
         request = self._client.build_request(
             "POST", "/images/generations", content=orjson.dumps(body),
             headers={"content-type": "application/json", "accept": "text/event-stream"})
-        try:
-            response = await self._client.send(request, stream=True)
-        except ResponseTooLarge as exc:
-            raise self._too_large(exc) from None
-        except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"backend {self.name!r} timed out") from exc
-        except httpx.HTTPError as exc:
-            raise BackendError(f"backend {self.name!r} is unreachable ({type(exc).__name__})",
-                               code="backend_unavailable") from exc
+        response = await self._reach(self._client.send(request, stream=True))
         try:
             if response.status_code >= 400 or not response.headers.get(
                     "content-type", "").startswith("text/event-stream"):
@@ -301,8 +293,12 @@ class OpenAICompatBackend:
         return await self._call(lambda: self._post("/images/edits", data=fields, files=files))
 
     async def _post(self, path: str, **request: Any) -> list[GeneratedImage]:
+        return await self._parse(await self._reach(self._client.post(path, **request)))
+
+    async def _reach(self, call: Awaitable[httpx.Response]) -> httpx.Response:
+        """The backend's response, or what failing to reach it is in the guard's errors."""
         try:
-            response = await self._client.post(path, **request)
+            return await call
         except ResponseTooLarge as exc:
             raise self._too_large(exc) from None
         except httpx.TimeoutException as exc:
@@ -310,7 +306,6 @@ class OpenAICompatBackend:
         except httpx.HTTPError as exc:
             raise BackendError(f"backend {self.name!r} is unreachable ({type(exc).__name__})",
                                code="backend_unavailable") from exc
-        return await self._parse(response)
 
     async def _parse(self, response: httpx.Response) -> list[GeneratedImage]:
         if response.status_code >= 400:

@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import orjson
 
 from guard.audit.chain import Signer
-from guard.support.durable import append_durably
+from guard.audit.heads import is_head_line
+from guard.support.durable import append_durably, read_lines
 from guard.support.errors import ConfigError
 from guard.support.pg import dsn_from, plain_schema
 
@@ -96,17 +97,11 @@ class FileAnchorSink:
                                 orjson.dumps(anchor.to_dict()) + b"\n")
 
     def _read(self) -> list[Anchor]:
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
         anchors = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        for number, line in read_lines(self.path):
             try:
                 record = orjson.loads(line)
-                if isinstance(record, dict) and ("tree_size" in record or "reset" in record):
+                if isinstance(record, dict) and is_head_line(record):
                     continue  # a signed tree head sharing the file (guard.audit.heads)
                 anchors.append(Anchor.from_dict(record))
             except (orjson.JSONDecodeError, KeyError, TypeError) as exc:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from guard.support.durable import append_durably
+from guard.support.durable import append_durably, read_lines
 from guard.support.errors import ConfigError
 from guard.support.pg import dsn_from, plain_schema
 
@@ -107,14 +107,8 @@ class FileHeadSink:
         await asyncio.to_thread(append_durably, self.path, orjson.dumps(dict(record)) + b"\n")
 
     def _read(self) -> list[dict[str, Any]]:
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
         out = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        for number, line in read_lines(self.path):
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError as exc:

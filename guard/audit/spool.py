@@ -32,7 +32,7 @@ import orjson
 
 from guard.audit.logkeys import LogKeys
 from guard.core.types import Trace
-from guard.support.durable import append_durably, replace_durably
+from guard.support.durable import append_durably, read_lines, replace_durably
 from guard.support.errors import ConfigError
 
 log = logging.getLogger("safeedit.audit.spool")
@@ -110,10 +110,7 @@ class Spool:
     # --- reading and replaying -------------------------------------------------------------------
 
     def _lines(self) -> list[bytes]:
-        try:
-            return [line for line in self.path.read_bytes().splitlines() if line.strip()]
-        except FileNotFoundError:
-            return []
+        return [line for _, line in read_lines(self.path)]
 
     def pending(self) -> dict[str, int]:
         """What waits: traces and bytes (for /readyz and /metrics)."""

@@ -208,15 +208,20 @@ class Exchange:
                "gen_ai.operation.name": GEN_AI_OPERATION, "gen_ai.output.type": "image"})
         self.trace.otel_trace_id = trace_id_of(self._span)
 
+    def caller(self, authorization: str | None) -> Principal:
+        """The authenticated client, recorded in the trace (raises for anyone else)."""
+        principal = self.state.auth.authenticate(authorization)
+        self.trace.key_id, self.trace.tenant = principal.key_id, principal.tenant
+        require(principal, "client")
+        return principal
+
     async def admit(self, authorization: str | None, policy_header: str | None,
                     parse: Callable[[], Awaitable[Job]]) -> Reply | None:
         """Authenticate, parse and route; None when admitted, else the (unfinished) error."""
         trace = self.trace
         with self._active():
             try:
-                principal = self.state.auth.authenticate(authorization)
-                trace.key_id, trace.tenant = principal.key_id, principal.tenant
-                require(principal, "client")
+                principal = self.caller(authorization)
                 job = await parse()
                 trace.request = _request_record(job)
                 trace.model = job.req.model

@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 from pydantic import PrivateAttr
 
-from guard.core.auth import require
 from guard.core.config import ImageUrlsConfig
 from guard.core.moderation import (
     ImageRef,
@@ -90,9 +89,7 @@ class Check(Exchange):
         trace = self.trace
         with self._active():
             try:
-                principal = self.state.auth.authenticate(authorization)
-                trace.key_id, trace.tenant = principal.key_id, principal.tenant
-                require(principal, "client")
+                principal = self.caller(authorization)
                 self.policy = self.state.policy_for(principal, policy_header)
                 trace.policy = self.policy.ref
                 self.quota = await self.state.quotas.admit(trace.id, principal.key_id,

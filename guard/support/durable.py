@@ -22,6 +22,16 @@ def append_durably(path: Path, data: bytes, mode: int = 0o640) -> None:
         os.close(fd)
 
 
+def read_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The non-empty lines of an append-only file with their line numbers (from 1); none when
+    it does not exist (yet)."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
 def replace_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to a file beside `path`, fsync it, then rename it over `path`."""
     tmp = path.with_name(path.name + ".tmp")
